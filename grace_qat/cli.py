@@ -1,0 +1,118 @@
+"""``grace-qat``: inspect, verify, convert and generate GRACE checkpoints.
+
+Bad input exits with status 2 and one line saying what is wrong (file, tensor, expectation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import GraceFormatError
+
+
+def _inspect(args) -> int:
+    import torch
+
+    from .checkpoint import GraceCheckpoint
+    from .quantizer import code_range
+
+    ckpt = GraceCheckpoint.open(args.checkpoint, bits=args.bits)
+    report = ckpt.describe()
+    if ckpt.modules:
+        qmin, _ = code_range(ckpt.bits)
+        hist = torch.zeros(1 << ckpt.bits, dtype=torch.int64)
+        params = packed_bytes = 0
+        for q in ckpt.iter_quantized(progress=not args.json and sys.stderr.isatty()):
+            hist += torch.bincount((q.codes.to(torch.int64) - qmin).flatten(), minlength=hist.numel())
+            params += q.codes.numel()
+            packed_bytes += q.codes.numel() * ckpt.bits // 8 + q.scales.numel() * 2
+        report.update({
+            "quantized_params": params,
+            "bytes_bf16": params * 2,
+            "bytes_packed": packed_bytes,
+            "code_histogram": {str(qmin + i): int(c) for i, c in enumerate(hist.tolist())},
+            "verified": True,
+        })
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['path']}\n  format      {report['format']}\n  bits        {report['bits']}\n"
+          f"  group size  {report['group_size']}\n  modules     {report['modules']}")
+    if ckpt.modules:
+        print(f"  parameters  {report['quantized_params']:,} quantized")
+        print(f"  bytes       {report['bytes_bf16'] / 1e6:,.1f} MB as bf16 -> "
+              f"{report['bytes_packed'] / 1e6:,.1f} MB packed "
+              f"({report['bytes_packed'] / report['bytes_bf16']:.3f}x)")
+        peak = max(report["code_histogram"].values())
+        print("  codes")
+        for code, count in report["code_histogram"].items():
+            print(f"    {int(code):5d} {count:14,d} {'#' * int(40 * count / peak)}")
+        print("  verified    all codes on the grid and in range")
+    return 0
+
+
+def _convert(args) -> int:
+    from .convert import convert
+
+    ckpt = convert(args.checkpoint, args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty())
+    print(f"wrote {args.output} ({args.to}, {ckpt.bits}-bit, group {ckpt.group_size}, "
+          f"{len(ckpt.modules)} modules verified bit-exact)")
+    return 0
+
+
+def _fixture(args) -> int:
+    from . import fixtures
+
+    writer = fixtures.write_llava if args.model == "llava" else fixtures.write_qwen3vl
+    kwargs = dict(size=args.size, fmt=args.format, bits=args.bits, seed=args.seed)
+    path = writer(args.output, **kwargs)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grace-qat", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="format, bits, codes histogram, sizes; verifies every module")
+    s.add_argument("checkpoint")
+    s.add_argument("--bits", type=int, choices=(4, 8), help="state the bits instead of deriving them")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_inspect)
+
+    s = sub.add_parser("convert", help="write a standard checkpoint stock engines load without the plugin")
+    s.add_argument("checkpoint")
+    s.add_argument("output")
+    s.add_argument("--to", required=True, choices=("gptq", "compressed-tensors", "awq", "bf16", "grace_qat"),
+                   help="grace_qat: copy and declare quant_method grace_qat in config.json")
+    s.add_argument("--bits", type=int, choices=(4, 8))
+    s.set_defaults(func=_convert)
+
+    s = sub.add_parser("fixture", help="generate a synthetic GRACE checkpoint (random weights)")
+    s.add_argument("output")
+    s.add_argument("--model", choices=("qwen3vl", "llava"), default="qwen3vl")
+    s.add_argument("--size", default="tiny", help="tiny, or full size: 2b (qwen3vl) / 7b (llava)")
+    s.add_argument("--format", default="qat-sidecar",
+                   choices=("qat-sidecar", "qat-inline", "qat-grid", "awq", "plain"))
+    s.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_fixture)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GraceFormatError as e:
+        print(f"grace-qat: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"grace-qat: error: {e.filename or e}: not found", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

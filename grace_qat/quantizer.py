@@ -1,0 +1,205 @@
+"""The GRACE quantizer: symmetric, group-wise, learned step size (LSQ).
+
+Everything that knows the quantization math lives here, so that the checkpoint reader, the
+converters, the fixtures and both engine adapters agree on it bit for bit.
+
+Conventions (see shared/grace-format.md):
+  * a weight W has shape (out, in); groups of ``group_size`` run along ``in`` inside one row;
+    when ``in`` is not a multiple of the group size, the group is the whole row;
+  * one step s = exp(log_scale) per group, fp32; codes q = clamp(round(W / s), qmin, qmax);
+  * the dequantized weight is (q * s) computed in fp32, then cast to the weight dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import GraceFormatError
+
+SUPPORTED_BITS = (4, 8)
+DEFAULT_GROUP_SIZE = 128
+# Training clamps log_scale to [ln 1e-8, ln 1e4]; anything outside is not a GRACE scale.
+LOG_SCALE_MIN = -18.420680743952367
+LOG_SCALE_MAX = 9.210340371976184
+
+
+def check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise GraceFormatError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return bits
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of the signed symmetric grid: int4 -> (-8, 7), int8 -> (-128, 127)."""
+    check_bits(bits)
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """The group size actually used for a layer: the whole row when ``group_size`` does not divide it."""
+    if group_size <= 0:
+        raise GraceFormatError(f"group size must be positive, got {group_size}")
+    return group_size if in_features % group_size == 0 else in_features
+
+
+def num_groups(out_features: int, in_features: int, group_size: int) -> int:
+    return out_features * (in_features // effective_group_size(in_features, group_size))
+
+
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_f, in_f = weight.shape
+    g = effective_group_size(in_f, group_size)
+    return weight.reshape(out_f, in_f // g, g)
+
+
+def scales_from_log_scale(log_scale: torch.Tensor, out_features: int, in_features: int,
+                          group_size: int, name: str = "?") -> torch.Tensor:
+    """exp(log_scale) as an fp32 (out, in/G) matrix, after checking length and finiteness."""
+    g = effective_group_size(in_features, group_size)
+    expected = out_features * (in_features // g)
+    if log_scale.dim() != 1 and tuple(log_scale.shape) != (out_features, in_features // g):
+        raise GraceFormatError(
+            f"{name}.log_scale: expected a 1-D tensor of {expected} groups "
+            f"(weight {out_features}x{in_features}, group {g}), got shape {tuple(log_scale.shape)}")
+    if log_scale.numel() != expected:
+        raise GraceFormatError(
+            f"{name}.log_scale: expected {expected} groups (weight {out_features}x{in_features}, "
+            f"group {g}), got {log_scale.numel()}")
+    ls = log_scale.detach().to(torch.float32).reshape(out_features, in_features // g)
+    bad = ~torch.isfinite(ls)
+    if bad.any():
+        idx = int(bad.flatten().nonzero()[0])
+        raise GraceFormatError(
+            f"{name}.log_scale: {int(bad.sum())} non-finite values (first at group {idx}: "
+            f"{ls.flatten()[idx].item()}); expected finite log-steps")
+    lo, hi = float(ls.min()), float(ls.max())
+    if lo < LOG_SCALE_MIN - 1e-3 or hi > LOG_SCALE_MAX + 1e-3:
+        raise GraceFormatError(
+            f"{name}.log_scale: values span [{lo:.3f}, {hi:.3f}], outside the trained range "
+            f"[ln 1e-8, ln 1e4] = [{LOG_SCALE_MIN:.3f}, {LOG_SCALE_MAX:.3f}]")
+    return torch.exp(ls)
+
+
+def fake_quantize(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The training-time forward: (clamp(round(W/s)) * s) in fp32, cast back to W's dtype."""
+    qmin, qmax = code_range(bits)
+    w = _grouped(weight.to(torch.float32), group_size)
+    s = scales.to(torch.float32).unsqueeze(-1)
+    q = torch.clamp(torch.round(w / s), qmin, qmax)
+    return (q * s).reshape(weight.shape).to(weight.dtype)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int,
+               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W_dq from integer codes (out, in) and fp32 steps (out, in/G): the reference for every check."""
+    q = _grouped(codes.to(torch.float32), group_size)
+    return (q * scales.to(torch.float32).unsqueeze(-1)).reshape(codes.shape).to(dtype)
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` values around |x| (the smallest normal spacing for zero/subnormals)."""
+    fi = torch.finfo(dtype)
+    _, exp = torch.frexp(x.to(torch.float32).abs().clamp_min(fi.tiny))
+    return torch.ldexp(torch.full_like(x, fi.eps, dtype=torch.float32), exp - 1)
+
+
+def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                  name: str = "?") -> torch.Tensor:
+    """Integer codes of an on-grid weight, verified; int8 for 4 bits, int16 for 8 bits.
+
+    Exact because bf16 keeps 8 significant bits: |W/s - q| <= |q| 2^-8 < 0.5. The verification is
+    stronger than that bound: re-dequantizing the codes must give back the stored weight to within
+    one unit in the last place (exp() may differ by an fp32 ulp between the machine that trained and
+    this one). Off-grid or out-of-range weights raise GraceFormatError naming the module and the
+    worst value; a silent wrong answer is never returned.
+    """
+    qmin, qmax = code_range(bits)
+    out_f, in_f = weight.shape
+    g = effective_group_size(in_f, group_size)
+    if tuple(scales.shape) != (out_f, in_f // g):
+        raise GraceFormatError(f"{name}: scales shape {tuple(scales.shape)} does not match weight "
+                               f"{out_f}x{in_f} with group {g} (expected {(out_f, in_f // g)})")
+    if not torch.isfinite(weight).all():
+        raise GraceFormatError(f"{name}.weight: contains NaN or inf")
+    if not (scales > 0).all() or not torch.isfinite(scales).all():
+        raise GraceFormatError(f"{name}: steps must be finite and > 0")
+    w = _grouped(weight.to(torch.float32), g)
+    s = scales.to(torch.float32).unsqueeze(-1)
+    q = torch.round(w / s)
+    out_of_range = (q < qmin) | (q > qmax)
+    if out_of_range.any():
+        worst = q.flatten()[(q.flatten() - q.flatten().clamp(qmin, qmax)).abs().argmax()]
+        raise GraceFormatError(
+            f"{name}.weight: {int(out_of_range.sum())} codes outside the {bits}-bit range "
+            f"[{qmin}, {qmax}] (worst code {int(worst)}); wrong bits or scales?")
+    recon = (q * s).to(weight.dtype).to(torch.float32)
+    err = (recon - w).abs()
+    off = err > _ulp(w, weight.dtype) * 1.0001
+    if off.any():
+        flat = int((err / (_ulp(w, weight.dtype))).flatten().argmax())
+        o, rest = divmod(flat, in_f)
+        raise GraceFormatError(
+            f"{name}.weight: {int(off.sum())} of {weight.numel()} values are off the quantization grid "
+            f"(worst at [{o}, {rest}]: {w.flatten()[flat].item():.6g}, nearest grid value "
+            f"{recon.flatten()[flat].item():.6g}); not a GRACE {bits}-bit weight for these scales")
+    dtype = torch.int8 if bits == 4 else torch.int16
+    return q.reshape(out_f, in_f).to(dtype)
+
+
+def derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = "?") -> torch.Tensor:
+    """Recover per-group steps from an on-grid weight alone (no sidecar, no log_scale).
+
+    For each group, try every possible code magnitude k of its largest element; the step is
+    max|W| / k refined by least squares over the whole group. Among the k whose codes reproduce the
+    group to within one ulp, the one reproducing most values exactly wins. Groups with no solution
+    raise GraceFormatError. Steps are estimates (to bf16 precision); with a sidecar or inline
+    log_scale the learned steps are used instead.
+    """
+    qmin, qmax = code_range(bits)
+    out_f, in_f = weight.shape
+    g = effective_group_size(in_f, group_size)
+    w = _grouped(weight.to(torch.float32), g)
+    amax = w.abs().amax(-1, keepdim=True)
+    tol = _ulp(w, weight.dtype) * 1.0001
+    best = torch.ones_like(amax)
+    best_misses = torch.full(amax.shape, w.shape[-1] + 1, dtype=torch.int64)   # > G: no solution yet
+    for k in range(1, -qmin + 1):
+        s0 = torch.where(amax > 0, amax / k, torch.ones_like(amax))
+        s = s0
+        for _ in range(3):   # alternate codes and least-squares step until they agree
+            q = torch.clamp(torch.round(w / s), qmin, qmax)
+            qq = (q * q).sum(-1, keepdim=True)
+            s = torch.where(qq > 0, (w * q).sum(-1, keepdim=True) / qq.clamp_min(1), s0)
+        q = torch.clamp(torch.round(w / s), qmin, qmax)
+        err = ((q * s).to(weight.dtype).to(torch.float32) - w).abs()
+        valid = (err <= tol).all(-1, keepdim=True)
+        misses = torch.where(valid, (err > 0).sum(-1, keepdim=True), best_misses)
+        better = misses < best_misses      # prefer the step that reproduces the most values exactly
+        best = torch.where(better, s, best)
+        best_misses = torch.where(better, misses, best_misses)
+        if bool((best_misses == 0).all()):
+            break
+    found = best_misses <= w.shape[-1]
+    if not bool(found.all()):
+        n = int((~found).sum())
+        first = int((~found).flatten().nonzero()[0])
+        raise GraceFormatError(
+            f"{name}.weight: {n} groups are not on any {bits}-bit grid (first: row {first // (in_f // g)}, "
+            f"group {first % (in_f // g)}); not a GRACE checkpoint, or wrong bits")
+    return best.squeeze(-1)
+
+
+def mse_init_log_scale(weight: torch.Tensor, bits: int, group_size: int, steps: int = 40) -> torch.Tensor:
+    """LSQ initialisation as GRACE does it: per group, the step minimising ||W - fakeq(W)||^2
+    over a grid of fractions of max|W|/qmax. Returns log_scale, fp32, flat (out*in/G,)."""
+    qmin, qmax = code_range(bits)
+    w = _grouped(weight.to(torch.float32), group_size)
+    base = (w.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
+    best_err = torch.full_like(base, float("inf"))
+    best = base.clone()
+    for i in range(steps):
+        s = base * (1.0 - 0.5 * i / steps)   # shrink from 1.0x to 0.5x of the max-abs step
+        err = ((torch.clamp(torch.round(w / s), qmin, qmax) * s - w) ** 2).sum(-1, keepdim=True)
+        better = err < best_err
+        best = torch.where(better, s, best)
+        best_err = torch.where(better, err, best_err)
+    return torch.log(best).flatten().clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
