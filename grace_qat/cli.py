@@ -72,6 +72,14 @@ def _fixture(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    try:
+        from grace_vllm.demo import main as demo_main
+    except ImportError as e:
+        raise GraceFormatError(f"the demo needs vLLM installed ({e}); run ./scripts/demo.sh") from None
+    return demo_main(args.demo_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grace-qat", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, choices=(4, 8), default=4)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_fixture)
+
+    s = sub.add_parser("demo", help="serve a checkpoint (default: a generated tiny one) with vLLM and ask "
+                                    "an image+text question over the OpenAI API", add_help=False)
+    s.add_argument("demo_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_demo)
     return p
 
 

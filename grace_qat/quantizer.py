@@ -161,7 +161,8 @@ def derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = 
     amax = w.abs().amax(-1, keepdim=True)
     tol = _ulp(w, weight.dtype) * 1.0001
     best = torch.ones_like(amax)
-    best_misses = torch.full(amax.shape, w.shape[-1] + 1, dtype=torch.int64)   # > G: no solution yet
+    best_misses = torch.full(amax.shape, w.shape[-1] + 1, dtype=torch.int64,
+                             device=amax.device)   # > G: no solution yet
     for k in range(1, -qmin + 1):
         s0 = torch.where(amax > 0, amax / k, torch.ones_like(amax))
         s = s0

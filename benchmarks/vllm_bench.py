@@ -1,0 +1,244 @@
+"""Benchmark grace_qat on vLLM against stock vLLM on the same weights (GPTQ export, BF16 export).
+
+Generates the full-size random-weight GRACE fixtures, converts them with ``grace-qat convert``,
+runs every system in its own process (benchmarks/vllm_run.py) and writes, under --out:
+``results.json`` (everything), ``results.md`` (a table) and ``results.png`` (throughput vs batch;
+load time and weight memory bars). Ratios are against the baselines measured in the same run.
+
+    python benchmarks/vllm_bench.py --model qwen3vl --size 2b --systems grace-a,grace-b,gptq,bf16 \
+        --batches 1,8,32,128 --out /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+# name -> (fixture format, bits, how to derive the served checkpoint, --quantization)
+SYSTEMS = {
+    "grace-a": ("qat-sidecar", 4, None, "grace_qat"),
+    "grace-a-w8": ("qat-sidecar", 8, None, "grace_qat"),
+    "grace-b": ("awq", 4, None, "grace_qat"),
+    "gptq": ("qat-sidecar", 4, "gptq", None),
+    "gptq-w8": ("qat-sidecar", 8, "gptq", None),
+    "awq-stock": ("qat-sidecar", 4, "awq", None),
+    "bf16": ("qat-sidecar", 4, "bf16", None),
+}
+
+
+def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, root: str) -> str:
+    from grace_qat import fixtures
+    from grace_qat.convert import convert
+
+    src = os.path.join(root, f"{model}-{size}-{fmt}-w{bits}")
+    if not os.path.exists(os.path.join(src, "config.json")):
+        t = time.perf_counter()
+        writer = fixtures.write_llava if model == "llava" else fixtures.write_qwen3vl
+        writer(src, size=size, fmt=fmt, bits=bits, seed=0)
+        print(f"[bench] wrote {src} in {time.perf_counter() - t:.1f}s", flush=True)
+    if convert_to is None:
+        return src
+    dst = f"{src}-{convert_to}"
+    if not os.path.exists(os.path.join(dst, "config.json")):
+        t = time.perf_counter()
+        convert(src, dst, to=convert_to)
+        print(f"[bench] converted -> {dst} in {time.perf_counter() - t:.1f}s", flush=True)
+    return dst
+
+
+def copy_bandwidth_gbs() -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written), the ceiling for batch-1 decode."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        x = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
+        y = torch.empty_like(x)
+        for _ in range(3):
+            y.copy_(x)
+        torch.cuda.synchronize()
+        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ev0.record()
+        for _ in range(10):
+            y.copy_(x)
+        ev1.record()
+        torch.cuda.synchronize()
+        secs = ev0.elapsed_time(ev1) / 1e3 / 10
+        del x, y
+        torch.cuda.empty_cache()
+        return 2 * 2 * 1024 ** 3 / secs / 1e9
+    except Exception as e:  # measuring must never break the benchmark
+        print(f"[bench] bandwidth probe failed: {e}", flush=True)
+        return None
+
+
+def run_system(name: str, model_dir: str, quantization: str | None, args, log_dir: str) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, "vllm_run.py"), "--model", model_dir, "--name", name,
+           "--batches", args.batches, "--tp", str(args.tp), "--gen-tokens", str(args.gen_tokens)]
+    if quantization:
+        cmd += ["--quantization", quantization]
+    if args.eager:
+        cmd += ["--eager"]
+    if args.no_image:
+        cmd += ["--no-image"]
+    log_path = os.path.join(log_dir, f"{name}.log")
+    t = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=args.timeout)
+        log.write(proc.stdout)
+    text = proc.stdout
+    result = {"name": name, "model": model_dir, "quantization": quantization, "ok": False,
+              "wall_s": time.perf_counter() - t}
+    for line in text.splitlines():
+        if line.startswith("RESULT "):
+            result.update(json.loads(line[len("RESULT "):]))
+            result["ok"] = True
+    m = re.findall(r"Model loading took ([\d.]+) GiB", text)
+    if m:
+        result["weights_gib"] = float(m[-1])
+    result["kernels"] = sorted(set(re.findall(r"(?:Using|using) (\w+(?:LinearKernel|Kernel))", text)))
+    result["fallback"] = "falls back to the exact BF16 path" in text
+    if not result["ok"]:
+        result["error_tail"] = text[-3000:]
+    print(f"[bench] {name}: ok={result['ok']} load={result.get('load_s', 0):.1f}s "
+          f"weights={result.get('weights_gib')} GiB kernels={result['kernels']} "
+          f"tok/s={[round(r['decode_tok_s'], 1) for r in result.get('runs', [])]}", flush=True)
+    return result
+
+
+def weight_bytes_per_token(model_dir: str) -> int:
+    """Bytes of language-model weights read per decoded token: everything but the vision side and
+    the input embedding table (a lookup), counting the table once more when lm_head is tied to it."""
+    from safetensors import safe_open
+    total = 0
+    files = [f for f in sorted(os.listdir(model_dir)) if f.endswith(".safetensors")]
+    keys = set()
+    for f in files:
+        with safe_open(os.path.join(model_dir, f), "pt") as h:
+            keys.update(h.keys())
+    tied = not any(k.endswith("lm_head.weight") or k.endswith("lm_head.qweight") for k in keys)
+    for f in files:
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, f), "pt") as h:
+                for k in h.keys():
+                    if "visual" in k or "vision" in k or "mm_projector" in k:
+                        continue
+                    if k.endswith("embed_tokens.weight") and not tied:
+                        continue
+                    sl = h.get_slice(k)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    total += n * {"BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8}.get(sl.get_dtype(), 2)
+    return total
+
+
+def write_report(results: list[dict], meta: dict, out: str) -> None:
+    base = {r["name"]: r for r in results if r.get("ok")}
+    bw = meta.get("copy_bandwidth_gbs")
+    for r in results:
+        if not r.get("ok"):
+            continue
+        runs = {x["batch"]: x for x in r["runs"]}
+        for ref in ("gptq", "bf16"):
+            if ref in base and ref != r["name"]:
+                rr = {x["batch"]: x for x in base[ref]["runs"]}
+                r[f"vs_{ref}"] = {b: runs[b]["decode_tok_s"] / rr[b]["decode_tok_s"] for b in runs if b in rr}
+                r[f"load_vs_{ref}"] = r["load_s"] / base[ref]["load_s"]
+        if 1 in runs and bw and r.get("bytes_per_token"):
+            sec_per_tok = 1.0 / runs[1]["decode_tok_s"]
+            r["bandwidth_efficiency_b1"] = r["bytes_per_token"] / sec_per_tok / 1e9 / bw
+        if "gptq" in base and r["name"] != "gptq":
+            r["tokens_equal_gptq"] = r.get("tokens") == base["gptq"].get("tokens")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    batches = sorted({x["batch"] for r in results if r.get("ok") for x in r["runs"]})
+    lines = [f"# vLLM benchmark: {meta['model']} {meta['size']} ({meta.get('device', '?')})", "",
+             "| system | load s | weights GiB | kernel | " + " | ".join(f"b={b} tok/s" for b in batches)
+             + " | vs GPTQ (b=1) | vs BF16 (b=1) | BW eff b=1 | tokens == GPTQ |",
+             "|---" * (8 + len(batches)) + "|"]
+    for r in results:
+        if not r.get("ok"):
+            lines.append(f"| {r['name']} | FAILED | | | " + " | ".join("" for _ in batches) + " | | | | |")
+            continue
+        runs = {x["batch"]: x for x in r["runs"]}
+        fmt = lambda v: "" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {r['name']} | {r['load_s']:.1f} | {fmt(r.get('weights_gib'))} | "
+                     f"{','.join(r['kernels']) or '-'} | "
+                     + " | ".join(f"{runs[b]['decode_tok_s']:.1f}" if b in runs else "" for b in batches)
+                     + f" | {fmt(r.get('vs_gptq', {}).get(1))} | {fmt(r.get('vs_bf16', {}).get(1))}"
+                     f" | {fmt(r.get('bandwidth_efficiency_b1'))} | {fmt(r.get('tokens_equal_gptq'))} |")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        ok = [r for r in results if r.get("ok")]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        for r in ok:
+            xs = [x["batch"] for x in r["runs"]]
+            axes[0].plot(xs, [x["decode_tok_s"] for x in r["runs"]], marker="o", label=r["name"])
+        axes[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
+                    title="throughput vs batch")
+        axes[0].legend()
+        axes[1].bar([r["name"] for r in ok], [r["load_s"] for r in ok])
+        axes[1].set(ylabel="s", title="engine start-up (load) time")
+        axes[2].bar([r["name"] for r in ok], [r.get("weights_gib") or 0 for r in ok])
+        axes[2].set(ylabel="GiB", title="GPU memory held by weights")
+        for ax in axes[1:]:
+            ax.tick_params(axis="x", rotation=30)
+        fig.suptitle(f"{meta['model']} {meta['size']} on {meta.get('device', '?')}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "results.png"), dpi=110)
+    except ImportError:
+        print("[bench] matplotlib not installed: no plot", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=("qwen3vl", "llava"), default="qwen3vl")
+    ap.add_argument("--size", default="2b")
+    ap.add_argument("--systems", default="grace-a,grace-b,gptq,bf16")
+    ap.add_argument("--batches", default="1,8,32,128")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--gen-tokens", type=int, default=24)
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--no-image", action="store_true")
+    ap.add_argument("--work", default="/tmp/grace-bench")
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    meta = {"model": args.model, "size": args.size, "batches": args.batches, "tp": args.tp}
+    try:
+        import torch
+        meta["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception:
+        pass
+    meta["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
+    results = []
+    for name in args.systems.split(","):
+        fmt, bits, convert_to, quant = SYSTEMS[name]
+        model_dir = prepare(args.model, args.size, fmt, bits, convert_to, args.work)
+        r = run_system(name, model_dir, quant, args, args.out)
+        # format A holds BF16 on disk but the kernel reads the packed codes: count its GPTQ twin
+        packed_dir = prepare(args.model, args.size, fmt, bits, "gptq", args.work) if fmt != "awq" and quant \
+            else model_dir
+        r["bytes_per_token"] = weight_bytes_per_token(packed_dir)
+        results.append(r)
+        write_report(results, meta, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Run ONE vLLM system on one checkpoint and print one JSON line: load time, weight memory, kernel,
+greedy tokens of an image+text prompt, and decode throughput per batch size.
+
+Each system runs in its own process (``benchmarks/vllm_bench.py`` drives several), so GPU memory
+and vLLM's global state never leak from one system into the next.
+
+    python benchmarks/vllm_run.py --model DIR [--quantization grace_qat] --batches 1,8,32 --out res.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import sys
+import time
+
+
+def _image_data_url(seed: int = 0) -> str:
+    import base64
+
+    from PIL import Image
+
+    img = Image.new("RGB", (224, 168))
+    px = img.load()
+    for x in range(224):
+        for y in range(168):
+            px[x, y] = ((x * 7 + seed) % 256, (y * 5) % 256, ((x + y) * 3) % 256)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat_messages(question: str = "Describe the image in one sentence."):
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _image_data_url()}},
+        {"type": "text", "text": question}]}]
+
+
+def _decode_tps(llm, batch: int, prompt_len: int, out_len: int, vocab: int) -> dict:
+    """Decode tokens/s: (time for out_len tokens - time for 1 token) over the extra tokens."""
+    from vllm import SamplingParams
+
+    prompts = [{"prompt_token_ids": [(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)]}
+               for i in range(batch)]
+
+    def timed(n):
+        sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompts, sp, use_tqdm=False)
+        return time.perf_counter() - t
+
+    timed(4)                        # warm-up at this batch size
+    t1 = min(timed(1) for _ in range(2))
+    tn = min(timed(out_len) for _ in range(2))
+    return {"batch": batch, "ttft_s": t1, "total_s": tn,
+            "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--out-len", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--gen-tokens", type=int, default=24, help="greedy tokens for the equality check")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--no-image", action="store_true")
+    ap.add_argument("--out", default=None, help="append the JSON line here too")
+    args = ap.parse_args()
+
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model, quantization=args.quantization, dtype=args.dtype, tensor_parallel_size=args.tp,
+              max_model_len=args.max_model_len, enforce_eager=args.eager, gpu_memory_utilization=0.85,
+              limit_mm_per_prompt={"image": 0 if args.no_image else 1}, seed=0)
+    load_s = time.perf_counter() - t0
+
+    sp = SamplingParams(temperature=0.0, max_tokens=args.gen_tokens, ignore_eos=True, logprobs=1)
+    if args.no_image:
+        outs = llm.generate([{"prompt_token_ids": list(range(5, 69))}], sp, use_tqdm=False)
+    else:
+        outs = llm.chat([chat_messages()], sp, use_tqdm=False)
+    out = outs[0].outputs[0]
+    tokens = list(out.token_ids)
+    logprobs = [float(next(iter(lp.values())).logprob) if lp else None for lp in (out.logprobs or [])]
+
+    vocab = llm.get_tokenizer().vocab_size if not args.no_image else 1000
+    vocab = min(vocab, 30000)
+    runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab)
+            for b in args.batches.split(",") if b]
+    result = {"name": args.name or os.path.basename(args.model.rstrip("/")), "model": args.model,
+              "quantization": args.quantization, "tp": args.tp, "load_s": load_s, "tokens": tokens,
+              "text": out.text, "logprobs": logprobs, "runs": runs}
+    line = json.dumps(result)
+    print("RESULT " + line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
