@@ -25,12 +25,18 @@ sys.path.insert(0, os.path.dirname(HERE))
 SYSTEMS = {
     "grace-a": ("qat-sidecar", 4, None, "grace_qat"),
     "grace-a-w8": ("qat-sidecar", 8, None, "grace_qat"),
+    "grace-a-inline": ("qat-inline", 4, None, "grace_qat"),
+    "grace-a-grid": ("qat-grid", 4, None, "grace_qat"),
     "grace-b": ("awq", 4, None, "grace_qat"),
     "gptq": ("qat-sidecar", 4, "gptq", None),
     "gptq-w8": ("qat-sidecar", 8, "gptq", None),
     "awq-stock": ("qat-sidecar", 4, "awq", None),
+    "gptq-from-b": ("awq", 4, "gptq", None),
     "bf16": ("qat-sidecar", 4, "bf16", None),
+    "bf16-w8": ("qat-sidecar", 8, "bf16", None),
 }
+# grace_qat system -> stock system on the same codes and scales (same kernels: tokens must match)
+PEERS = {"grace-a": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8", "grace-b": "gptq-from-b"}
 
 
 def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, root: str) -> str:
@@ -156,14 +162,19 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         if 1 in runs and bw and r.get("bytes_per_token"):
             sec_per_tok = 1.0 / runs[1]["decode_tok_s"]
             r["bandwidth_efficiency_b1"] = r["bytes_per_token"] / sec_per_tok / 1e9 / bw
-        if "gptq" in base and r["name"] != "gptq":
-            r["tokens_equal_gptq"] = r.get("tokens") == base["gptq"].get("tokens")
+        peer = PEERS.get(r["name"])
+        if peer in base:
+            r["peer"] = peer
+            r["tokens_equal_peer"] = r.get("tokens") == base[peer].get("tokens")
+            lp, lq = r.get("logprobs") or [], base[peer].get("logprobs") or []
+            diffs = [abs(a - b) for a, b in zip(lp, lq) if a is not None and b is not None]
+            r["max_logprob_diff_peer"] = max(diffs) if diffs else None
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     batches = sorted({x["batch"] for r in results if r.get("ok") for x in r["runs"]})
     lines = [f"# vLLM benchmark: {meta['model']} {meta['size']} ({meta.get('device', '?')})", "",
              "| system | load s | weights GiB | kernel | " + " | ".join(f"b={b} tok/s" for b in batches)
-             + " | vs GPTQ (b=1) | vs BF16 (b=1) | BW eff b=1 | tokens == GPTQ |",
+             + " | vs GPTQ (b=1) | vs BF16 (b=1) | BW eff b=1 | tokens == stock peer |",
              "|---" * (8 + len(batches)) + "|"]
     for r in results:
         if not r.get("ok"):
@@ -175,7 +186,8 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
                      f"{','.join(r['kernels']) or '-'} | "
                      + " | ".join(f"{runs[b]['decode_tok_s']:.1f}" if b in runs else "" for b in batches)
                      + f" | {fmt(r.get('vs_gptq', {}).get(1))} | {fmt(r.get('vs_bf16', {}).get(1))}"
-                     f" | {fmt(r.get('bandwidth_efficiency_b1'))} | {fmt(r.get('tokens_equal_gptq'))} |")
+                     f" | {fmt(r.get('bandwidth_efficiency_b1'))} | "
+                     f"{fmt(r.get('tokens_equal_peer'))} {r.get('peer', '')} |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
