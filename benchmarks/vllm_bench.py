@@ -96,11 +96,13 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
         cmd += ["--no-image"]
     log_path = os.path.join(log_dir, f"{name}.log")
     t = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=args.timeout)
-        log.write(proc.stdout)
-    text = proc.stdout
+    with open(log_path, "w") as log:     # streamed, so a hung or killed run still leaves its log
+        try:
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[bench] {name}: killed after {args.timeout}s\n")
+    with open(log_path, errors="replace") as log:
+        text = log.read()
     result = {"name": name, "model": model_dir, "quantization": quantization, "ok": False,
               "wall_s": time.perf_counter() - t}
     for line in text.splitlines():
@@ -227,7 +229,7 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-image", action="store_true")
     ap.add_argument("--work", default="/tmp/grace-bench")
-    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--timeout", type=int, default=420, help="per system, seconds")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--out-len", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gen-tokens", type=int, default=24, help="greedy tokens for the equality check")
+    ap.add_argument("--max-num-seqs", type=int, default=128,
+                    help="also sizes vLLM's pinned per-request buffers (max_num_seqs x vocab)")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-image", action="store_true")
     ap.add_argument("--out", default=None, help="append the JSON line here too")
@@ -79,7 +81,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     llm = LLM(args.model, quantization=args.quantization, dtype=args.dtype, tensor_parallel_size=args.tp,
-              max_model_len=args.max_model_len, enforce_eager=args.eager, gpu_memory_utilization=0.85,
+              max_model_len=args.max_model_len, enforce_eager=args.eager, max_num_seqs=args.max_num_seqs, gpu_memory_utilization=0.85,
               limit_mm_per_prompt={"image": 0 if args.no_image else 1}, seed=0)
     load_s = time.perf_counter() - t0
 
