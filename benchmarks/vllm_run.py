@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append the JSON line here too")
     args = ap.parse_args()
 
+    # A forked engine core inherits the parent's OpenMP pool and hung in its first big CPU tensor
+    # op on the GPU machine (seen with vLLM 0.26: stuck in InputBatch.__init__); spawn a fresh one.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()

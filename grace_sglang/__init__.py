@@ -1,0 +1,71 @@
+"""grace_sglang: serve GRACE checkpoints on SGLang's Marlin kernels.
+
+Installed as the SGLang general plugin ``grace_qat`` (entry-point group ``sglang.srt.plugins``).
+SGLang calls :func:`register` in every process that builds a model config or loads weights (the
+launcher before it parses the command line, ``sglang.Engine``, and each scheduler / TP rank), so
+``--quantization grace_qat`` is accepted and GRACE directories are recognised without the flag.
+
+What ``register`` does (tested against SGLang 0.5.17 and 0.5.23):
+
+* adds ``grace_qat`` -> :class:`grace_sglang.config.GraceQATConfig` to
+  ``sglang.srt.layers.quantization.QUANTIZATION_METHODS`` (mutated in place: other modules hold
+  references to that dict) and to the ``--quantization`` choices;
+* wraps SGLang's ``"hf"`` model-config parser so that a local directory holding a GRACE sidecar
+  (``qat_quantized_weights.bin``), inline ``*.log_scale`` tensors or the AWQ-packed layout
+  (``awq_quantized_modules.json`` / ``awq_packing``) gets a ``quantization_config`` with
+  ``quant_method: grace_qat`` injected, which makes the flag optional. The same parser is also
+  registered under the name ``grace_qat`` (``--model-config-parser grace_qat``). A bare QAT grid
+  (no sidecar, no log-scales) is not guessed: pass ``--quantization grace_qat``. Set
+  ``GRACE_QAT_SGLANG_AUTODETECT=0`` to turn the wrapping off.
+
+Exceptions raised here are swallowed and logged by SGLang's plugin loader; the user would then see
+``invalid choice: 'grace_qat'``. ``register`` therefore does little and is idempotent.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+QUANT_NAME = "grace_qat"
+PARSER_NAME = "grace_qat"
+AUTODETECT_ENV = "GRACE_QAT_SGLANG_AUTODETECT"
+
+_registered = False
+
+
+def _add_cli_choice() -> None:
+    # 0.5.17: defined in sglang.srt.server_args; 0.5.23: sglang.srt.arg_groups.choices, re-exported
+    # by server_args. Both are plain lists handed to argparse by reference.
+    try:
+        from sglang.srt.server_args import QUANTIZATION_CHOICES, add_quantization_method_choices
+    except ImportError:  # pragma: no cover - layout of versions we have not seen
+        from sglang.srt.arg_groups.choices import (  # type: ignore[no-redef]
+            QUANTIZATION_CHOICES, add_quantization_method_choices)
+    if QUANT_NAME not in QUANTIZATION_CHOICES:
+        add_quantization_method_choices([QUANT_NAME])
+
+
+def autodetect_enabled() -> bool:
+    return os.environ.get(AUTODETECT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def register() -> None:
+    """Register the ``grace_qat`` quantization method with SGLang (cheap, idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+
+    from .config import GraceQATConfig, install_config_parser
+
+    if QUANTIZATION_METHODS.get(QUANT_NAME) is not GraceQATConfig:
+        QUANTIZATION_METHODS[QUANT_NAME] = GraceQATConfig
+    _add_cli_choice()
+    install_config_parser(wrap_hf=autodetect_enabled())
+    _registered = True
+    logger.debug("grace_qat: registered quantization method and config parser")
+
+
+__all__ = ["register", "QUANT_NAME", "PARSER_NAME", "AUTODETECT_ENV", "autodetect_enabled"]

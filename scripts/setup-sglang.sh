@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# A second virtualenv with SGLang for the SGLang plugin's CPU tests (SGLang pins its own torch, so it
+# cannot share .venv with vLLM). Only what those tests import: SGLang itself goes in with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${GRACE_SGLANG_VENV:-.venv-sglang}
+PY=${PYTHON:-python3}
+pip_install() { "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+if ! "$VENV/bin/python" -c "import sglang.srt.server_args" >/dev/null 2>&1; then
+  echo "[setup-sglang] creating $VENV with SGLang 0.5.23 (a few minutes)"
+  "$PY" -m venv "$VENV"
+  pip_install torch==2.14.1 torchvision==0.29.1 transformers==5.19.0 tokenizers==0.23.2 apache-tvm-ffi==0.1.11 \
+    compressed-tensors==0.18.0 openai==2.8.0 sentencepiece==0.2.1 orjson psutil pybase64 requests packaging \
+    starlette msgspec pydantic pyzmq tqdm ipython aiohttp dill gguf datasets einops partial-json-parser protobuf \
+    "pytest>=8" "hypothesis>=6" pillow
+  pip_install --no-deps sglang==0.5.23
+  "$VENV/bin/python" -c "import sglang.srt.server_args" || { echo "[setup-sglang] SGLang install failed" >&2; exit 1; }
+fi
+pip_install --no-deps --no-build-isolation -e .
+echo "[setup-sglang] ready: $VENV ($("$VENV/bin/python" -c 'import sglang; print("sglang", sglang.__version__)'))"

@@ -1,0 +1,731 @@
+"""The SGLang plugin (grace_sglang) on a CPU-only machine, against the installed SGLang.
+
+Run in the SGLang virtual environment:  .venv-sglang/bin/python -m pytest -m sglang tests/test_sglang_plugin.py
+Skipped, with the reason shown, where SGLang is not importable.
+
+Covered here: the entry point and ``register()``; SGLang's argument parser accepting
+``--quantization grace_qat``; auto-detection through the model-config parser; ``ModelConfig`` and
+SGLang's ``get_quant_config`` building ``GraceQATConfig`` from tiny fixtures; SGLang's own
+QKV / merged-column / row-parallel layers sharding the BF16 weight and the per-group steps for
+TP 1, 2 and 4 (ranks simulated the way each SGLang version lets layers be built), and the GPTQ
+tensors handed to the Marlin kernel; a whole tiny Qwen3-VL built by SGLang on CPU with a real
+(gloo, world size 1) parallel state, loaded through SGLang's weight loader, compared layer by layer
+with stock SGLang GPTQ-Marlin on the ``grace-qat convert --to gptq`` copy.
+
+Not covered (needs a CUDA GPU, see tests/gpu/sglang_serve_check.py): the Marlin repack and GEMM
+(SGLang compiles them with nvcc at first use and they only run on CUDA), serving, and outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.sglang
+
+sglang = pytest.importorskip(
+    "sglang", reason="SGLang is not installed in this environment (tests for grace_sglang need "
+                     "the .venv-sglang environment)")
+
+import torch  # noqa: E402
+
+from grace_qat.checkpoint import GraceCheckpoint  # noqa: E402
+from grace_qat.errors import GraceFormatError  # noqa: E402
+from grace_qat.packing import pack_gptq  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FORMATS_A = ["qat-sidecar", "qat-inline", "qat-grid"]
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    """Tiny Qwen3-VL GRACE checkpoints: every format, plus an 8-bit one and GPTQ exports."""
+    from grace_qat.convert import convert
+    from grace_qat.fixtures import write_llava, write_qwen3vl
+
+    base = tmp_path_factory.mktemp("sglang_ckpts")
+    out = {}
+    for fmt in FORMATS_A + ["awq", "plain"]:
+        out[fmt] = write_qwen3vl(str(base / fmt), fmt=fmt, bits=4, seed=0)
+    out["w8"] = write_qwen3vl(str(base / "w8"), fmt="qat-sidecar", bits=8, seed=1)
+    for fmt in FORMATS_A + ["w8"]:          # each format's own GPTQ export (stock SGLang's input)
+        out["gptq:" + fmt] = str(base / ("gptq-" + fmt))
+        convert(out[fmt], out["gptq:" + fmt], to="gptq")
+    out["llava-sidecar"] = write_llava(str(base / "llava-sidecar"), fmt="qat-sidecar", bits=4, seed=2)
+    out["llava-awq"] = write_llava(str(base / "llava-awq"), fmt="awq", seed=3)
+    out["gptq:llava-sidecar"] = str(base / "gptq-llava-sidecar")
+    convert(out["llava-sidecar"], out["gptq:llava-sidecar"], to="gptq")
+    out["declared"] = str(base / "declared")
+    convert(out["qat-sidecar"], out["declared"], to="grace_qat")
+    return out
+
+
+@pytest.fixture(scope="session")
+def plugins_loaded():
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    import grace_sglang
+    grace_sglang.register()     # no-op when the entry point already ran; idempotent either way
+    return True
+
+
+def _sglang_version() -> str:
+    return getattr(sglang, "__version__", "?")
+
+
+def _text_cfg(path):
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("text_config") or cfg
+
+
+# -- registration and argument parsing ----------------------------------------------------------
+
+def test_entry_point_declared():
+    from importlib.metadata import entry_points
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("grace_qat") == "grace_sglang:register", eps
+    # The group SGLang itself loads from must be the one we declare.
+    from sglang.srt import plugins
+    assert plugins.GENERAL_PLUGINS_GROUP == "sglang.srt.plugins"
+
+
+def test_register_adds_method_and_cli_choice(plugins_loaded):
+    import grace_sglang
+    from grace_sglang.config import GraceQATConfig
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+    from sglang.srt.server_args import QUANTIZATION_CHOICES
+
+    grace_sglang.register()
+    grace_sglang.register()
+    assert QUANTIZATION_METHODS["grace_qat"] is GraceQATConfig
+    assert get_quantization_config("grace_qat") is GraceQATConfig
+    assert QUANTIZATION_CHOICES.count("grace_qat") == 1
+
+
+def test_argument_parser_accepts_flag(plugins_loaded, ckpts):
+    import argparse
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(["--model-path", ckpts["qat-sidecar"], "--quantization", "grace_qat"])
+    assert ns.quantization == "grace_qat"
+    with pytest.raises(SystemExit):
+        with contextlib.redirect_stderr(open(os.devnull, "w")):
+            parser.parse_args(["--model-path", ckpts["qat-sidecar"], "--quantization", "not_a_method"])
+
+
+def test_prepare_server_args(plugins_loaded, ckpts):
+    from sglang.srt.server_args import prepare_server_args
+    argv = ["--model-path", ckpts["qat-sidecar"], "--quantization", "grace_qat"]
+    try:
+        sa = prepare_server_args(argv)
+    except RuntimeError as e:       # 0.5.17 resolves the device eagerly: "No accelerator ..."
+        if "accelerator" not in str(e).lower():
+            raise
+        sa = prepare_server_args(argv + ["--device", "cpu"])
+    assert sa.quantization == "grace_qat"
+
+
+# -- model config, detection, quant config ------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,expected", [("qat-sidecar", "grace_qat"), ("qat-inline", "grace_qat"),
+                                          ("awq", "grace_qat"), ("qat-grid", None), ("plain", None),
+                                          ("declared", "grace_qat")])
+def test_model_config_autodetect(plugins_loaded, ckpts, fmt, expected):
+    from sglang.srt.configs.model_config import ModelConfig
+    mc = ModelConfig(model_path=ckpts[fmt])
+    assert mc.quantization == expected
+    assert mc.hf_config.architectures == ["Qwen3VLForConditionalGeneration"]
+    assert mc.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["llava-sidecar", "llava-awq"])
+def test_model_config_llava(plugins_loaded, ckpts, fmt):
+    """Original-layout LLaVA-1.5: detected, and run in fp16 as SGLang forces for LlavaLlamaForCausalLM."""
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.weight_utils import get_quant_config
+    mc = ModelConfig(model_path=ckpts[fmt])
+    assert mc.quantization == "grace_qat"
+    assert mc.hf_config.architectures == ["LlavaLlamaForCausalLM"]
+    assert mc.dtype == torch.float16
+    qc = get_quant_config(mc, LoadConfig(), {})
+    assert qc.format == fmt.split("-", 1)[1].replace("sidecar", "qat-sidecar")
+    assert qc.checkpoint_modules("model.layers.3.mlp.gate_up_proj") == [
+        "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj"]
+    assert qc.checkpoint_modules("model.mm_projector.0") is None
+
+
+def test_model_config_flag_for_bare_grid(plugins_loaded, ckpts):
+    from sglang.srt.configs.model_config import ModelConfig
+    mc = ModelConfig(model_path=ckpts["qat-grid"], quantization="grace_qat")
+    assert mc.quantization == "grace_qat"
+
+
+def test_autodetect_can_be_turned_off(plugins_loaded, ckpts, monkeypatch):
+    from sglang.srt.configs.model_config_parser_registry import get_model_config_parser
+    from grace_sglang.config import install_config_parser
+    try:
+        install_config_parser(wrap_hf=False)
+        cfg = get_model_config_parser("hf").parse(ckpts["qat-sidecar"], trust_remote_code=False)
+        assert getattr(cfg, "quantization_config", None) is None
+        cfg = get_model_config_parser("grace_qat").parse(ckpts["qat-sidecar"], trust_remote_code=False)
+        assert cfg.quantization_config["quant_method"] == "grace_qat"
+    finally:
+        install_config_parser(wrap_hf=True)
+    cfg = get_model_config_parser("hf").parse(ckpts["qat-sidecar"], trust_remote_code=False)
+    assert cfg.quantization_config["format"] == "qat-sidecar"
+
+
+@pytest.mark.parametrize("fmt,bits", [("qat-sidecar", 4), ("qat-inline", 4), ("awq", 4), ("w8", 8),
+                                      ("declared", 4)])
+def test_get_quant_config(plugins_loaded, ckpts, fmt, bits):
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.weight_utils import get_quant_config
+    from grace_sglang.config import GraceQATConfig
+
+    mc = ModelConfig(model_path=ckpts[fmt])
+    qc = get_quant_config(mc, LoadConfig(), {"qkv_proj": ["q_proj", "k_proj", "v_proj"]})
+    assert isinstance(qc, GraceQATConfig)
+    ckpt = qc.checkpoint
+    assert os.path.samefile(ckpt.path, ckpts[fmt])
+    assert qc.bits == bits and qc.group_size == 128 and len(ckpt.modules) == 28
+    assert qc.get_name() == "grace_qat" and qc.get_min_capability() == 80
+    assert torch.bfloat16 in qc.get_supported_act_dtypes() and torch.float16 in qc.get_supported_act_dtypes()
+    assert qc.get_scaled_act_names() == []
+    expected_type = {4: "uint4b8", 8: "uint8b128"}[bits] if fmt != "awq" else "uint4"
+    assert expected_type in str(qc.quant_type)
+
+
+def test_quant_method_selection(plugins_loaded, ckpts):
+    from sglang.srt.layers.linear import LinearBase
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+    from grace_sglang.config import GraceQATConfig
+    from grace_sglang.linear import GraceQATLinearMethod
+
+    qc = GraceQATConfig(ckpts["qat-sidecar"])
+    lin = LinearBase(8, 8)
+    p = "model.language_model.layers.2."
+    m = qc.get_quant_method(lin, p + "self_attn.qkv_proj")
+    assert isinstance(m, GraceQATLinearMethod)
+    assert m.names == [f"model.language_model.layers.2.self_attn.{x}_proj" for x in "qkv"]
+    assert qc.get_quant_method(lin, p + "mlp.gate_up_proj").names == [
+        "model.language_model.layers.2.mlp.gate_proj", "model.language_model.layers.2.mlp.up_proj"]
+    assert qc.get_quant_method(lin, p + "mlp.down_proj").names == [p + "mlp.down_proj"]
+    # LLaVA-style prefixes map onto the same decoder-layer names
+    assert qc.get_quant_method(lin, "model.layers.2.self_attn.o_proj").names == [p + "self_attn.o_proj"]
+    for unq in ("model.visual.blocks.0.attn.qkv_proj", "model.visual.merger.linear_fc1",
+                "model.visual.deepstack_merger_list.0.linear_fc2", "model.visual.blocks.1.mlp.linear_fc1"):
+        assert isinstance(qc.get_quant_method(lin, unq), UnquantizedLinearMethod), unq
+    assert qc.get_quant_method(torch.nn.Embedding(4, 4), "lm_head") is None
+    assert qc.get_quant_method(torch.nn.Module(), "model.language_model.layers.0.self_attn.attn") is None
+    if hasattr(qc, "is_linear_unquantized"):      # 0.5.23
+        assert qc.is_linear_unquantized("model.visual.merger.linear_fc1")
+        assert not qc.is_linear_unquantized(p + "mlp.down_proj")
+
+
+def test_bad_checkpoints_are_refused(plugins_loaded, ckpts, tmp_path):
+    import shutil
+    from grace_sglang.config import GraceQATConfig
+
+    with pytest.raises(GraceFormatError, match="plain checkpoint"):
+        GraceQATConfig(ckpts["plain"])
+    with pytest.raises(GraceFormatError, match="not a local directory"):
+        GraceQATConfig(str(tmp_path / "missing"))
+    with pytest.raises(GraceFormatError, match="says format"):
+        GraceQATConfig(ckpts["qat-sidecar"], fmt="awq")
+    # AWQ zero points other than 8 are refused before anything is loaded
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "awq_bad_zp"
+    shutil.copytree(ckpts["awq"], bad)
+    st = os.path.join(bad, "model.safetensors")
+    tensors = load_file(st)
+    key = "model.language_model.layers.1.mlp.up_proj.qzeros"
+    tensors[key] = tensors[key] ^ 1            # zero point 8 -> 9 in the lowest nibble
+    save_file(tensors, st)
+    with pytest.raises(GraceFormatError, match="zero points differ from 8"):
+        GraceQATConfig(str(bad))
+
+
+# -- parallel linear layers: weight and step sharding ---------------------------------------------
+
+def _layer_api() -> str:
+    from sglang.srt.layers.linear import ColumnParallelLinear
+    params = inspect.signature(ColumnParallelLinear.__init__).parameters
+    return "kwargs" if "tp_rank" in params else "topology"
+
+
+@contextlib.contextmanager
+def tp_partition(rank: int, size: int):
+    """Build layers as TP rank ``rank`` of ``size`` without other processes.
+
+    SGLang 0.5.17 layers take ``tp_rank``/``tp_size`` arguments; 0.5.23 reads the partition from
+    the published runtime context (``sglang.test.test_utils.published_topology``).
+    """
+    if _layer_api() == "kwargs":
+        yield {"tp_rank": rank, "tp_size": size}
+    else:
+        from sglang.test.test_utils import published_topology
+        with published_topology(ranks={"world_rank": rank}, tp_size=size, device="cpu"):
+            yield {}
+
+
+def _build_layer0(qc, path, rank, size, dtype=torch.bfloat16):
+    """SGLang's four quantizable layers of decoder layer 0, loaded as the Qwen3-VL model does."""
+    from sglang.srt.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
+                                          RowParallelLinear)
+    tc = _text_cfg(path)
+    h, inter = tc["hidden_size"], tc["intermediate_size"]
+    nh, nkv, hd = tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
+    p = "model.language_model.layers.0."
+    ckpt = GraceCheckpoint.open(path)
+    get = ckpt.tensors.get
+    with tp_partition(rank, size) as kw:
+        layers = {
+            "qkv": QKVParallelLinear(h, hd, nh, nkv, bias=False, quant_config=qc, params_dtype=dtype,
+                                     prefix=p + "self_attn.qkv_proj", **kw),
+            "o": RowParallelLinear(nh * hd, h, bias=False, quant_config=qc, params_dtype=dtype,
+                                   prefix=p + "self_attn.o_proj", **kw),
+            "gate_up": MergedColumnParallelLinear(h, [inter, inter], bias=False, quant_config=qc,
+                                                  params_dtype=dtype, prefix=p + "mlp.gate_up_proj", **kw),
+            "down": RowParallelLinear(inter, h, bias=False, quant_config=qc, params_dtype=dtype,
+                                      prefix=p + "mlp.down_proj", **kw),
+        }
+        feeds = {"qkv": [(f"self_attn.{x}_proj", x) for x in "qkv"], "o": [("self_attn.o_proj", None)],
+                 "gate_up": [("mlp.gate_proj", 0), ("mlp.up_proj", 1)], "down": [("mlp.down_proj", None)]}
+        for key, parts in feeds.items():
+            layer = layers[key]
+            params = dict(layer.named_parameters())
+            for mod, shard in parts:
+                leaves = ["weight"] if ckpt.format != "awq" else ["qweight", "qzeros", "scales"]
+                for leaf in leaves:
+                    param = params[leaf]
+                    args = () if shard is None else (shard,)
+                    param.weight_loader(param, get(p + mod + "." + leaf), *args)
+    return layers, ckpt
+
+
+def _expected_rows(t, rank, size, replicas=1):
+    n = t.shape[0] * replicas // size
+    r = rank // replicas
+    return t[r * n:(r + 1) * n]
+
+
+def _expected(ckpt, key, rank, size, nkv):
+    """Per-rank (weight, steps, codes) expected for one SGLang layer, from the checkpoint alone."""
+    p = "model.language_model.layers.0."
+    mods = {"qkv": [f"self_attn.{x}_proj" for x in "qkv"], "o": ["self_attn.o_proj"],
+            "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}[key]
+    ws, ss, cs = [], [], []
+    for i, mod in enumerate(mods):
+        q = ckpt.quantized(p + mod)
+        w = ckpt.tensors.get(p + mod + ".weight")
+        s, c = q.scales, q.codes
+        if key in ("o", "down"):            # row parallel: split the input columns (whole groups)
+            k = w.shape[1] // size
+            g = k // ckpt.group_size
+            w, c, s = (w[:, rank * k:(rank + 1) * k], c[:, rank * k:(rank + 1) * k],
+                       s[:, rank * g:(rank + 1) * g])
+        else:                                # column parallel: split the output rows
+            rep = max(1, size // nkv) if key == "qkv" and i > 0 else 1
+            w, c, s = (_expected_rows(w, rank, size, rep), _expected_rows(c, rank, size, rep),
+                       _expected_rows(s, rank, size, rep))
+        ws.append(w), ss.append(s), cs.append(c)
+    return torch.cat(ws), torch.cat(ss), torch.cat(cs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS_A + ["w8"])
+@pytest.mark.parametrize("tp,rank", [(1, 0), (2, 0), (2, 1)])
+def test_layers_shard_weights_and_steps(plugins_loaded, ckpts, fmt, tp, rank):
+    from grace_sglang.config import GraceQATConfig
+    path = ckpts[fmt]
+    qc = GraceQATConfig(path)
+    layers, ckpt = _build_layer0(qc, path, rank, tp)
+    nkv = _text_cfg(path)["num_key_value_heads"]
+    for key, layer in layers.items():
+        w_exp, s_exp, c_exp = _expected(ckpt, key, rank, tp, nkv)
+        assert torch.equal(layer.weight.data, w_exp), (fmt, tp, rank, key, "weight")
+        assert torch.equal(layer.grace_scales.data, s_exp), (fmt, tp, rank, key, "steps")
+        # recover + verify + GPTQ layout, exactly as grace-qat convert --to gptq writes it
+        layer.quant_method.pack_gptq_layout(layer)
+        ref = pack_gptq(c_exp, s_exp, ckpt.bits, ckpt.group_size, scale_dtype=torch.bfloat16)
+        assert torch.equal(layer.qweight.data, ref["qweight"]), (fmt, tp, rank, key, "qweight")
+        assert torch.equal(layer.scales.data, ref["scales"]), (fmt, tp, rank, key, "scales")
+        params = dict(layer.named_parameters())
+        assert "weight" not in params and "grace_scales" not in params and "log_scale" not in params
+
+
+def test_kv_head_replication_tp4(plugins_loaded, ckpts):
+    """TP 4 with 2 KV heads: k/v rows (and their steps) are replicated on pairs of ranks."""
+    from sglang.srt.layers.linear import QKVParallelLinear
+    from grace_sglang.config import GraceQATConfig
+    path = ckpts["qat-sidecar"]
+    qc = GraceQATConfig(path)
+    tc = _text_cfg(path)
+    ckpt = qc.checkpoint
+    p = "model.language_model.layers.0.self_attn."
+    for rank in range(4):
+        with tp_partition(rank, 4) as kw:
+            layer = QKVParallelLinear(tc["hidden_size"], tc["head_dim"], tc["num_attention_heads"],
+                                      tc["num_key_value_heads"], bias=False, quant_config=qc,
+                                      params_dtype=torch.bfloat16, prefix=p + "qkv_proj", **kw)
+            for x in "qkv":
+                layer.weight.weight_loader(layer.weight, ckpt.tensors.get(f"{p}{x}_proj.weight"), x)
+        w_exp, s_exp, _ = _expected(ckpt, "qkv", rank, 4, tc["num_key_value_heads"])
+        assert torch.equal(layer.weight.data, w_exp), rank
+        assert torch.equal(layer.grace_scales.data, s_exp), rank
+
+
+def test_tp_that_splits_groups_is_refused(plugins_loaded, ckpts):
+    from sglang.srt.layers.linear import RowParallelLinear
+    from grace_sglang.config import GraceQATConfig
+    qc = GraceQATConfig(ckpts["qat-sidecar"])
+    tc = _text_cfg(ckpts["qat-sidecar"])
+    # o_proj: in_features 256 = 2 groups of 128; TP 4 would give each rank half a group
+    with tp_partition(0, 4) as kw:
+        with pytest.raises(GraceFormatError, match=r"tensor parallel size 4 splits in_features 256"):
+            RowParallelLinear(tc["num_attention_heads"] * tc["head_dim"], tc["hidden_size"], bias=False,
+                              quant_config=qc, params_dtype=torch.bfloat16,
+                              prefix="model.language_model.layers.0.self_attn.o_proj", **kw)
+
+
+def test_marlin_handoff(plugins_loaded, ckpts, monkeypatch):
+    """process_weights_after_loading gives SGLang's GPTQMarlinLinearKernel the GPTQ tensors and the
+    layer config GPTQMarlinLinearMethod would (the kernel itself is CUDA-only: stubbed here)."""
+    import sglang.srt.layers.quantization  # noqa: F401
+    from sglang.srt.hardware_backend.gpu.quantization import gptq_kernels
+    from sglang.srt.layers.quantization import marlin_utils
+    from grace_sglang.config import GraceQATConfig
+
+    seen = {}
+
+    def fake_process(self, layer):
+        seen["config"] = self.kernel_config
+        seen["params"] = {k: (tuple(v.shape), v.dtype, type(v).__name__) for k, v in layer.named_parameters()}
+
+    def fake_apply(self, layer, x, bias=None):
+        return ("marlin", x.shape)
+
+    monkeypatch.setattr(gptq_kernels.GPTQMarlinLinearKernel, "process_weights_after_loading", fake_process)
+    monkeypatch.setattr(gptq_kernels.GPTQMarlinLinearKernel, "apply", fake_apply)
+    monkeypatch.setattr(marlin_utils, "verify_marlin_supported", lambda **kw: None)
+    for fmt, bits in (("qat-sidecar", 4), ("w8", 8)):
+        qc = GraceQATConfig(ckpts[fmt])
+        layers, _ = _build_layer0(qc, ckpts[fmt], 1, 2)
+        down = layers["down"]
+        down.quant_method.process_weights_after_loading(down)
+        c = seen["config"]
+        inter, h = _text_cfg(ckpts[fmt])["intermediate_size"], _text_cfg(ckpts[fmt])["hidden_size"]
+        assert c.full_weight_shape == (inter, h) and c.partition_weight_shape == (inter // 2, h)
+        assert c.group_size == 128 and not c.zero_points and not c.has_g_idx
+        assert c.act_type == torch.bfloat16
+        assert str(c.weight_type) == {4: "uint4b8", 8: "uint8b128"}[bits]
+        assert seen["params"] == {
+            "qweight": ((inter // 2 * bits // 32, h), torch.int32, "PackedvLLMParameter"),
+            "scales": ((inter // 2 // 128, h), torch.bfloat16, "GroupQuantScaleParameter")}
+        x = torch.zeros(3, inter // 2, dtype=torch.bfloat16)
+        assert down.quant_method.apply(down, x) == ("marlin", x.shape)
+        down.quant_method.process_weights_after_loading(down)     # a second call is a no-op
+
+
+def test_tensors_follow_the_weight_device(plugins_loaded, ckpts):
+    """Loading and packing create their helper tensors on the weights' device, not on torch's
+    default device (SGLang serves with the weights on the GPU; here: weights on the CPU while the
+    default device is "meta", where any stray factory tensor would fail)."""
+    from sglang.srt.layers.linear import QKVParallelLinear
+    from grace_sglang.config import GraceQATConfig
+    path = ckpts["qat-grid"]                 # the steps are derived on load: the most tensor work
+    qc = GraceQATConfig(path)
+    tc = _text_cfg(path)
+    ckpt = qc.checkpoint
+    p = "model.language_model.layers.1.self_attn."
+    with tp_partition(0, 1) as kw:
+        layer = QKVParallelLinear(tc["hidden_size"], tc["head_dim"], tc["num_attention_heads"],
+                                  tc["num_key_value_heads"], bias=False, quant_config=qc,
+                                  params_dtype=torch.bfloat16, prefix=p + "qkv_proj", **kw)
+    torch.set_default_device("meta")
+    try:
+        for x in "qkv":
+            layer.weight.weight_loader(layer.weight, ckpt.tensors.get(f"{p}{x}_proj.weight"), x)
+        layer.quant_method.pack_gptq_layout(layer)
+    finally:
+        torch.set_default_device(None)
+    qs = [ckpt.quantized(f"{p}{x}_proj") for x in "qkv"]
+    ref = pack_gptq(torch.cat([q.codes for q in qs]), torch.cat([q.scales for q in qs]), 4, 128,
+                    scale_dtype=torch.bfloat16)
+    assert layer.qweight.device.type == "cpu"
+    assert torch.equal(layer.qweight.data, ref["qweight"]) and torch.equal(layer.scales.data, ref["scales"])
+
+
+def test_unloaded_weights_are_reported(plugins_loaded, ckpts):
+    from sglang.srt.layers.linear import RowParallelLinear
+    from grace_sglang.config import GraceQATConfig
+    qc = GraceQATConfig(ckpts["qat-sidecar"])
+    tc = _text_cfg(ckpts["qat-sidecar"])
+    with tp_partition(0, 1) as kw:
+        layer = RowParallelLinear(tc["intermediate_size"], tc["hidden_size"], bias=False, quant_config=qc,
+                                  params_dtype=torch.bfloat16,
+                                  prefix="model.language_model.layers.3.mlp.down_proj", **kw)
+    with pytest.raises(GraceFormatError, match="no weight was loaded"):
+        layer.quant_method.pack_gptq_layout(layer)
+
+
+@pytest.mark.parametrize("tp,rank", [(1, 0), (2, 1)])
+def test_awq_delegates_to_awq_marlin(plugins_loaded, ckpts, monkeypatch, tp, rank):
+    """Format B: SGLang's own AWQ-Marlin method and loaders (Marlin support check stubbed: no GPU)."""
+    from sglang.srt.layers.quantization.awq import awq as awq_mod
+    from grace_sglang.config import GraceQATConfig
+    monkeypatch.setattr(awq_mod, "verify_marlin_supported", lambda *a, **k: None)
+    qc = GraceQATConfig(ckpts["awq"])
+    layers, ckpt = _build_layer0(qc, ckpts["awq"], rank, tp)
+    assert qc.awq_config().get_name() == "awq_marlin"
+    assert type(layers["qkv"].quant_method).__name__ == "AWQLinearMethod"
+    assert type(layers["qkv"].scheme).__name__ == "AWQMarlinLinearScheme"
+    p = "model.language_model.layers.0."
+    get = ckpt.tensors.get
+    nkv = _text_cfg(ckpts["awq"])["num_key_value_heads"]
+    for key, mods, row in (("qkv", [f"self_attn.{x}_proj" for x in "qkv"], False),
+                           ("gate_up", ["mlp.gate_proj", "mlp.up_proj"], False),
+                           ("o", ["self_attn.o_proj"], True), ("down", ["mlp.down_proj"], True)):
+        layer = layers[key]
+        for leaf in ("qweight", "qzeros", "scales"):
+            parts = []
+            for i, m in enumerate(mods):
+                t = get(p + m + "." + leaf)
+                if row:     # input rows of (in, out/8) / groups of (in/G, ...)
+                    n = t.shape[0] // tp
+                    parts.append(t[rank * n:(rank + 1) * n])
+                else:
+                    rep = max(1, tp // nkv) if key == "qkv" and i > 0 else 1
+                    n = t.shape[1] * rep // tp
+                    r = rank // rep
+                    parts.append(t[:, r * n:(r + 1) * n])
+            exp = torch.cat(parts, dim=1)
+            got = getattr(layer, leaf).data
+            assert torch.equal(got, exp.to(got.dtype)), (key, leaf)
+
+
+# -- the whole model, built and loaded by SGLang on CPU (subprocess) ------------------------------
+
+def test_full_model_load_matches_stock_gptq(plugins_loaded, ckpts, tmp_path):
+    """Qwen3-VL built by SGLang with a real gloo parallel state (world size 1), loaded by SGLang's
+    weight loader from each format, packed by the plugin, and compared with stock SGLang GPTQ-Marlin
+    loading the ``convert --to gptq`` copy (same per-layer qweight/scales before the Marlin repack).
+
+    Runs in a subprocess: it initialises torch.distributed and stubs vllm's rotary op (SGLang imports
+    it on non-CUDA machines), neither of which may leak into this test process.
+    """
+    spec = {"formats": {f: ckpts[f] for f in FORMATS_A + ["w8", "awq", "declared", "llava-sidecar",
+                                                          "llava-awq"]},
+            "gptq": {f: ckpts["gptq:" + f] for f in FORMATS_A + ["w8", "llava-sidecar"]},
+            "grid": ckpts["qat-grid"], "out": str(tmp_path / "result.json")}
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "full-model", str(spec_path)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    if proc.returncode != 0 or not os.path.exists(spec["out"]):
+        pytest.fail(f"worker failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    result = json.loads(open(spec["out"]).read())
+    print(json.dumps({f: {k: v for k, v in r.items() if k != "errors"} for f, r in result.items()}, indent=1))
+    for fmt, r in result.items():
+        assert r["errors"] == [], (fmt, r["errors"][:10])
+        expected_quant = "grace_qat"
+        assert r["quantization"] == expected_quant, fmt
+        assert r["quantized_layers"] == 16, fmt       # 4 decoder layers x (qkv, o, gate_up, down)
+        if not fmt.startswith("llava"):   # LLaVA's projector is a plain torch Linear, never quantized
+            assert r["unquantized_linears"] > 0, fmt  # vision tower, merger, deepstack mergers
+        if fmt in spec["gptq"]:
+            assert r["compared_with_gptq"] == 16, fmt
+
+
+# -- subprocess worker ---------------------------------------------------------------------------
+
+def _stub_vllm_rotary():
+    """SGLang's RotaryEmbedding imports vllm._custom_ops on machines that are neither CUDA nor its
+    CPU engine; the op is never called when only loading weights."""
+    import types
+    vllm = types.ModuleType("vllm")
+    ops = types.ModuleType("vllm._custom_ops")
+    ops.rotary_embedding = None
+    vllm._custom_ops = ops
+    sys.modules.setdefault("vllm", vllm)
+    sys.modules.setdefault("vllm._custom_ops", ops)
+
+
+def _init_parallel_state(model_path: str) -> None:
+    """SGLang's real parallel state on CPU: gloo backend, world size 1 (both 0.5.17 and 0.5.23)."""
+    import socket
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+
+    sa = ServerArgs(model_path=model_path, device="cpu")
+    if "ranks" in inspect.signature(publish).parameters:         # 0.5.23
+        from sglang.srt.runtime_context import SpawnRanks
+        publish(sa, role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
+    else:                                                          # 0.5.17
+        publish(sa, role="scheduler")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                    distributed_init_method=f"tcp://127.0.0.1:{port}")
+    if "tensor_model_parallel_size" in inspect.signature(ps.initialize_model_parallel).parameters:
+        ps.initialize_model_parallel(tensor_model_parallel_size=1, backend="gloo")
+    else:
+        ps.initialize_model_parallel(backend="gloo")
+    assert ps.get_tensor_model_parallel_world_size() == 1
+
+
+def _build_and_load(model_config, quant_config):
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.model_loader.loader import DefaultModelLoader, _initialize_model
+    load_config = LoadConfig()
+    torch.set_default_dtype(model_config.dtype)
+    model = _initialize_model(model_config, load_config, quant_config)
+    weights = DefaultModelLoader(load_config)._get_all_weights(model_config, model)
+    if hasattr(model, "language_model") and "Llava" in type(model).__name__:
+        # LLaVA's own load_weights first fetches the CLIP tower named in mm_vision_tower (and moves
+        # it with .cuda() in 0.5.17); it hands every other tensor to the Llama language model
+        # one by one, which is what is done here.
+        for name, w in weights:
+            if not any(x in name for x in ("projector", "vision_tower", "image_newline")):
+                model.language_model.load_weights([(name, w)])
+    else:
+        model.load_weights(weights)
+    return model
+
+
+def _full_model_worker(spec_path: str) -> int:
+    _stub_vllm_rotary()
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.linear import LinearBase
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+    from sglang.srt.model_loader.loader import _get_quantization_config
+    from grace_sglang.linear import GraceQATLinearMethod
+
+    spec = json.loads(open(spec_path).read())
+    _init_parallel_state(spec["grid"])    # --quantization grace_qat alone reads the model path from here
+    try:                                   # 0.5.17 model construction reads the DP-attention sizes
+        from sglang.srt.layers.dp_attention import initialize_dp_attention
+        from sglang.srt.runtime_context import get_server_args
+        initialize_dp_attention(get_server_args(), ModelConfig(model_path=spec["grid"]))
+    except (ImportError, TypeError):
+        pass
+    # Stock GPTQ-Marlin checks the GPU's Marlin support when a layer is built; none here.
+    from sglang.srt.layers.quantization.gptq.schemes import gptq_marlin as gm_scheme
+    from sglang.srt.layers.quantization.awq import awq as awq_mod
+    gm_scheme.verify_marlin_supported = lambda *a, **k: None
+    awq_mod.verify_marlin_supported = lambda *a, **k: None
+    from sglang.srt.layers.quantization.gptq.gptq import GPTQMarlinConfig
+
+    results = {}
+    for fmt, path in spec["formats"].items():
+        errors: list[str] = []
+        mc = ModelConfig(model_path=path, quantization="grace_qat" if fmt == "qat-grid" else None)
+        qc = _get_quantization_config(mc, LoadConfig())
+        model = _build_and_load(mc, qc)
+        ckpt = qc.checkpoint
+        quantized, unquantized, compared, double_rounded, steps32 = {}, 0, 0, 0, {}
+        for name, mod in model.named_modules():
+            if not isinstance(mod, LinearBase):
+                continue
+            qm = mod.quant_method
+            in_lm = ".layers." in name and "visual" not in name
+            if isinstance(qm, UnquantizedLinearMethod):
+                unquantized += 1
+                if in_lm:
+                    errors.append(f"{name}: language-model linear left unquantized")
+                continue
+            if not in_lm:
+                errors.append(f"{name}: quantized, but not a language-model linear")
+            quantized[name] = mod
+            if isinstance(qm, GraceQATLinearMethod):
+                # TP 1: the staging tensors are the checkpoint's, concatenated in shard order
+                w = torch.cat([ckpt.tensors.get(m + ".weight") for m in qm.names])
+                s = torch.cat([ckpt.quantized(m).scales for m in qm.names])
+                if not torch.equal(mod.weight.data, w):
+                    errors.append(f"{name}: staged weight differs from the checkpoint")
+                if not torch.equal(mod.grace_scales.data, s):
+                    errors.append(f"{name}: staged steps differ from the checkpoint")
+                steps32[name] = s
+                qm.pack_gptq_layout(mod)
+                if {"weight", "grace_scales"} & set(dict(mod.named_parameters())):
+                    errors.append(f"{name}: staging tensors not freed")
+            elif type(qm).__name__ == "AWQLinearMethod":
+                names = qc.checkpoint_modules(name)
+                for leaf in ("qweight", "qzeros", "scales"):
+                    exp = torch.cat([ckpt.tensors.get(m + "." + leaf) for m in names], dim=1)
+                    got = getattr(mod, leaf).data
+                    if not torch.equal(got, exp.to(got.dtype)):
+                        errors.append(f"{name}.{leaf}: differs from the checkpoint")
+            else:
+                errors.append(f"{name}: unexpected quant method {type(qm).__name__}")
+        lm_head = getattr(model, "lm_head", None)
+        if lm_head is not None and type(getattr(lm_head, "quant_method", None)).__name__ not in (
+                "UnquantizedEmbeddingMethod", "NoneType"):
+            errors.append(f"lm_head quant method {type(lm_head.quant_method).__name__}")
+        gptq_dir = spec["gptq"].get(fmt)
+        if gptq_dir:
+            gmc = ModelConfig(model_path=gptq_dir, model_override_args=json.dumps({"quantization_config": None}))
+            with open(os.path.join(gptq_dir, "config.json")) as f:
+                gcfg = dict(json.load(f)["quantization_config"])
+            gcfg["packed_modules_mapping"] = dict(qc.packed_modules_mapping)
+            stock = _build_and_load(gmc, GPTQMarlinConfig.from_config(gcfg))
+            from safetensors import safe_open
+            with safe_open(os.path.join(gptq_dir, "model.safetensors"), "pt") as f:
+                stored_dtype = f.get_slice(ckpt.modules[0] + ".scales").get_dtype()
+            stored_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}[stored_dtype]
+            stock_mods = dict(stock.named_modules())
+            for name, mod in quantized.items():
+                ref = stock_mods[name]
+                if type(ref.quant_method).__name__ != "GPTQMarlinLinearMethod":
+                    errors.append(f"{name}: stock GPTQ used {type(ref.quant_method).__name__}")
+                    continue
+                if not torch.equal(mod.qweight.data, ref.qweight.data):
+                    errors.append(f"{name}.qweight: differs from stock SGLang GPTQ-Marlin's")
+                ours, theirs = mod.scales.data, ref.scales.data
+                if stored_dtype == mc.dtype:
+                    if not torch.equal(ours, theirs):
+                        errors.append(f"{name}.scales: differs from stock SGLang GPTQ-Marlin's")
+                else:
+                    # e.g. LLaVA: the export stores bf16 steps but SGLang runs LLaVA in fp16. The
+                    # plugin rounds the fp32 steps to fp16 once; stock SGLang gets fp16(bf16(step)).
+                    s32 = steps32[name].t()
+                    if not torch.equal(ours, s32.to(mc.dtype)):
+                        errors.append(f"{name}.scales: not the fp32 steps rounded to {mc.dtype}")
+                    if not torch.equal(theirs, s32.to(stored_dtype).to(mc.dtype)):
+                        errors.append(f"{name}.scales: stock GPTQ steps are not the exported ones")
+                    double_rounded += int((ours != theirs).sum())
+                compared += 1
+            del stock
+        results[fmt] = {"quantization": mc.quantization, "quantized_layers": len(quantized),
+                        "unquantized_linears": unquantized, "compared_with_gptq": compared,
+                        "scales_differing_from_gptq_export": double_rounded,
+                        "errors": errors}
+        del model
+    with open(spec["out"], "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "full-model":
+        sys.exit(_full_model_worker(sys.argv[2]))
+    sys.exit(f"usage: {sys.argv[0]} full-model SPEC.json")
