@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from .errors import GraceFormatError
 from .packing import unpack_awq
-from .quantizer import (DEFAULT_GROUP_SIZE, check_bits, code_range, derive_scales,
+from .quantizer import (DEFAULT_GROUP_SIZE, SUPPORTED_BITS, check_bits, code_range, derive_scales,
                         effective_group_size, recover_codes, scales_from_log_scale)
 
 SIDECAR_NAME = "qat_quantized_weights.bin"
@@ -68,12 +68,16 @@ def load_sidecar(path: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GraceFormatError(f"{path}: refused to load: it holds more than tensors ({first})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise GraceFormatError(f"{path}: not a readable torch.save file ({e})") from None
+    except Exception as e:   # noqa: BLE001 - corrupt zips/pickles raise many types (KeyError, ValueError,
+        # struct.error, zipfile.BadZipFile, UnicodeDecodeError, ...): all mean "not a torch.save file"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise GraceFormatError(f"{path}: not a readable torch.save file ({type(e).__name__}: {first})") from None
     if not isinstance(data, dict):
         raise GraceFormatError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
     for k, v in data.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+        if not isinstance(k, str):
+            raise GraceFormatError(f"{path}: key {k!r} is {type(k).__name__}, expected a str tensor name")
+        if not isinstance(v, torch.Tensor):
             raise GraceFormatError(f"{path}: entry {k!r} is {type(v).__name__}, expected a tensor")
     return data
 
@@ -88,8 +92,17 @@ class SafetensorsDir:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise GraceFormatError(f"{index}: not a safetensors index ({e})") from None
+            except (ValueError, KeyError, TypeError) as e:
+                raise GraceFormatError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise GraceFormatError(f"{index}: not a safetensors index (weight_map must map tensor "
+                                       f"names to shard file names)")
+            for k, fname in weight_map.items():
+                if (not fname or fname != os.path.basename(fname) or fname in (".", "..")
+                        or os.path.isabs(fname) or "\\" in fname):
+                    raise GraceFormatError(f"{index}: shard {fname!r} of tensor {k} is not a file name "
+                                           f"inside the checkpoint directory")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -108,7 +121,11 @@ class SafetensorsDir:
                 raise GraceFormatError(f"{full}: unreadable safetensors file ({e})") from None
             self._handles[fname] = handle
             for key in handle.keys():
-                self._file_of[key] = fname
+                if weight_map is None and key in self._file_of:
+                    raise GraceFormatError(f"{full}: tensor {key} is also in {self._file_of[key]}; without "
+                                           f"{SAFETENSORS_INDEX_NAME} it is ambiguous which one is meant")
+                if weight_map is None or weight_map.get(key) == fname or key not in self._file_of:
+                    self._file_of[key] = fname
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if self._file_of.get(k) != f]
             if missing:
@@ -172,12 +189,20 @@ class GraceCheckpoint:
         if not os.path.isdir(path):
             raise GraceFormatError(f"{path}: not a directory")
         config = read_config(path)
+        cfg_path = os.path.join(path, CONFIG_NAME)
         declared = config.get("quantization_config") or {}
-        if declared.get("quant_method") == "grace_qat":
-            bits = bits or declared.get("bits")
-            group_size = group_size or declared.get("group_size")
+        if not isinstance(declared, dict):
+            raise GraceFormatError(f"{cfg_path}: quantization_config must be a JSON object, "
+                                   f"got {type(declared).__name__}")
+        if declared.get("quant_method") == "grace_qat":   # validated even when the caller states them
+            declared_bits = _declared_int(declared, "bits", cfg_path, "quantization_config.")
+            declared_gs = _declared_int(declared, "group_size", cfg_path, "quantization_config.")
+            bits, group_size = bits or declared_bits, group_size or declared_gs
         if bits is not None:
-            check_bits(int(bits))
+            try:
+                check_bits(int(bits))
+            except (GraceFormatError, TypeError, ValueError) as e:
+                raise GraceFormatError(f"{path}: {e}") from None
         tensors = SafetensorsDir(path)
         awq_json = os.path.join(path, AWQ_MODULES_NAME)
         sidecar = os.path.join(path, SIDECAR_NAME)
@@ -201,7 +226,7 @@ class GraceCheckpoint:
             ckpt = cls(path, FORMAT_QAT_GRID, bits, gs, candidates, config, tensors)
             if ckpt.bits is None:
                 first = candidates[0]
-                w = tensors.get(first + ".weight")
+                w = ckpt._checked_weight(first)
                 for b in (4, 8):
                     try:
                         derive_scales(w, b, gs, first)
@@ -212,6 +237,7 @@ class GraceCheckpoint:
                 else:
                     return cls(path, FORMAT_PLAIN, None, gs, [], config, tensors)
         ckpt._check_module_set(candidates)
+        _check_architecture(path, config, ckpt.modules)
         if ckpt.bits is None:
             ckpt.bits = ckpt._infer_bits()
         return ckpt
@@ -225,18 +251,33 @@ class GraceCheckpoint:
                     meta = json.load(f)
             except ValueError as e:
                 raise GraceFormatError(f"{awq_json}: not valid JSON ({e})") from None
+            if not isinstance(meta, dict):
+                raise GraceFormatError(f"{awq_json}: expected a JSON object, got {type(meta).__name__}")
+        cfg_path = os.path.join(path, CONFIG_NAME)
         packing = config.get("awq_packing") or {}
+        if not isinstance(packing, dict):
+            raise GraceFormatError(f"{cfg_path}: awq_packing must be a JSON object, got {type(packing).__name__}")
         zp = packing.get("zero_point", 8)
         if zp != 8:
-            raise GraceFormatError(f"{os.path.join(path, CONFIG_NAME)}: awq_packing.zero_point is {zp}; "
+            raise GraceFormatError(f"{cfg_path}: awq_packing.zero_point is {zp}; "
                                    f"GRACE AWQ checkpoints use the constant zero point 8")
-        b = int(meta.get("bits", packing.get("bits", bits or 4)))
+        meta_bits, meta_gs = (_declared_int(meta, k, awq_json) for k in ("bits", "group_size"))
+        pack_bits, pack_gs = (_declared_int(packing, k, cfg_path, "awq_packing.") for k in ("bits", "group_size"))
+        if meta_bits is not None:
+            b, where = meta_bits, awq_json
+        elif pack_bits is not None:
+            b, where = pack_bits, cfg_path
+        else:
+            b, where = int(bits or 4), path
         if b != 4:
-            raise GraceFormatError(f"{awq_json}: AWQ-packed GRACE checkpoints are 4-bit, got bits={b}")
-        gs = int(meta.get("group_size", packing.get("group_size", group_size or DEFAULT_GROUP_SIZE)))
+            raise GraceFormatError(f"{where}: AWQ-packed GRACE checkpoints are 4-bit, got bits={b}")
+        gs = meta_gs or pack_gs or int(group_size or DEFAULT_GROUP_SIZE)
         packed = sorted((k[: -len(".qweight")] for k in tensors.keys() if k.endswith(".qweight")),
                         key=_natural_key)
-        modules = sorted(meta.get("modules", packed), key=_natural_key)
+        listed = meta.get("modules", packed)
+        if not isinstance(listed, list) or not all(isinstance(m, str) for m in listed):
+            raise GraceFormatError(f"{awq_json}: modules must be a list of module names")
+        modules = sorted(listed, key=_natural_key)
         missing = [m for m in modules if m not in packed]
         extra = [m for m in packed if m not in modules]
         if missing or extra:
@@ -247,6 +288,7 @@ class GraceCheckpoint:
             for suffix in (".qzeros", ".scales"):
                 if m + suffix not in tensors:
                     raise GraceFormatError(f"{path}: {m}{suffix} missing for AWQ module {m}")
+        _check_architecture(path, config, modules)
         return cls(path, FORMAT_AWQ, 4, gs, modules, config, tensors)
 
     @staticmethod
@@ -256,6 +298,10 @@ class GraceCheckpoint:
                          key=_natural_key)
         if not modules:
             raise GraceFormatError(f"{sidecar}: holds no <module>.log_scale entries")
+        for m in modules:
+            if not is_quantizable_module(m):
+                raise GraceFormatError(f"{sidecar}: {m}.log_scale: {m} is not a language-model linear GRACE "
+                                       f"quantizes (only self_attn.q/k/v/o_proj and mlp.gate/up/down_proj)")
         for k in data:
             base = k.rsplit(".", 1)[0]
             if not k.endswith((".log_scale", ".weight", ".bias")) or base not in modules:
@@ -277,7 +323,7 @@ class GraceCheckpoint:
     def _infer_bits(self) -> int:
         """The codes' range tells the bits: a 4-bit grid never needs a code beyond [-8, 7]."""
         first = self.modules[0]
-        w = self.tensors.get(first + ".weight")
+        w = self._checked_weight(first)
         s = self._scales(first, w.shape)
         codes = torch.round(w.float().reshape(w.shape[0], s.shape[1], -1) / s.unsqueeze(-1))
         lo, hi = code_range(4)
@@ -308,18 +354,24 @@ class GraceCheckpoint:
             key = name + ".log_scale"
             if key not in self._sidecar:
                 raise GraceFormatError(f"{self.sidecar_path}: missing {key}")
-            return self._sidecar[key]
-        if self.format == FORMAT_QAT_INLINE:
-            return self.tensors.get(name + ".log_scale")
-        raise GraceFormatError(f"{self.path}: format {self.format} has no log_scale tensors")
+            ls, where = self._sidecar[key], self.sidecar_path
+        elif self.format == FORMAT_QAT_INLINE:
+            ls, where = self.tensors.get(name + ".log_scale"), self.tensors.file_of(name + ".log_scale")
+        else:
+            raise GraceFormatError(f"{self.path}: format {self.format} has no log_scale tensors")
+        if not ls.is_floating_point():
+            raise GraceFormatError(f"{where}: {name}.log_scale is {ls.dtype}, expected a floating-point "
+                                   f"tensor (fp32 log-steps)")
+        return ls
 
     def _scales(self, name: str, shape) -> torch.Tensor:
         out_f, in_f = shape
         if self.format in (FORMAT_QAT_SIDECAR, FORMAT_QAT_INLINE):
             where = self.sidecar_path if self.format == FORMAT_QAT_SIDECAR else self.tensors.file_of(
                 name + ".log_scale")
+            log_scale = self.log_scale(name)          # its own errors name the file already
             try:
-                return scales_from_log_scale(self.log_scale(name), out_f, in_f, self.group_size, name)
+                return scales_from_log_scale(log_scale, out_f, in_f, self.group_size, name)
             except GraceFormatError as e:
                 raise GraceFormatError(f"{where}: {e}") from None
         raise GraceFormatError(f"{self.path}: no stored scales in format {self.format}")
@@ -337,9 +389,10 @@ class GraceCheckpoint:
         bias = self.tensors.get(name + ".bias") if name + ".bias" in self.tensors else None
         if self.format == FORMAT_AWQ:
             t = self.tensors
+            qweight, qzeros, scales = (t.get(name + s) for s in (".qweight", ".qzeros", ".scales"))
+            self._check_awq_tensors(name, qweight, qzeros, scales)
             try:
-                codes, scales = unpack_awq(t.get(name + ".qweight"), t.get(name + ".qzeros"),
-                                           t.get(name + ".scales"), name)
+                codes, scales = unpack_awq(qweight, qzeros, scales, name)
             except GraceFormatError as e:
                 raise GraceFormatError(f"{t.file_of(name + '.qzeros')}: {e}") from None
             scales = scales.to(torch.float32)
@@ -352,6 +405,48 @@ class GraceCheckpoint:
             return QuantizedLinear(name, codes.to(torch.int8), scales, 4, self.group_size, bias)
         if self.format not in QAT_FORMATS:
             raise GraceFormatError(f"{self.path}: not a quantized checkpoint (format {self.format})")
+        weight = self._checked_weight(name)
+        where = self.tensors.file_of(name + ".weight")
+        if self.format == FORMAT_QAT_SIDECAR and name + ".weight" in self._sidecar:
+            copy = self._sidecar[name + ".weight"]
+            if tuple(copy.shape) != tuple(weight.shape):
+                raise GraceFormatError(f"{self.sidecar_path}: {name}.weight has shape {tuple(copy.shape)} but "
+                                       f"{where} holds it as {tuple(weight.shape)}")
+        if self.format != FORMAT_QAT_GRID:
+            scales = self._scales(name, weight.shape)   # its errors name the file holding log_scale
+        try:
+            if self.format == FORMAT_QAT_GRID:
+                scales = derive_scales(weight, self.bits, self.group_size, name)
+            codes = recover_codes(weight, scales, self.bits, self.group_size, name)
+        except GraceFormatError as e:
+            raise GraceFormatError(f"{where}: {e}") from None
+        return QuantizedLinear(name, codes, scales, self.bits, self.group_size, bias)
+
+    def _check_awq_tensors(self, name, qweight, qzeros, scales) -> None:
+        """dtypes and shapes of one AWQ module: qweight (in, out/8) and qzeros (in/G, out/8) int32,
+        scales (in/G, out) floating point, with G the effective group size."""
+        t = self.tensors
+        for key, tensor in ((".qweight", qweight), (".qzeros", qzeros)):
+            if tensor.dtype != torch.int32:
+                raise GraceFormatError(f"{t.file_of(name + key)}: {name}{key} is {tensor.dtype}, expected int32")
+        if not scales.is_floating_point():
+            raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales is {scales.dtype}, expected "
+                                   f"float16 (a floating-point dtype)")
+        if qweight.dim() != 2:
+            raise GraceFormatError(f"{t.file_of(name + '.qweight')}: {name}.qweight has shape "
+                                   f"{tuple(qweight.shape)}, expected 2-D (in, out/8)")
+        in_f, out_f = qweight.shape[0], qweight.shape[1] * 8
+        groups = in_f // effective_group_size(in_f, self.group_size) if in_f else 0
+        for key, tensor, expected in ((".qzeros", qzeros, (groups, out_f // 8)),
+                                      (".scales", scales, (groups, out_f))):
+            if tuple(tensor.shape) != expected:
+                raise GraceFormatError(
+                    f"{t.file_of(name + key)}: {name}{key} has shape {tuple(tensor.shape)}, expected {expected} "
+                    f"for qweight {tuple(qweight.shape)} ({out_f}x{in_f}) and group size {self.group_size} "
+                    f"({groups} groups per row)")
+
+    def _checked_weight(self, name: str) -> torch.Tensor:
+        """The stored weight of a QAT module, refused unless 2-D and bf16/fp16/fp32."""
         weight = self.tensors.get(name + ".weight")
         if weight.dim() != 2:
             raise GraceFormatError(f"{self.tensors.file_of(name + '.weight')}: {name}.weight has shape "
@@ -359,16 +454,7 @@ class GraceCheckpoint:
         if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise GraceFormatError(f"{self.tensors.file_of(name + '.weight')}: {name}.weight is "
                                    f"{weight.dtype}, expected bfloat16/float16")
-        where = self.tensors.file_of(name + ".weight")
-        try:
-            if self.format == FORMAT_QAT_GRID:
-                scales = derive_scales(weight, self.bits, self.group_size, name)
-            else:
-                scales = self._scales(name, weight.shape)
-            codes = recover_codes(weight, scales, self.bits, self.group_size, name)
-        except GraceFormatError as e:
-            raise GraceFormatError(f"{where}: {e}") from None
-        return QuantizedLinear(name, codes, scales, self.bits, self.group_size, bias)
+        return weight
 
     def iter_quantized(self, progress: bool = False) -> Iterator[QuantizedLinear]:
         modules = self.modules
@@ -400,6 +486,81 @@ def read_config(path: str) -> dict:
         raise GraceFormatError(f"{cfg}: missing")
     try:
         with open(cfg) as f:
-            return json.load(f)
-    except ValueError as e:
+            config = json.load(f)
+    except ValueError as e:    # includes UnicodeDecodeError
         raise GraceFormatError(f"{cfg}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise GraceFormatError(f"{cfg}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise GraceFormatError(f"{cfg}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _declared_int(obj: dict, key: str, where: str, prefix: str = "") -> int | None:
+    """An integer setting (bits, group_size) read from a JSON file, validated; None when absent/null."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GraceFormatError(f"{where}: {prefix}{key} must be an integer, got {value!r}")
+    if key == "bits" and value not in SUPPORTED_BITS:
+        raise GraceFormatError(f"{where}: {prefix}bits must be one of {SUPPORTED_BITS}, got {value}")
+    if key == "group_size" and value <= 0:
+        raise GraceFormatError(f"{where}: {prefix}group_size must be positive, got {value}")
+    return value
+
+
+# Where each known architecture keeps its language-model decoder layers (Transformers' saved names).
+_ARCH_LAYER_PREFIXES = {
+    "Qwen3VLForConditionalGeneration": ("model.language_model.layers.",),
+    "Qwen2_5_VLForConditionalGeneration": ("model.language_model.layers.", "model.layers."),
+    "Qwen2VLForConditionalGeneration": ("model.language_model.layers.", "model.layers."),
+    "LlavaLlamaForCausalLM": ("model.layers.",),
+    "LlavaForConditionalGeneration": ("model.language_model.layers.", "language_model.model.layers."),
+    "LlamaForCausalLM": ("model.layers.",),
+    "MistralForCausalLM": ("model.layers.",),
+    "Qwen2ForCausalLM": ("model.layers.",),
+    "Qwen3ForCausalLM": ("model.layers.",),
+}
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_architecture(path: str, config: dict, modules: list[str]) -> None:
+    """config.json must describe the quantized modules: a known architecture keeps its decoder layers
+    under its own prefix, and ``num_hidden_layers`` is the number of quantized decoder layers."""
+    cfg = os.path.join(path, CONFIG_NAME)
+    archs = config.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise GraceFormatError(f"{cfg}: architectures must be a list of class names, got {archs!r}")
+    if not modules:
+        return
+    for arch in archs or ():
+        prefixes = _ARCH_LAYER_PREFIXES.get(arch)
+        if prefixes is None:
+            continue
+        wrong = [m for m in modules if not m.startswith(prefixes)]
+        if wrong:
+            raise GraceFormatError(
+                f"{cfg}: architectures says {arch}, whose decoder layers are {' or '.join(p + '*' for p in prefixes)}, "
+                f"but {len(wrong)} quantized modules are not (first: {wrong[0]})")
+    text = config.get("text_config")
+    n = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    if n is None:
+        n = config.get("num_hidden_layers")
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise GraceFormatError(f"{cfg}: num_hidden_layers must be a non-negative integer, got {n!r}")
+    layers: dict[int, str] = {}
+    for m in modules:
+        hit = _LAYER_INDEX.search(m)
+        if hit:
+            layers.setdefault(int(hit.group(1)), m)
+    beyond = sorted(i for i in layers if i >= n)
+    if beyond:
+        raise GraceFormatError(f"{cfg}: num_hidden_layers is {n} but the checkpoint quantizes decoder layer "
+                               f"{beyond[0]} (module {layers[beyond[0]]})")
+    absent = [i for i in range(n) if i not in layers]
+    if absent:
+        raise GraceFormatError(f"{cfg}: num_hidden_layers is {n} but the checkpoint has no quantized linears "
+                               f"for {len(absent)} of them (first: layer {absent[0]})")

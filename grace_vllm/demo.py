@@ -116,7 +116,12 @@ class VLLMServer:
 
 
 def kernels_in_log(log: str) -> list[str]:
-    return sorted(set(re.findall(r"grace_qat: using (\w+)", log)))
+    """Kernels the plugin handed layers to, or the reason it ran the exact BF16 fallback."""
+    found = sorted(set(re.findall(r"grace_qat: using (\w+)", log)))
+    fallback = re.search(r"grace_qat: no vLLM W\d+ kernel for this platform \(first layer [^:]*: (.*?)\); such layers", log)
+    if fallback:
+        found.append(f"exact BF16 fallback ({fallback.group(1)})")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"usage:    {reply.get('usage')}")
     print(f"kernel:   {', '.join(kernels) or 'none reported'}")
     print(f"bytes:    {bf16_bytes / 1e6:.2f} MB of BF16 weights -> {packed_bytes / 1e6:.2f} MB packed "
-          f"({bf16_bytes - packed_bytes:,} bytes saved, {bf16_bytes / packed_bytes:.2f}x smaller)")
+          f"({bf16_bytes - packed_bytes:,} bytes saved, {bf16_bytes / packed_bytes:.2f}x smaller"
+          f"{'' if any('fallback' not in k for k in kernels) else '; not on this machine: no int kernel'})")
     return 0
 
 
