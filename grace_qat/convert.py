@@ -19,7 +19,6 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
 
 from .checkpoint import (AWQ_MODULES_NAME, CONFIG_NAME, FORMAT_PLAIN, SAFETENSORS_INDEX_NAME,
                          SIDECAR_NAME, GraceCheckpoint, QuantizedLinear)
@@ -27,9 +26,9 @@ from .errors import GraceFormatError
 from .packing import (pack_awq, pack_compressed_tensors, pack_gptq, unpack_awq,
                       unpack_compressed_tensors, unpack_gptq)
 from .quantizer import dequantize
+from .shards import ShardWriter
 
 TARGETS = ("gptq", "compressed-tensors", "awq", "bf16", "grace_qat")
-SHARD_BYTES = 4 * 1024 ** 3
 # Linear layers that GRACE never quantizes; stock engines must leave them alone too.
 UNQUANTIZED_PATTERNS = ["lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*mm_projector.*",
                         "re:.*multi_modal_projector.*"]
@@ -95,44 +94,6 @@ def _pack_module(target: str, q: QuantizedLinear, dtype: torch.dtype) -> dict[st
     return {f"{name}.{k}": v for k, v in t.items()}
 
 
-class _ShardWriter:
-    """Writes tensors into model-0000i-of-0000n.safetensors shards plus an index when needed."""
-
-    def __init__(self, out_dir: str, max_bytes: int = SHARD_BYTES):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-
-    def _flush(self) -> None:
-        tmp = os.path.join(self.out_dir, f"shard-{len(self.files):05d}.tmp")
-        save_file(self.pending, tmp, metadata={"format": "pt"})
-        self.files.append((tmp, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.pending or not self.files:
-            self._flush()
-        n = len(self.files)
-        if n == 1:
-            os.replace(self.files[0][0], os.path.join(self.out_dir, "model.safetensors"))
-            return
-        weight_map = {}
-        for i, (tmp, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(tmp, os.path.join(self.out_dir, final))
-            weight_map.update({k: final for k in names})
-        with open(os.path.join(self.out_dir, SAFETENSORS_INDEX_NAME), "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
-
-
 def _copy_side_files(src: str, dst: str) -> None:
     """Tokenizer, processor, generation config, chat template...: everything but weights/metadata."""
     skip = {CONFIG_NAME, SIDECAR_NAME, AWQ_MODULES_NAME, SAFETENSORS_INDEX_NAME}
@@ -163,7 +124,7 @@ def convert(src: str, dst: str, to: str, bits: int | None = None, progress: bool
                 shutil.copy2(full, os.path.join(dst, fname))
     else:
         _copy_side_files(src, dst)
-        writer = _ShardWriter(dst)
+        writer = ShardWriter(dst)
         for q in ckpt.iter_quantized(progress=progress):
             for k, v in _pack_module(to, q, dtype).items():
                 writer.add(k, v)

@@ -37,7 +37,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .checkpoint import AWQ_MODULES_NAME, SAFETENSORS_INDEX_NAME, SIDECAR_NAME, is_quantizable_module
+from .checkpoint import AWQ_MODULES_NAME, SIDECAR_NAME, is_quantizable_module
+from .shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from .packing import pack_awq
 from .quantizer import (DEFAULT_GROUP_SIZE, check_bits, effective_group_size, fake_quantize,
                         mse_init_log_scale, recover_codes)
@@ -46,7 +47,6 @@ FORMATS = ("qat-sidecar", "qat-inline", "qat-grid", "awq", "plain")
 QWEN3VL_SIZES = ("tiny", "2b")
 LLAVA_SIZES = ("tiny", "7b")
 INIT_STD = 0.02
-DEFAULT_MAX_SHARD_BYTES = 4 * 1000 ** 3          # HF-style shards of at most ~4 GB
 
 
 # =============================================================================================
@@ -115,67 +115,6 @@ def _quantized_linear_cached(name, shape, seed, bits, group_size):
     return w_dq, log_scale
 
 
-class _ShardWriter:
-    """Accumulates CPU tensors and writes HF-style shards: ``model.safetensors`` when everything fits
-    in one, else ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``."""
-
-    def __init__(self, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-        self.out_dir, self.max_bytes = out_dir, max_shard_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.shards: list[list[str]] = []     # key lists of flushed shards (written as tmp names)
-        self.total_bytes = 0
-        self.total_params = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        if self.current and self.current_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self.current[name] = t
-        self.current_bytes += nbytes
-        self.total_bytes += nbytes
-        self.total_params += t.numel()
-
-    def _tmp(self, i: int) -> str:
-        return os.path.join(self.out_dir, f".shard-{i:05d}.safetensors.tmp")
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-        if not self.current:
-            return
-        save_file(self.current, self._tmp(len(self.shards)), metadata={"format": "pt"})
-        self.shards.append(list(self.current))
-        self.current, self.current_bytes = {}, 0
-
-    def _publish(self, i: int, fname: str) -> None:
-        dst = os.path.join(self.out_dir, fname)
-        os.replace(self._tmp(i), dst)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(dst, 0o666 & ~umask)           # safetensors creates its files 0600
-
-    def close(self) -> list[str]:
-        self._flush()
-        n = len(self.shards)
-        for stale in os.listdir(self.out_dir):          # a rewrite in place must not leave old shards
-            if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", stale) or stale == SAFETENSORS_INDEX_NAME:
-                os.remove(os.path.join(self.out_dir, stale))
-        if n == 1:
-            self._publish(0, "model.safetensors")
-            return ["model.safetensors"]
-        names, weight_map = [], {}
-        for i, keys in enumerate(self.shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            self._publish(i, fname)
-            names.append(fname)
-            weight_map.update({k: fname for k in keys})
-        index = {"metadata": {"total_parameters": self.total_params, "total_size": self.total_bytes},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(os.path.join(self.out_dir, SAFETENSORS_INDEX_NAME), index)
-        return names
-
-
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -213,7 +152,7 @@ def _write_weights(out_dir: str, specs: list[tuple[str, tuple[int, ...]]], *, fm
 
 
 def _write_weights_inner(out_dir, specs, *, fmt, bits, group_size, seed, dtype, device, max_shard_bytes):
-    writer = _ShardWriter(out_dir, max_shard_bytes)
+    writer = ShardWriter(out_dir, max_shard_bytes)
     sidecar: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     quantize = fmt != "plain"
