@@ -112,8 +112,12 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
     m = re.findall(r"Model loading took ([\d.]+) GiB", text)
     if m:
         result["weights_gib"] = float(m[-1])
-    result["kernels"] = sorted(set(re.findall(r"(?:Using|using) (\w+(?:LinearKernel|Kernel))", text)))
-    result["fallback"] = "falls back to the exact BF16 path" in text
+    if quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
+        from grace_vllm.demo import kernels_in_log
+        result["kernels"] = kernels_in_log(text)
+    else:
+        result["kernels"] = sorted(set(re.findall(r"Using (\w+LinearKernel)", text)))
+    result["fallback"] = any("fallback" in k for k in result["kernels"])
     if not result["ok"]:
         result["error_tail"] = text[-3000:]
     print(f"[bench] {name}: ok={result['ok']} load={result.get('load_s', 0):.1f}s "
