@@ -34,6 +34,8 @@ SYSTEMS = {
     "gptq-from-b": ("awq", 4, "gptq", None),
     "bf16": ("qat-sidecar", 4, "bf16", None),
     "bf16-w8": ("qat-sidecar", 8, "bf16", None),
+    # what users have today: Transformers generate on the BF16-on-grid checkpoint (the card's path)
+    "hf-generate": ("qat-sidecar", 4, None, "transformers"),
 }
 # grace_qat system -> stock system on the same codes and scales (same kernels: tokens must match)
 PEERS = {"grace-a": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8", "grace-b": "gptq-from-b"}
@@ -86,9 +88,10 @@ def copy_bandwidth_gbs() -> float | None:
 
 
 def run_system(name: str, model_dir: str, quantization: str | None, args, log_dir: str) -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "vllm_run.py"), "--model", model_dir, "--name", name,
+    runner = "hf_run.py" if quantization == "transformers" else "vllm_run.py"
+    cmd = [sys.executable, os.path.join(HERE, runner), "--model", model_dir, "--name", name,
            "--batches", args.batches, "--tp", str(args.tp), "--gen-tokens", str(args.gen_tokens)]
-    if quantization:
+    if quantization and quantization != "transformers":
         cmd += ["--quantization", quantization]
     if args.eager:
         cmd += ["--eager"]
@@ -112,6 +115,8 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
     m = re.findall(r"Model loading took ([\d.]+) GiB", text)
     if m:
         result["weights_gib"] = float(m[-1])
+    elif result.get("weights_gib_measured") is not None:
+        result["weights_gib"] = result["weights_gib_measured"]
     if quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
         from grace_vllm.demo import kernels_in_log
         result["kernels"] = kernels_in_log(text)
@@ -251,7 +256,7 @@ def main() -> None:
         model_dir = prepare(args.model, args.size, fmt, bits, convert_to, args.work)
         r = run_system(name, model_dir, quant, args, args.out)
         # format A holds BF16 on disk but the kernel reads the packed codes: count its GPTQ twin
-        packed_dir = prepare(args.model, args.size, fmt, bits, "gptq", args.work) if fmt != "awq" and quant \
+        packed_dir = prepare(args.model, args.size, fmt, bits, "gptq", args.work) if fmt != "awq" and quant == "grace_qat" \
             else model_dir
         r["bytes_per_token"] = weight_bytes_per_token(packed_dir)
         results.append(r)

@@ -1,0 +1,88 @@
+"""What users have today: plain Transformers ``generate`` on the BF16-on-grid checkpoint (the model
+card's path). Same command line and RESULT line as vllm_run.py, so vllm_bench.py can drive it.
+
+    python benchmarks/hf_run.py --model DIR --batches 1,8 --out res.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def _decode_tps(model, batch: int, prompt_len: int, out_len: int, vocab: int, device: str) -> dict:
+    ids = torch.tensor([[(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)] for i in range(batch)],
+                       device=device)
+
+    def timed(n):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed(2)
+    t1 = min(timed(1) for _ in range(2))
+    tn = min(timed(out_len) for _ in range(2))
+    return {"batch": batch, "ttft_s": t1, "total_s": tn,
+            "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--name", default="hf-generate")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--out-len", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=24)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quantization", default=None, help="ignored (interface of vllm_run.py)")
+    ap.add_argument("--tp", type=int, default=1, help="ignored")
+    ap.add_argument("--eager", action="store_true", help="ignored")
+    ap.add_argument("--no-image", action="store_true")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vllm_run import chat_messages
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16).to(device).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    weights_gib = (torch.cuda.memory_allocated() / 2 ** 30) if device == "cuda" else None
+
+    messages = chat_messages()
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True)
+    new = out.sequences[0, inputs["input_ids"].shape[1]:]
+    logprobs = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, new.tolist())]
+    with torch.no_grad():
+        runs = [_decode_tps(model, int(b), args.prompt_len, args.out_len, model.config.get_text_config().vocab_size,
+                            device) for b in args.batches.split(",") if b]
+    result = {"name": args.name, "model": args.model, "quantization": None, "tp": 1, "load_s": load_s,
+              "weights_gib_measured": weights_gib, "tokens": new.tolist(),
+              "text": processor.decode(new, skip_special_tokens=True), "logprobs": logprobs, "runs": runs}
+    line = json.dumps(result)
+    print("RESULT " + line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
