@@ -97,6 +97,8 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
         cmd += ["--eager"]
     if args.no_image:
         cmd += ["--no-image"]
+    if args.image_batches and runner == "vllm_run.py":
+        cmd += ["--image-batches", args.image_batches]
     log_path = os.path.join(log_dir, f"{name}.log")
     t = time.perf_counter()
     with open(log_path, "w") as log:     # streamed, so a hung or killed run still leaves its log
@@ -183,19 +185,24 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     batches = sorted({x["batch"] for r in results if r.get("ok") for x in r["runs"]})
+    img_batches = sorted({x["batch"] for r in results if r.get("ok") for x in r.get("image_runs") or []})
     lines = [f"# vLLM benchmark: {meta['model']} {meta['size']} ({meta.get('device', '?')})", "",
              "| system | load s | weights GiB | kernel | " + " | ".join(f"b={b} tok/s" for b in batches)
+             + "".join(f" | img b={b} tok/s" for b in img_batches)
              + " | vs GPTQ (b=1) | vs BF16 (b=1) | BW eff b=1 | tokens == stock peer |",
-             "|---" * (8 + len(batches)) + "|"]
+             "|---" * (8 + len(batches) + len(img_batches)) + "|"]
     for r in results:
         if not r.get("ok"):
-            lines.append(f"| {r['name']} | FAILED | | | " + " | ".join("" for _ in batches) + " | | | | |")
+            lines.append(f"| {r['name']} | FAILED | | | " + " | ".join("" for _ in batches + img_batches)
+                         + " | | | | |")
             continue
         runs = {x["batch"]: x for x in r["runs"]}
+        img = {x["batch"]: x for x in r.get("image_runs") or []}
         fmt = lambda v: "" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
         lines.append(f"| {r['name']} | {r['load_s']:.1f} | {fmt(r.get('weights_gib'))} | "
                      f"{','.join(r['kernels']) or '-'} | "
                      + " | ".join(f"{runs[b]['decode_tok_s']:.1f}" if b in runs else "" for b in batches)
+                     + "".join(f" | {img[b]['decode_tok_s']:.1f}" if b in img else " | " for b in img_batches)
                      + f" | {fmt(r.get('vs_gptq', {}).get(1))} | {fmt(r.get('vs_bf16', {}).get(1))}"
                      f" | {fmt(r.get('bandwidth_efficiency_b1'))} | "
                      f"{fmt(r.get('tokens_equal_peer'))} {r.get('peer', '')} |")
@@ -237,6 +244,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=24)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-image", action="store_true")
+    ap.add_argument("--image-batches", default="1,8", help="batch sizes also timed with image+text prompts")
     ap.add_argument("--work", default="/tmp/grace-bench")
     ap.add_argument("--timeout", type=int, default=420, help="per system, seconds")
     ap.add_argument("--out", required=True)

@@ -38,23 +38,28 @@ def chat_messages(question: str = "Describe the image in one sentence."):
         {"type": "text", "text": question}]}]
 
 
-def _decode_tps(llm, batch: int, prompt_len: int, out_len: int, vocab: int) -> dict:
-    """Decode tokens/s: (time for out_len tokens - time for 1 token) over the extra tokens."""
+def _decode_tps(llm, batch: int, prompt_len: int, out_len: int, vocab: int, image: bool = False) -> dict:
+    """Decode tokens/s: (time for out_len tokens - time for 1 token) over the extra tokens.
+    Prompts are fixed token ids, or (image=True) image+text chats, one image each."""
     from vllm import SamplingParams
 
     prompts = [{"prompt_token_ids": [(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)]}
                for i in range(batch)]
+    chats = [chat_messages(f"Describe the image. Request {i}.") for i in range(batch)]
 
     def timed(n):
         sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         t = time.perf_counter()
-        llm.generate(prompts, sp, use_tqdm=False)
+        if image:
+            llm.chat(chats, sp, use_tqdm=False)
+        else:
+            llm.generate(prompts, sp, use_tqdm=False)
         return time.perf_counter() - t
 
     timed(4)                        # warm-up at this batch size
     t1 = min(timed(1) for _ in range(2))
     tn = min(timed(out_len) for _ in range(2))
-    return {"batch": batch, "ttft_s": t1, "total_s": tn,
+    return {"batch": batch, "prompt": "image+text" if image else "text", "ttft_s": t1, "total_s": tn,
             "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)}
 
 
@@ -74,6 +79,7 @@ def main() -> None:
                     help="also sizes vLLM's pinned per-request buffers (max_num_seqs x vocab)")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-image", action="store_true")
+    ap.add_argument("--image-batches", default="", help="batch sizes to also time with image+text prompts")
     ap.add_argument("--out", default=None, help="append the JSON line here too")
     args = ap.parse_args()
 
@@ -101,9 +107,12 @@ def main() -> None:
     vocab = min(vocab, 30000)
     runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab)
             for b in args.batches.split(",") if b]
+    image_runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab, image=True)
+                  for b in args.image_batches.split(",") if b and not args.no_image]
     result = {"name": args.name or os.path.basename(args.model.rstrip("/")), "model": args.model,
               "quantization": args.quantization, "tp": args.tp, "load_s": load_s, "tokens": tokens,
-              "text": out.text, "logprobs": logprobs, "runs": runs}
+              "text": out.text, "logprobs": logprobs, "runs": runs,
+              "image_runs": image_runs}
     line = json.dumps(result)
     print("RESULT " + line, flush=True)
     if args.out:
