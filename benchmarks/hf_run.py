@@ -6,7 +6,6 @@ card's path). Same command line and RESULT line as vllm_run.py, so vllm_bench.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -51,7 +50,7 @@ def main() -> None:
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vllm_run import chat_messages
+    from vllm_run import chat_messages, emit_result
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
@@ -76,11 +75,7 @@ def main() -> None:
     result = {"name": args.name, "model": args.model, "quantization": None, "tp": 1, "load_s": load_s,
               "weights_gib_measured": weights_gib, "tokens": new.tolist(),
               "text": processor.decode(new, skip_special_tokens=True), "logprobs": logprobs, "runs": runs}
-    line = json.dumps(result)
-    print("RESULT " + line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ import argparse
 import io
 import json
 import os
-import re
-import sys
 import time
 
 
@@ -36,6 +34,15 @@ def chat_messages(question: str = "Describe the image in one sentence."):
     return [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": _image_data_url()}},
         {"type": "text", "text": question}]}]
+
+
+def emit_result(result: dict, out: str | None) -> None:
+    """The one machine-readable line vllm_bench.py parses (and, optionally, a JSONL record)."""
+    line = json.dumps(result)
+    print("RESULT " + line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
 
 
 def _decode_tps(llm, batch: int, prompt_len: int, out_len: int, vocab: int, image: bool = False) -> dict:
@@ -113,11 +120,7 @@ def main() -> None:
               "quantization": args.quantization, "tp": args.tp, "load_s": load_s, "tokens": tokens,
               "text": out.text, "logprobs": logprobs, "runs": runs,
               "image_runs": image_runs}
-    line = json.dumps(result)
-    print("RESULT " + line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit_result(result, args.out)
 
 
 if __name__ == "__main__":
