@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from grace_qat import fixtures
 from grace_qat.checkpoint import GraceCheckpoint, load_sidecar
 from grace_qat.errors import GraceFormatError
+from ckpt_files import load_all_tensors as _all_tensors
 
 Q0 = "model.language_model.layers.0.self_attn.q_proj"
 
@@ -28,12 +29,6 @@ def qwen_dirs(tmp_path_factory):
     return out
 
 
-def _all_tensors(path):
-    t = {}
-    for f in os.listdir(path):
-        if f.endswith(".safetensors"):
-            t.update(load_file(os.path.join(path, f)))
-    return t
 
 
 def _copy(src, tmp_path, name="broken"):

@@ -6,22 +6,16 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from grace_qat import fixtures
 from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.convert import convert
+from ckpt_files import load_all_tensors as _tensors
 
 
-def _tensors(path):
-    t = {}
-    for f in os.listdir(path):
-        if f.endswith(".safetensors"):
-            t.update(load_file(os.path.join(path, f)))
-    return t
 
 
-def _unpack_loop(words, bits, count, dim_len):
+def _unpack_loop(words, bits):
     """Little-endian nibble/byte extraction written out plainly (independent of grace_qat.packing)."""
     mask = (1 << bits) - 1
     w = words.to(torch.int64) & 0xFFFFFFFF
@@ -58,7 +52,7 @@ def test_gptq_export_dequantizes_to_source_grid(tmp_path, src, src8, which):
     off = 2 ** (bits - 1)
     for name in ckpt.modules[:7]:
         qweight, scales = t[name + ".qweight"], t[name + ".scales"]
-        u = _unpack_loop(qweight, bits, None, None)                 # (in/pf, out, pf)
+        u = _unpack_loop(qweight, bits)                 # (in/pf, out, pf)
         u = u.permute(0, 2, 1).reshape(-1, qweight.shape[1])        # (in, out)
         codes = (u - off).t().float()                                # (out, in)
         side = torch.load(os.path.join(s, "qat_quantized_weights.bin"), weights_only=True)

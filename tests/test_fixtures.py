@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from grace_qat import fixtures
 from grace_qat.checkpoint import GraceCheckpoint, is_quantizable_module
+from ckpt_files import load_all_tensors as _tensors
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -31,13 +31,6 @@ def qwen_dirs(tmp_path_factory):
             for fmt, bits in QWEN_CASES}
 
 
-def _tensors(path: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(path, f), framework="pt") as h:
-                out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def _independent_codes(w: torch.Tensor, log_scale: torch.Tensor, bits: int, g: int = 128) -> torch.Tensor:

@@ -19,7 +19,6 @@ import base64
 import http.client
 import io
 import json
-import os
 import re
 import socket
 import statistics
