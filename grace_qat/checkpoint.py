@@ -184,7 +184,21 @@ class GraceCheckpoint:
     # -- detection ----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, bits: int | None = None, group_size: int | None = None) -> "GraceCheckpoint":
+    def open(cls, path: str, bits: int | None = None, group_size: int | None = None,
+             fmt: str | None = None) -> "GraceCheckpoint":
+        """Detect and validate. A declared format (``fmt``, else config.json's grace_qat
+        quantization_config) must match what the files are."""
+        ckpt = cls._detect(path, bits, group_size)
+        if fmt is None:
+            declared = ckpt.config.get("quantization_config") or {}
+            fmt = declared.get("format") if declared.get("quant_method") == "grace_qat" else None
+        if fmt and fmt != ckpt.format:
+            raise GraceFormatError(f"{os.path.join(ckpt.path, CONFIG_NAME)}: quantization_config says format "
+                                   f"{fmt!r}, but the files are format {ckpt.format!r}")
+        return ckpt
+
+    @classmethod
+    def _detect(cls, path: str, bits: int | None, group_size: int | None) -> "GraceCheckpoint":
         path = os.path.abspath(path)
         if not os.path.isdir(path):
             raise GraceFormatError(f"{path}: not a directory")

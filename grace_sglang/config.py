@@ -261,14 +261,11 @@ class GraceQATConfig(QuantizationConfig):
         if not os.path.isdir(path):
             raise GraceFormatError(f"grace_qat: {path}: not a local directory; download the GRACE "
                                    f"checkpoint (including {SIDECAR_NAME}) and pass its path")
-        ckpt = GraceCheckpoint.open(path, bits=self.declared_bits, group_size=self.declared_group_size)
+        ckpt = GraceCheckpoint.open(path, bits=self.declared_bits, group_size=self.declared_group_size,
+                                    fmt=self.declared_format)
         if ckpt.format == FORMAT_PLAIN:
             raise GraceFormatError(f"{path}: no GRACE-quantized linear layers found (a plain "
                                    f"checkpoint); serve it without --quantization grace_qat")
-        if self.declared_format and self.declared_format != ckpt.format:
-            raise GraceFormatError(f"{os.path.join(path, CONFIG_NAME)}: quantization_config says "
-                                   f"format {self.declared_format!r}, but the directory holds "
-                                   f"{ckpt.format!r}")
         index: dict[str, str] = {}
         for name in ckpt.modules:
             key = _layer_key(name)

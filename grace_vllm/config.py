@@ -30,14 +30,6 @@ logger = init_logger("vllm.grace_qat")
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-def _formats_agree(declared: str | None, detected: str) -> bool:
-    if not declared:
-        return True
-    if declared in ("qat", "qat-grid-sidecar"):   # loose names for "any QAT-grid flavour"
-        return detected in QAT_FORMATS
-    return declared == detected
-
-
 def _local_model_dir(model: str, revision: str | None) -> str:
     """The checkpoint directory: the path itself, or the local snapshot of a Hub repository."""
     if os.path.isdir(model):
@@ -108,15 +100,12 @@ class GraceQATConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config: Any = None,
                             revision: str | None = None) -> None:
         path = _local_model_dir(model_name, revision)
-        ckpt = GraceCheckpoint.open(path, bits=self.bits, group_size=self.group_size)
+        ckpt = GraceCheckpoint.open(path, bits=self.bits, group_size=self.group_size, fmt=self.fmt)
         if ckpt.format == FORMAT_PLAIN:
             raise GraceFormatError(
                 f"{path}: no GRACE-quantized linear layers found (no {SIDECAR_NAME}, no .log_scale "
                 f"tensors, no AWQ-packed tensors, weights not on a 4/8-bit grid); serve it without "
                 f"--quantization {QUANT_METHOD}")
-        if not _formats_agree(self.fmt, ckpt.format):
-            raise GraceFormatError(f"{path}: config.json declares grace_qat format {self.fmt!r} but the "
-                                   f"files are format {ckpt.format!r}")
         self.fmt, self.bits, self.group_size = ckpt.format, ckpt.bits, ckpt.group_size
         self.model_dir = path
         self.hf_modules = list(ckpt.modules)

@@ -221,3 +221,17 @@ def test_malicious_sidecar_refused_without_running_code(tmp_path, qwen_dirs):
     with pytest.raises(GraceFormatError):
         load_sidecar(os.path.join(d, "qat_quantized_weights.bin"))
     assert not os.path.exists(marker)
+
+
+def test_declared_format_must_match_the_files(tmp_path, qwen_dirs):
+    d = _copy(qwen_dirs[("qat-sidecar", 4)], tmp_path)
+    cfg_path = os.path.join(d, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["quantization_config"] = {"quant_method": "grace_qat", "format": "awq", "bits": 4, "group_size": 128}
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(GraceFormatError, match=r"config.json: quantization_config says format "
+                                               r"'awq', but the files are format 'qat-sidecar'"):
+        GraceCheckpoint.open(d)
+    cfg["quantization_config"]["format"] = "qat-sidecar"
+    json.dump(cfg, open(cfg_path, "w"))
+    assert GraceCheckpoint.open(d).format == "qat-sidecar"
