@@ -24,21 +24,34 @@ sys.path.insert(0, os.path.dirname(HERE))
 # name -> (fixture format, bits, how to derive the served checkpoint, --quantization)
 SYSTEMS = {
     "grace-a": ("qat-sidecar", 4, None, "grace_qat"),
+    "grace-a-single": ("qat-sidecar", 4, None, "grace_qat"),   # one packed copy: vLLM's kernel choice
     "grace-a-w8": ("qat-sidecar", 8, None, "grace_qat"),
     "grace-a-inline": ("qat-inline", 4, None, "grace_qat"),
     "grace-a-grid": ("qat-grid", 4, None, "grace_qat"),
     "grace-b": ("awq", 4, None, "grace_qat"),
     "gptq": ("qat-sidecar", 4, "gptq", None),
+    "gptq-marlin": ("qat-sidecar", 4, "gptq", None),
     "gptq-w8": ("qat-sidecar", 8, "gptq", None),
     "awq-stock": ("qat-sidecar", 4, "awq", None),
     "gptq-from-b": ("awq", 4, "gptq", None),
     "bf16": ("qat-sidecar", 4, "bf16", None),
+    # format A's own safetensors are the BF16 on-grid weights: stock vLLM serves them unquantized
+    # (and ignores the sidecar), with no second copy on disk
+    "bf16-grid": ("qat-sidecar", 4, None, None),
     "bf16-w8": ("qat-sidecar", 8, "bf16", None),
     # what users have today: Transformers generate on the BF16-on-grid checkpoint (the card's path)
     "hf-generate": ("qat-sidecar", 4, None, "transformers"),
 }
-# grace_qat system -> stock system on the same codes and scales (same kernels: tokens must match)
-PEERS = {"grace-a": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8", "grace-b": "gptq-from-b"}
+# Environment per system (the engine reads it at start-up)
+SYSTEM_ENV = {
+    "grace-a-single": {"GRACE_QAT_DUAL_KERNEL": "0"},
+    "gptq-marlin": {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"},
+}
+# grace_qat system -> stock system on the same codes, scales and kernel (tokens must match). The
+# default grace-a / grace-b run Marlin at small batches on Hopper where stock vLLM runs Machete:
+# close to, not identical with, the stock GPTQ run (checked against BF16 instead).
+PEERS = {"grace-a-single": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8", "grace-b": "gptq-from-b"}
+BF16_REFS = ("bf16", "bf16-grid")
 
 
 def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, root: str) -> str:
@@ -48,8 +61,10 @@ def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, 
     src = os.path.join(root, f"{model}-{size}-{fmt}-w{bits}")
     if not os.path.exists(os.path.join(src, "config.json")):
         t = time.perf_counter()
-        writer = fixtures.write_llava if model == "llava" else fixtures.write_qwen3vl
-        writer(src, size=size, fmt=fmt, bits=bits, seed=0)
+        if model == "llava":   # CLIP tower inside the checkpoint: no hub, no second directory
+            fixtures.write_llava(src, size=size, fmt=fmt, bits=bits, seed=0, clip_dir="inline")
+        else:
+            fixtures.write_qwen3vl(src, size=size, fmt=fmt, bits=bits, seed=0)
         print(f"[bench] wrote {src} in {time.perf_counter() - t:.1f}s", flush=True)
     if convert_to is None:
         return src
@@ -101,15 +116,16 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
         cmd += ["--image-batches", args.image_batches]
     log_path = os.path.join(log_dir, f"{name}.log")
     t = time.perf_counter()
+    env = dict(os.environ, **SYSTEM_ENV.get(name, {}))
     with open(log_path, "w") as log:     # streamed, so a hung or killed run still leaves its log
         try:
-            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
             log.write(f"\n[bench] {name}: killed after {args.timeout}s\n")
     with open(log_path, errors="replace") as log:
         text = log.read()
     result = {"name": name, "model": model_dir, "quantization": quantization, "ok": False,
-              "wall_s": time.perf_counter() - t}
+              "env": SYSTEM_ENV.get(name, {}), "wall_s": time.perf_counter() - t}
     for line in text.splitlines():
         if line.startswith("RESULT "):
             result.update(json.loads(line[len("RESULT "):]))
@@ -160,6 +176,19 @@ def weight_bytes_per_token(model_dir: str) -> int:
     return total
 
 
+def _max_logprob_diff(a: dict, b: dict) -> float | None:
+    """Largest |logprob| gap over the greedy tokens both systems generated alike (up to the first
+    token where they part)."""
+    diffs = []
+    for ta, tb, la, lb in zip(a.get("tokens") or [], b.get("tokens") or [], a.get("logprobs") or [],
+                              b.get("logprobs") or []):
+        if ta != tb:
+            break
+        if la is not None and lb is not None:
+            diffs.append(abs(la - lb))
+    return max(diffs) if diffs else None
+
+
 def write_report(results: list[dict], meta: dict, out: str) -> None:
     base = {r["name"]: r for r in results if r.get("ok")}
     bw = meta.get("copy_bandwidth_gbs")
@@ -167,14 +196,19 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         if not r.get("ok"):
             continue
         runs = {x["batch"]: x for x in r["runs"]}
-        for ref in ("gptq", "bf16"):
+        for key, ref in (("gptq", "gptq"), ("bf16", next((b for b in BF16_REFS if b in base), None))):
             if ref in base and ref != r["name"]:
                 rr = {x["batch"]: x for x in base[ref]["runs"]}
-                r[f"vs_{ref}"] = {b: runs[b]["decode_tok_s"] / rr[b]["decode_tok_s"] for b in runs if b in rr}
-                r[f"load_vs_{ref}"] = r["load_s"] / base[ref]["load_s"]
+                r[f"vs_{key}"] = {b: runs[b]["decode_tok_s"] / rr[b]["decode_tok_s"] for b in runs if b in rr}
+                r[f"load_vs_{key}"] = r["load_s"] / base[ref]["load_s"]
+                if r.get("weights_gib") and base[ref].get("weights_gib"):
+                    r[f"weights_vs_{key}"] = r["weights_gib"] / base[ref]["weights_gib"]
         if 1 in runs and bw and r.get("bytes_per_token"):
             sec_per_tok = 1.0 / runs[1]["decode_tok_s"]
             r["bandwidth_efficiency_b1"] = r["bytes_per_token"] / sec_per_tok / 1e9 / bw
+        ref16 = next((b for b in BF16_REFS if b in base and b != r["name"]), None)
+        if ref16:
+            r["max_logprob_diff_bf16"] = _max_logprob_diff(r, base[ref16])
         peer = PEERS.get(r["name"])
         if peer in base:
             r["peer"] = peer
@@ -206,6 +240,17 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
                      + f" | {fmt(r.get('vs_gptq', {}).get(1))} | {fmt(r.get('vs_bf16', {}).get(1))}"
                      f" | {fmt(r.get('bandwidth_efficiency_b1'))} | "
                      f"{fmt(r.get('tokens_equal_peer'))} {r.get('peer', '')} |")
+    if "gptq" in base:
+        lines += ["", "Decode tokens/s relative to stock vLLM GPTQ (same weights, vLLM's own kernel choice), "
+                  "and the largest logprob gap to BF16 over the shared greedy tokens:", "",
+                  "| system | " + " | ".join(f"b={b}" for b in batches) + " | max logprob gap vs BF16 |",
+                  "|---" * (2 + len(batches)) + "|"]
+        for r in results:
+            if r.get("ok") and "vs_gptq" in r:
+                gap = r.get("max_logprob_diff_bf16")
+                lines.append(f"| {r['name']} | " + " | ".join(
+                    f"{r['vs_gptq'][b]:.2f}" if b in r["vs_gptq"] else "" for b in batches)
+                    + f" | {'' if gap is None else f'{gap:.4f}'} |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -248,7 +293,14 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/grace-bench")
     ap.add_argument("--timeout", type=int, default=420, help="per system, seconds")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="write and convert the systems' checkpoints under --work, run nothing")
     args = ap.parse_args()
+    if args.prepare_only:
+        for name in args.systems.split(","):
+            fmt, bits, convert_to, quant = SYSTEMS[name]
+            prepare(args.model, args.size, fmt, bits, convert_to, args.work)
+        return
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     meta = {"model": args.model, "size": args.size, "batches": args.batches, "tp": args.tp}

@@ -117,7 +117,8 @@ class VLLMServer:
 
 def kernels_in_log(log: str) -> list[str]:
     """Kernels the plugin handed layers to, or the reason it ran the exact BF16 fallback."""
-    found = sorted(set(re.findall(r"grace_qat: using (\w+)", log)))
+    found = sorted(set(re.findall(r"grace_qat: using (\w+)", log))
+                   | set(re.findall(r"grace_qat: W\d+ g\d+ \d+x\d+ layers: (\w+) for <=", log)))
     fallback = re.search(r"grace_qat: no vLLM W\d+ kernel for this platform \(first layer [^:]*: (.*?)\); such layers", log)
     if fallback:
         found.append(f"exact BF16 fallback ({fallback.group(1)})")

@@ -9,6 +9,8 @@ Format A (qat-sidecar / qat-inline / qat-grid), ``GraceQATLinearMethod``:
   * recovers and verifies the integer codes (grace_qat.quantizer.recover_codes), packs them in the
     compressed-tensors layout (out, in/pf) int32 as uint4b8 / uint8b128, frees the BF16 weight and hands
     the layer to the kernel ``choose_mp_linear_kernel`` picks (Machete / Marlin on CUDA, CPUWNA16 on CPU).
+    Where vLLM picks Machete (Hopper), a second packed copy goes to Marlin for small batches
+    (``dispatch.py``: per-call choice by token count, inside one custom op).
 Format B (awq), ``GraceAWQLinearMethod``: loads qweight / qzeros / scales as they are on disk, checks
 every zero point is 8, and runs the same symmetric uint4b8 path (codes u-8, scales in the activation
 dtype); no dequantized copy.
@@ -38,6 +40,8 @@ from grace_qat.errors import GraceFormatError
 from grace_qat.packing import pack_factor, pack_int32, unpack_awq
 from grace_qat.quantizer import (code_range, dequantize, derive_scales, effective_group_size,
                                  recover_codes, scales_from_log_scale)
+
+from . import dispatch
 
 logger = init_logger("vllm.grace_qat")
 
@@ -75,6 +79,36 @@ def _missing_kernel_op(kernel: type) -> str | None:
             return ("this CPU's vLLM build has no cpu_gemm_wna16 op (x86 without AVX-512 loads "
                     "the AVX2 library)")
     return None
+
+
+def mp_layer_config(bits: int, kernel_group: int, full: tuple[int, int], part: tuple[int, int],
+                    act_dtype: torch.dtype) -> MPLinearLayerConfig:
+    """vLLM's description of one symmetric WNA16 layer: (in, out) full and on this rank."""
+    kw = dict(full_weight_shape=full, partition_weight_shape=part, weight_type=_WEIGHT_TYPES[bits],
+              act_type=act_dtype, group_size=kernel_group, zero_points=False)
+    if _MP_CONFIG_HAS_G_IDX:
+        kw["has_g_idx"] = False
+    return MPLinearLayerConfig(**kw)
+
+
+def new_kernel(kernel_cls: type, mp_config, module: torch.nn.Module, packed: torch.Tensor,
+               scales: torch.Tensor):
+    """Register packed codes (out, in/pf) int32 and steps (out, groups) on ``module`` in the
+    compressed-tensors layout and let ``kernel_cls`` repack them there; returns the kernel."""
+    module.register_parameter("weight_packed", PackedvLLMParameter(
+        data=packed, input_dim=1, output_dim=0, packed_dim=1,
+        packed_factor=32 // mp_config.weight_type.size_bits, weight_loader=_no_reload))
+    module.register_parameter("weight_scale", GroupQuantScaleParameter(
+        data=scales, input_dim=1, output_dim=0, weight_loader=_no_reload))
+    names = dict(w_q_param_name="weight_packed", w_s_param_name="weight_scale",
+                 # never used (symmetric), but CPUWNA16's W4A8 path wants a name to fill in
+                 w_zp_param_name="weight_zero_point")
+    if "w_gidx_param_name" in inspect.signature(kernel_cls.__init__).parameters:
+        names["w_gidx_param_name"] = "weight_g_idx"   # vLLM <= 0.26
+    kernel = kernel_cls(mp_config, **names)
+    kernel.process_weights_after_loading(module)
+    KERNELS_USED.add(kernel_cls.__name__)
+    return kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +149,8 @@ class _GraceLinearMethod(LinearMethodBase):
         self.mp_config = None
         self.kernel_cls: type | None = None
         self.kernel = None
+        self.small_m_kernel_cls: type | None = None    # Hopper: Marlin next to Machete (dispatch.py)
+        self.dual: dispatch.DualKernel | None = None
         self.act_dtype: torch.dtype | None = None
         # Built now, while vLLM's config is current (it reads the linear backend from it).
         self._unquantized = UnquantizedLinearMethod()
@@ -124,12 +160,8 @@ class _GraceLinearMethod(LinearMethodBase):
     def _plan(self, layer, input_size, output_size, in_pp, out_pp, params_dtype) -> None:
         self.geo = _Geometry.of(layer, input_size, output_size, in_pp, out_pp, self.qcfg.group_size)
         self.act_dtype = params_dtype
-        kw = dict(full_weight_shape=(input_size, output_size), partition_weight_shape=(in_pp, out_pp),
-                  weight_type=_WEIGHT_TYPES[self.bits], act_type=params_dtype,
-                  group_size=self.geo.kernel_group, zero_points=False)
-        if _MP_CONFIG_HAS_G_IDX:
-            kw["has_g_idx"] = False
-        self.mp_config = MPLinearLayerConfig(**kw)
+        self.mp_config = mp_layer_config(self.bits, self.geo.kernel_group, (input_size, output_size),
+                                         (in_pp, out_pp), params_dtype)
         try:
             kernel = choose_mp_linear_kernel(self.mp_config)
             reason = _missing_kernel_op(kernel)
@@ -137,6 +169,7 @@ class _GraceLinearMethod(LinearMethodBase):
             kernel, reason = None, _one_line(e)
         if reason is None:
             self.kernel_cls = kernel
+            self.small_m_kernel_cls = dispatch.small_m_partner(kernel, self.mp_config)
             key = (kernel.__name__, self.bits, self.geo.kernel_group, params_dtype)
             if key not in _announced:
                 _announced.add(key)
@@ -187,7 +220,8 @@ class _GraceLinearMethod(LinearMethodBase):
 
     def _attach_kernel(self, layer, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """Pack codes (out, in) as uint4b8/uint8b128 in the compressed-tensors layout and hand the
-        layer to the chosen kernel. Scales: fp32 steps cast once to the activation dtype."""
+        layer to the chosen kernel (and, on Hopper, a second copy to Marlin for small batches).
+        Scales: fp32 steps cast once to the activation dtype."""
         g = self.geo
         offset = -code_range(self.bits)[0]
         packed = torch.empty(g.out_pp, g.in_pp // pack_factor(self.bits), dtype=torch.int32,
@@ -195,20 +229,27 @@ class _GraceLinearMethod(LinearMethodBase):
         for _, _, r0, r1 in self._chunks(layer):
             packed[r0:r1] = pack_int32(codes[r0:r1].to(torch.int32) + offset, self.bits, dim=1)
         del codes
-        layer.register_parameter("weight_packed", PackedvLLMParameter(
-            data=packed, input_dim=1, output_dim=0, packed_dim=1,
-            packed_factor=pack_factor(self.bits), weight_loader=_no_reload))
-        layer.register_parameter("weight_scale", GroupQuantScaleParameter(
-            data=scales.to(self.act_dtype).contiguous(), input_dim=1, output_dim=0,
-            weight_loader=_no_reload))
-        names = dict(w_q_param_name="weight_packed", w_s_param_name="weight_scale",
-                     # never used (symmetric), but CPUWNA16's W4A8 path wants a name to fill in
-                     w_zp_param_name="weight_zero_point")
-        if "w_gidx_param_name" in inspect.signature(self.kernel_cls.__init__).parameters:
-            names["w_gidx_param_name"] = "weight_g_idx"   # vLLM <= 0.26
-        self.kernel = self.kernel_cls(self.mp_config, **names)
-        self.kernel.process_weights_after_loading(layer)
-        KERNELS_USED.add(self.kernel_cls.__name__)
+        scales = scales.to(self.act_dtype).contiguous()
+        small = None
+        if self.small_m_kernel_cls is not None:
+            holder = torch.nn.Module()
+            bias = getattr(layer, "bias", None)
+            if bias is not None:
+                holder.bias = torch.nn.Parameter(bias.data.clone(), requires_grad=False)
+            small = new_kernel(self.small_m_kernel_cls, self.mp_config, holder, packed.clone(),
+                               scales.clone())
+            setattr(layer, dispatch.DualKernel.HOLDER, holder)
+        self.kernel = new_kernel(self.kernel_cls, self.mp_config, layer, packed, scales)
+        if small is not None:
+            max_m, source = dispatch.crossover(self.bits, g.kernel_group, g.out_pp, g.in_pp)
+            self.dual = dispatch.DualKernel(layer, small, self.kernel, max_m)
+            key = ("dual", self.bits, g.kernel_group, g.out_pp, g.in_pp)
+            if key not in _announced:
+                _announced.add(key)
+                logger.info("grace_qat: W%d g%d %dx%d layers: %s for <= %d tokens, %s above (%s); "
+                            "second packed copy kept (%s=0 keeps one)", self.bits, g.group, g.out_pp,
+                            g.in_pp, self.small_m_kernel_cls.__name__, max_m, self.kernel_cls.__name__,
+                            source, dispatch.ENV_DUAL)
 
     def _finish_unquantized(self, layer) -> None:
         """Fallback: vLLM's unquantized GEMM on layer.weight, in the model dtype (what a stock
@@ -224,6 +265,8 @@ class _GraceLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dual is not None:
+            return self.dual.apply(layer, x, bias)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
         return self._unquantized.apply(layer, x, bias)

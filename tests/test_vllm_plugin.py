@@ -45,6 +45,9 @@ ENGINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_USE_FLASHINFER_SAMPLER": "0",  # GPU: skips a ~110 s sampler JIT at engine start
+    # One kernel per layer, vLLM's choice, so that grace_qat can be compared bit for bit with stock
+    # vLLM; the Hopper Marlin/Machete dispatch (on by default) is tested on its own (gq_w4_dual).
+    "GRACE_QAT_DUAL_KERNEL": "0",
 }
 for _k, _v in ENGINE_ENV.items():
     os.environ.setdefault(_k, _v)
@@ -168,9 +171,9 @@ LAYERS = {   # vLLM layer -> (checkpoint modules in shard order, shard ids)
 }
 
 
-def _build(name, cfg, rank, size):
+def _build(name, cfg, rank, size, bias=False):
     from vllm.model_executor.layers import linear as vl
-    kw = dict(bias=False, params_dtype=torch.bfloat16, quant_config=cfg, prefix=VLLM + name)
+    kw = dict(bias=bias, params_dtype=torch.bfloat16, quant_config=cfg, prefix=VLLM + name)
     with _tensor_parallel(rank, size), torch.device(DEVICE):
         if name == "self_attn.qkv_proj":
             return vl.QKVParallelLinear(256, 64, 4, 2, **kw)
@@ -179,10 +182,12 @@ def _build(name, cfg, rank, size):
         return vl.RowParallelLinear(256 if name == "self_attn.o_proj" else 512, 256, **kw)
 
 
-def _make(name, cfg, ckpt, rank=0, size=1, tamper=None):
+def _make(name, cfg, ckpt, rank=0, size=1, tamper=None, bias=None):
     """Build, load and post-process one layer as rank ``rank`` of ``size``, like vLLM's loader."""
-    layer = _build(name, cfg, rank, size)
+    layer = _build(name, cfg, rank, size, bias=bias is not None)
     _load(layer, name, ckpt, tamper)
+    if bias is not None:
+        layer.bias.data.copy_(bias)
     with _tensor_parallel(rank, size):
         layer.quant_method.process_weights_after_loading(layer)
     return layer
@@ -319,6 +324,48 @@ def test_layers_on_cpuwna16_kernel_even_without_its_op(ckpts, opened, monkeypatc
     assert "CPUWNA16LinearKernel" in gl.KERNELS_USED
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Marlin and Machete are CUDA kernels")
+@pytest.mark.parametrize("key", ["w4_sidecar", "w4_awq", "w8_sidecar"])
+def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeypatch):
+    """Hopper: the layer runs Marlin (its own packed copy) up to the crossover and Machete above it,
+    each bit-identical to calling that kernel directly, both equal to x @ W_dq.T within bf16, bias
+    included; under torch.compile one graph serves every M (no graph break, no recompile)."""
+    from grace_vllm import dispatch
+    monkeypatch.setenv(dispatch.ENV_DUAL, "1")
+    monkeypatch.setenv(dispatch.ENV_MAX_M, "4")
+    cfg, ckpt = _config(ckpts[key]), opened[key]
+    name = "mlp.gate_up_proj"
+    bias = torch.randn(1024, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    layer = _make(name, cfg, ckpt, bias=bias)
+    method = layer.quant_method
+    if method.dual is None:
+        pytest.skip(f"vLLM chose {type(method.kernel).__name__} on this GPU: no Machete, no dual dispatch")
+    holder = getattr(layer, dispatch.DualKernel.HOLDER)
+    gen = torch.Generator().manual_seed(0)
+    for m in (1, 4, 5, 64):
+        x = torch.randn(m, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+        before = dict(dispatch.CALLS)
+        y = method.apply(layer, x, layer.bias)
+        small = m <= 4
+        which = "MarlinLinearKernel" if small else "MacheteLinearKernel"
+        assert dispatch.CALLS[which] == before.get(which, 0) + 1, (m, dict(dispatch.CALLS))
+        direct = method.dual.small.apply_weights(holder, x, holder.bias) if small else \
+            method.kernel.apply_weights(layer, x, layer.bias)
+        assert torch.equal(y, direct), f"M={m}: dispatched output differs from {which} called directly"
+        ref = _reference_output(ckpt, name, x.cpu(), 0, 1) + bias.float()
+        err = (y.float().cpu() - ref).abs().max().item()
+        assert err <= 1e-2 * ref.abs().max().item() + 1e-4, f"M={m} ({which}): {err}"
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    compiled = torch.compile(lambda t: method.apply(layer, t, layer.bias), backend="aot_eager",
+                             dynamic=True, fullgraph=True)
+    for m in (2, 3, 5, 64):
+        x = torch.randn(m, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+        assert torch.equal(compiled(x), method.apply(layer, x, layer.bias)), f"compiled, M={m}"
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_tensor_parallel_split_groups_is_a_clear_error(ckpts):
     cfg = _config(ckpts["w4_sidecar"])
     with pytest.raises(ValueError) as e:      # o_proj in=256 = 2 groups of 128: TP 4 -> 64 per rank
@@ -423,10 +470,14 @@ def _run_job(job: dict) -> dict:
                             ignore_eos=True)
     results = {}
     for spec in job["engines"]:
+        import grace_vllm.dispatch as gd
         import grace_vllm.linear as gl
         gl._fallback_warned = False                 # "once per process": count per engine here
         gl._announced.clear()
         gl.KERNELS_USED.clear()
+        gd.CALLS.clear()
+        saved_env = {k: os.environ.get(k) for k in spec.get("env", {})}
+        os.environ.update(spec.get("env", {}))
         print(ENGINE_MARK + spec["name"], flush=True)     # the fixture splits the log at these lines
         t0 = time.perf_counter()
         gpu = {"gpu_memory_utilization": 0.05} if torch.cuda.is_available() else {}   # 10 engines in turn
@@ -438,7 +489,7 @@ def _run_job(job: dict) -> dict:
         t2 = time.perf_counter()
         layers = llm.apply_model(_inspect_layers)[0]
         res = {"start_s": t1 - t0, "generate_s": t2 - t1, "layers": layers,
-               "kernels": sorted(gl.KERNELS_USED), "requests": []}
+               "kernels": sorted(gl.KERNELS_USED), "dispatch_calls": dict(gd.CALLS), "requests": []}
         for o in outs:
             c = o.outputs[0]
             res["requests"].append({
@@ -450,6 +501,11 @@ def _run_job(job: dict) -> dict:
                                     for lp, t in zip(o.prompt_logprobs, o.prompt_token_ids)],
             })
         results[spec["name"]] = res
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         with contextlib.suppress(Exception):
             llm.llm_engine.engine_core.shutdown()
         del llm, outs
@@ -473,6 +529,9 @@ def engines(ckpts, tmp_path_factory):
     if kernel:   # stock GPTQ needs the int4 kernel too
         specs += [("gptq_w4", "w4_gptq", None), ("gptq_awq", "awq_gptq", None)]
     job = {"engines": [{"name": n, "model": ckpts[k], "quantization": q} for n, k, q in specs]}
+    if torch.cuda.is_available():   # Hopper: Marlin for decode (2 tokens), Machete for the prefill
+        job["engines"].append({"name": "gq_w4_dual", "model": ckpts["w4_sidecar"], "quantization": "grace_qat",
+                               "env": {"GRACE_QAT_DUAL_KERNEL": "1", "GRACE_QAT_MARLIN_MAX_M": "8"}})
     tmp = tmp_path_factory.mktemp("engines")
     job_path, out_path = tmp / "job.json", tmp / "out.json"
     job_path.write_text(json.dumps(job))
@@ -631,6 +690,21 @@ def test_engine_generation_is_not_degenerate_across_requests(engines):
     assert a["prompt_ids"] != b["prompt_ids"]
     assert len(a["ids"]) == len(b["ids"]) == MAX_TOKENS
     assert _max_prompt_logprob_diff(engines["bf16_w4"], engines["bf16_w8"]) > 2 * CLOSE_TOL
+
+
+@pytest.mark.engine
+def test_engine_dual_kernel_dispatch(engines):
+    """Hopper: Marlin for the 2-token decode steps, Machete for the prefill, one model, and the
+    output as close to the BF16 export as either kernel alone."""
+    res = engines.get("gq_w4_dual")
+    if res is None:
+        pytest.skip("needs CUDA (the dual-kernel engine runs on GPU machines only)")
+    if "MarlinLinearKernel" not in res["kernels"]:
+        pytest.skip(f"vLLM chose {res['kernels']} here: the dual dispatch is for GPUs where it picks Machete")
+    calls = res["dispatch_calls"]
+    assert calls.get("MarlinLinearKernel", 0) > 0 and calls.get("MacheteLinearKernel", 0) > 0, calls
+    assert any("MarlinLinearKernel for <= 8 tokens, MacheteLinearKernel above" in x for x in res["log"]), res["log"]
+    _assert_close(res, engines["bf16_w4"], "dual-kernel grace_qat vs bf16")
 
 
 # -- 4. the OpenAI-compatible server -------------------------------------------------------------------

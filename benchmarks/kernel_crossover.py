@@ -1,0 +1,179 @@
+"""Measure, per layer shape, up to which token count M Marlin beats Machete (CUDA, Hopper).
+
+Writes under --out: ``crossover.json`` (the table ``grace_vllm/dispatch.py`` reads: copy it over
+``grace_vllm/kernel_crossover.json`` or point ``GRACE_QAT_CROSSOVER_FILE`` at it), ``timings.json``
+(microseconds per GEMM, both kernels, every M) and ``timings.png``.
+
+Each GEMM is timed inside a CUDA graph (as vLLM runs decode), cycling through enough copies of the
+weights that they do not stay in L2, so the numbers are HBM-bound like a real decode step.
+
+    python benchmarks/kernel_crossover.py --out /tmp/xover
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+L2_BYTES = 50 * 2 ** 20          # H100 / H200
+
+
+def layer_shapes(model: str, tp: int) -> list[tuple[str, int, int]]:
+    """(name, n = out features, k = in features) of the quantized layers on one of ``tp`` ranks."""
+    from grace_qat import fixtures
+    if model == "qwen3vl-2b":
+        s = fixtures.QWEN3VL_SIZES_SPEC["2b"]
+        h, inter, hd, heads, kv = s["hidden"], s["intermediate"], s["head_dim"], s["heads"], s["kv_heads"]
+    else:
+        s = fixtures.LLAVA_SIZES_SPEC["7b"]
+        h, inter, heads, kv = s["hidden"], s["intermediate"], s["heads"], s["kv_heads"]
+        hd = h // heads
+    return [("qkv_proj", (heads + 2 * kv) * hd // tp, h), ("o_proj", h, heads * hd // tp),
+            ("gate_up_proj", 2 * inter // tp, h), ("down_proj", h, inter // tp)]
+
+
+def _kernels(bits: int, group: int, n: int, k: int, copies: int):
+    """``copies`` independent (Marlin module, Machete module) pairs on random codes of one shape."""
+    from vllm.model_executor.kernels.linear.mixed_precision.machete import MacheteLinearKernel
+    from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel
+
+    from grace_qat.packing import pack_int32
+    from grace_vllm.linear import mp_layer_config, new_kernel
+    cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
+    for cls in (MarlinLinearKernel, MacheteLinearKernel):
+        ok, why = cls.can_implement(cfg)
+        if not ok:
+            raise RuntimeError(f"{cls.__name__} cannot run w{bits}g{group} n{n} k{k}: {why}")
+    pairs = []
+    for _ in range(copies):
+        codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
+        packed = pack_int32(codes, bits, dim=1)
+        scales = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
+        pair = []
+        for cls in (MarlinLinearKernel, MacheteLinearKernel):
+            mod = torch.nn.Module()
+            pair.append((new_kernel(cls, cfg, mod, packed.clone(), scales.clone()), mod))
+        pairs.append(pair)
+    return pairs
+
+
+def _time_us(fns, replays: int = 20) -> float:
+    """Microseconds per call of one graph that calls every fn in ``fns`` once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()                                   # warm-up (lazy init) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(5):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / replays / len(fns))
+    return statistics.median(samples)
+
+
+def measure(bits: int, group: int, n: int, k: int, ladder=LADDER) -> dict:
+    weight_bytes = n * k * bits // 8
+    copies = max(1, -(-3 * L2_BYTES // weight_bytes))
+    pairs = _kernels(bits, group, n, k, copies)
+    out = {"marlin_us": {}, "machete_us": {}, "copies": copies}
+    for m in ladder:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for idx, name in ((0, "marlin_us"), (1, "machete_us")):
+            fns = [lambda kern=p[idx][0], mod=p[idx][1]: kern.apply_weights(mod, x) for p in pairs]
+            out[name][m] = _time_us(fns)
+        # both kernels compute the same product: a wrong layout would show here, not only in speed
+        y0 = pairs[0][0][0].apply_weights(pairs[0][0][1], x).float()
+        y1 = pairs[0][1][0].apply_weights(pairs[0][1][1], x).float()
+        rel = ((y0 - y1).norm() / y1.norm().clamp_min(1e-6)).item()
+        if rel > 1e-2:
+            raise RuntimeError(f"Marlin and Machete disagree on w{bits}g{group} n{n} k{k} M={m}: rel {rel:.3g}")
+    out["max_m"] = crossover_from(out["marlin_us"], out["machete_us"])
+    return out
+
+
+def crossover_from(marlin: dict, machete: dict) -> int:
+    """Largest ladder M before the first M where Machete is faster (0: Machete everywhere)."""
+    best = 0
+    for m in sorted(marlin):
+        if marlin[m] > machete[m]:
+            break
+        best = m
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="qwen3vl-2b,llava-7b")
+    ap.add_argument("--tp", default="1,2")
+    ap.add_argument("--bits", default="4,8", help="qwen3vl: these; llava (released as W4): 4 only")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    timings, table = [], {}
+    for model in args.models.split(","):
+        for tp in (int(t) for t in args.tp.split(",")):
+            for bits in (int(b) for b in args.bits.split(",")):
+                if model.startswith("llava") and bits != 4:
+                    continue
+                for layer, n, k in layer_shapes(model, tp):
+                    from grace_vllm.dispatch import shape_key
+                    key = shape_key(bits, args.group, n, k)
+                    if key in table:
+                        continue
+                    r = measure(bits, args.group, n, k)
+                    table[key] = r["max_m"]
+                    timings.append({"model": model, "tp": tp, "layer": layer, "key": key, **r})
+                    speed = {m: round(r["machete_us"][m] / r["marlin_us"][m], 2) for m in (1, 16, 64, 128)}
+                    print(f"{model} tp{tp} {layer:13s} {key:24s} marlin<=M {r['max_m']:4d}  "
+                          f"machete/marlin time {speed}", flush=True)
+    default = int(statistics.median(table.values()))
+    with open(os.path.join(args.out, "crossover.json"), "w") as f:
+        json.dump({"note": "largest token count M at which Marlin is at least as fast as Machete; "
+                           "written by benchmarks/kernel_crossover.py",
+                   "devices": {device: {"default": default, "shapes": table}}}, f, indent=1, sort_keys=True)
+    with open(os.path.join(args.out, "timings.json"), "w") as f:
+        json.dump({"device": device, "torch": torch.__version__, "ladder": list(LADDER), "timings": timings},
+                  f, indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for t in timings:
+            ms = sorted(t["marlin_us"])
+            ax.plot(ms, [t["machete_us"][m] / t["marlin_us"][m] for m in ms], marker=".",
+                    label=f"{t['model']} tp{t['tp']} {t['layer']} w{t['key'][1]}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(xscale="log", xlabel="tokens in the GEMM (M)", ylabel="Machete time / Marlin time",
+               title=f"Marlin vs Machete per layer shape ({device})")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "timings.png"), dpi=110)
+    except ImportError:
+        pass
+    print(f"default (median) marlin max M: {default}")
+
+
+if __name__ == "__main__":
+    main()
