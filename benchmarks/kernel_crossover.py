@@ -120,7 +120,15 @@ def crossover_from(marlin: dict, machete: dict) -> int:
     return best
 
 
+def _single_rank() -> None:
+    """vLLM's parameters ask for the tensor-parallel rank when built: answer for one process."""
+    from vllm.model_executor import parameter
+    parameter.get_tensor_model_parallel_rank = lambda: 0
+    parameter.get_tensor_model_parallel_world_size = lambda: 1
+
+
 def main() -> None:
+    _single_rank()
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="qwen3vl-2b,llava-7b")
     ap.add_argument("--tp", default="1,2")

@@ -295,7 +295,20 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--prepare-only", action="store_true",
                     help="write and convert the systems' checkpoints under --work, run nothing")
+    ap.add_argument("--report-from", nargs="+", metavar="RESULTS_JSON",
+                    help="rebuild one report (ratios, table, plot) in --out from the results.json of "
+                         "runs split over several calls on the same machine; a later file's system wins")
     args = ap.parse_args()
+    if args.report_from:
+        merged, meta = {}, None
+        for path in args.report_from:
+            with open(path) as f:
+                run = json.load(f)
+            meta = meta or run["meta"]
+            merged.update({r["name"]: r for r in run["results"]})
+        os.makedirs(args.out, exist_ok=True)
+        write_report(list(merged.values()), dict(meta, merged_from=args.report_from), args.out)
+        return
     if args.prepare_only:
         for name in args.systems.split(","):
             fmt, bits, convert_to, quant = SYSTEMS[name]

@@ -73,15 +73,13 @@ def crossover(bits: int, group: int, n: int, k: int) -> tuple[int, str]:
     tables = _table(os.environ.get(ENV_TABLE))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     key = shape_key(bits, group, n, k)
-    # this GPU's table, else any measured table (all entries are Hopper: Machete needs sm90)
-    for name in [device] + sorted(d for d in tables if d != device):
-        entry = tables.get(name)
-        if entry is None:
-            continue
-        if key in entry["shapes"]:
-            return int(entry["shapes"][key]), f"measured on {name}"
-        if name == device and "default" in entry:
-            return int(entry["default"]), f"{name} default"
+    # this GPU's table first, then any other measured one (all are Hopper: Machete needs sm90)
+    names = ([device] if device in tables else []) + sorted(d for d in tables if d != device)
+    for name in names:
+        if key in tables[name]["shapes"]:
+            return int(tables[name]["shapes"][key]), f"measured on {name}"
+    if names and "default" in tables[names[0]]:
+        return int(tables[names[0]]["default"]), f"median of the shapes measured on {names[0]}"
     return FALLBACK_MAX_M, "built-in default"
 
 
@@ -94,13 +92,18 @@ def small_m_partner(kernel_cls: type, mp_config) -> type | None:
     return MarlinLinearKernel if ok else None
 
 
-class DualKernel:
-    """Machete on ``layer`` itself; Marlin on a child module holding its own packed copy."""
+class KernelDispatch:
+    """The kernel(s) of one CUDA layer: ``large`` on the layer itself and, when dual, ``small``
+    (Marlin) on a child module holding its own packed copy, used for M <= ``max_m``.
+
+    Every CUDA layer calls through the custom op, dual or not, so the graph torch.compile traces
+    (and vLLM caches on disk, keyed without our settings) is the same in both modes: switching
+    GRACE_QAT_DUAL_KERNEL or the crossovers never reuses a compiled graph of the other mode."""
 
     HOLDER = "grace_qat_small_m"
 
-    def __init__(self, layer: torch.nn.Module, small, large, max_m: int):
-        self.small, self.large, self.max_m = small, large, max_m
+    def __init__(self, layer: torch.nn.Module, large, small=None, max_m: int = 0):
+        self.large, self.small, self.max_m = large, small, max_m
         self.name = layer.prefix
         self.out_features = large.config.partition_weight_shape[1]
         if self.name in _LAYERS and _LAYERS[self.name] is not layer:
@@ -114,15 +117,15 @@ class DualKernel:
 
 def _mixed_mm(x: torch.Tensor, bias: torch.Tensor | None, out_features: int, layer_name: str) -> torch.Tensor:
     layer = _LAYERS[layer_name]
-    dual: DualKernel = layer.quant_method.dual
-    if x.numel() // x.shape[-1] <= dual.max_m:
-        holder = getattr(layer, DualKernel.HOLDER)
+    d: KernelDispatch = layer.quant_method.dispatch
+    if d.small is not None and x.numel() // x.shape[-1] <= d.max_m:
+        holder = getattr(layer, KernelDispatch.HOLDER)
         CALLS[SMALL_M_KERNEL] += 1
         # Marlin keeps a permuted copy of the bias on its holder; vLLM passes None where it must
         # not be added (tensor-parallel ranks > 0, skip_bias_add).
-        return dual.small.apply_weights(holder, x, None if bias is None else holder.bias)
-    CALLS[LARGE_M_KERNEL] += 1
-    return dual.large.apply_weights(layer, x, bias)
+        return d.small.apply_weights(holder, x, None if bias is None else holder.bias)
+    CALLS[type(d.large).__name__] += 1
+    return d.large.apply_weights(layer, x, bias)
 
 
 def _mixed_mm_fake(x: torch.Tensor, bias: torch.Tensor | None, out_features: int,

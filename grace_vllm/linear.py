@@ -150,7 +150,7 @@ class _GraceLinearMethod(LinearMethodBase):
         self.kernel_cls: type | None = None
         self.kernel = None
         self.small_m_kernel_cls: type | None = None    # Hopper: Marlin next to Machete (dispatch.py)
-        self.dual: dispatch.DualKernel | None = None
+        self.dispatch: dispatch.KernelDispatch | None = None   # CUDA layers: the custom-op route
         self.act_dtype: torch.dtype | None = None
         # Built now, while vLLM's config is current (it reads the linear backend from it).
         self._unquantized = UnquantizedLinearMethod()
@@ -238,18 +238,21 @@ class _GraceLinearMethod(LinearMethodBase):
                 holder.bias = torch.nn.Parameter(bias.data.clone(), requires_grad=False)
             small = new_kernel(self.small_m_kernel_cls, self.mp_config, holder, packed.clone(),
                                scales.clone())
-            setattr(layer, dispatch.DualKernel.HOLDER, holder)
+            setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
         self.kernel = new_kernel(self.kernel_cls, self.mp_config, layer, packed, scales)
-        if small is not None:
-            max_m, source = dispatch.crossover(self.bits, g.kernel_group, g.out_pp, g.in_pp)
-            self.dual = dispatch.DualKernel(layer, small, self.kernel, max_m)
-            key = ("dual", self.bits, g.kernel_group, g.out_pp, g.in_pp)
-            if key not in _announced:
-                _announced.add(key)
-                logger.info("grace_qat: W%d g%d %dx%d layers: %s for <= %d tokens, %s above (%s); "
-                            "second packed copy kept (%s=0 keeps one)", self.bits, g.group, g.out_pp,
-                            g.in_pp, self.small_m_kernel_cls.__name__, max_m, self.kernel_cls.__name__,
-                            source, dispatch.ENV_DUAL)
+        if small is None:
+            if packed.is_cuda:
+                self.dispatch = dispatch.KernelDispatch(layer, self.kernel)
+            return
+        max_m, source = dispatch.crossover(self.bits, g.kernel_group, g.out_pp, g.in_pp)
+        self.dispatch = dispatch.KernelDispatch(layer, self.kernel, small, max_m)
+        key = ("dual", self.bits, g.kernel_group, g.out_pp, g.in_pp)
+        if key not in _announced:
+            _announced.add(key)
+            logger.info("grace_qat: W%d g%d %dx%d layers: %s for <= %d tokens, %s above (%s); "
+                        "second packed copy kept (%s=0 keeps one)", self.bits, g.group, g.out_pp,
+                        g.in_pp, self.small_m_kernel_cls.__name__, max_m, self.kernel_cls.__name__,
+                        source, dispatch.ENV_DUAL)
 
     def _finish_unquantized(self, layer) -> None:
         """Fallback: vLLM's unquantized GEMM on layer.weight, in the model dtype (what a stock
@@ -265,8 +268,8 @@ class _GraceLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dual is not None:
-            return self.dual.apply(layer, x, bias)
+        if self.dispatch is not None:
+            return self.dispatch.apply(layer, x, bias)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
         return self._unquantized.apply(layer, x, bias)

@@ -338,9 +338,9 @@ def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeyp
     bias = torch.randn(1024, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     layer = _make(name, cfg, ckpt, bias=bias)
     method = layer.quant_method
-    if method.dual is None:
+    if method.dispatch is None or method.dispatch.small is None:
         pytest.skip(f"vLLM chose {type(method.kernel).__name__} on this GPU: no Machete, no dual dispatch")
-    holder = getattr(layer, dispatch.DualKernel.HOLDER)
+    holder = getattr(layer, dispatch.KernelDispatch.HOLDER)
     gen = torch.Generator().manual_seed(0)
     for m in (1, 4, 5, 64):
         x = torch.randn(m, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
@@ -349,7 +349,7 @@ def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeyp
         small = m <= 4
         which = "MarlinLinearKernel" if small else "MacheteLinearKernel"
         assert dispatch.CALLS[which] == before.get(which, 0) + 1, (m, dict(dispatch.CALLS))
-        direct = method.dual.small.apply_weights(holder, x, holder.bias) if small else \
+        direct = method.dispatch.small.apply_weights(holder, x, holder.bias) if small else \
             method.kernel.apply_weights(layer, x, layer.bias)
         assert torch.equal(y, direct), f"M={m}: dispatched output differs from {which} called directly"
         ref = _reference_output(ckpt, name, x.cpu(), 0, 1) + bias.float()
