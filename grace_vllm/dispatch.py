@@ -37,9 +37,10 @@ FALLBACK_MAX_M = 16
 SMALL_M_KERNEL = "MarlinLinearKernel"
 LARGE_M_KERNEL = "MacheteLinearKernel"
 
-# layer prefix -> layer, for the custom op (it gets the prefix: ops cannot take modules). Latest wins:
-# one process builds one model at a time, and vLLM's compile cache stores the prefix, not an id.
-_LAYERS: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+# data_ptr of a layer's packed weight -> layer. The custom op receives that weight tensor (a graph
+# input, as for any kernel op) and finds its layer here; no per-layer constant enters the graph, so
+# the decoder layers' pieces stay identical and torch.compile compiles them once, not once per layer.
+_LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 CALLS: collections.Counter = collections.Counter()   # kernel name -> eager calls (tests, logs)
 
 
@@ -104,19 +105,19 @@ class KernelDispatch:
 
     def __init__(self, layer: torch.nn.Module, large, small=None, max_m: int = 0):
         self.large, self.small, self.max_m = large, small, max_m
-        self.name = layer.prefix
+        self.weight_name = large.w_q_name           # the large kernel's packed weight: the op's key
         self.out_features = large.config.partition_weight_shape[1]
-        if self.name in _LAYERS and _LAYERS[self.name] is not layer:
-            from vllm.logger import init_logger
-            init_logger("vllm.grace_qat").debug("grace_qat: layer name %s re-registered", self.name)
-        _LAYERS[self.name] = layer
+        _LAYERS[getattr(layer, self.weight_name).data_ptr()] = layer
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.ops.grace_qat.mixed_mm(x, bias, self.out_features, self.name)
+        return torch.ops.grace_qat.mixed_mm(x, bias, getattr(layer, self.weight_name), self.out_features)
 
 
-def _mixed_mm(x: torch.Tensor, bias: torch.Tensor | None, out_features: int, layer_name: str) -> torch.Tensor:
-    layer = _LAYERS[layer_name]
+def _mixed_mm(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    layer = _LAYERS.get(weight.data_ptr())
+    if layer is None:
+        raise RuntimeError("grace_qat: mixed_mm called with a weight no grace_qat layer owns (was it "
+                           "moved or replaced after loading?)")
     d: KernelDispatch = layer.quant_method.dispatch
     if d.small is not None and x.numel() // x.shape[-1] <= d.max_m:
         holder = getattr(layer, KernelDispatch.HOLDER)
@@ -128,12 +129,14 @@ def _mixed_mm(x: torch.Tensor, bias: torch.Tensor | None, out_features: int, lay
     return d.large.apply_weights(layer, x, bias)
 
 
-def _mixed_mm_fake(x: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                   layer_name: str) -> torch.Tensor:
+def _mixed_mm_fake(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
+                   out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 _lib = torch.library.Library("grace_qat", "FRAGMENT")
-_lib.define("mixed_mm(Tensor x, Tensor? bias, int out_features, str layer_name) -> Tensor")
-_lib.impl("mixed_mm", _mixed_mm, "CUDA")
+_lib.define("mixed_mm(Tensor x, Tensor? bias, Tensor weight, int out_features) -> Tensor")
+# CUDA is where the plugin uses it; CPU so that the dispatch logic is testable without a GPU.
+for _key in ("CUDA", "CPU"):
+    _lib.impl("mixed_mm", _mixed_mm, _key)
 torch.library.register_fake("grace_qat::mixed_mm", _mixed_mm_fake, lib=_lib)

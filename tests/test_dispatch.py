@@ -72,3 +72,70 @@ def test_dual_kernel_is_off_by_environment(dispatch, monkeypatch):
     class Other:
         pass
     assert dispatch.small_m_partner(Other, None) is None               # only next to Machete
+
+
+class _ScaledKernel:
+    """Stands in for a vLLM MPLinearKernel: y = scale * x @ W.T (+ bias), W on the given module."""
+
+    def __init__(self, n: int, k: int, scale: float):
+        from types import SimpleNamespace
+        self.w_q_name = "weight_packed"
+        self.config = SimpleNamespace(partition_weight_shape=(k, n))
+        self.scale = scale
+
+    def apply_weights(self, module, x, bias=None):
+        y = self.scale * (x @ getattr(module, self.w_q_name).t())
+        return y if bias is None else y + bias
+
+
+def _layer(dispatch, n=8, k=16, max_m=4, seed=0):
+    from types import SimpleNamespace
+    layer = torch.nn.Module()
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    layer.weight_packed = torch.nn.Parameter(w, requires_grad=False)
+    holder = torch.nn.Module()
+    holder.weight_packed = torch.nn.Parameter(w.clone(), requires_grad=False)
+    holder.bias = None
+    setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
+    # "small" doubles its output so that the test can tell which kernel ran
+    d = dispatch.KernelDispatch(layer, _ScaledKernel(n, k, 1.0), _ScaledKernel(n, k, 2.0), max_m)
+    layer.quant_method = SimpleNamespace(dispatch=d)
+    return layer, d
+
+
+def test_op_runs_small_kernel_up_to_max_m_then_large(dispatch):
+    layer, d = _layer(dispatch)
+    for m in (1, 4, 5, 33):
+        x = torch.randn(m, 16)
+        y = d.apply(layer, x, None)
+        plain = x @ layer.weight_packed.t()
+        assert torch.allclose(y, 2 * plain if m <= 4 else plain), m
+    other, d2 = _layer(dispatch, seed=1)             # each layer finds its own weights
+    x = torch.randn(2, 16)
+    assert torch.allclose(d2.apply(other, x, None), 2 * (x @ other.weight_packed.t()))
+
+
+def test_compiled_graphs_of_two_layers_are_the_same_graph(dispatch):
+    """The op gets the layer's weight tensor, not a per-layer constant: torch.compile traces the same
+    graph for every layer of a shape (vLLM compiles the decoder layers' pieces once, not once per
+    layer), and still dispatches by M at run time."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    layers = [_layer(dispatch, seed=s) for s in (0, 1)]
+    for layer, d in layers:
+        f = torch.compile(lambda x, layer=layer, d=d: d.apply(layer, x, None), backend=capture,
+                          dynamic=True, fullgraph=True)
+        for m in (2, 3, 9):
+            x = torch.randn(m, 16)
+            want = x @ layer.weight_packed.t() * (2 if m <= 4 else 1)
+            assert torch.allclose(f(x), want), m
+    # one graph, reused for the second layer, or two identical ones
+    assert graphs and len(set(graphs)) == 1, graphs
+    assert "grace_qat.mixed_mm" in graphs[0]
