@@ -11,7 +11,11 @@ One server for the whole file (startup dominates: about a minute on 2 CPU cores)
      aborted, not left generating), and answers the reference request with the same greedy tokens.
 
 Numbers (requests served, errors, p50/p99 latency, ...) go to ``load_metrics.json`` in the test's tmp
-dir, to stdout (``pytest -s``) and to the JUnit report (``record_property``).
+dir (and ``$GRACE_LOAD_OUT`` if set), to stdout (``pytest -s``) and to the JUnit report.
+
+Larger runs (the GPU machine): ``GRACE_LOAD_SCALE=N`` repeats the 24-request mix N times at N x 8
+concurrency; ``GRACE_LOAD_MODEL=DIR`` serves an existing checkpoint instead of the tiny one, with
+CUDA graphs on (``--enforce-eager`` is only used for the tiny CPU default).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import re
 import socket
 import statistics
@@ -31,11 +36,12 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-N_REQUESTS = 24
-CONCURRENCY = 8
+SCALE = max(1, int(os.environ.get("GRACE_LOAD_SCALE", "1")))
+N_REQUESTS = 24 * SCALE
+CONCURRENCY = 8 * SCALE
 MAX_TOKENS = 8
 CANCELLED_MAX_TOKENS = 512    # what the abandoned requests ask for (ignore_eos): they must be aborted
-LOAD_TIMEOUT_S = 120          # the whole burst; each request also has its own timeout
+LOAD_TIMEOUT_S = 120 * SCALE  # the whole burst; each request also has its own timeout
 QUESTION = "What colour is the square in the picture?"
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0", "VLLM_NO_USAGE_STATS": "1",
        "VLLM_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -63,10 +69,13 @@ def server(tmp_path_factory):
     demo = pytest.importorskip("grace_vllm.demo")
     from grace_qat import fixtures
     root = tmp_path_factory.mktemp("load")
-    model = fixtures.write_qwen3vl(str(root / "w4-sidecar"), size="tiny", fmt="qat-sidecar", bits=4)
+    model = os.environ.get("GRACE_LOAD_MODEL") or \
+        fixtures.write_qwen3vl(str(root / "w4-sidecar"), size="tiny", fmt="qat-sidecar", bits=4)
     args = ["--quantization", "grace_qat", "--dtype", "bfloat16", "--max-model-len", "2048",
             "--max-num-seqs", str(CONCURRENCY), "--limit-mm-per-prompt", json.dumps({"image": 1}),
-            "--enforce-eager", "--disable-uvicorn-access-log"]
+            "--disable-uvicorn-access-log"]
+    if not os.environ.get("GRACE_LOAD_MODEL"):
+        args.append("--enforce-eager")
     with demo.VLLMServer(model, args, env=ENV, log_path=str(root / "serve.log"), startup_timeout=300) as srv:
         yield srv
 
@@ -161,10 +170,11 @@ def _plan(png: bytes) -> list:
         _malformed("gopher://127.0.0.1/image.png", "bad-url-scheme"),
     ]
     kinds = [_ok] * 14 + [_stream_then_hang_up] * 3 + [_give_up] * 3 + malformed
-    assert len(kinds) == N_REQUESTS
+    assert len(kinds) * SCALE == N_REQUESTS
     # interleave so that cancellations and bad images land while ordinary requests are in flight
     order = [kinds[i] for i in (0, 14, 20, 1, 17, 21, 2, 15, 3, 22, 18, 4, 5, 16, 23, 6, 19, 7, 8, 9, 10, 11, 12, 13)]
     assert sorted(map(id, order)) == sorted(map(id, kinds))
+    order = order * SCALE
     return order
 
 
@@ -237,7 +247,7 @@ def test_server_under_load(server, tmp_path, record_property):
         "streams_cancelled_after_first_chunk": sum(1 for r in streams if r.get("got_chunk")),
         "clients_gave_up_mid_generation": sum(1 for r in gave_up if r.get("gave_up")),
         "generated_tokens_during_burst": gen_tokens,
-        "generated_tokens_if_nothing_aborted": 14 * MAX_TOKENS + 6 * CANCELLED_MAX_TOKENS,
+        "generated_tokens_if_nothing_aborted": SCALE * (14 * MAX_TOKENS + 6 * CANCELLED_MAX_TOKENS),
         "latency_s": {"p50": _percentile(lat, 50), "p99": _percentile(lat, 99),
                       "min": min(lat) if lat else None, "max": max(lat) if lat else None,
                       "mean": statistics.fmean(lat) if lat else None},
@@ -250,6 +260,10 @@ def test_server_under_load(server, tmp_path, record_property):
     }
     path = tmp_path / "load_metrics.json"
     path.write_text(json.dumps(metrics, indent=2))
+    if os.environ.get("GRACE_LOAD_OUT"):
+        os.makedirs(os.environ["GRACE_LOAD_OUT"], exist_ok=True)
+        with open(os.path.join(os.environ["GRACE_LOAD_OUT"], "load_metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
     print(f"\nload metrics ({path}):\n{json.dumps(metrics, indent=2)}")
     for key in ("requests", "served_ok", "unexpected_errors", "malformed_4xx", "burst_wall_s"):
         record_property(key, metrics[key])
@@ -257,7 +271,7 @@ def test_server_under_load(server, tmp_path, record_property):
     record_property("latency_p99_s", metrics["latency_s"]["p99"])
     record_property("load_metrics", json.dumps(metrics))
 
-    assert len(served) == len(ok) == 14, [r for r in ok if r["status"] != 200]
+    assert len(served) == len(ok) == 14 * SCALE, [r for r in ok if r["status"] != 200]
     assert all(r["tokens"] and 0 < r["tokens"] <= MAX_TOKENS for r in served)
     for r in bad:
         assert r["status"] is not None and 400 <= r["status"] < 500, f"malformed image {r['label']}: {r}"
@@ -266,7 +280,7 @@ def test_server_under_load(server, tmp_path, record_property):
     assert running == 0 and waiting == 0, f"abandoned requests still running/waiting: {running}/{waiting}"
     # the 6 abandoned requests were aborted in the engine, not generated to their 512 tokens (vLLM has
     # no abort counter in /metrics: count the tokens it generated during the burst instead)
-    assert gen_tokens < 14 * MAX_TOKENS + 6 * CANCELLED_MAX_TOKENS // 4, metrics
+    assert gen_tokens < SCALE * (14 * MAX_TOKENS + 6 * CANCELLED_MAX_TOKENS // 4), metrics
     assert after_text == ref_text, (ref_text, after_text)
     if ref_ids is not None:
         assert after_ids == ref_ids

@@ -8,6 +8,8 @@
 #   bench-qwen   - Qwen3-VL-2B: the same plus format B and W8
 #   suite        - the engine test suite on tiny fixtures + the LLaVA original-layout checks
 #   tp2          - (2-GPU kind) tensor parallel 2: tiny and 2B, grace_qat vs stock GPTQ
+#   load         - the HTTP load test, 4x larger, on the full-size 2B
+#   sglang       - (SGLang bundle in /tmp/site) tests/gpu/sglang_serve_check.py on tiny and 2B Qwen3-VL
 #   tiny         - every format on tiny Qwen3-VL through the benchmark harness, eager
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -92,6 +94,18 @@ EOF
     wait_for /tmp/prep-qwen.done 400 || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --tp 2 --work $WORK --batches 1,16,64 \
       --image-batches "" --timeout 200 --out $OUT/qwen2b-tp2 --systems gptq,grace-a-single ;;
+  load)       # the load test at 4x its CPU size (96 requests, 32 at a time) on the full-size 2B, format A
+    export PYTHONPATH=/tmp/site-test:$PYTHONPATH
+    wait_for /tmp/prep-qwen.done 300 || exit 1
+    GRACE_LOAD_SCALE=4 GRACE_LOAD_MODEL=$WORK/qwen3vl-2b-qat-sidecar-w4 GRACE_LOAD_OUT=$OUT/load \
+      timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_load.py 2>&1 | tail -60 ;;
+  sglang)     # with the SGLang bundle in /tmp/site instead: plugin vs stock SGLang GPTQ, tiny then 2B
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . >/dev/null
+    python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/sg-tiny', size='tiny')"
+    timeout 300 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-tiny --out $OUT/sglang-tiny.json "$@"
+    wait_for /tmp/prep-qwen.done 300 || exit 1
+    timeout 280 python3 tests/gpu/sglang_serve_check.py --model $WORK/qwen3vl-2b-qat-sidecar-w4 \
+      --out $OUT/sglang-2b.json --skip-layer-check "$@" ;;
   suite)
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH
     timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_vllm_plugin.py 2>&1 | tail -25 | tee $OUT/suite.log
