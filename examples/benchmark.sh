@@ -4,5 +4,11 @@
 # Writes results.json, results.md and results.png under the output directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python benchmarks/vllm_bench.py --model qwen3vl --size 2b --systems grace-a,grace-b,gptq,bf16 \
-  --batches 1,8,32,128 --out "${1:-bench-out}"
+# grace-a: Marlin/Machete by batch size (two packed copies); grace-a-single: one copy, vLLM's kernel;
+# bf16-grid: stock vLLM on format A's own BF16 files.
+python benchmarks/vllm_bench.py --model qwen3vl --size 2b \
+  --systems gptq,grace-a,grace-a-single,grace-b,gptq-from-b,bf16-grid \
+  --batches 1,2,4,8,16,32,64,128 --out "${1:-bench-out}"
+# LLaVA-1.5-7B shape (original layout, CLIP tower inside the checkpoint)
+python benchmarks/vllm_bench.py --model llava --size 7b --systems gptq,grace-a,bf16-grid \
+  --batches 1,2,4,8,16,32,64,128 --out "${1:-bench-out}-llava"
