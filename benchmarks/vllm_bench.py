@@ -39,6 +39,9 @@ SYSTEMS = {
     # (and ignores the sidecar), with no second copy on disk
     "bf16-grid": ("qat-sidecar", 4, None, None),
     "bf16-w8": ("qat-sidecar", 8, "bf16", None),
+    # LLaVA only: the same weights in the llava-hf layout, served by stock vLLM's own LLaVA
+    "gptq-hf": ("qat-sidecar", 4, "gptq:llava-hf", None),
+    "bf16-hf": ("qat-sidecar", 4, "bf16:llava-hf", None),
     # what users have today: Transformers generate on the BF16-on-grid checkpoint (the card's path)
     "hf-generate": ("qat-sidecar", 4, None, "transformers"),
 }
@@ -68,10 +71,11 @@ def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, 
         print(f"[bench] wrote {src} in {time.perf_counter() - t:.1f}s", flush=True)
     if convert_to is None:
         return src
-    dst = f"{src}-{convert_to}"
+    dst = f"{src}-{convert_to.replace(':', '-')}"
     if not os.path.exists(os.path.join(dst, "config.json")):
         t = time.perf_counter()
-        convert(src, dst, to=convert_to)
+        to, _, layout = convert_to.partition(":")
+        convert(src, dst, to=to, layout=layout or "same", force=True)
         print(f"[bench] converted -> {dst} in {time.perf_counter() - t:.1f}s", flush=True)
     return dst
 

@@ -55,7 +55,8 @@ def _inspect(args) -> int:
 def _convert(args) -> int:
     from .convert import convert
 
-    ckpt = convert(args.checkpoint, args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty())
+    ckpt = convert(args.checkpoint, args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty(),
+                   layout=args.layout, clip_dir=args.clip_dir, force=args.force)
     print(f"wrote {args.output} ({args.to}, {ckpt.bits}-bit, group {ckpt.group_size}, "
           f"{len(ckpt.modules)} modules verified bit-exact)")
     return 0
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", required=True, choices=("gptq", "compressed-tensors", "awq", "bf16", "grace_qat"),
                    help="grace_qat: copy and declare quant_method grace_qat in config.json")
     s.add_argument("--bits", type=int, choices=(4, 8))
+    s.add_argument("--layout", choices=("same", "llava-hf"), default="same",
+                   help="llava-hf: write an original-layout LLaVA-1.5 checkpoint in the llava-hf layout")
+    s.add_argument("--clip-dir", help="CLIP directory for --layout llava-hf when the checkpoint has no tower")
+    s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     s.set_defaults(func=_convert)
 
     s = sub.add_parser("fixture", help="generate a synthetic GRACE checkpoint (random weights)")

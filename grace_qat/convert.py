@@ -8,20 +8,26 @@ Targets:
   * ``grace_qat``          an unchanged copy whose config.json declares ``quant_method: grace_qat``,
                            so the engines' plugin picks it up without a ``--quantization`` flag.
 
+Layouts: ``same`` (default) keeps the source's tensor names and config; ``llava-hf`` turns an
+original-layout LLaVA-1.5 checkpoint into the llava-hf layout (:mod:`grace_qat.llava_hf`).
+
 Every packed module is unpacked again and compared with the verified codes before it is written,
 so a conversion either is bit-exact or fails. Scales are stored in the model's dtype (except AWQ,
 whose format fixes fp16), so stock kernels see exactly the scales the grace_qat plugin uses.
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
+import tempfile
 
 import torch
 
 from .checkpoint import (AWQ_MODULES_NAME, CONFIG_NAME, FORMAT_PLAIN, SAFETENSORS_INDEX_NAME,
                          SIDECAR_NAME, GraceCheckpoint, QuantizedLinear)
+from . import llava_hf
 from .errors import GraceFormatError
 from .packing import (pack_awq, pack_compressed_tensors, pack_gptq, unpack_awq,
                       unpack_compressed_tensors, unpack_gptq)
@@ -29,6 +35,7 @@ from .quantizer import dequantize
 from .shards import ShardWriter
 
 TARGETS = ("gptq", "compressed-tensors", "awq", "bf16", "grace_qat")
+LAYOUTS = ("same", "llava-hf")
 # Linear layers that GRACE never quantizes; stock engines must leave them alone too.
 UNQUANTIZED_PATTERNS = ["lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*mm_projector.*",
                         "re:.*multi_modal_projector.*"]
@@ -49,11 +56,11 @@ def grace_quantization_config(ckpt: GraceCheckpoint) -> dict:
             "group_size": ckpt.group_size}
 
 
-def _quantization_config(target: str, ckpt: GraceCheckpoint) -> dict | None:
+def _quantization_config(target: str, ckpt: GraceCheckpoint, modules: list[str]) -> dict | None:
     if target == "gptq":
         return {"quant_method": "gptq", "bits": ckpt.bits, "group_size": ckpt.group_size, "sym": True,
                 "desc_act": False, "lm_head": False, "checkpoint_format": "gptq",
-                "modules_in_block_to_quantize": list(ckpt.modules)}
+                "modules_in_block_to_quantize": modules}
     if target == "compressed-tensors":
         return {"quant_method": "compressed-tensors", "format": "pack-quantized",
                 "quantization_status": "compressed", "ignore": UNQUANTIZED_PATTERNS,
@@ -104,42 +111,108 @@ def _copy_side_files(src: str, dst: str) -> None:
         shutil.copy2(full, os.path.join(dst, fname))
 
 
-def convert(src: str, dst: str, to: str, bits: int | None = None, progress: bool = False) -> GraceCheckpoint:
-    """Write ``src`` (any GRACE format) into ``dst`` in the ``to`` format; returns the source reader."""
+def convert(src: str, dst: str, to: str, bits: int | None = None, progress: bool = False,
+            layout: str = "same", clip_dir: str | None = None, force: bool = False) -> GraceCheckpoint:
+    """Write ``src`` (any GRACE format) into ``dst`` in the ``to`` format; returns the source reader.
+    ``layout="llava-hf"`` (original-layout LLaVA-1.5 only) also renames into the llava-hf layout;
+    ``clip_dir`` supplies the CLIP tower when the checkpoint does not carry it.
+
+    Nothing is lost: the output is written into a temporary directory next to ``dst``, read back and
+    compared with what was meant to be written, and only then renamed to ``dst``; an existing ``dst``
+    is refused unless ``force`` (then replaced only after the new one is complete)."""
+    if os.path.exists(dst) and not force:
+        raise GraceFormatError(f"{dst} already exists; choose another output or pass --force to replace it")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise GraceFormatError("destination must differ from the source")
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".tmp", dir=parent)
+    try:
+        ckpt = _convert_into(src, tmp, to, bits, progress, layout, clip_dir)
+        os.chmod(tmp, 0o777 & ~_umask())                 # mkdtemp makes it 0700
+        if os.path.exists(dst):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".old", dir=parent)
+            os.rmdir(old)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ckpt
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool, layout: str,
+                  clip_dir: str | None) -> GraceCheckpoint:
     if to not in TARGETS:
         raise GraceFormatError(f"unknown target {to!r}; choose one of {TARGETS}")
+    if layout not in LAYOUTS:
+        raise GraceFormatError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     ckpt = GraceCheckpoint.open(src, bits=bits)
     if ckpt.format == FORMAT_PLAIN:
         raise GraceFormatError(f"{src}: not a GRACE quantized checkpoint (no quantized modules found)")
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise GraceFormatError("destination must differ from the source")
-    os.makedirs(dst, exist_ok=True)
     config = dict(ckpt.config)
+    to_hf = layout == "llava-hf"
+    if to_hf and (to == "grace_qat" or not llava_hf.is_original_llava(config)):
+        raise GraceFormatError(
+            f"{src}: --layout llava-hf converts an original-layout LLaVA-1.5 checkpoint (config.json with "
+            f"mm_vision_tower, no text_config) to gptq/compressed-tensors/awq/bf16; got "
+            f"{config.get('architectures')} to {to}")
     dtype = model_dtype(config)
+    name_of = llava_hf.rename if to_hf else (lambda n: n)
 
     if to == "grace_qat":   # same tensors and sidecar; only config.json changes
         for fname in os.listdir(src):
             full = os.path.join(src, fname)
             if os.path.isfile(full) and fname != CONFIG_NAME:
                 shutil.copy2(full, os.path.join(dst, fname))
+                if not filecmp.cmp(full, os.path.join(dst, fname), shallow=False):
+                    raise GraceFormatError(f"{os.path.join(dst, fname)}: copy does not read back as {full}")
     else:
-        _copy_side_files(src, dst)
+        if to_hf:
+            llava_hf.write_side_files(src, dst, config, config["vocab_size"], clip_dir)
+        else:
+            _copy_side_files(src, dst)
         writer = ShardWriter(dst)
         for q in ckpt.iter_quantized(progress=progress):
             for k, v in _pack_module(to, q, dtype).items():
-                writer.add(k, v)
+                writer.add(name_of(k), v)
             if q.bias is not None:
-                writer.add(f"{q.name}.bias", q.bias)
-        for name in ckpt.other_tensor_names():
-            writer.add(name, ckpt.tensors.get(name))
+                writer.add(name_of(f"{q.name}.bias"), q.bias)
+        others = list(ckpt.other_tensor_names())
+        for name in others:
+            tensor = ckpt.tensors.get(name)
+            if to_hf:
+                tensor = llava_hf.extend_vocab(name_of(name), tensor)
+            writer.add(name_of(name), tensor)
+        if to_hf and not any(n.startswith("model.vision_tower.") for n in others):
+            if clip_dir is None:
+                raise GraceFormatError(
+                    f"{src}: the llava-hf layout needs the CLIP tower's weights and the checkpoint has none "
+                    f"(no model.vision_tower.* tensors; mm_vision_tower = {config.get('mm_vision_tower')!r}): "
+                    f"pass the CLIP directory (--clip-dir)")
+            for name, tensor in llava_hf.clip_vision_tensors(clip_dir).items():
+                writer.add(name, tensor)
         writer.close()
+        writer.verify()
         if to == "awq":
             with open(os.path.join(dst, AWQ_MODULES_NAME), "w") as f:
-                json.dump({"bits": 4, "group_size": ckpt.group_size, "modules": ckpt.modules}, f, indent=2)
+                json.dump({"bits": 4, "group_size": ckpt.group_size,
+                           "modules": [name_of(m) for m in ckpt.modules]}, f, indent=2)
 
+    if to_hf:
+        config = llava_hf.hf_config(config, config["vocab_size"], clip_dir)
     config.pop("awq_packing", None)
     config.pop("quantization_config", None)
-    qc = _quantization_config(to, ckpt)
+    qc = _quantization_config(to, ckpt, [name_of(m) for m in ckpt.modules])
     if qc is not None:
         config["quantization_config"] = qc
     with open(os.path.join(dst, CONFIG_NAME), "w") as f:

@@ -5,6 +5,7 @@ the same way the engines and Transformers expect.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import re
 import torch
 
 from .checkpoint import SAFETENSORS_INDEX_NAME
+from .errors import GraceFormatError
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 1000 ** 3          # HF-style shards of at most ~4 GB
 
@@ -27,10 +29,13 @@ class ShardWriter:
         self.shards: list[list[str]] = []     # key lists of flushed shards (written as tmp names)
         self.total_bytes = 0
         self.total_params = 0
+        self.digests: dict[str, str] = {}     # name -> sha256 of what was handed in (for verify())
+        self.files: dict[str, str] = {}       # name -> file it was published in
 
     def add(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
+        self.digests[name] = tensor_digest(t)
         if self.current and self.current_bytes + nbytes > self.max_bytes:
             self._flush()
         self.current[name] = t
@@ -64,6 +69,7 @@ class ShardWriter:
                 os.remove(os.path.join(self.out_dir, stale))
         if n == 1:
             self._publish(0, "model.safetensors")
+            self.files = {k: "model.safetensors" for k in self.shards[0]}
             return ["model.safetensors"]
         names, weight_map = [], {}
         for i, keys in enumerate(self.shards):
@@ -71,9 +77,33 @@ class ShardWriter:
             self._publish(i, fname)
             names.append(fname)
             weight_map.update({k: fname for k in keys})
+        self.files = dict(weight_map)
         index = {"metadata": {"total_parameters": self.total_params, "total_size": self.total_bytes},
                  "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(self.out_dir, SAFETENSORS_INDEX_NAME), "w") as f:
             json.dump(index, f, indent=2)
             f.write("\n")
         return names
+
+    def verify(self) -> None:
+        """Read every published tensor back and compare it with what was handed to add()."""
+        from safetensors import safe_open
+        by_file: dict[str, list[str]] = {}
+        for name, fname in self.files.items():
+            by_file.setdefault(fname, []).append(name)
+        for fname, names in sorted(by_file.items()):
+            path = os.path.join(self.out_dir, fname)
+            with safe_open(path, framework="pt") as f:
+                stored = set(f.keys())
+                for name in names:
+                    if name not in stored or tensor_digest(f.get_tensor(name)) != self.digests[name]:
+                        raise GraceFormatError(f"{path}: tensor {name} does not read back as written "
+                                               f"(disk full or failing storage?)")
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

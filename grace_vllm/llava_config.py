@@ -17,18 +17,17 @@ import dataclasses
 import glob
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, LlamaConfig, LlavaConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from grace_qat.errors import GraceFormatError
+from grace_qat.llava_hf import CHAT_TEMPLATE  # LLaVA-1.5's vicuna_v1 prompt (re-exported)
 
 ARCHITECTURE = "LlavaLlamaForCausalLM"
 MODEL_TYPE = "llava_llama"
 CLIP_ENV = "GRACE_CLIP_PATH"
-CHAT_TEMPLATE = Path(__file__).with_name("llava_vicuna_v1.jinja")
 IMAGE_TOKEN = "<image>"
 # The placeholder id spliced in for each image feature. LLaVA itself uses -200 (never an id); vLLM
 # needs a real one that round-trips through the tokenizer: Llama's <unk>, which SentencePiece with

@@ -124,3 +124,69 @@ def test_compressed_tensors_export_loads_in_stock_transformers(tmp_path, src):
         q = torch.round(w.reshape(*s32.shape, -1) / s32[..., None])
         expected = (q * s32.to(torch.bfloat16).float()[..., None]).reshape(w.shape).to(torch.bfloat16)
         assert torch.equal(modules[name].weight.data, expected), name
+
+
+# -- nothing lost: atomic output, no silent overwrite, read-back ------------------------------------
+
+def _dir_state(path):
+    return {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))}
+
+
+def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path, src):
+    out = tmp_path / "out"
+    convert(src, str(out), to="bf16")
+    before = _dir_state(out)
+    with pytest.raises(Exception, match="already exists.*--force"):
+        convert(src, str(out), to="gptq")
+    assert _dir_state(out) == before                           # untouched
+    r = subprocess.run([sys.executable, "-m", "grace_qat.cli", "convert", src, str(out), "--to", "gptq"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--force" in (r.stderr + r.stdout)
+    convert(src, str(out), to="gptq", force=True)
+    assert "qweight" in json.dumps(sorted(_tensors(str(out))))  # now the GPTQ export
+    assert sorted(os.listdir(tmp_path)) == ["out"]              # no temporary or old directory left
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path, src):
+    """A checkpoint that fails verification half-way (one off-grid weight in the last layer) leaves
+    neither an output directory nor a temporary one, and an existing output keeps its old content."""
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in os.listdir(src):
+        if os.path.isfile(os.path.join(src, f)):
+            data = open(os.path.join(src, f), "rb").read()
+            (bad / f).write_bytes(data)
+    st = next(f for f in os.listdir(bad) if f.endswith(".safetensors"))
+    tensors = load_file(str(bad / st))
+    name = sorted(k for k in tensors if ".layers.3." in k and k.endswith("down_proj.weight"))[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, 0] += tensors[name][0, 0].abs() * 0.37 + 1e-3   # off the grid
+    save_file(tensors, str(bad / st), metadata={"format": "pt"})
+    with pytest.raises(Exception, match="down_proj"):
+        convert(str(bad), str(tmp_path / "new"), to="gptq")
+    assert sorted(os.listdir(tmp_path)) == ["bad"]
+    keep = tmp_path / "keep"
+    convert(src, str(keep), to="bf16")
+    before = _dir_state(keep)
+    with pytest.raises(Exception, match="down_proj"):
+        convert(str(bad), str(keep), to="gptq", force=True)
+    assert _dir_state(keep) == before
+    assert sorted(os.listdir(tmp_path)) == ["bad", "keep"]
+
+
+def test_read_back_catches_a_corrupted_write(tmp_path):
+    """verify() rereads every tensor: one flipped byte on disk is named by file and tensor."""
+    from grace_qat.errors import GraceFormatError
+    from grace_qat.shards import ShardWriter
+    w = ShardWriter(str(tmp_path))
+    w.add("a.weight", torch.arange(64, dtype=torch.float32).reshape(8, 8))
+    w.add("b.weight", torch.ones(4, dtype=torch.bfloat16))
+    w.close()
+    w.verify()                                                     # as written
+    path = tmp_path / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40                                                # inside the last tensor's bytes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(GraceFormatError, match=r"model\.safetensors: tensor [ab]\.weight does not read back"):
+        w.verify()

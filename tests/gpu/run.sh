@@ -39,7 +39,7 @@ case "$stage" in
     cat > /tmp/prep.sh <<EOF
 export OMP_NUM_THREADS=4 PYTHONPATH=/tmp/gq-src
 $([ "${1:-}" = qwen-only ] && echo "export CUDA_VISIBLE_DEVICES=   # engines start next to it" \
-   || echo "( $B --model llava --size 7b --systems grace-a,gptq && touch /tmp/prep-llava.done ) &")
+   || echo "( $B --model llava --size 7b --systems grace-a,gptq,gptq-hf && touch /tmp/prep-llava.done ) &")
 ( $B --model qwen3vl --size 2b --systems grace-a,gptq$([ "${1:-}" = qwen-only ] || echo ,grace-b,gptq-from-b) \
   && touch /tmp/prep-qwen.done ) &
 wait
@@ -76,7 +76,7 @@ EOF
   bench-llava)
     wait_for /tmp/prep-llava.done 400 || exit 1
     PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 benchmarks/vllm_bench.py --model llava --size 7b --work $WORK \
-      --systems gptq,grace-a,bf16-grid,grace-a-single --batches $BATCHES --image-batches 1,8 --timeout 300 \
+      --systems gptq,gptq-hf,grace-a,bf16-grid,grace-a-single --batches $BATCHES --image-batches 1,8 --timeout 300 \
       --out $OUT/llava7b "$@" ;;
   bench-qwen)
     wait_for /tmp/prep-qwen.done 400 || exit 1

@@ -1,0 +1,149 @@
+"""LLaVA-1.5 original layout -> llava-hf layout (``LlavaForConditionalGeneration``).
+
+The GRACE LLaVA releases keep the original repository's layout (``LlavaLlamaForCausalLM``, flat Llama
+fields, ``model.mm_projector.{0,2}``, no ``<image>`` token), which stock engines cannot load without
+grace_vllm's shim. ``grace-qat convert ... --layout llava-hf`` writes the layout of the
+``llava-hf/llava-1.5-*-hf`` repositories instead, so stock vLLM / SGLang / Transformers serve the same
+weights (in GPTQ, compressed-tensors, AWQ or BF16):
+
+* tensors renamed (``language_model.model.*``, ``language_model.lm_head``, ``vision_tower.vision_model.*``,
+  ``multi_modal_projector.linear_{1,2}``); the CLIP tower must be inside the checkpoint or given;
+* two tokens appended to the vocabulary, ``<image>`` and ``<pad>``, as llava-hf does; their embedding
+  and lm_head rows copy ``<unk>``'s (id 0), which LLaVA never emits, so the new ids get ``<unk>``'s
+  logit and the original ids' outputs are unchanged;
+* a ``LlavaConfig`` (text and vision sub-configs from the flat fields), the tokenizer files with the
+  two tokens, LLaVA-1.5's "pad" image preprocessing (``LlavaImageProcessor``, ``do_pad``) and its
+  vicuna_v1 chat template.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import GraceFormatError
+
+CHAT_TEMPLATE = Path(__file__).with_name("llava_vicuna_v1.jinja")
+IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
+UNK_ID = 0
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# CLIP ViT-L/14-336, the tower of every LLaVA-1.5 release (used when the config does not describe it)
+CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+              "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768,
+              "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+_LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "hidden_act",
+                 "rope_theta", "rope_scaling", "attention_bias", "bos_token_id", "eos_token_id")
+_RENAMES = [   # original layout -> llava-hf, first match wins
+    (re.compile(r"^model\.vision_tower\.vision_tower\.vision_model\."), "vision_tower.vision_model."),
+    (re.compile(r"^model\.mm_projector\.0\."), "multi_modal_projector.linear_1."),
+    (re.compile(r"^model\.mm_projector\.2\."), "multi_modal_projector.linear_2."),
+    (re.compile(r"^model\."), "language_model.model."),
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+]
+VOCAB_TENSORS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
+
+
+def is_original_llava(config: dict) -> bool:
+    return "mm_vision_tower" in config and config.get("text_config") is None
+
+
+def rename(name: str) -> str:
+    for pattern, repl in _RENAMES:
+        if pattern.match(name):
+            return pattern.sub(repl, name, count=1)
+    raise GraceFormatError(f"tensor {name}: not part of an original-layout LLaVA-1.5 checkpoint")
+
+
+def extend_vocab(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """embed_tokens / lm_head (llava-hf names) gain the rows of <image> and <pad>: copies of <unk>'s."""
+    if name not in VOCAB_TENSORS:
+        return tensor
+    return torch.cat([tensor, tensor[UNK_ID:UNK_ID + 1].expand(2, -1)], dim=0)
+
+
+def clip_vision_tensors(clip_dir: str) -> dict[str, torch.Tensor]:
+    """``vision_model.*`` tensors of a CLIP directory (CLIPModel or CLIPVisionModel safetensors),
+    under their llava-hf names."""
+    from safetensors.torch import load_file
+    out = {}
+    for fname in sorted(os.listdir(clip_dir)):
+        if fname.endswith(".safetensors"):
+            for k, v in load_file(os.path.join(clip_dir, fname)).items():
+                if k.startswith("vision_model."):
+                    out["vision_tower." + k] = v
+    if not out:
+        raise GraceFormatError(f"{clip_dir}: no vision_model.* tensors in its *.safetensors (a CLIP "
+                               f"checkpoint such as openai/clip-vit-large-patch14-336 was expected)")
+    return out
+
+
+def _vision_config(config: dict, clip_dir: str | None) -> dict:
+    vision = config.get("mm_vision_tower_config")
+    if not vision and clip_dir:
+        with open(os.path.join(clip_dir, "config.json")) as f:
+            clip = json.load(f)
+        vision = clip.get("vision_config", clip)
+    vision = dict(vision or CLIP_L_336)
+    vision["model_type"] = "clip_vision_model"
+    return vision
+
+
+def hf_config(config: dict, vocab_size: int, clip_dir: str | None = None) -> dict:
+    """The llava-hf ``config.json`` (without quantization_config) for an original-layout one."""
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    text = {k: config[k] for k in _LLAMA_FIELDS if k in config}
+    text.update(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab_size + 2,
+                pad_token_id=vocab_size + 1, tie_word_embeddings=False, torch_dtype=dtype)
+    strategy = "full" if config.get("mm_vision_select_feature") == "cls_patch" else "default"
+    return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+            "image_token_index": vocab_size, "pad_token_id": vocab_size + 1,
+            "projector_hidden_act": "gelu", "vision_feature_layer": config.get("mm_vision_select_layer", -2),
+            "vision_feature_select_strategy": strategy, "tie_word_embeddings": False,
+            "torch_dtype": dtype, "text_config": text, "vision_config": _vision_config(config, clip_dir)}
+
+
+def write_side_files(src: str, dst: str, config: dict, vocab_size: int, clip_dir: str | None = None) -> None:
+    """Tokenizer (with <image> and <pad>), image processor, processor and chat template."""
+    for fname in ("tokenizer.model", "generation_config.json"):
+        if os.path.exists(os.path.join(src, fname)):
+            shutil.copy2(os.path.join(src, fname), os.path.join(dst, fname))
+    tok_cfg = {}
+    if os.path.exists(os.path.join(src, "tokenizer_config.json")):
+        with open(os.path.join(src, "tokenizer_config.json")) as f:
+            tok_cfg = json.load(f)
+    added = dict(tok_cfg.get("added_tokens_decoder") or {})
+    for i, content in ((vocab_size, IMAGE_TOKEN), (vocab_size + 1, PAD_TOKEN)):
+        added[str(i)] = {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                         "single_word": False, "special": True}
+    tok_cfg.update(added_tokens_decoder=added, pad_token=PAD_TOKEN, extra_special_tokens={"image_token": IMAGE_TOKEN},
+                   chat_template=CHAT_TEMPLATE.read_text())
+    with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_cfg, f, indent=2)
+    special = {}
+    if os.path.exists(os.path.join(src, "special_tokens_map.json")):
+        with open(os.path.join(src, "special_tokens_map.json")) as f:
+            special = json.load(f)
+    special["pad_token"] = PAD_TOKEN
+    with open(os.path.join(dst, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+    size = _vision_config(config, clip_dir)["image_size"]
+    with open(os.path.join(dst, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor",
+                   "do_pad": True, "do_resize": True, "size": {"shortest_edge": size},
+                   "do_center_crop": True, "crop_size": {"height": size, "width": size},
+                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                   "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
+                   "resample": 3}, f, indent=2)
+    vision = _vision_config(config, clip_dir)
+    with open(os.path.join(dst, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN,
+                   "patch_size": vision["patch_size"], "num_additional_image_tokens": 1,
+                   "vision_feature_select_strategy": hf_config(config, vocab_size)["vision_feature_select_strategy"]},
+                  f, indent=2)
+    shutil.copy2(CHAT_TEMPLATE, os.path.join(dst, "chat_template.jinja"))
