@@ -42,6 +42,10 @@ SYSTEMS = {
     # LLaVA only: the same weights in the llava-hf layout, served by stock vLLM's own LLaVA
     "gptq-hf": ("qat-sidecar", 4, "gptq:llava-hf", None),
     "bf16-hf": ("qat-sidecar", 4, "bf16:llava-hf", None),
+    # SGLang: the plugin on its GPTQ-/AWQ-Marlin, and stock SGLang (plugin off) on the GPTQ export
+    "sglang-grace-a": ("qat-sidecar", 4, None, "sglang:grace_qat"),
+    "sglang-grace-b": ("awq", 4, None, "sglang:grace_qat"),
+    "sglang-gptq": ("qat-sidecar", 4, "gptq", "sglang:none"),
     # what users have today: Transformers generate on the BF16-on-grid checkpoint (the card's path)
     "hf-generate": ("qat-sidecar", 4, None, "transformers"),
 }
@@ -53,7 +57,8 @@ SYSTEM_ENV = {
 # grace_qat system -> stock system on the same codes, scales and kernel (tokens must match). The
 # default grace-a / grace-b run Marlin at small batches on Hopper where stock vLLM runs Machete:
 # close to, not identical with, the stock GPTQ run (checked against BF16 instead).
-PEERS = {"grace-a-single": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8", "grace-b": "gptq-from-b"}
+PEERS = {"grace-a-single": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8", "grace-b": "gptq-from-b",
+         "sglang-grace-a": "sglang-gptq"}
 BF16_REFS = ("bf16", "bf16-grid")
 
 
@@ -107,7 +112,9 @@ def copy_bandwidth_gbs() -> float | None:
 
 
 def run_system(name: str, model_dir: str, quantization: str | None, args, log_dir: str) -> dict:
-    runner = "hf_run.py" if quantization == "transformers" else "vllm_run.py"
+    runner = {"transformers": "hf_run.py"}.get(quantization or "", "vllm_run.py")
+    if (quantization or "").startswith("sglang:"):
+        runner, quantization = "sglang_run.py", quantization.split(":", 1)[1]
     cmd = [sys.executable, os.path.join(HERE, runner), "--model", model_dir, "--name", name,
            "--batches", args.batches, "--tp", str(args.tp), "--gen-tokens", str(args.gen_tokens)]
     if quantization and quantization != "transformers":
@@ -134,12 +141,15 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
         if line.startswith("RESULT "):
             result.update(json.loads(line[len("RESULT "):]))
             result["ok"] = True
-    m = re.findall(r"Model loading took ([\d.]+) GiB", text)
+    m = re.findall(r"Model loading took ([\d.]+) GiB", text) or \
+        re.findall(r"Load weight end\..*?mem usage=([\d.]+) GB", text)      # SGLang
     if m:
         result["weights_gib"] = float(m[-1])
     elif result.get("weights_gib_measured") is not None:
         result["weights_gib"] = result["weights_gib_measured"]
-    if quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
+    if runner == "sglang_run.py":
+        result["kernels"] = sorted(set(re.findall(r"(\w*[Mm]arlin\w*)", text)))[:4]
+    elif quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
         from grace_vllm.demo import kernels_in_log
         result["kernels"] = kernels_in_log(text)
     else:
@@ -333,7 +343,7 @@ def main() -> None:
         model_dir = prepare(args.model, args.size, fmt, bits, convert_to, args.work)
         r = run_system(name, model_dir, quant, args, args.out)
         # format A holds BF16 on disk but the kernel reads the packed codes: count its GPTQ twin
-        packed_dir = prepare(args.model, args.size, fmt, bits, "gptq", args.work) if fmt != "awq" and quant == "grace_qat" \
+        packed_dir = prepare(args.model, args.size, fmt, bits, "gptq", args.work) if fmt != "awq" and (quant or "").endswith("grace_qat") \
             else model_dir
         r["bytes_per_token"] = weight_bytes_per_token(packed_dir)
         results.append(r)

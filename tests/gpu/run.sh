@@ -10,6 +10,7 @@
 #   tp2          - (2-GPU kind) tensor parallel 2: tiny and 2B, grace_qat vs stock GPTQ
 #   load         - the HTTP load test, 4x larger, on the full-size 2B
 #   sglang       - (SGLang bundle in /tmp/site) tests/gpu/sglang_serve_check.py on tiny and 2B Qwen3-VL
+#   bench-sglang - (SGLang bundle) SGLang + grace_qat vs stock SGLang GPTQ, 2B, batch 1..128
 #   tiny         - every format on tiny Qwen3-VL through the benchmark harness, eager
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -106,6 +107,10 @@ EOF
     wait_for /tmp/prep-qwen.done 300 || exit 1
     timeout 280 python3 tests/gpu/sglang_serve_check.py --model $WORK/qwen3vl-2b-qat-sidecar-w4 \
       --out $OUT/sglang-2b.json --skip-layer-check "$@" ;;
+  bench-sglang)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on the full-size 2B, formats A and B
+    wait_for /tmp/prep-qwen.done 400 || exit 1
+    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --timeout 300 \
+      --systems sglang-gptq,sglang-grace-a,sglang-grace-b --out $OUT/qwen2b-sglang "$@" ;;
   suite)
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH
     timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_vllm_plugin.py 2>&1 | tail -25 | tee $OUT/suite.log

@@ -1,0 +1,99 @@
+"""Run ONE SGLang system on one checkpoint and print the same RESULT line as vllm_run.py: load
+time, greedy tokens of an image+text prompt, decode tokens/s per batch size (token-id prompts).
+
+    python benchmarks/sglang_run.py --model DIR [--quantization grace_qat|none] --batches 1,8,32
+
+``--quantization none`` serves stock SGLang with the grace_qat plugin switched off (SGLANG_PLUGINS
+set to a name no plugin has), e.g. on the ``grace-qat convert --to gptq`` export. Each system runs in
+its own process (benchmarks/vllm_bench.py drives several).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "gpu"))
+from vllm_run import _image_data_url, emit_result  # noqa: E402
+
+DISABLED_PLUGINS = "__grace_qat_disabled__"
+
+
+def _decode_tps(engine, batch: int, prompt_len: int, out_len: int, vocab: int) -> dict:
+    """Decode tokens/s as in vllm_run: (time for out_len tokens - time for 1) over the extra tokens."""
+    ids = [[(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)] for i in range(batch)]
+
+    def timed(n):
+        sp = {"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True}
+        t = time.perf_counter()
+        engine.generate(input_ids=ids, sampling_params=sp)
+        return time.perf_counter() - t
+
+    timed(4)
+    t1 = min(timed(1) for _ in range(2))
+    tn = min(timed(out_len) for _ in range(2))
+    return {"batch": batch, "prompt": "text", "ttft_s": t1, "total_s": tn,
+            "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--quantization", default=None, help="grace_qat, or none for stock SGLang")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--out-len", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=24)
+    ap.add_argument("--eager", action="store_true", help="disable CUDA graphs")
+    ap.add_argument("--no-image", action="store_true")
+    ap.add_argument("--image-batches", default="", help="(accepted for the harness; not timed here)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.quantization == "none":
+        os.environ["SGLANG_PLUGINS"] = DISABLED_PLUGINS     # inherited by SGLang's scheduler processes
+    import sglang
+    import torch
+
+    kwargs = dict(model_path=args.model, tp_size=args.tp, random_seed=0, attention_backend="triton",
+                  mem_fraction_static=0.7, context_length=2048, max_running_requests=128, log_level="info")
+    if args.quantization not in (None, "none"):
+        kwargs["quantization"] = args.quantization
+    if args.eager:
+        kwargs["disable_cuda_graph"] = True
+    t0 = time.perf_counter()
+    engine = sglang.Engine(**kwargs)
+    load_s = time.perf_counter() - t0
+    try:
+        tokenizer = engine.tokenizer_manager.tokenizer
+        vocab = min(getattr(tokenizer, "vocab_size", 30000) or 30000, 30000)
+        sp = {"temperature": 0.0, "max_new_tokens": args.gen_tokens, "ignore_eos": True}
+        if args.no_image:
+            out = engine.generate(input_ids=list(range(5, 69)), sampling_params=sp)
+        else:   # the model's own chat format (LLaVA-1.5: vicuna_v1), as the GPU check builds it
+            from sglang_serve_check import build_prompts
+            prompt, _ = build_prompts(args.model, None, "Describe the image in one sentence.")
+            out = engine.generate(prompt=prompt, image_data=_image_data_url(), sampling_params=sp)
+        runs = [_decode_tps(engine, int(b), args.prompt_len, args.out_len, vocab)
+                for b in args.batches.split(",") if b]
+        weights_gib = None
+        try:
+            weights_gib = engine.get_server_info().get("weight_memory_gib")   # not in every version
+        except Exception:
+            pass
+        emit_result({"name": args.name or os.path.basename(args.model.rstrip("/")), "model": args.model,
+                     "engine": f"sglang {sglang.__version__}", "quantization": args.quantization, "tp": args.tp,
+                     "load_s": load_s, "tokens": out.get("output_ids"), "text": out.get("text"),
+                     "logprobs": [], "runs": runs, "image_runs": [],
+                     "weights_gib_measured": weights_gib,
+                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}, args.out)
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
