@@ -110,6 +110,48 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER) -> dict:
     return out
 
 
+def measure_marlin_variants(bits: int, group: int, n: int, k: int, ms=(1, 4, 16, 32)) -> dict:
+    """Marlin's own small-M options, for the next step of issue 9: atomic-add reduction across
+    K-splits (vLLM turns it on only for n < 2048, k >= 2048) and the fp32 vs bf16 reduction buffer.
+    Microseconds per GEMM and the largest relative difference to vLLM's default settings."""
+    from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
+    weight_bytes = n * k * bits // 8
+    copies = max(1, -(-3 * L2_BYTES // weight_bytes))
+    mods = [p[0] for p in _kernels(bits, group, n, k, copies)]
+    default_atomic = mu.should_use_atomic_add_reduce
+
+    def call(kern, mod, x, fp32_reduce):
+        c = kern.config
+        w_q, w_s, w_zp, w_gidx = kern._get_weight_params(mod)
+        return mu.apply_gptq_marlin_linear(
+            input=x, weight=w_q, weight_scale=w_s, weight_zp=w_zp, g_idx=w_gidx,
+            g_idx_sort_indices=mod.g_idx_sort_indices, workspace=kern.workspace, wtype=c.weight_type,
+            output_size_per_partition=c.partition_weight_shape[1],
+            input_size_per_partition=c.partition_weight_shape[0], is_k_full=kern.is_k_full,
+            use_fp32_reduce=fp32_reduce)
+
+    out = {}
+    try:
+        for atomic in (False, True):
+            mu.should_use_atomic_add_reduce = default_atomic if not atomic else (lambda **kw: True)
+            for fp32 in (True, False):
+                name = f"atomic={'on' if atomic else 'default'} fp32_reduce={fp32}"
+                row = out[name] = {"us": {}, "max_rel_diff": 0.0}
+                for m in ms:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    row["us"][m] = _time_us([lambda kern=kern, mod=mod: call(kern, mod, x, fp32)
+                                             for kern, mod in mods])
+                    y = call(*mods[0], x, fp32).float()
+                    mu.should_use_atomic_add_reduce = default_atomic
+                    ref = call(*mods[0], x, True).float()
+                    mu.should_use_atomic_add_reduce = default_atomic if not atomic else (lambda **kw: True)
+                    row["max_rel_diff"] = max(row["max_rel_diff"],
+                                              ((y - ref).norm() / ref.norm().clamp_min(1e-6)).item())
+    finally:
+        mu.should_use_atomic_add_reduce = default_atomic
+    return out
+
+
 def crossover_from(marlin: dict, machete: dict) -> int:
     """Largest ladder M before the first M where Machete is faster (0: Machete everywhere)."""
     best = 0
@@ -135,6 +177,8 @@ def main() -> None:
     ap.add_argument("--bits", default="4,8", help="qwen3vl: these; llava (released as W4): 4 only")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--marlin-variants", action="store_true",
+                    help="also time Marlin's atomic-add / bf16-reduce options at small M (issue 9)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name()
@@ -150,6 +194,11 @@ def main() -> None:
                     if key in table:
                         continue
                     r = measure(bits, args.group, n, k)
+                    if args.marlin_variants:
+                        r["marlin_variants"] = measure_marlin_variants(bits, args.group, n, k)
+                        for name, row in r["marlin_variants"].items():
+                            print(f"    {name:34s} us {row['us']}  max rel diff {row['max_rel_diff']:.2e}",
+                                  flush=True)
                     table[key] = r["max_m"]
                     timings.append({"model": model, "tp": tp, "layer": layer, "key": key, **r})
                     speed = {m: round(r["machete_us"][m] / r["marlin_us"][m], 2) for m in (1, 16, 64, 128)}

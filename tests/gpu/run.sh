@@ -4,6 +4,7 @@
 #   prepare-bg   - start writing + converting the full-size fixtures in the background (CPU/GPU, no vLLM)
 #   install      - (after the last bundle part is unpacked) this package + test wheels; engine sanity
 #   crossover    - Marlin vs Machete per layer shape -> /tmp/xover/crossover.json (used by later stages)
+#   marlin-variants - Marlin's atomic-add / bf16-reduce options at small M, per layer shape
 #   bench-llava  - LLaVA-1.5-7B shape: grace_qat (dual, single) vs stock GPTQ vs BF16, batch 1..128
 #   bench-qwen   - Qwen3-VL-2B: the same plus format B and W8
 #   suite        - the engine test suite on tiny fixtures + the LLaVA original-layout checks
@@ -74,6 +75,9 @@ EOF
   crossover)
     python3 benchmarks/kernel_crossover.py --out /tmp/xover 2>&1 | tee $OUT/crossover.log
     cp /tmp/xover/* $OUT/ ;;
+  marlin-variants)   # issue 9: can a Marlin setting make batch 1 faster still? (7B shapes, ~1 min)
+    python3 benchmarks/kernel_crossover.py --models llava-7b,qwen3vl-2b --tp 1 --bits 4 --marlin-variants \
+      --out $OUT/variants 2>&1 | tee $OUT/variants.log | grep -v "^ *$" ;;
   bench-llava)
     wait_for /tmp/prep-llava.done 400 || exit 1
     PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 benchmarks/vllm_bench.py --model llava --size 7b --work $WORK \
