@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 import torch
 
 from .checkpoint import AWQ_MODULES_NAME, SIDECAR_NAME, is_quantizable_module
+from .llava_hf import CLIP_MEAN, CLIP_STD
 from .shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from .packing import pack_awq
 from .quantizer import (DEFAULT_GROUP_SIZE, check_bits, effective_group_size, fake_quantize,
@@ -501,8 +502,6 @@ LLAVA_SIZES_SPEC = {
                            t_hidden=64, t_intermediate=256, t_layers=2, t_heads=2, proj=64)),
 }
 LLAVA_CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
                    "gives helpful, detailed, and polite answers to the human's questions.")
 
@@ -547,7 +546,7 @@ def clip_preprocessor_config(size: str = "tiny") -> dict:
     px = LLAVA_SIZES_SPEC[size]["clip"]["image"]
     return {"crop_size": {"height": px, "width": px}, "do_center_crop": True, "do_convert_rgb": True,
             "do_normalize": True, "do_rescale": True, "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
-            "image_mean": CLIP_MEAN, "image_processor_type": "CLIPImageProcessor", "image_std": CLIP_STD,
+            "image_mean": list(CLIP_MEAN), "image_processor_type": "CLIPImageProcessor", "image_std": list(CLIP_STD),
             "processor_class": "CLIPProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
             "size": {"shortest_edge": px}}
 

@@ -30,8 +30,8 @@ from .errors import GraceFormatError
 CHAT_TEMPLATE = Path(__file__).with_name("llava_vicuna_v1.jinja")
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 UNK_ID = 0
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # LLaVA-1.5 pads images with this colour
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # CLIP ViT-L/14-336, the tower of every LLaVA-1.5 release (used when the config does not describe it)
 CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
               "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768,
@@ -50,6 +50,7 @@ VOCAB_TENSORS = ("language_model.model.embed_tokens.weight", "language_model.lm_
 
 
 def is_original_llava(config: dict) -> bool:
+    """An original-layout LLaVA config dict: vision tower named by ``mm_vision_tower``, no sub-configs."""
     return "mm_vision_tower" in config and config.get("text_config") is None
 
 
@@ -94,13 +95,18 @@ def _vision_config(config: dict, clip_dir: str | None) -> dict:
     return vision
 
 
+def _feature_strategy(config: dict) -> str:
+    """LLaVA's "patch" drops CLS (llava-hf's "default"); "cls_patch" keeps it ("full")."""
+    return "full" if config.get("mm_vision_select_feature") == "cls_patch" else "default"
+
+
 def hf_config(config: dict, vocab_size: int, clip_dir: str | None = None) -> dict:
     """The llava-hf ``config.json`` (without quantization_config) for an original-layout one."""
     dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     text = {k: config[k] for k in _LLAMA_FIELDS if k in config}
     text.update(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab_size + 2,
                 pad_token_id=vocab_size + 1, tie_word_embeddings=False, torch_dtype=dtype)
-    strategy = "full" if config.get("mm_vision_select_feature") == "cls_patch" else "default"
+    strategy = _feature_strategy(config)
     return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
             "image_token_index": vocab_size, "pad_token_id": vocab_size + 1,
             "projector_hidden_act": "gelu", "vision_feature_layer": config.get("mm_vision_select_layer", -2),
@@ -132,18 +138,17 @@ def write_side_files(src: str, dst: str, config: dict, vocab_size: int, clip_dir
     special["pad_token"] = PAD_TOKEN
     with open(os.path.join(dst, "special_tokens_map.json"), "w") as f:
         json.dump(special, f, indent=2)
-    size = _vision_config(config, clip_dir)["image_size"]
+    vision = _vision_config(config, clip_dir)
+    size = vision["image_size"]
     with open(os.path.join(dst, "preprocessor_config.json"), "w") as f:
         json.dump({"image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor",
                    "do_pad": True, "do_resize": True, "size": {"shortest_edge": size},
                    "do_center_crop": True, "crop_size": {"height": size, "width": size},
                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                   "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
+                   "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
                    "resample": 3}, f, indent=2)
-    vision = _vision_config(config, clip_dir)
     with open(os.path.join(dst, "processor_config.json"), "w") as f:
         json.dump({"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN,
                    "patch_size": vision["patch_size"], "num_additional_image_tokens": 1,
-                   "vision_feature_select_strategy": hf_config(config, vocab_size)["vision_feature_select_strategy"]},
-                  f, indent=2)
+                   "vision_feature_select_strategy": _feature_strategy(config)}, f, indent=2)
     shutil.copy2(CHAT_TEMPLATE, os.path.join(dst, "chat_template.jinja"))

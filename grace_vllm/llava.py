@@ -35,9 +35,9 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from grace_qat.errors import GraceFormatError
+from grace_qat.llava_hf import CLIP_MEAN, CLIP_STD
 
-from .llava_config import (ARCHITECTURE, CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, LlavaOriginalConfig,
-                           vision_tower_weights_dir)
+from .llava_config import ARCHITECTURE, IMAGE_TOKEN, LlavaOriginalConfig, vision_tower_weights_dir
 
 
 # -- LLaVA-1.5's input pipeline -------------------------------------------------------------------

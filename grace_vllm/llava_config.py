@@ -23,7 +23,8 @@ from transformers import AutoConfig, LlamaConfig, LlavaConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from grace_qat.errors import GraceFormatError
-from grace_qat.llava_hf import CHAT_TEMPLATE  # LLaVA-1.5's vicuna_v1 prompt (re-exported)
+# LLaVA-1.5's format facts (vicuna_v1 template, what an original-layout config is) live in the core
+from grace_qat.llava_hf import CHAT_TEMPLATE, is_original_llava
 
 ARCHITECTURE = "LlavaLlamaForCausalLM"
 MODEL_TYPE = "llava_llama"
@@ -33,14 +34,7 @@ IMAGE_TOKEN = "<image>"
 # needs a real one that round-trips through the tokenizer: Llama's <unk>, which SentencePiece with
 # byte fallback never produces from text. The image features overwrite its embedding anyway.
 IMAGE_TOKEN_ID = 0
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VISION_WEIGHT_PREFIX = "model.vision_tower.vision_tower."
-
-
-def is_original_llava(config: dict[str, Any]) -> bool:
-    """An original-layout LLaVA config dict: vision tower named by ``mm_vision_tower``, no sub-configs."""
-    return "mm_vision_tower" in config and config.get("text_config") is None
 
 
 def _own_fields(cls: type) -> set[str]:
