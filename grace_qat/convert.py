@@ -124,15 +124,14 @@ def convert(src: str, dst: str, to: str, bits: int | None = None, progress: bool
         raise GraceFormatError(f"{dst} already exists; choose another output or pass --force to replace it")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise GraceFormatError("destination must differ from the source")
-    parent = os.path.dirname(os.path.abspath(dst))
+    parent, base = os.path.split(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".tmp", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)   # same filesystem: rename is atomic
     try:
         ckpt = _convert_into(src, tmp, to, bits, progress, layout, clip_dir)
         os.chmod(tmp, 0o777 & ~_umask())                 # mkdtemp makes it 0700
-        if os.path.exists(dst):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".old", dir=parent)
-            os.rmdir(old)
+        if os.path.exists(dst):                          # --force: swap, then drop the old one
+            old = tmp + ".old"
             os.replace(dst, old)
             os.replace(tmp, dst)
             shutil.rmtree(old, ignore_errors=True)
@@ -181,7 +180,7 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
             llava_hf.write_side_files(src, dst, config, config["vocab_size"], clip_dir)
         else:
             _copy_side_files(src, dst)
-        writer = ShardWriter(dst)
+        writer = ShardWriter(dst, verify=True)
         for q in ckpt.iter_quantized(progress=progress):
             for k, v in _pack_module(to, q, dtype).items():
                 writer.add(name_of(k), v)
