@@ -22,20 +22,22 @@ class ShardWriter:
     """Accumulates CPU tensors and writes HF-style shards: ``model.safetensors`` when everything fits
     in one, else ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``."""
 
-    def __init__(self, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(self, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = False):
         self.out_dir, self.max_bytes = out_dir, max_shard_bytes
         self.current: dict[str, torch.Tensor] = {}
         self.current_bytes = 0
         self.shards: list[list[str]] = []     # key lists of flushed shards (written as tmp names)
         self.total_bytes = 0
         self.total_params = 0
+        self.keep_digests = verify            # hashing costs ~1 s per GB: only where verify() follows
         self.digests: dict[str, str] = {}     # name -> sha256 of what was handed in (for verify())
         self.files: dict[str, str] = {}       # name -> file it was published in
 
     def add(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
-        self.digests[name] = tensor_digest(t)
+        if self.keep_digests:
+            self.digests[name] = tensor_digest(t)
         if self.current and self.current_bytes + nbytes > self.max_bytes:
             self._flush()
         self.current[name] = t
@@ -88,6 +90,8 @@ class ShardWriter:
     def verify(self) -> None:
         """Read every published tensor back and compare it with what was handed to add()."""
         from safetensors import safe_open
+        if not self.keep_digests:
+            raise RuntimeError("ShardWriter.verify() needs ShardWriter(..., verify=True)")
         by_file: dict[str, list[str]] = {}
         for name, fname in self.files.items():
             by_file.setdefault(fname, []).append(name)

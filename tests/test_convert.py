@@ -179,7 +179,7 @@ def test_read_back_catches_a_corrupted_write(tmp_path):
     """verify() rereads every tensor: one flipped byte on disk is named by file and tensor."""
     from grace_qat.errors import GraceFormatError
     from grace_qat.shards import ShardWriter
-    w = ShardWriter(str(tmp_path))
+    w = ShardWriter(str(tmp_path), verify=True)
     w.add("a.weight", torch.arange(64, dtype=torch.float32).reshape(8, 8))
     w.add("b.weight", torch.ones(4, dtype=torch.bfloat16))
     w.close()
