@@ -130,23 +130,22 @@ def measure_marlin_variants(bits: int, group: int, n: int, k: int, ms=(1, 4, 16,
             input_size_per_partition=c.partition_weight_shape[0], is_k_full=kern.is_k_full,
             use_fp32_reduce=fp32_reduce)
 
-    out = {}
+    forced = lambda **kw: True          # noqa: E731  (atomic-add reduction, whatever the shape)
+    variants = [(atomic, fp32) for atomic in (False, True) for fp32 in (True, False)]
+    out = {f"atomic={'on' if a else 'default'} fp32_reduce={f}": {"us": {}, "max_rel_diff": 0.0}
+           for a, f in variants}
     try:
-        for atomic in (False, True):
-            mu.should_use_atomic_add_reduce = default_atomic if not atomic else (lambda **kw: True)
-            for fp32 in (True, False):
-                name = f"atomic={'on' if atomic else 'default'} fp32_reduce={fp32}"
-                row = out[name] = {"us": {}, "max_rel_diff": 0.0}
-                for m in ms:
-                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    row["us"][m] = _time_us([lambda kern=kern, mod=mod: call(kern, mod, x, fp32)
-                                             for kern, mod in mods])
-                    y = call(*mods[0], x, fp32).float()
-                    mu.should_use_atomic_add_reduce = default_atomic
-                    ref = call(*mods[0], x, True).float()
-                    mu.should_use_atomic_add_reduce = default_atomic if not atomic else (lambda **kw: True)
-                    row["max_rel_diff"] = max(row["max_rel_diff"],
-                                              ((y - ref).norm() / ref.norm().clamp_min(1e-6)).item())
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = call(*mods[0], x, True).float()                      # vLLM's default settings
+            for (atomic, fp32), row in zip(variants, out.values()):
+                mu.should_use_atomic_add_reduce = forced if atomic else default_atomic
+                row["us"][m] = _time_us([lambda kern=kern, mod=mod: call(kern, mod, x, fp32)
+                                         for kern, mod in mods])
+                y = call(*mods[0], x, fp32).float()
+                row["max_rel_diff"] = max(row["max_rel_diff"],
+                                          ((y - ref).norm() / ref.norm().clamp_min(1e-6)).item())
+                mu.should_use_atomic_add_reduce = default_atomic
     finally:
         mu.should_use_atomic_add_reduce = default_atomic
     return out
