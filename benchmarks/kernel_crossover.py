@@ -114,21 +114,22 @@ def measure_marlin_variants(bits: int, group: int, n: int, k: int, ms=(1, 4, 16,
     """Marlin's own small-M options, for the next step of issue 9: atomic-add reduction across
     K-splits (vLLM turns it on only for n < 2048, k >= 2048) and the fp32 vs bf16 reduction buffer.
     Microseconds per GEMM and the largest relative difference to vLLM's default settings."""
+    import functools
+
+    from vllm.model_executor.kernels.linear.mixed_precision import marlin as marlin_kernel
     from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
     weight_bytes = n * k * bits // 8
     copies = max(1, -(-3 * L2_BYTES // weight_bytes))
     mods = [p[0] for p in _kernels(bits, group, n, k, copies)]
     default_atomic = mu.should_use_atomic_add_reduce
+    default_apply = marlin_kernel.apply_gptq_marlin_linear   # the name the kernel calls (any version)
 
     def call(kern, mod, x, fp32_reduce):
-        c = kern.config
-        w_q, w_s, w_zp, w_gidx = kern._get_weight_params(mod)
-        return mu.apply_gptq_marlin_linear(
-            input=x, weight=w_q, weight_scale=w_s, weight_zp=w_zp, g_idx=w_gidx,
-            g_idx_sort_indices=mod.g_idx_sort_indices, workspace=kern.workspace, wtype=c.weight_type,
-            output_size_per_partition=c.partition_weight_shape[1],
-            input_size_per_partition=c.partition_weight_shape[0], is_k_full=kern.is_k_full,
-            use_fp32_reduce=fp32_reduce)
+        marlin_kernel.apply_gptq_marlin_linear = functools.partial(default_apply, use_fp32_reduce=fp32_reduce)
+        try:
+            return kern.apply_weights(mod, x)
+        finally:
+            marlin_kernel.apply_gptq_marlin_linear = default_apply
 
     forced = lambda **kw: True          # noqa: E731  (atomic-add reduction, whatever the shape)
     variants = [(atomic, fp32) for atomic in (False, True) for fp32 in (True, False)]
@@ -148,6 +149,7 @@ def measure_marlin_variants(bits: int, group: int, n: int, k: int, ms=(1, 4, 16,
                 mu.should_use_atomic_add_reduce = default_atomic
     finally:
         mu.should_use_atomic_add_reduce = default_atomic
+        marlin_kernel.apply_gptq_marlin_linear = default_apply
     return out
 
 

@@ -59,7 +59,7 @@ SYSTEM_ENV = {
 # close to, not identical with, the stock GPTQ run (checked against BF16 instead).
 PEERS = {"grace-a-single": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8", "grace-b": "gptq-from-b",
          "sglang-grace-a": "sglang-gptq"}
-BF16_REFS = ("bf16", "bf16-grid")
+BF16_REFS = ("bf16", "bf16-hf", "bf16-grid")
 
 
 def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, root: str) -> str:
@@ -128,6 +128,8 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
     log_path = os.path.join(log_dir, f"{name}.log")
     t = time.perf_counter()
     env = dict(os.environ, **SYSTEM_ENV.get(name, {}))
+    if args.compile_cache == "fresh":   # every system compiles cold: start-up times compare like for like
+        env["VLLM_CACHE_ROOT"] = os.path.join(args.work, "vllm-cache", f"{name}-{time.time_ns()}")
     with open(log_path, "w") as log:     # streamed, so a hung or killed run still leaves its log
         try:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout, env=env)
@@ -147,6 +149,13 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
         result["weights_gib"] = float(m[-1])
     elif result.get("weights_gib_measured") is not None:
         result["weights_gib"] = result["weights_gib_measured"]
+    # where vLLM's start-up goes: weight loading (incl. our packing) and torch.compile
+    m = re.findall(r"Model loading took [\d.]+ GiB memory and ([\d.]+) seconds", text)
+    if m:
+        result["model_load_s"] = float(m[-1])
+    m = re.findall(r"init engine .*? took ([\d.]+) s \(compilation: ([\d.]+) s\)", text)
+    if m:
+        result["engine_init_s"], result["compile_s"] = float(m[-1][0]), float(m[-1][1])
     if runner == "sglang_run.py":
         result["kernels"] = sorted(set(re.findall(r"(\w*[Mm]arlin\w*)", text)))[:4]
     elif quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
@@ -235,7 +244,7 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
     batches = sorted({x["batch"] for r in results if r.get("ok") for x in r["runs"]})
     img_batches = sorted({x["batch"] for r in results if r.get("ok") for x in r.get("image_runs") or []})
     lines = [f"# vLLM benchmark: {meta['model']} {meta['size']} ({meta.get('device', '?')})", "",
-             "| system | load s | weights GiB | kernel | " + " | ".join(f"b={b} tok/s" for b in batches)
+             "| system | load s (weights, compile) | weights GiB | kernel | " + " | ".join(f"b={b} tok/s" for b in batches)
              + "".join(f" | img b={b} tok/s" for b in img_batches)
              + " | vs GPTQ (b=1) | vs BF16 (b=1) | BW eff b=1 | tokens == stock peer |",
              "|---" * (8 + len(batches) + len(img_batches)) + "|"]
@@ -247,7 +256,8 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         runs = {x["batch"]: x for x in r["runs"]}
         img = {x["batch"]: x for x in r.get("image_runs") or []}
         fmt = lambda v: "" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {r['name']} | {r['load_s']:.1f} | {fmt(r.get('weights_gib'))} | "
+        parts = ", ".join(f"{r[k]:.1f}" for k in ("model_load_s", "compile_s") if r.get(k) is not None)
+        lines.append(f"| {r['name']} | {r['load_s']:.1f}{f' ({parts})' if parts else ''} | {fmt(r.get('weights_gib'))} | "
                      f"{','.join(r['kernels']) or '-'} | "
                      + " | ".join(f"{runs[b]['decode_tok_s']:.1f}" if b in runs else "" for b in batches)
                      + "".join(f" | {img[b]['decode_tok_s']:.1f}" if b in img else " | " for b in img_batches)
@@ -307,6 +317,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/grace-bench")
     ap.add_argument("--timeout", type=int, default=420, help="per system, seconds")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--compile-cache", choices=("fresh", "shared"), default="fresh",
+                    help="fresh: each system gets its own empty vLLM compile cache (cold start-up, "
+                         "comparable); shared: vLLM's default cache")
     ap.add_argument("--prepare-only", action="store_true",
                     help="write and convert the systems' checkpoints under --work, run nothing")
     ap.add_argument("--report-from", nargs="+", metavar="RESULTS_JSON",
