@@ -106,6 +106,11 @@ class LlavaOriginalProcessor:
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """LLaVA's ``tokenizer_image_token``: chunks around ``<image>`` tokenized separately."""
         tok = self.tokenizer
+        # The vicuna_v1 template writes "<s> " itself; whether the engine also asks for special
+        # tokens differs between vLLM versions and entry points (0.26's LLM.chat does, its server
+        # does not). LLaVA's prompts hold exactly one BOS, so a textual one is the BOS.
+        if tok.bos_token and text.startswith(tok.bos_token):
+            text, add_bos = text[len(tok.bos_token):].removeprefix(" "), True
         ids = [tok.bos_token_id] if add_bos and tok.bos_token_id is not None else []
         for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
             if i:

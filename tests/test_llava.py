@@ -139,7 +139,12 @@ def test_tokenization_and_preprocessing_match_llava(ckpts, registered):
                                        add_generation_prompt=True)
     assert rendered == "<s> " + llava_prompt(QUESTION)
     chat_ids = tok(rendered, add_special_tokens=False).input_ids
-    assert proc.retokenize(chat_ids) == reference_ids(ckpts["awq"], llava_prompt(QUESTION), 1, 0)
+    want = reference_ids(ckpts["awq"], llava_prompt(QUESTION), 1, cfg.image_token_index)
+    assert proc.retokenize(chat_ids) == want
+    # the rendered text itself, asked with or without special tokens (vLLM 0.26's LLM.chat asks
+    # with, its server without): one BOS either way, as LLaVA had (a double BOS was seen on 0.26)
+    assert proc.tokenize(rendered, add_bos=True) == proc.tokenize(rendered, add_bos=False) == want
+    assert proc(text=rendered, add_special_tokens=True)["input_ids"] == [want]
     text_only = tok(tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                             chat_template=CHAT_TEMPLATE.read_text(),
                                             add_generation_prompt=True), add_special_tokens=False)

@@ -20,6 +20,7 @@
 #   load         - the HTTP load test, 4x larger, on the full-size 2B
 #   sglang       - (SGLang) tests/gpu/sglang_serve_check.py on tiny and 2B Qwen3-VL
 #   bench-sglang - (SGLang) SGLang + grace_qat vs stock SGLang GPTQ, 2B, batch 1..128
+#   llava-check  - only the LLaVA original-layout checks of suite
 #   tiny         - every format on tiny Qwen3-VL through the benchmark harness, eager
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -49,7 +50,7 @@ wait_gpu() {   # fixture sources written: the GPU is the engine's alone
   wait_for /tmp/prep-gpu.done 400
 }
 wait_prep() {  # every conversion finished: benchmarks need a quiet CPU
-  [ -f /tmp/prep.sh ] || return 0
+  [ -f /tmp/prep.sh ] && [ "${GRACE_GPU_NO_PREP_WAIT:-0}" != 1 ] || return 0
   wait_for /tmp/prep.done "${1:-600}"
 }
 
@@ -105,7 +106,7 @@ EOF
     cat /tmp/prep.log | grep -v "it/s" | tail -5 ;;
   chain)
     # A copy of the tree runs, so a later call re-sending the working tree cannot change it mid-run
-    rm -rf /tmp/chain-src /tmp/res && mkdir -p /tmp/chain-src /tmp/res
+    rm -rf /tmp/chain-src /tmp/res/chain.done && mkdir -p /tmp/chain-src /tmp/res   # earlier results stay
     tar --exclude='./.devbundle*' --exclude='./.git' -cf - . | tar -xf - -C /tmp/chain-src
     cat > /tmp/chain.sh <<EOF
 for s in $*; do
@@ -164,7 +165,7 @@ EOF
     timeout 300 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-tiny --out $OUT/sglang-tiny.json "$@"
     wait_prep || exit 1
     timeout 400 python3 tests/gpu/sglang_serve_check.py --model $WORK/qwen3vl-2b-qat-sidecar-w4 \
-      --out $OUT/sglang-2b.json --skip-layer-check "$@" ;;
+      --reference $WORK/qwen3vl-2b-qat-sidecar-w4-gptq --out $OUT/sglang-2b.json --skip-layer-check "$@" ;;
   bench-sglang)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on the full-size 2B, formats A and B
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --timeout 300 \
@@ -174,6 +175,9 @@ EOF
     wait_gpu || exit 1
     timeout 450 python3 -m pytest -q -x -p no:cacheprovider tests/test_vllm_plugin.py 2>&1 | tail -25 | tee $OUT/suite.log
     PYTHONPATH=/tmp/site-tf:$PYTHONPATH timeout 200 python3 tests/llava_reference.py --check $OUT > $OUT/llava.log 2>&1
+    echo "llava rc=$?"; tail -12 $OUT/llava.log ;;
+  llava-check)   # the original-layout LLaVA checks of `suite` alone
+    PYTHONPATH=/tmp/site-tf:$PYTHONPATH timeout 300 python3 tests/llava_reference.py --check $OUT > $OUT/llava.log 2>&1
     echo "llava rc=$?"; tail -12 $OUT/llava.log ;;
   tiny)
     python3 benchmarks/vllm_bench.py --size tiny --eager --batches 1 --gen-tokens 32 --out "$OUT/tiny" \
