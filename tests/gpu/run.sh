@@ -18,6 +18,7 @@
 #   suite        - the engine test suite on tiny fixtures + the LLaVA original-layout checks
 #   tp2          - (2-GPU kind) tensor parallel 2: tiny and 2B, grace_qat vs stock GPTQ
 #   load         - the HTTP load test, 4x larger, on the full-size 2B
+#   sglang-jit-bg - (SGLang) build its JIT Marlin kernels once, in the background (sglang* stages wait)
 #   sglang       - (SGLang) tests/gpu/sglang_serve_check.py on tiny and 2B Qwen3-VL
 #   bench-sglang - (SGLang) SGLang + grace_qat vs stock SGLang GPTQ, 2B, batch 1..128
 #   llava-check  - only the LLaVA original-layout checks of suite
@@ -26,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 stage=$1; shift
 case "$stage" in
-  sglang|bench-sglang) SITE=/tmp/site-sglang ;;
+  sglang|bench-sglang|sglang-jit-bg) SITE=/tmp/site-sglang ;;
   *) SITE=/tmp/site-vllm ;;
 esac
 export PYTHONPATH=$PWD:$SITE
@@ -55,7 +56,7 @@ wait_prep() {  # every conversion finished: benchmarks need a quiet CPU
 }
 
 case "$stage" in   # an engine stage waits for its engine's bundle (installed by a later call: $SITE.done)
-  prepare-bg|install|chain|poll|bench-hf) ;;
+  prepare-bg|install|chain|poll|bench-hf|sglang-jit-bg) ;;
   *) t=0; while [ ! -f $SITE.done ] && [ $t -lt 900 ]; do sleep 5; t=$((t + 5)); done
      [ -f $SITE.done ] || { echo "no engine bundle in $SITE"; exit 1; } ;;
 esac
@@ -159,7 +160,14 @@ EOF
     wait_prep || exit 1
     GRACE_LOAD_SCALE=4 GRACE_LOAD_MODEL=$WORK/qwen3vl-2b-qat-sidecar-w4 GRACE_LOAD_OUT=$OUT/load \
       timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_load.py 2>&1 | tail -60 ;;
+  sglang-jit-bg)   # (after the SGLang bundle) build SGLang's JIT Marlin kernels in the background:
+    # >5 min per dtype with nvcc; an engine killed mid-build loses it (tests/gpu/sglang_jit_warmup.py)
+    rm -f /tmp/sglang-jit.done
+    setsid nohup bash -c "PYTHONPATH=$PYTHONPATH nice -n 5 python3 tests/gpu/sglang_jit_warmup.py && touch /tmp/sglang-jit.done" \
+      > /tmp/sglang-jit.log 2>&1 < /dev/null &
+    sleep 2; echo "SGLang JIT warm-up started" ;;
   sglang)     # plugin vs stock SGLang GPTQ, tiny then 2B
+    [ -f /tmp/sglang-jit.log ] && { wait_for /tmp/sglang-jit.done 1200 || { tail /tmp/sglang-jit.log; exit 1; }; }
     python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/sg-tiny', size='tiny')"
     wait_gpu || exit 1
     timeout 300 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-tiny --out $OUT/sglang-tiny.json "$@"
@@ -167,6 +175,7 @@ EOF
     timeout 400 python3 tests/gpu/sglang_serve_check.py --model $WORK/qwen3vl-2b-qat-sidecar-w4 \
       --reference $WORK/qwen3vl-2b-qat-sidecar-w4-gptq --out $OUT/sglang-2b.json --skip-layer-check "$@" ;;
   bench-sglang)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on the full-size 2B, formats A and B
+    [ -f /tmp/sglang-jit.log ] && { wait_for /tmp/sglang-jit.done 1200 || exit 1; }
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --timeout 300 \
       --systems sglang-gptq,sglang-grace-a,sglang-grace-b --out $OUT/qwen2b-sglang "$@" ;;

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Build SGLang's JIT Marlin kernels once, before any engine starts.
+
+SGLang (0.5.17+) compiles its GPTQ-Marlin GEMM with nvcc on first use. On the GPU test machine that
+took over 5 minutes (cicc ~4 min, ptxas ~1.5 min) per activation dtype, inside the first CUDA-graph
+capture: an engine started with a shorter timeout is killed mid-build, its ninja dies with it, and
+the next engine starts the build from scratch (seen: three engines in a row, stock GPTQ included,
+never got past "Capture ... begin"). Building here, with no timeout, leaves the modules in the
+tvm-ffi cache for every later engine process. The build targets the compute capability that
+nvidia-smi reports, with the GPU hidden from this process, so it can run beside an engine without
+holding GPU memory (a neighbour that frees memory breaks vLLM's memory profiling).
+
+    python3 tests/gpu/sglang_jit_warmup.py [--dtypes bfloat16,float16]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import subprocess
+import time
+
+# the module that defines _jit_gptq_marlin_module moved between SGLang releases
+GEMM_MODULES = ("sglang.kernels.ops.gemm.gptq_marlin",           # 0.5.23
+                "sglang.kernels.ops.quantization.gptq_marlin")   # 0.5.17
+REPACKS = (("sglang.kernels.ops.quantization.gptq_marlin_repack", "_jit_gptq_marlin_repack_module"),
+           ("sglang.kernels.ops.quantization.awq_marlin_repack", "_jit_awq_marlin_repack_module"))
+
+
+def _first(names: tuple[str, ...], attr: str):
+    for name in names:
+        try:
+            return getattr(importlib.import_module(name), attr)
+        except (ImportError, AttributeError):
+            continue
+    raise SystemExit(f"none of {names} defines {attr}: this SGLang builds Marlin differently")
+
+
+def _gpu_arch() -> contextlib.AbstractContextManager:
+    """Build for the local GPU's capability without opening a CUDA context."""
+    try:
+        cap = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout.split()[0]
+        major, minor = (int(x) for x in cap.split("."))
+        from sglang.kernels.jit.utils import override_jit_cuda_arch
+    except Exception as exc:     # no nvidia-smi or an SGLang without the override: detect normally
+        print(f"[jit] building with SGLang's own arch detection ({exc})", flush=True)
+        return contextlib.nullcontext()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    print(f"[jit] target compute capability {major}.{minor}", flush=True)
+    return override_jit_cuda_arch(major, minor)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtypes", default="bfloat16,float16",
+                    help="activation dtypes (Qwen3-VL serves in bf16, LLaVA-1.5 in fp16)")
+    args = ap.parse_args()
+    with _gpu_arch():
+        _build(args.dtypes.split(","))
+
+
+def _build(dtypes: list[str]) -> None:
+    import torch
+    for module, attr in REPACKS:
+        t = time.perf_counter()
+        _first((module,), attr)()
+        print(f"[jit] {attr} built in {time.perf_counter() - t:.0f} s", flush=True)
+    gemm = _first(GEMM_MODULES, "_jit_gptq_marlin_module")
+    for name in dtypes:
+        t = time.perf_counter()
+        gemm(getattr(torch, name))
+        print(f"[jit] gptq_marlin {name} built in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
