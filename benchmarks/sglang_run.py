@@ -17,7 +17,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "gpu"))
-from vllm_run import _image_data_url, emit_result  # noqa: E402
+from vllm_run import _image_data_url, emit_result, scoring_ids  # noqa: E402
 
 DISABLED_PLUGINS = "__grace_qat_disabled__"
 
@@ -78,6 +78,10 @@ def main() -> None:
             from sglang_serve_check import build_prompts
             prompt, _ = build_prompts(args.model, None, "Describe the image in one sentence.")
             out = engine.generate(prompt=prompt, image_data=_image_data_url(), sampling_params=sp)
+        scored = engine.generate(input_ids=scoring_ids(vocab), sampling_params={"max_new_tokens": 1},
+                                 return_logprob=True, logprob_start_len=0)
+        prompt_logprobs = [None if lp is None else float(lp) for lp, *_ in
+                           scored["meta_info"].get("input_token_logprobs") or []]
         runs = [_decode_tps(engine, int(b), args.prompt_len, args.out_len, vocab)
                 for b in args.batches.split(",") if b]
         weights_gib = None
@@ -88,7 +92,7 @@ def main() -> None:
         emit_result({"name": args.name or os.path.basename(args.model.rstrip("/")), "model": args.model,
                      "engine": f"sglang {sglang.__version__}", "quantization": args.quantization, "tp": args.tp,
                      "load_s": load_s, "tokens": out.get("output_ids"), "text": out.get("text"),
-                     "logprobs": [], "runs": runs, "image_runs": [],
+                     "logprobs": [], "prompt_logprobs": prompt_logprobs, "runs": runs, "image_runs": [],
                      "weights_gib_measured": weights_gib,
                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}, args.out)
     finally:

@@ -212,6 +212,13 @@ def _max_logprob_diff(a: dict, b: dict) -> float | None:
     return max(diffs) if diffs else None
 
 
+def _prompt_logprob_gap(a: dict, b: dict) -> dict | None:
+    """Max and mean |logprob| gap over the positions of the fixed scored sequence (teacher-forced)."""
+    diffs = [abs(x - y) for x, y in zip(a.get("prompt_logprobs") or [], b.get("prompt_logprobs") or [])
+             if x is not None and y is not None]
+    return {"max": max(diffs), "mean": sum(diffs) / len(diffs), "positions": len(diffs)} if diffs else None
+
+
 def write_report(results: list[dict], meta: dict, out: str) -> None:
     base = {r["name"]: r for r in results if r.get("ok")}
     bw = meta.get("copy_bandwidth_gbs")
@@ -232,6 +239,7 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         ref16 = next((b for b in BF16_REFS if b in base and b != r["name"]), None)
         if ref16:
             r["max_logprob_diff_bf16"] = _max_logprob_diff(r, base[ref16])
+            r["prompt_logprob_gap_bf16"] = _prompt_logprob_gap(r, base[ref16])
         peer = PEERS.get(r["name"])
         if peer in base:
             r["peer"] = peer
@@ -267,14 +275,16 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
     if "gptq" in base:
         lines += ["", "Decode tokens/s relative to stock vLLM GPTQ (same weights, vLLM's own kernel choice), "
                   "and the largest logprob gap to BF16 over the shared greedy tokens:", "",
-                  "| system | " + " | ".join(f"b={b}" for b in batches) + " | max logprob gap vs BF16 |",
-                  "|---" * (2 + len(batches)) + "|"]
+                  "| system | " + " | ".join(f"b={b}" for b in batches)
+                  + " | max logprob gap vs BF16 | scored sequence gap vs BF16, max / mean |",
+                  "|---" * (3 + len(batches)) + "|"]
         for r in results:
             if r.get("ok") and "vs_gptq" in r:
-                gap = r.get("max_logprob_diff_bf16")
+                gap, seq = r.get("max_logprob_diff_bf16"), r.get("prompt_logprob_gap_bf16")
                 lines.append(f"| {r['name']} | " + " | ".join(
                     f"{r['vs_gptq'][b]:.2f}" if b in r["vs_gptq"] else "" for b in batches)
-                    + f" | {'' if gap is None else f'{gap:.4f}'} |")
+                    + f" | {'' if gap is None else f'{gap:.4f}'}"
+                    + " | " + ("" if seq is None else f"{seq['max']:.4f} / {seq['mean']:.4f}") + " |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

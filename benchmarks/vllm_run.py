@@ -36,6 +36,11 @@ def chat_messages(question: str = "Describe the image in one sentence."):
         {"type": "text", "text": question}]}]
 
 
+def scoring_ids(vocab: int, length: int = 96) -> list[int]:
+    """The fixed token sequence every system scores (teacher-forced prompt log-probs)."""
+    return [(13 * j * j + 7 * j) % (vocab - 10) + 5 for j in range(length)]
+
+
 def emit_result(result: dict, out: str | None) -> None:
     """The one machine-readable line vllm_bench.py parses (and, optionally, a JSONL record)."""
     line = json.dumps(result)
@@ -112,13 +117,19 @@ def main() -> None:
 
     vocab = llm.get_tokenizer().vocab_size if not args.no_image else 1000
     vocab = min(vocab, 30000)
+    # teacher-forced log-probs of one fixed token sequence: compares systems position by position,
+    # also where their greedy outputs part (random weights give near-uniform, easily flipped argmaxes)
+    scored = llm.generate([{"prompt_token_ids": scoring_ids(vocab)}],
+                          SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    prompt_logprobs = [None if lp is None else float(lp[tok].logprob)
+                       for tok, lp in zip(scored.prompt_token_ids, scored.prompt_logprobs)]
     runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab)
             for b in args.batches.split(",") if b]
     image_runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab, image=True)
                   for b in args.image_batches.split(",") if b and not args.no_image]
     result = {"name": args.name or os.path.basename(args.model.rstrip("/")), "model": args.model,
               "quantization": args.quantization, "tp": args.tp, "load_s": load_s, "tokens": tokens,
-              "text": out.text, "logprobs": logprobs, "runs": runs,
+              "text": out.text, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "runs": runs,
               "image_runs": image_runs}
     emit_result(result, args.out)
 
