@@ -31,8 +31,10 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     v = values.to(torch.int64).movedim(dim, -1)
     if v.shape[-1] % pf:
         raise GraceFormatError(f"cannot pack {v.shape[-1]} values along dim {dim} in groups of {pf}")
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
-        raise GraceFormatError(f"values to pack must lie in [0, {(1 << bits) - 1}]")
+    if v.numel():
+        lo, hi = torch.aminmax(v)
+        if lo < 0 or hi >= (1 << bits):
+            raise GraceFormatError(f"values to pack must lie in [0, {(1 << bits) - 1}]")
     v = v.reshape(*v.shape[:-1], v.shape[-1] // pf, pf)
     shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=v.device)
     packed = (v << shifts).sum(-1)                       # disjoint bit ranges: sum == bitwise or
@@ -43,10 +45,11 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of pack_int32: unsigned values as int32, ``dim`` grown by 32/bits."""
     pf = pack_factor(bits)
-    p = packed.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=p.device)
+    # int32 throughout: an arithmetic shift fills in sign bits, which the mask then drops
+    p = packed.to(torch.int32).movedim(dim, -1)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=p.device)
     v = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    v = v.reshape(*p.shape[:-1], p.shape[-1] * pf).to(torch.int32)
+    v = v.reshape(*p.shape[:-1], p.shape[-1] * pf)
     return v.movedim(-1, dim).contiguous()
 
 
