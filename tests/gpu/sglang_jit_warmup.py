@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import os
 import subprocess
+import sys
 import time
 
 # the module that defines _jit_gptq_marlin_module moved between SGLang releases
@@ -56,22 +57,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="bfloat16,float16",
                     help="activation dtypes (Qwen3-VL serves in bf16, LLaVA-1.5 in fp16)")
+    ap.add_argument("--only", help=argparse.SUPPRESS)    # one module, in a child process
     args = ap.parse_args()
-    with _gpu_arch():
-        _build(args.dtypes.split(","))
+    if args.only:
+        with _gpu_arch():
+            _build(args.only)
+        return
+    # nvcc compiles one file on one core: the modules build side by side, one process each
+    jobs = [attr for _, attr in REPACKS] + [f"gemm:{d}" for d in args.dtypes.split(",") if d]
+    children = {job: subprocess.Popen([sys.executable, __file__, "--only", job]) for job in jobs}
+    failed = [job for job, child in children.items() if child.wait() != 0]
+    if failed:
+        raise SystemExit(f"[jit] failed to build: {', '.join(failed)}")
 
 
-def _build(dtypes: list[str]) -> None:
-    import torch
-    for module, attr in REPACKS:
-        t = time.perf_counter()
-        _first((module,), attr)()
-        print(f"[jit] {attr} built in {time.perf_counter() - t:.0f} s", flush=True)
-    gemm = _first(GEMM_MODULES, "_jit_gptq_marlin_module")
-    for name in dtypes:
-        t = time.perf_counter()
-        gemm(getattr(torch, name))
-        print(f"[jit] gptq_marlin {name} built in {time.perf_counter() - t:.0f} s", flush=True)
+def _build(job: str) -> None:
+    t = time.perf_counter()
+    if job.startswith("gemm:"):
+        import torch
+        _first(GEMM_MODULES, "_jit_gptq_marlin_module")(getattr(torch, job.split(":", 1)[1]))
+    else:
+        _first(tuple(m for m, attr in REPACKS if attr == job), job)()
+    print(f"[jit] {job} built in {time.perf_counter() - t:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
