@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 python benchmarks/vllm_bench.py --model qwen3vl --size 2b \
   --systems gptq,grace-a,grace-a-single,grace-b,gptq-from-b,bf16-grid \
   --batches 1,2,4,8,16,32,64,128 --out "${1:-bench-out}"
-# LLaVA-1.5-7B shape (original layout, CLIP tower inside the checkpoint)
-python benchmarks/vllm_bench.py --model llava --size 7b --systems gptq,grace-a,bf16-grid \
+# LLaVA-1.5-7B shape (original layout, CLIP tower inside the checkpoint); gptq-hf / bf16-hf: stock vLLM's
+# own LLaVA on the llava-hf exports of the same weights. What is measured and how: benchmarks/README.md
+python benchmarks/vllm_bench.py --model llava --size 7b --systems gptq,grace-a,gptq-hf,bf16-hf \
   --batches 1,2,4,8,16,32,64,128 --out "${1:-bench-out}-llava"
