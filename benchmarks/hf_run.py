@@ -10,11 +10,12 @@ import os
 import time
 
 import torch
+from vllm_run import chat_messages, emit_result, prompt_ids, steady_decode   # this script's folder
 
 
 def _decode_tps(model, batch: int, prompt_len: int, out_len: int, vocab: int, device: str) -> dict:
-    ids = torch.tensor([[(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)] for i in range(batch)],
-                       device=device)
+    """Decode tokens/s as vllm_run defines it (steady_decode), on the same token-id prompts."""
+    ids = torch.tensor(prompt_ids(batch, prompt_len, vocab), device=device)
 
     def timed(n):
         if device == "cuda":
@@ -26,11 +27,7 @@ def _decode_tps(model, batch: int, prompt_len: int, out_len: int, vocab: int, de
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    timed(2)
-    t1 = min(timed(1) for _ in range(2))
-    tn = min(timed(out_len) for _ in range(2))
-    return {"batch": batch, "ttft_s": t1, "total_s": tn,
-            "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)}
+    return steady_decode(timed, batch, out_len, warmup_tokens=2)
 
 
 def main() -> None:
@@ -49,8 +46,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from vllm_run import chat_messages, emit_result
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()

@@ -17,14 +17,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "gpu"))
-from vllm_run import _image_data_url, emit_result, scoring_ids  # noqa: E402
+from vllm_run import _image_data_url, emit_result, prompt_ids, scoring_ids, steady_decode  # noqa: E402
 
 DISABLED_PLUGINS = "__grace_qat_disabled__"
 
 
 def _decode_tps(engine, batch: int, prompt_len: int, out_len: int, vocab: int) -> dict:
-    """Decode tokens/s as in vllm_run: (time for out_len tokens - time for 1) over the extra tokens."""
-    ids = [[(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)] for i in range(batch)]
+    """Decode tokens/s as vllm_run defines it (steady_decode), on the same token-id prompts."""
+    ids = prompt_ids(batch, prompt_len, vocab)
 
     def timed(n):
         sp = {"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True}
@@ -32,11 +32,7 @@ def _decode_tps(engine, batch: int, prompt_len: int, out_len: int, vocab: int) -
         engine.generate(input_ids=ids, sampling_params=sp)
         return time.perf_counter() - t
 
-    timed(4)
-    t1 = min(timed(1) for _ in range(2))
-    tn = min(timed(out_len) for _ in range(2))
-    return {"batch": batch, "prompt": "text", "ttft_s": t1, "total_s": tn,
-            "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)}
+    return dict(steady_decode(timed, batch, out_len), prompt="text")
 
 
 def main() -> None:

@@ -36,6 +36,22 @@ def chat_messages(question: str = "Describe the image in one sentence."):
         {"type": "text", "text": question}]}]
 
 
+def prompt_ids(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
+    """The fixed token-id prompts every runner times (one per request of the batch)."""
+    return [[(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)] for i in range(batch)]
+
+
+def steady_decode(timed, batch: int, out_len: int, warmup_tokens: int = 4) -> dict:
+    """Decode tokens/s, the one definition every runner uses: (time for out_len tokens - time for 1
+    token) over the extra tokens, best of two each, after a warm-up at this batch size.
+    ``timed(n)`` generates n tokens for the whole batch and returns the seconds it took."""
+    timed(warmup_tokens)
+    t1 = min(timed(1) for _ in range(2))
+    tn = min(timed(out_len) for _ in range(2))
+    return {"batch": batch, "ttft_s": t1, "total_s": tn,
+            "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)}
+
+
 def scoring_ids(vocab: int, length: int = 96) -> list[int]:
     """The fixed token sequence every system scores (teacher-forced prompt log-probs)."""
     return [(13 * j * j + 7 * j) % (vocab - 10) + 5 for j in range(length)]
@@ -51,12 +67,10 @@ def emit_result(result: dict, out: str | None) -> None:
 
 
 def _decode_tps(llm, batch: int, prompt_len: int, out_len: int, vocab: int, image: bool = False) -> dict:
-    """Decode tokens/s: (time for out_len tokens - time for 1 token) over the extra tokens.
-    Prompts are fixed token ids, or (image=True) image+text chats, one image each."""
+    """Decode tokens/s (steady_decode) on fixed token-id prompts, or (image=True) image+text chats."""
     from vllm import SamplingParams
 
-    prompts = [{"prompt_token_ids": [(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)]}
-               for i in range(batch)]
+    prompts = [{"prompt_token_ids": ids} for ids in prompt_ids(batch, prompt_len, vocab)]
     chats = [chat_messages(f"Describe the image. Request {i}.") for i in range(batch)]
 
     def timed(n):
@@ -68,11 +82,7 @@ def _decode_tps(llm, batch: int, prompt_len: int, out_len: int, vocab: int, imag
             llm.generate(prompts, sp, use_tqdm=False)
         return time.perf_counter() - t
 
-    timed(4)                        # warm-up at this batch size
-    t1 = min(timed(1) for _ in range(2))
-    tn = min(timed(out_len) for _ in range(2))
-    return {"batch": batch, "prompt": "image+text" if image else "text", "ttft_s": t1, "total_s": tn,
-            "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)}
+    return dict(steady_decode(timed, batch, out_len), prompt="image+text" if image else "text")
 
 
 def main() -> None:

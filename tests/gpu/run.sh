@@ -50,6 +50,10 @@ wait_gpu() {   # fixture sources written: the GPU is the engine's alone
   [ -f /tmp/prep.sh ] || return 0
   wait_for /tmp/prep-gpu.done 400
 }
+wait_sglang_jit() {   # SGLang's Marlin modules built (when sglang-jit-bg started a build)
+  [ -f /tmp/sglang-jit.log ] || return 0
+  wait_for /tmp/sglang-jit.done 1200 || { tail /tmp/sglang-jit.log; return 1; }
+}
 wait_prep() {  # every conversion finished: benchmarks need a quiet CPU
   [ -f /tmp/prep.sh ] && [ "${GRACE_GPU_NO_PREP_WAIT:-0}" != 1 ] || return 0
   wait_for /tmp/prep.done "${1:-600}"
@@ -167,7 +171,7 @@ EOF
       > /tmp/sglang-jit.log 2>&1 < /dev/null &
     sleep 2; echo "SGLang JIT warm-up started" ;;
   sglang)     # plugin vs stock SGLang GPTQ, tiny then 2B
-    [ -f /tmp/sglang-jit.log ] && { wait_for /tmp/sglang-jit.done 1200 || { tail /tmp/sglang-jit.log; exit 1; }; }
+    wait_sglang_jit || exit 1
     python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/sg-tiny', size='tiny')"
     wait_gpu || exit 1
     timeout 300 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-tiny --out $OUT/sglang-tiny.json "$@"
@@ -175,7 +179,7 @@ EOF
     timeout 400 python3 tests/gpu/sglang_serve_check.py --model $WORK/qwen3vl-2b-qat-sidecar-w4 \
       --reference $WORK/qwen3vl-2b-qat-sidecar-w4-gptq --out $OUT/sglang-2b.json --skip-layer-check "$@" ;;
   bench-sglang)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on the full-size 2B, formats A and B
-    [ -f /tmp/sglang-jit.log ] && { wait_for /tmp/sglang-jit.done 1200 || exit 1; }
+    wait_sglang_jit || exit 1
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --timeout 300 \
       --systems sglang-gptq,sglang-grace-a,sglang-grace-b --out $OUT/qwen2b-sglang "$@" ;;
