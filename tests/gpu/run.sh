@@ -20,6 +20,7 @@
 #   load         - the HTTP load test, 4x larger, on the full-size 2B
 #   sglang-jit-bg - (SGLang) build its JIT Marlin kernels once, in the background (sglang* stages wait)
 #   sglang       - (SGLang) tests/gpu/sglang_serve_check.py on tiny and 2B Qwen3-VL
+#   sglang-llava - (SGLang) the same on a tiny original-layout LLaVA-1.5 (local CLIP tower)
 #   bench-sglang - (SGLang) SGLang + grace_qat vs stock SGLang GPTQ, 2B, batch 1..128
 #   llava-check  - only the LLaVA original-layout checks of suite
 #   tiny         - every format on tiny Qwen3-VL through the benchmark harness, eager
@@ -27,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 stage=$1; shift
 case "$stage" in
-  sglang|bench-sglang|sglang-jit-bg) SITE=/tmp/site-sglang ;;
+  sglang|sglang-llava|bench-sglang|sglang-jit-bg) SITE=/tmp/site-sglang ;;
   *) SITE=/tmp/site-vllm ;;
 esac
 export PYTHONPATH=$PWD:$SITE
@@ -174,14 +175,26 @@ EOF
     wait_sglang_jit || exit 1
     python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/sg-tiny', size='tiny')"
     wait_gpu || exit 1
-    timeout 300 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-tiny --out $OUT/sglang-tiny.json "$@"
+    # each step (layer check, plugin engine, stock engine) gets --timeout; the first engine may still
+    # JIT-compile SGLang's smaller kernels
+    timeout 900 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-tiny --out $OUT/sglang-tiny.json \
+      --timeout 400 "$@"
     wait_prep || exit 1
-    timeout 400 python3 tests/gpu/sglang_serve_check.py --model $WORK/qwen3vl-2b-qat-sidecar-w4 \
-      --reference $WORK/qwen3vl-2b-qat-sidecar-w4-gptq --out $OUT/sglang-2b.json --skip-layer-check "$@" ;;
+    timeout 900 python3 tests/gpu/sglang_serve_check.py --model $WORK/qwen3vl-2b-qat-sidecar-w4 \
+      --reference $WORK/qwen3vl-2b-qat-sidecar-w4-gptq --out $OUT/sglang-2b.json --skip-layer-check \
+      --timeout 400 "$@" ;;
+  sglang-llava)   # (SGLang) original-layout LLaVA-1.5 (tiny) on SGLang's LlavaLlamaForCausalLM: local CLIP
+    # tower (mm_vision_tower = a directory), llava-hf processor + vicuna_v1.1 template, as users pass them
+    wait_sglang_jit || exit 1
+    python3 -c "from grace_qat import fixtures, convert
+fixtures.write_llava('/tmp/sg-llava', size='tiny', clip_dir='/tmp/sg-clip')
+convert.convert('/tmp/sg-llava', '/tmp/sg-llava-hf', to='bf16', layout='llava-hf', clip_dir='/tmp/sg-clip', force=True)" || exit 1
+    timeout 900 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-llava --tokenizer-path /tmp/sg-llava-hf \
+      --chat-template vicuna_v1.1 --out $OUT/sglang-llava-tiny.json --timeout 400 "$@" ;;
   bench-sglang)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on the full-size 2B, formats A and B
     wait_sglang_jit || exit 1
     wait_prep || exit 1
-    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --timeout 300 \
+    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --timeout 420 \
       --systems sglang-gptq,sglang-grace-a,sglang-grace-b --out $OUT/qwen2b-sglang "$@" ;;
   suite)
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH
