@@ -62,6 +62,15 @@ def _convert(args) -> int:
     return 0
 
 
+def _llava_processor(args) -> int:
+    from .llava_hf import write_processor
+
+    write_processor(args.checkpoint, args.output, clip_dir=args.clip_dir)
+    print(f"wrote {args.output}: LLaVA-1.5 tokenizer with <image>, image processor, vicuna_v1 template "
+          f"(SGLang: --tokenizer-path {args.output})")
+    return 0
+
+
 def _fixture(args) -> int:
     from . import fixtures
 
@@ -101,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-dir", help="CLIP directory for --layout llava-hf when the checkpoint has no tower")
     s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     s.set_defaults(func=_convert)
+
+    s = sub.add_parser("llava-processor", help="write the llava-hf tokenizer/processor files of an "
+                       "original-layout LLaVA-1.5 checkpoint (SGLang's --tokenizer-path)")
+    s.add_argument("checkpoint")
+    s.add_argument("output")
+    s.add_argument("--clip-dir", help="CLIP directory whose config sizes the image processor "
+                                      "(default: $GRACE_CLIP_PATH, mm_vision_tower, the HF cache)")
+    s.set_defaults(func=_llava_processor)
 
     s = sub.add_parser("fixture", help="generate a synthetic GRACE checkpoint (random weights)")
     s.add_argument("output")

@@ -115,7 +115,8 @@ def convert(src: str, dst: str, to: str, bits: int | None = None, progress: bool
             layout: str = "same", clip_dir: str | None = None, force: bool = False) -> GraceCheckpoint:
     """Write ``src`` (any GRACE format) into ``dst`` in the ``to`` format; returns the source reader.
     ``layout="llava-hf"`` (original-layout LLaVA-1.5 only) also renames into the llava-hf layout;
-    ``clip_dir`` supplies the CLIP tower when the checkpoint does not carry it.
+    ``clip_dir`` supplies the CLIP tower when the checkpoint does not carry it (default: found as
+    vLLM's shim finds it: ``$GRACE_CLIP_PATH``, a local ``mm_vision_tower``, the HF cache).
 
     Nothing is lost: the output is written into a temporary directory next to ``dst``, read back and
     compared with what was meant to be written, and only then renamed to ``dst``; an existing ``dst``
@@ -165,6 +166,8 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
             f"{src}: --layout llava-hf converts an original-layout LLaVA-1.5 checkpoint (config.json with "
             f"mm_vision_tower, no text_config) to gptq/compressed-tensors/awq/bf16; got "
             f"{config.get('architectures')} to {to}")
+    if to_hf and clip_dir is None:   # $GRACE_CLIP_PATH, a local mm_vision_tower, the HF cache
+        clip_dir, _ = llava_hf.find_clip_dir(config.get("mm_vision_tower"))
     dtype = model_dtype(config)
     name_of = llava_hf.rename if to_hf else (lambda n: n)
 

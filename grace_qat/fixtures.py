@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 import torch
 
 from .checkpoint import AWQ_MODULES_NAME, SIDECAR_NAME, is_quantizable_module
-from .llava_hf import CLIP_MEAN, CLIP_STD
+from .llava_hf import CLIP_MEAN, CLIP_STD, LLAVA_V1_SYSTEM
 from .shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from .packing import pack_awq
 from .quantizer import (DEFAULT_GROUP_SIZE, check_bits, effective_group_size, fake_quantize,
@@ -502,8 +502,6 @@ LLAVA_SIZES_SPEC = {
                            t_hidden=64, t_intermediate=256, t_layers=2, t_heads=2, proj=64)),
 }
 LLAVA_CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"
-LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
-                   "gives helpful, detailed, and polite answers to the human's questions.")
 
 
 def llava_prompt(question: str) -> str:

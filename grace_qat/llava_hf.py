@@ -14,6 +14,10 @@ weights (in GPTQ, compressed-tensors, AWQ or BF16):
 * a ``LlavaConfig`` (text and vision sub-configs from the flat fields), the tokenizer files with the
   two tokens, LLaVA-1.5's "pad" image preprocessing (``LlavaImageProcessor``, ``do_pad``) and its
   vicuna_v1 chat template.
+
+The same module knows where an original-layout checkpoint's CLIP tower is (:func:`find_clip_dir`) and
+writes the llava-hf *processor* files alone (:func:`write_processor`): what an engine that serves the
+original layout natively (SGLang's ``LlavaLlamaForCausalLM``) needs as ``--tokenizer-path``.
 """
 from __future__ import annotations
 
@@ -47,6 +51,46 @@ _RENAMES = [   # original layout -> llava-hf, first match wins
     (re.compile(r"^lm_head\."), "language_model.lm_head."),
 ]
 VOCAB_TENSORS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
+
+
+CLIP_ENV = "GRACE_CLIP_PATH"
+# The system prompt of LLaVA's "llava_v1" conversation (USER/ASSISTANT turns, " " and "</s>"
+# separators), which GRACE's LLaVA tooling prompts with; the same text is in llava_vicuna_v1.jinja.
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+                   "gives helpful, detailed, and polite answers to the human's questions.")
+
+
+# -- where the CLIP tower is ------------------------------------------------------------------------
+
+def _hf_cache_snapshot(repo_id: str) -> str | None:
+    """The cached snapshot directory of a Hub repository (offline: never touches the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:   # not a valid repo id, no cache, ...
+        return None
+    return os.path.dirname(path) if isinstance(path, str) else None
+
+
+def find_clip_dir(mm_vision_tower: str | None) -> tuple[str | None, list[str]]:
+    """The local CLIP directory to use, and a description of every place looked at.
+
+    ``$GRACE_CLIP_PATH`` when set (it must then be a directory), else ``mm_vision_tower`` as a local
+    directory, else ``mm_vision_tower`` as a Hub id in the Hugging Face cache.
+    """
+    env = os.environ.get(CLIP_ENV)
+    if env:
+        return (env, []) if os.path.isdir(env) else (None, [f"{CLIP_ENV}={env} (not a directory)"])
+    if not mm_vision_tower:
+        return None, ["mm_vision_tower (not set)"]
+    if os.path.isdir(mm_vision_tower):
+        return mm_vision_tower, []
+    snapshot = _hf_cache_snapshot(mm_vision_tower)
+    if snapshot:
+        return snapshot, []
+    from huggingface_hub import constants
+    return None, [f"mm_vision_tower={mm_vision_tower!r} as a directory",
+                  f"in the Hugging Face cache {constants.HF_HUB_CACHE}"]
 
 
 def is_original_llava(config: dict) -> bool:
@@ -152,3 +196,46 @@ def write_side_files(src: str, dst: str, config: dict, vocab_size: int, clip_dir
                    "patch_size": vision["patch_size"], "num_additional_image_tokens": 1,
                    "vision_feature_select_strategy": _feature_strategy(config)}, f, indent=2)
     shutil.copy2(CHAT_TEMPLATE, os.path.join(dst, "chat_template.jinja"))
+
+
+def write_processor(src: str, dst: str, clip_dir: str | None = None) -> str:
+    """Write only the llava-hf processor files for the original-layout checkpoint ``src`` into ``dst``:
+    the tokenizer with ``<image>`` (id = vocab size) and ``<pad>``, the image processor (sized from
+    the CLIP tower's config when one is found, else CLIP ViT-L/14-336), the processor config and
+    the vicuna_v1 chat template. No weights are read or written."""
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    if not is_original_llava(config):
+        raise GraceFormatError(f"{src}/config.json: not an original-layout LLaVA-1.5 config "
+                               f"(mm_vision_tower and no text_config expected; architectures = "
+                               f"{config.get('architectures')})")
+    if not os.path.exists(os.path.join(src, "tokenizer.model")):
+        raise GraceFormatError(f"{src}: no tokenizer.model (LLaVA-1.5's SentencePiece tokenizer) to extend")
+    if clip_dir is None and not config.get("mm_vision_tower_config"):
+        clip_dir, _ = find_clip_dir(config.get("mm_vision_tower"))
+        if clip_dir is not None and not os.path.exists(os.path.join(clip_dir, "config.json")):
+            clip_dir = None
+    os.makedirs(dst, exist_ok=True)
+    write_side_files(src, dst, config, config["vocab_size"], clip_dir)
+    return dst
+
+
+def image_token_id(tokenizer_dir: str) -> int | None:
+    """The id of ``<image>`` among a local tokenizer's added tokens (``tokenizer_config.json`` or
+    ``tokenizer.json``), or None when it has none. Reads JSON only: no tokenizer is built."""
+    try:
+        with open(os.path.join(tokenizer_dir, "tokenizer_config.json")) as f:
+            added = json.load(f).get("added_tokens_decoder") or {}
+        for idx, tok in added.items():
+            if isinstance(tok, dict) and tok.get("content") == IMAGE_TOKEN:
+                return int(idx)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+            for tok in json.load(f).get("added_tokens") or []:
+                if tok.get("content") == IMAGE_TOKEN:
+                    return int(tok["id"])
+    except (OSError, ValueError):
+        pass
+    return None

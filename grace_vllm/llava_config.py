@@ -24,11 +24,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from grace_qat.errors import GraceFormatError
 # LLaVA-1.5's format facts (vicuna_v1 template, what an original-layout config is) live in the core
-from grace_qat.llava_hf import CHAT_TEMPLATE, is_original_llava
+from grace_qat.llava_hf import CHAT_TEMPLATE, CLIP_ENV, find_clip_dir, is_original_llava
 
 ARCHITECTURE = "LlavaLlamaForCausalLM"
 MODEL_TYPE = "llava_llama"
-CLIP_ENV = "GRACE_CLIP_PATH"
 IMAGE_TOKEN = "<image>"
 # The placeholder id spliced in for each image feature. LLaVA itself uses -200 (never an id); vLLM
 # needs a real one that round-trips through the tokenizer: Llama's <unk>, which SentencePiece with
@@ -47,37 +46,6 @@ _LLAMA_KEYS = frozenset(_own_fields(LlamaConfig) | {"rope_theta", "rope_scaling"
 
 
 # -- where the CLIP tower is ------------------------------------------------------------------------
-
-def _hf_cache_snapshot(repo_id: str) -> str | None:
-    """The cached snapshot directory of a Hub repository (offline: never touches the network)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        path = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:   # not a valid repo id, no cache, ...
-        return None
-    return os.path.dirname(path) if isinstance(path, str) else None
-
-
-def find_clip_dir(mm_vision_tower: str | None) -> tuple[str | None, list[str]]:
-    """The local CLIP directory to use, and a description of every place looked at.
-
-    ``$GRACE_CLIP_PATH`` when set (it must then be a directory), else ``mm_vision_tower`` as a local
-    directory, else ``mm_vision_tower`` as a Hub id in the Hugging Face cache.
-    """
-    env = os.environ.get(CLIP_ENV)
-    if env:
-        return (env, []) if os.path.isdir(env) else (None, [f"{CLIP_ENV}={env} (not a directory)"])
-    if not mm_vision_tower:
-        return None, ["mm_vision_tower (not set)"]
-    if os.path.isdir(mm_vision_tower):
-        return mm_vision_tower, []
-    snapshot = _hf_cache_snapshot(mm_vision_tower)
-    if snapshot:
-        return snapshot, []
-    from huggingface_hub import constants
-    return None, [f"mm_vision_tower={mm_vision_tower!r} as a directory",
-                  f"in the Hugging Face cache {constants.HF_HUB_CACHE}"]
-
 
 def has_weights(directory: str) -> bool:
     return any(glob.glob(os.path.join(directory, p)) for p in ("*.safetensors", "*.bin"))

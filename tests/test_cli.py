@@ -62,3 +62,28 @@ def test_fixture_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run("inspect", str(tmp_path / "f"), "--json")
     assert json.loads(r.stdout)["format"] == "awq"
+
+
+def test_llava_processor_cli(tmp_path, ckpt):
+    """``grace-qat llava-processor``: the llava-hf processor files for an original-layout LLaVA (what
+    SGLang needs as --tokenizer-path), sized from the CLIP tower that mm_vision_tower names."""
+    from transformers import AutoTokenizer, CLIPImageProcessor
+    clip = fixtures.write_clip(str(tmp_path / "clip-vit-tiny"), size="tiny")
+    llava = fixtures.write_llava(str(tmp_path / "llava"), size="tiny", fmt="qat-sidecar")
+    cfg = json.load(open(os.path.join(llava, "config.json")))
+    cfg["mm_vision_tower"] = clip          # a local tower, found without --clip-dir
+    json.dump(cfg, open(os.path.join(llava, "config.json"), "w"))
+    r = run("llava-processor", llava, str(tmp_path / "proc"))
+    assert r.returncode == 0, r.stderr
+    assert "--tokenizer-path" in r.stdout
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "proc"))
+    release = AutoTokenizer.from_pretrained(llava)
+    assert tok.convert_tokens_to_ids("<image>") == cfg["vocab_size"]
+    assert len(tok) == cfg["vocab_size"] + 2 and len(release) == cfg["vocab_size"]
+    size = json.load(open(os.path.join(clip, "config.json")))["vision_config"]["image_size"]
+    proc = CLIPImageProcessor.from_pretrained(str(tmp_path / "proc"))
+    assert proc.crop_size == {"height": size, "width": size}
+    # not an original-layout LLaVA: one line, exit 2, nothing written
+    r = run("llava-processor", ckpt, str(tmp_path / "proc2"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "original-layout" in r.stderr
+    assert not os.path.exists(tmp_path / "proc2")
