@@ -16,7 +16,10 @@ What ``register`` does (tested against SGLang 0.5.17 and 0.5.23):
   ``quant_method: grace_qat`` injected, which makes the flag optional. The same parser is also
   registered under the name ``grace_qat`` (``--model-config-parser grace_qat``). A bare QAT grid
   (no sidecar, no log-scales) is not guessed: pass ``--quantization grace_qat``. Set
-  ``GRACE_QAT_SGLANG_AUTODETECT=0`` to turn the wrapping off.
+  ``GRACE_QAT_SGLANG_AUTODETECT=0`` to turn the wrapping off. For original-layout LLaVA-1.5 the
+  parser also resolves the CLIP tower locally and the ``<image>`` id (:mod:`grace_sglang.llava`);
+* registers the ``grace_llava_v1`` conversation (LLaVA's llava_v1 prompt) and a matcher, first in
+  SGLang's list, that picks it for GRACE LLaVA-1.5 directories.
 
 Exceptions raised here are swallowed and logged by SGLang's plugin loader; the user would then see
 ``invalid choice: 'grace_qat'``. ``register`` therefore does little and is idempotent.
@@ -64,6 +67,8 @@ def register() -> None:
         QUANTIZATION_METHODS[QUANT_NAME] = GraceQATConfig
     _add_cli_choice()
     install_config_parser(wrap_hf=autodetect_enabled())
+    from .llava import install_chat_template
+    install_chat_template()
     _registered = True
     logger.debug("grace_qat: registered quantization method and config parser")
 

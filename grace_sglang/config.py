@@ -39,7 +39,7 @@ from grace_qat.checkpoint import (AWQ_MODULES_NAME, CONFIG_NAME, FORMAT_AWQ, FOR
 from grace_qat.errors import GraceFormatError
 from grace_qat.packing import unpack_int32
 
-from . import PARSER_NAME, QUANT_NAME
+from . import PARSER_NAME, QUANT_NAME, llava
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +131,18 @@ def _make_parser(base: type) -> type:
         def parse(self, model, trust_remote_code: bool, revision=None, **kwargs):
             config = super().parse(model, trust_remote_code=trust_remote_code, revision=revision,
                                    **kwargs)
-            if getattr(config, "quantization_config", None) is not None:
-                return config
-            try:
-                injected = detect_grace_quantization(model)
-            except Exception:  # detection must never break loading an ordinary model
-                logger.debug("grace_qat: detection failed for %r", model, exc_info=True)
-                return config
-            if injected is not None:
-                logger.info("grace_qat: %s is a GRACE %s checkpoint; serving it with "
-                            "quantization=grace_qat", injected["checkpoint_dir"], injected["format"])
-                config.quantization_config = injected
+            if getattr(config, "quantization_config", None) is None:
+                try:
+                    injected = detect_grace_quantization(model)
+                except Exception:  # detection must never break loading an ordinary model
+                    logger.debug("grace_qat: detection failed for %r", model, exc_info=True)
+                    return config
+                if injected is not None:
+                    logger.info("grace_qat: %s is a GRACE %s checkpoint; serving it with "
+                                "quantization=grace_qat", injected["checkpoint_dir"], injected["format"])
+                    config.quantization_config = injected
+            if llava.is_grace_llava(model):   # CLIP tower, <image> id, tokenizer check
+                llava.prepare_config(config, os.path.abspath(os.fspath(model)))
             return config
 
     GraceModelConfigParser.__qualname__ = GraceModelConfigParser.__name__

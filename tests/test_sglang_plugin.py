@@ -89,6 +89,15 @@ def _text_cfg(path):
 
 # -- registration and argument parsing ----------------------------------------------------------
 
+def test_sglang_version_is_the_one_asked_for():
+    """scripts/test.sh runs this suite on both ends of the supported range: make sure each run really
+    imports the SGLang it names (the 0.5.17 run is an overlay on the 0.5.23 venv)."""
+    expected = os.environ.get("GRACE_EXPECT_SGLANG")
+    if expected is None:
+        pytest.skip("GRACE_EXPECT_SGLANG not set (scripts/test.sh sets it)")
+    assert _sglang_version() == expected
+
+
 def test_entry_point_declared():
     from importlib.metadata import entry_points
     eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
@@ -550,6 +559,102 @@ def test_full_model_load_matches_stock_gptq(plugins_loaded, ckpts, tmp_path):
             assert r["compared_with_gptq"] == 16, fmt
 
 
+# -- original-layout LLaVA-1.5: what SGLang's own LLaVA needs around the weights ---------------------
+
+@pytest.fixture(scope="session")
+def llava_local(tmp_path_factory):
+    """A GRACE LLaVA whose mm_vision_tower is the Hub id (as released) plus a local CLIP directory,
+    and the processor directory ``grace-qat llava-processor`` writes for it."""
+    from grace_qat.cli import main as cli_main
+    from grace_qat.fixtures import write_clip, write_llava
+    base = tmp_path_factory.mktemp("sglang_llava")
+    ckpt = write_llava(str(base / "llava"), fmt="qat-sidecar", bits=4, seed=5)
+    clip = write_clip(str(base / "clip-vit-tiny"), size="tiny", seed=5)
+    assert cli_main(["llava-processor", ckpt, str(base / "processor"), "--clip-dir", clip]) == 0
+    return {"ckpt": ckpt, "clip": clip, "processor": str(base / "processor"), "root": str(base)}
+
+
+def _run_worker(kind: str, spec: dict, tmp_path, env_extra=None) -> dict:
+    spec = dict(spec, out=str(tmp_path / f"{kind}.json"))
+    spec_path = tmp_path / f"{kind}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               **(env_extra or {}))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), kind, str(spec_path)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    if proc.returncode != 0 or not os.path.exists(spec["out"]):
+        pytest.fail(f"worker failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(open(spec["out"]).read())
+
+
+def test_llava_clip_tower_and_chat_template(plugins_loaded, llava_local, monkeypatch):
+    """The released config names the CLIP tower by Hub id: the parser points SGLang's LLaVA at the
+    local directory (GRACE_CLIP_PATH), sets the <image> id, and picks LLaVA's llava_v1 conversation."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.parser.conversation import get_conv_template_by_model_path
+    from grace_qat.llava_hf import CLIP_ENV
+    with open(os.path.join(llava_local["ckpt"], "config.json")) as f:
+        raw = json.load(f)
+    assert raw["mm_vision_tower"] == "openai/clip-vit-large-patch14-336"
+    monkeypatch.setenv(CLIP_ENV, llava_local["clip"])
+    mc = ModelConfig(model_path=llava_local["ckpt"])
+    assert mc.hf_config.mm_vision_tower == os.path.abspath(llava_local["clip"])
+    assert mc.hf_config.image_token_index == raw["vocab_size"]
+    assert get_conv_template_by_model_path(llava_local["ckpt"]) == "grace_llava_v1"
+    assert get_conv_template_by_model_path(os.path.dirname(llava_local["ckpt"])) != "grace_llava_v1"
+    # SGLang caches parsed configs per path; the failures below go through the parser it uses
+    from sglang.srt.configs.model_config_parser_registry import get_model_config_parser
+
+    def parse():
+        return get_model_config_parser("hf").parse(llava_local["ckpt"], trust_remote_code=False)
+
+    assert parse().mm_vision_tower == os.path.abspath(llava_local["clip"])
+    # offline with no tower anywhere: one line naming what was looked at, before any weight loads
+    monkeypatch.delenv(CLIP_ENV)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", os.path.join(llava_local["root"], "empty-cache"))
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", os.path.join(llava_local["root"], "empty-cache"))
+    with pytest.raises(GraceFormatError, match="GRACE_CLIP_PATH") as e:
+        parse()
+    assert "\n" not in str(e.value) and "openai/clip-vit-large-patch14-336" in str(e.value)
+    # a tower directory SGLang could not recognise by name
+    odd = os.path.join(llava_local["root"], "vision-tower")
+    if not os.path.exists(odd):
+        os.symlink(llava_local["clip"], odd)
+    monkeypatch.setenv(CLIP_ENV, odd)
+    with pytest.raises(GraceFormatError, match="'clip' or 'siglip'"):
+        parse()
+
+
+def test_llava_inputs_through_sglang(plugins_loaded, llava_local, tmp_path):
+    """With --tokenizer-path from ``grace-qat llava-processor``: the conversation SGLang picks renders
+    an OpenAI image+text request as GRACE's LLaVA tooling prompts (LLaVA's llava_v1; the spec's
+    prompt) and as the processor's own Jinja template (used by vLLM) does, the tokenizer gives exactly one <image> at config.image_token_index and leaves the text's
+    ids as the release tokenizer has them, SGLang's LLaVA image processor produces the CLIP tower's
+    input, and SGLang's LlavaLlamaForCausalLM loads that tower and expands the <image> position to
+    one slot per patch. With the release tokenizer instead, start-up is refused with the fix."""
+    r = _run_worker("llava-inputs", {"ckpt": llava_local["ckpt"], "clip": llava_local["clip"],
+                                     "processor": llava_local["processor"]}, tmp_path)
+    print(json.dumps({k: v for k, v in r.items() if k != "prompt"}, indent=1))
+    system = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+              "gives helpful, detailed, and polite answers to the human's questions.")
+    spec_prompt = f"{system} USER: <image>\nWhat is in the picture? ASSISTANT:"
+    assert r["prompt"].replace("<image> \n", "<image>\n") == spec_prompt, r["prompt"]
+    assert r["jinja_prompt"].lstrip("<s>").strip() == spec_prompt
+    assert r["image_token_count"] == 1 and r["image_token_id"] == r["vocab_size"]
+    # LLaVA's tokenizer_image_token: each chunk around <image> encoded on its own by SentencePiece
+    assert r["ids"] == r["llava_reference_ids"], (r["ids"], r["llava_reference_ids"])
+    assert r["pixel_shape"] == [3, r["clip_image_size"], r["clip_image_size"]]
+    assert r["pixels_match_clip_reference"] <= 1e-3
+    assert r["vision_tower_from_clip_dir"]
+    patches = (r["clip_image_size"] // r["clip_patch_size"]) ** 2
+    assert r["image_slots"] == patches and r["padded_len"] == r["prompt_len"] - 1 + patches
+    assert r["image_offset"] == r["image_token_position"]
+    assert r["sglang_processor"] == "LlavaImageProcessor"
+    assert "llava-processor" in r["release_tokenizer_error"] and "\n" not in r["release_tokenizer_error"]
+
+
 # -- subprocess worker ---------------------------------------------------------------------------
 
 def _stub_vllm_rotary():
@@ -725,7 +830,127 @@ def _full_model_worker(spec_path: str) -> int:
     return 0
 
 
+def _publish_server_args(model_path: str, **kwargs) -> None:
+    """What SGLang does in each of its processes: make the server arguments visible to the plugin."""
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+    sa = ServerArgs(model_path=model_path, device="cpu", **kwargs)
+    if "ranks" in inspect.signature(publish).parameters:         # 0.5.23
+        from sglang.srt.runtime_context import SpawnRanks
+        publish(sa, role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
+    else:                                                          # 0.5.17
+        publish(sa, role="scheduler")
+
+
+def _llava_inputs_worker(spec_path: str) -> int:
+    import asyncio
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPImageProcessor
+    _stub_vllm_rotary()
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
+    from sglang.srt.parser.conversation import generate_chat_conv, get_conv_template_by_model_path
+    from sglang.srt.utils.hf_transformers.processor import get_processor
+    from grace_qat.llava_hf import CLIP_MEAN
+
+    spec = json.loads(open(spec_path).read())
+    ckpt, clip, proc_dir = spec["ckpt"], spec["clip"], spec["processor"]
+    os.environ["GRACE_CLIP_PATH"] = clip
+    out = {}
+    # 1. the release tokenizer is refused where SGLang publishes its arguments
+    _init_parallel_state(ckpt)     # publishes model_path (tokenizer_path defaults to it)
+    try:
+        ModelConfig(model_path=ckpt)
+        out["release_tokenizer_error"] = ""
+    except GraceFormatError as e:
+        out["release_tokenizer_error"] = str(e)
+    _publish_server_args(ckpt, tokenizer_path=proc_dir)
+    mc = ModelConfig(model_path=ckpt)
+    cfg = mc.hf_config
+    with open(os.path.join(ckpt, "config.json")) as f:
+        out["vocab_size"] = json.load(f)["vocab_size"]
+    # 2. the chat template SGLang picks, on an OpenAI request, against the processor's Jinja one
+    template = get_conv_template_by_model_path(ckpt)
+    image = os.path.join(os.path.dirname(spec["out"]), "image.png")
+    Image.new("RGB", (300, 200), (200, 30, 40)).save(image)
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image}},
+        {"type": "text", "text": "What is in the picture?"}]}])
+    conv = generate_chat_conv(req, template)
+    out["prompt"] = conv.get_prompt()
+    tok = AutoTokenizer.from_pretrained(proc_dir)
+    out["jinja_prompt"] = tok.apply_chat_template(   # a "string"-content template, as vLLM feeds it
+        [{"role": "user", "content": "<image>\nWhat is in the picture?"}], tokenize=False,
+        add_generation_prompt=True)
+    # 3. tokenization: one <image>, text ids unchanged
+    ids = tok(out["prompt"]).input_ids
+    out["image_token_id"] = cfg.image_token_index
+    out["image_token_count"] = ids.count(cfg.image_token_index)
+    out["image_token_position"] = ids.index(cfg.image_token_index)
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(ckpt, "tokenizer.model"))
+    before, after = out["prompt"].replace("<image> \n", "<image>\n").split("<image>")
+    out["llava_reference_ids"] = [sp.bos_id()] + sp.encode(before) + [cfg.image_token_index] + sp.encode(after)
+    out["ids"] = ids
+    out["prompt_len"] = len(ids)
+    # 4. SGLang's LLaVA image processor (as the TokenizerManager builds and calls it) against CLIP's
+    # own preprocessing of LLaVA's padded square
+    from types import SimpleNamespace
+    from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
+    from sglang.srt.runtime_context import get_server_args
+    processor = get_processor(proc_dir, model_name=ckpt)
+    import_processors("sglang.srt.multimodal.processors")
+    mm_proc = get_mm_processor(cfg, get_server_args(), processor, "default", model_config=mc)
+    out["sglang_processor"] = type(mm_proc).__name__
+    result = asyncio.run(mm_proc.process_mm_data_async([image], out["prompt"], SimpleNamespace(modalities=None)))
+    pixels = np.asarray(result.mm_items[0].feature)[0]
+    with open(os.path.join(clip, "config.json")) as f:
+        ccfg = json.load(f)
+    ccfg = ccfg.get("vision_config", ccfg)
+    out["clip_image_size"], out["clip_patch_size"] = ccfg["image_size"], ccfg["patch_size"]
+    out["pixel_shape"] = list(np.asarray(pixels).shape)
+    square = Image.new("RGB", (300, 300), tuple(int(x * 255) for x in CLIP_MEAN))
+    square.paste(Image.open(image).convert("RGB"), (0, 50))
+    ref = CLIPImageProcessor.from_pretrained(clip)(square, return_tensors="np")["pixel_values"][0]
+    out["pixels_match_clip_reference"] = float(np.abs(np.asarray(pixels, np.float32) - ref).max())
+    # 5. SGLang's LlavaLlamaForCausalLM: its own load_weights fetches the tower from mm_vision_tower
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.model_loader.loader import DefaultModelLoader, _initialize_model, _get_quantization_config
+    torch.set_default_dtype(mc.dtype)
+    orig_cuda = torch.nn.Module.cuda
+    torch.nn.Module.cuda = lambda self, *a, **k: self      # 0.5.17 moves the tower with .cuda()
+    try:
+        model = _initialize_model(mc, LoadConfig(), _get_quantization_config(mc, LoadConfig()))
+        model.load_weights(DefaultModelLoader(LoadConfig())._get_all_weights(mc, model))
+    finally:
+        torch.nn.Module.cuda = orig_cuda
+    from safetensors import safe_open
+    with safe_open(os.path.join(clip, "model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("patch_embedding.weight"))
+        expected = f.get_tensor(key)
+    got = dict(model.vision_tower.named_parameters())
+    got = next(v for k, v in got.items() if k.endswith("patch_embedding.weight"))
+    out["vision_tower_from_clip_dir"] = bool(torch.equal(got.float(), expected.float()))
+    from array import array
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+    for item in result.mm_items:
+        item.pad_value = 123456
+    mm = MultimodalInputs(mm_items=result.mm_items)
+    padded = model.pad_input_ids(array("q", ids), mm)
+    padded = list(padded)
+    out["padded_len"] = len(padded)
+    out["image_slots"] = padded.count(123456)
+    out["image_offset"] = padded.index(123456)
+    with open(spec["out"], "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "full-model":
-        sys.exit(_full_model_worker(sys.argv[2]))
-    sys.exit(f"usage: {sys.argv[0]} full-model SPEC.json")
+    workers = {"full-model": _full_model_worker, "llava-inputs": _llava_inputs_worker}
+    if len(sys.argv) == 3 and sys.argv[1] in workers:
+        sys.exit(workers[sys.argv[1]](sys.argv[2]))
+    sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(workers)}}} SPEC.json")

@@ -184,13 +184,13 @@ EOF
       --reference $WORK/qwen3vl-2b-qat-sidecar-w4-gptq --out $OUT/sglang-2b.json --skip-layer-check \
       --timeout 400 "$@" ;;
   sglang-llava)   # (SGLang) original-layout LLaVA-1.5 (tiny) on SGLang's LlavaLlamaForCausalLM: local CLIP
-    # tower (mm_vision_tower = a directory), llava-hf processor + vicuna_v1.1 template, as users pass them
+    # tower (mm_vision_tower = a directory), --tokenizer-path from `grace-qat llava-processor`
     wait_sglang_jit || exit 1
-    python3 -c "from grace_qat import fixtures, convert
+    python3 -c "from grace_qat import fixtures, llava_hf
 fixtures.write_llava('/tmp/sg-llava', size='tiny', clip_dir='/tmp/sg-clip')
-convert.convert('/tmp/sg-llava', '/tmp/sg-llava-hf', to='bf16', layout='llava-hf', clip_dir='/tmp/sg-clip', force=True)" || exit 1
-    timeout 900 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-llava --tokenizer-path /tmp/sg-llava-hf \
-      --chat-template vicuna_v1.1 --out $OUT/sglang-llava-tiny.json --timeout 400 "$@" ;;
+llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
+    timeout 900 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-llava --tokenizer-path /tmp/sg-llava-proc \
+      --out $OUT/sglang-llava-tiny.json --timeout 400 "$@" ;;
   bench-sglang)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on the full-size 2B, formats A and B
     wait_sglang_jit || exit 1
     wait_prep || exit 1

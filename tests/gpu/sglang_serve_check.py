@@ -24,9 +24,9 @@ The JSON written to ``--out`` holds every step's result, the greedy token ids of
 whether they are identical. The exit status is 0 when every step that ran passed.
 
 Options worth knowing: ``--tp N``; ``--image PATH`` (default: a synthetic picture);
-``--skip-layer-check`` / ``--skip-reference``; ``--tokenizer-path`` and ``--chat-template`` (for
-original-layout LLaVA, whose own tokenizer has no ``<image>`` token: e.g. a llava-hf tokenizer
-directory and ``vicuna_v1.1``); ``--disable-cuda-graph``.
+``--skip-layer-check`` / ``--skip-reference``; ``--tokenizer-path`` (for original-layout LLaVA,
+whose own tokenizer has no ``<image>`` token: the directory ``grace-qat llava-processor`` writes);
+``--chat-template``; ``--disable-cuda-graph``.
 
 Note on exactness: Marlin multiplies codes by steps stored in the activation dtype (bf16 for
 Qwen3-VL, fp16 for LLaVA, which SGLang always runs in fp16), so neither path reproduces the fp32
@@ -57,8 +57,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 DISABLED_PLUGINS = "__grace_qat_disabled__"   # SGLANG_PLUGINS whitelist that matches no plugin
-LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
-                "gives helpful, detailed, and polite answers to the human's questions.")
+from grace_qat.llava_hf import LLAVA_V1_SYSTEM as LLAVA_SYSTEM  # noqa: E402  (LLaVA's llava_v1 prompt)
 
 
 def parse_args(argv=None):
@@ -127,8 +126,9 @@ def synthetic_image(path):
 def build_prompts(model_dir, tokenizer_dir, question):
     """(image+text prompt, text-only prompt) in the model's own chat format."""
     arch = architecture(model_dir)
-    if arch == "LlavaLlamaForCausalLM":        # vicuna_v1, as LLaVA-1.5 was trained
-        return (f"{LLAVA_SYSTEM} USER: <image>\n{question} ASSISTANT:",
+    if arch == "LlavaLlamaForCausalLM":        # llava_v1, as the grace_llava_v1 template renders it:
+        # "<image> " so that one tokenization gives LLaVA's ids (grace_sglang/llava.py)
+        return (f"{LLAVA_SYSTEM} USER: <image> \n{question} ASSISTANT:",
                 f"{LLAVA_SYSTEM} USER: {question} ASSISTANT:")
     src = tokenizer_dir or model_dir
     mm = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -268,6 +268,10 @@ def child_engine(args):
         kwargs["tokenizer_path"] = args.tokenizer_path
     if args.chat_template:
         kwargs["chat_template"] = args.chat_template
+    if args.child_quantization == "none" and architecture(args.model) == "LlavaLlamaForCausalLM":
+        # stock SGLang keeps LlavaConfig's default <image> id (32000); tell it where the processor's is
+        # (the plugin sets it itself), so both runs place the image alike on any vocabulary size
+        kwargs["json_model_override_args"] = json.dumps({"image_token_index": read_config(args.model)["vocab_size"]})
     res = {"engine_kwargs": kwargs, "sglang": sglang.__version__, "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "prompts": {"image_text": mm_prompt, "text": text_prompt}}
