@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up from scratch if needed, then run the whole test suite: the core and the vLLM
-# plugin against a real vLLM engine on CPU (.venv), and the SGLang plugin against SGLang (.venv-sglang).
+# plugin against a real vLLM engine on CPU (.venv), and the SGLang plugin against SGLang 0.5.23
+# (.venv-sglang) and 0.5.17 (an overlay on that venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -8,5 +9,9 @@ cd "$(dirname "$0")/.."
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_INT4_W4A8=0
 status=0
 "${GRACE_VENV:-.venv}/bin/python" -m pytest -q -rs -m "not sglang" --ignore=tests/test_sglang_plugin.py "$@" || status=$?
-"${GRACE_SGLANG_VENV:-.venv-sglang}/bin/python" -m pytest -q -rs -m sglang tests/test_sglang_plugin.py || status=$?
+SGPY="${GRACE_SGLANG_VENV:-.venv-sglang}/bin/python"
+GRACE_EXPECT_SGLANG=0.5.23 "$SGPY" -m pytest -q -rs -m sglang tests/test_sglang_plugin.py || status=$?
+# the oldest supported SGLang, overlaid on the same venv (scripts/setup-sglang.sh)
+GRACE_EXPECT_SGLANG=0.5.17 PYTHONPATH="${GRACE_SGLANG_OLD_DIR:-.sglang-0.5.17}" \
+  "$SGPY" -m pytest -q -rs -m sglang tests/test_sglang_plugin.py || status=$?
 exit $status

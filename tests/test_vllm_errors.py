@@ -8,6 +8,7 @@ pytest.importorskip("vllm")
 
 SCRIPT = r"""
 import logging, sys
+import vllm.logger   # vLLM configures its loggers on import (dictConfig): attach the handler after
 import grace_vllm
 grace_vllm._KERNEL_MODULE = "vllm.model_executor.kernels.no_such_module"   # as on vLLM < 0.26
 records = []
