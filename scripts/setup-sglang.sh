@@ -19,13 +19,13 @@ fi
 pip_install --no-deps --no-build-isolation -e .
 echo "[setup-sglang] ready: $VENV ($("$VENV/bin/python" -c 'import sglang; print("sglang", sglang.__version__)'))"
 
-# The oldest supported SGLang as an overlay on the same venv (PYTHONPATH=$OLD), with the Transformers
-# and tokenizers it pins, so the suite runs against both ends of the range (0.5.17 and 0.5.23).
+# The oldest supported SGLang as an overlay on the same venv (PYTHONPATH=$OLD), with the Transformers,
+# tokenizers and xgrammar it pins, so the suite runs against both ends of the range (0.5.17 and 0.5.23).
 OLD=${GRACE_SGLANG_OLD_DIR:-.sglang-0.5.17}
 if [ ! -f "$OLD/sglang/version.py" ]; then
   echo "[setup-sglang] SGLang 0.5.17 overlay in $OLD"
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --target "$OLD" \
-    sglang==0.5.17 transformers==5.12.1 tokenizers==0.22.2 2>&1 | grep -v "^WARNING: Location" || true
+    sglang==0.5.17 transformers==5.12.1 tokenizers==0.22.2 xgrammar==0.2.1 2>&1 | grep -v "^WARNING: Location" || true
 fi
-PYTHONPATH=$OLD "$VENV/bin/python" -c "import sglang; assert sglang.__version__ == '0.5.17', sglang.__version__" \
+PYTHONPATH=$OLD "$VENV/bin/python" -c "import sglang, sglang.srt.server_args; assert sglang.__version__ == '0.5.17'" \
   || { echo "[setup-sglang] SGLang 0.5.17 overlay install failed" >&2; exit 1; }
