@@ -141,7 +141,10 @@ def _make_parser(base: type) -> type:
                     logger.info("grace_qat: %s is a GRACE %s checkpoint; serving it with "
                                 "quantization=grace_qat", injected["checkpoint_dir"], injected["format"])
                     config.quantization_config = injected
-            if llava.is_grace_llava(model):   # CLIP tower, <image> id, tokenizer check
+            qc = getattr(config, "quantization_config", None)
+            if isinstance(qc, dict) and qc.get("quant_method") == QUANT_NAME \
+                    and llava.original_llava_config(model) is not None:
+                # original-layout LLaVA: CLIP tower, <image> id, tokenizer check
                 llava.prepare_config(config, os.path.abspath(os.fspath(model)))
             return config
 

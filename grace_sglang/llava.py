@@ -35,9 +35,10 @@ from grace_qat.errors import GraceFormatError
 from grace_qat.llava_hf import (CLIP_ENV, IMAGE_TOKEN, LLAVA_V1_SYSTEM, find_clip_dir, image_token_id,
                                 is_original_llava)
 
+from . import QUANT_NAME
+
 logger = logging.getLogger(__name__)
 
-ARCHITECTURE = "LlavaLlamaForCausalLM"
 CHAT_TEMPLATE = "grace_llava_v1"       # registered below: LLaVA's llava_v1 conversation
 _BASE_TEMPLATE = "vicuna_v1.1"          # SGLang's USER/ASSISTANT conversation it is derived from
 _TOWER_KINDS = ("clip", "siglip")       # SGLang's LLaVA chooses the tower class by these substrings
@@ -52,16 +53,22 @@ def _read_config(model_dir: str) -> Optional[dict]:
     return cfg if isinstance(cfg, dict) else None
 
 
-def is_grace_llava(model_dir: Any) -> bool:
-    """A local original-layout LLaVA-1.5 directory that is a GRACE checkpoint."""
+def original_llava_config(model_dir: Any) -> Optional[dict]:
+    """The config.json of a local original-layout LLaVA-1.5 directory, else None."""
     if not isinstance(model_dir, (str, os.PathLike)):
-        return False
+        return None
     cfg = _read_config(os.fspath(model_dir))
-    if cfg is None or not is_original_llava(cfg):
+    return cfg if cfg is not None and is_original_llava(cfg) else None
+
+
+def is_grace_llava(model_dir: Any) -> bool:
+    """A local original-layout LLaVA-1.5 directory that is a GRACE checkpoint (declared or detected)."""
+    cfg = original_llava_config(model_dir)
+    if cfg is None:
         return False
     declared = (cfg.get("quantization_config") or {}).get("quant_method")
     if declared is not None:
-        return declared == "grace_qat"
+        return declared == QUANT_NAME
     from .config import detect_grace_quantization
     return detect_grace_quantization(model_dir) is not None
 
