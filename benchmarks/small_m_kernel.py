@@ -1,0 +1,232 @@
+"""Time grace_qat's small-M Triton kernel against BF16, the copy bandwidth and (when vLLM is
+importable) vLLM's Marlin and Machete, per layer shape and token count M; write the kernel table.
+
+Writes under --out:
+* ``small_m.json``: ``meta`` (GPU, torch, Triton, vLLM versions), the measured device-to-device
+  copy bandwidth, and per shape and M: microseconds of each kernel (every tried launch config of
+  ours), the fraction of the copy bandwidth each reaches, and the error of ours and of BF16
+  against an fp32 reference;
+* ``kernel_table.json``: per GPU and shape, our launch config per M and, with vLLM, the largest
+  M at which ours is the fastest, and Marlin's crossover against Machete (what
+  ``grace_vllm/dispatch.py`` reads);
+* ``small_m.png``.
+
+Each GEMM is timed inside a CUDA graph cycling through enough copies of the weights that they do
+not stay in L2 (as decode runs), like ``kernel_crossover.py``.
+
+    python benchmarks/small_m_kernel.py --out /tmp/small_m
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kernel_crossover import _time_us, crossover_from, layer_shapes  # noqa: E402
+
+MS = (1, 2, 4, 8, 16, 32)
+L2_BYTES = 60 * 2 ** 20          # H200 (H100: 50 MB); weights rotated over 3x this
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (bytes read + bytes written)."""
+    n = 2 ** 30 // 2
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            b.copy_(a)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / 10)
+    del a, b
+    return 2 * 2 ** 30 / sorted(times)[len(times) // 2]
+
+
+def candidates(m: int, n: int, k: int, bits: int, group: int):
+    """Launch configs tried per M: the heuristic's, and neighbours in tile width and split."""
+    from grace_qat.kernels.triton_wna16 import Config, heuristic
+    base = heuristic(m, n, k, bits, group)
+    out = [base]
+    if not base.use_dot:
+        shapes = [(16, 64, 4), (32, 32, 4), (64, 32, 4)]
+    else:
+        shapes = [(32, 16, 4), (64, 16, 4)]
+    for bn, bkp, warps in shapes:
+        for split in sorted({1, base.split_k, base.split_k * 2}):
+            c = Config(base.block_m, bn, bkp, split, base.use_dot, warps, 3)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def _codes(n, k, bits, group, copies, dtype):
+    from grace_qat.packing import pack_int32
+    sets = []
+    for _ in range(copies):
+        u = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
+        scales = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.001).to(dtype)
+        sets.append((pack_int32(u, bits, dim=1), scales, u))
+    return sets
+
+
+def _rel(y, ref) -> float:
+    return ((y.float() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline) -> dict:
+    from grace_qat.kernels.triton_wna16 import wna16_mm
+    dtype = torch.bfloat16
+    wbytes = n * k * bits // 8 + n * (k // group) * 2
+    copies = max(1, math.ceil(3 * L2_BYTES / wbytes))
+    sets = _codes(n, k, bits, group, copies, dtype)
+    # fp32 reference weight of set 0, dequantized here with plain torch
+    u0, s0 = sets[0][2], sets[0][1]
+    w_ref = (u0 - 2 ** (bits - 1)).float() * s0.float().repeat_interleave(group, dim=1)
+    for i, (p, s, _) in enumerate(sets):
+        sets[i] = (p, s)
+    bf_copies = max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))
+    bf = [w_ref.to(dtype) if i == 0 else torch.randn(n, k, device="cuda", dtype=dtype) * 0.01
+          for i in range(bf_copies)]
+    vk = None
+    if vllm_ok:
+        from kernel_crossover import _kernels
+        vk = _kernels(bits, group, n, k, max(1, math.ceil(3 * L2_BYTES / (n * k * bits // 8))))
+    row = {"bits": bits, "group": group, "n": n, "k": k, "weight_bytes": wbytes, "copies": copies,
+           "m": {}}
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.float() @ w_ref.t()
+        r = {"bf16_us": _time_us([lambda w=w: F.linear(x, w) for w in bf]), "configs": []}
+        r["bf16_rel_err"] = _rel(F.linear(x, bf[0]), ref)
+        tried = candidates(m, n, k, bits, group) if time.time() < deadline else candidates(m, n, k, bits, group)[:1]
+        for cfg in tried:
+            try:
+                us = _time_us([lambda p=p, s=s: wna16_mm(x, p, s, bits, group, config=cfg) for p, s in sets])
+            except Exception as e:             # a config the compiler refuses (resources): skip it
+                r["configs"].append({"config": cfg.as_list(), "error": str(e)[:200]})
+                continue
+            r["configs"].append({"config": cfg.as_list(), "us": us})
+        ok = [c for c in r["configs"] if "us" in c]
+        best = min(ok, key=lambda c: c["us"])
+        from grace_qat.kernels.triton_wna16 import Config
+        cfg = Config.from_list(best["config"])
+        y = wna16_mm(x, sets[0][0], sets[0][1], bits, group, config=cfg)
+        r.update(wna16_us=best["us"], wna16_config=best["config"], wna16_rel_err=_rel(y, ref),
+                 wna16_max_abs_err=(y.float() - ref).abs().max().item(),
+                 wna16_copy_fraction=wbytes / (best["us"] * 1e-6) / copy_bps,
+                 bf16_copy_fraction=n * k * 2 / (r["bf16_us"] * 1e-6) / copy_bps)
+        if vk is not None:
+            for idx, name in ((0, "marlin"), (1, "machete")):
+                r[f"{name}_us"] = _time_us([lambda kern=pr[idx][0], mod=pr[idx][1]: kern.apply_weights(mod, x)
+                                            for pr in vk])
+                r[f"{name}_copy_fraction"] = n * k * bits / 8 / (r[f"{name}_us"] * 1e-6) / copy_bps
+        row["m"][m] = r
+        print(f"  w{bits} n{n} k{k} M={m:3d}: ours {best['us']:7.2f} us ({r['wna16_copy_fraction']:.2f} of copy) "
+              f"cfg {best['config']}  bf16 {r['bf16_us']:7.2f} us"
+              + (f"  marlin {r['marlin_us']:.2f} machete {r['machete_us']:.2f}" if vk else "")
+              + f"  rel err ours {r['wna16_rel_err']:.1e} bf16 {r['bf16_rel_err']:.1e}", flush=True)
+    return row
+
+
+def table_entry(row: dict) -> dict:
+    """What dispatch reads for one shape: our config per M, and with vLLM the M ranges per kernel."""
+    entry = {"wna16_configs": [[m, r["wna16_config"]] for m, r in sorted(row["m"].items())]}
+    ms = sorted(row["m"])
+    if all("marlin_us" in row["m"][m] for m in ms):
+        best_other = {m: min(row["m"][m]["marlin_us"], row["m"][m]["machete_us"]) for m in ms}
+        entry["wna16_max_m"] = crossover_from({m: row["m"][m]["wna16_us"] for m in ms}, best_other)
+        entry["marlin_max_m"] = crossover_from({m: row["m"][m]["marlin_us"] for m in ms},
+                                               {m: row["m"][m]["machete_us"] for m in ms})
+    return entry
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="qwen3vl-2b,llava-7b")
+    ap.add_argument("--tp", default="1,2")
+    ap.add_argument("--bits", default="4,8", help="qwen3vl: these; llava (released as W4): 4 only")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--sweep-seconds", type=float, default=240.0,
+                    help="after this long, time only the heuristic's config")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+    vllm_version = None
+    try:
+        import vllm
+        from kernel_crossover import _single_rank
+        _single_rank()
+        vllm_version = vllm.__version__
+    except ImportError:
+        pass
+    device = torch.cuda.get_device_name()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "vllm": vllm_version,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    meta["copy_bytes_per_s"] = copy_bw = copy_bandwidth()
+    print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s, vllm {vllm_version}", flush=True)
+    deadline = time.time() + args.sweep_seconds
+    ms = [int(m) for m in args.ms.split(",")]
+    rows, seen = [], {}
+    for model in args.models.split(","):
+        for tp in (int(t) for t in args.tp.split(",")):
+            for bits in (int(b) for b in args.bits.split(",")):
+                if model.startswith("llava") and bits != 4:
+                    continue
+                for layer, n, k in layer_shapes(model, tp):
+                    key = (bits, n, k)
+                    if key not in seen:
+                        seen[key] = measure_shape(bits, args.group, n, k, ms, copy_bw,
+                                                  vllm_version is not None, deadline)
+                        rows.append(seen[key])
+                    seen[key].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
+    from grace_vllm.dispatch import shape_key
+    table = {"note": "written by benchmarks/small_m_kernel.py", "meta": meta,
+             "devices": {device: {"shapes": {shape_key(r["bits"], args.group, r["n"], r["k"]): table_entry(r)
+                                             for r in rows}}}}
+    with open(os.path.join(args.out, "small_m.json"), "w") as f:
+        json.dump({"meta": meta, "shapes": rows}, f, indent=1)
+    with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        for r in rows:
+            label = f"w{r['bits']} n{r['n']} k{r['k']}"
+            mm = sorted(r["m"])
+            axes[0].plot(mm, [r["m"][m]["wna16_copy_fraction"] for m in mm], marker=".", label=label)
+            axes[1].plot(mm, [r["m"][m]["bf16_us"] / r["m"][m]["wna16_us"] for m in mm], marker=".", label=label)
+        axes[0].set(xscale="log", xlabel="M", ylabel="fraction of copy bandwidth (ours)",
+                    title=f"{device}, torch {torch.__version__}, vLLM {vllm_version}")
+        axes[1].set(xscale="log", xlabel="M", ylabel="BF16 time / our time")
+        axes[1].axhline(1.0, color="k", lw=0.8)
+        axes[0].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "small_m.png"), dpi=110)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
