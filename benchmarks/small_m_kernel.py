@@ -6,15 +6,16 @@ Writes under --out:
   copy bandwidth, and per shape and M: microseconds of each kernel (every tried launch config of
   ours), the fraction of the copy bandwidth each reaches, and the error of ours and of BF16
   against an fp32 reference;
-* ``kernel_table.json``: per GPU and shape, our launch config per M and, with vLLM, the largest
-  M at which ours is the fastest, and Marlin's crossover against Machete (what
-  ``grace_vllm/dispatch.py`` reads);
+* ``kernel_table.json``: per GPU and shape, our launch config per M and, with vLLM, which small-M
+  kernel to keep next to Machete up to which M (``table_entry``), what ``grace_vllm/dispatch.py``
+  reads: copy it to ``grace_vllm/kernel_table_<gpu>.json`` or point ``GRACE_QAT_CROSSOVER_FILE`` at it;
 * ``small_m.png``.
 
 Each GEMM is timed inside a CUDA graph cycling through enough copies of the weights that they do
 not stay in L2 (as decode runs), like ``kernel_crossover.py``.
 
     python benchmarks/small_m_kernel.py --out /tmp/small_m
+    python benchmarks/small_m_kernel.py --out /tmp/t --merge small_m.json timings.json   # no GPU
 """
 from __future__ import annotations
 
@@ -144,16 +145,70 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline) -> dict:
     return row
 
 
-def table_entry(row: dict) -> dict:
-    """What dispatch reads for one shape: our config per M, and with vLLM the M ranges per kernel."""
-    entry = {"wna16_configs": [[m, r["wna16_config"]] for m, r in sorted(row["m"].items())]}
-    ms = sorted(row["m"])
-    if all("marlin_us" in row["m"][m] for m in ms):
-        best_other = {m: min(row["m"][m]["marlin_us"], row["m"][m]["machete_us"]) for m in ms}
-        entry["wna16_max_m"] = crossover_from({m: row["m"][m]["wna16_us"] for m in ms}, best_other)
-        entry["marlin_max_m"] = crossover_from({m: row["m"][m]["marlin_us"] for m in ms},
-                                               {m: row["m"][m]["machete_us"] for m in ms})
+def table_entry(ours: dict, configs: dict, marlin: dict | None = None, machete: dict | None = None,
+                marlin_max_m: int | None = None) -> dict:
+    """What ``grace_vllm/dispatch.py`` reads for one shape, from microseconds per M of each kernel.
+
+    Only two packed copies are allowed, so the small-M partner of Machete is either Marlin or ours:
+    the mix kept is the one whose worst slowdown against the fastest of the three, over the
+    measured M, is smaller (a mix that wins at M=1 but loses 40% at M=16 is not taken)."""
+    entry = {"triton_configs": [[m, configs[m]] for m in sorted(configs)]}
+    if marlin is None or machete is None:
+        return entry
+    ms = sorted(set(ours) & set(marlin) & set(machete))
+    if marlin_max_m is None:
+        marlin_max_m = crossover_from({m: marlin[m] for m in ms}, {m: machete[m] for m in ms})
+    triton_max = crossover_from({m: ours[m] for m in ms}, {m: machete[m] for m in ms})
+    best = {m: min(ours[m], marlin[m], machete[m]) for m in ms}
+    mix_marlin = max((marlin[m] if m <= marlin_max_m else machete[m]) / best[m] for m in ms)
+    mix_triton = max((ours[m] if m <= triton_max else machete[m]) / best[m] for m in ms)
+    entry.update(marlin_max_m=marlin_max_m, triton_max_m=triton_max,
+                 triton_vs_marlin_max_m=crossover_from({m: ours[m] for m in ms}, {m: marlin[m] for m in ms}),
+                 small="triton" if mix_triton < mix_marlin and triton_max > 0 else "marlin",
+                 worst_slowdown={"marlin+machete": round(mix_marlin, 3), "triton+machete": round(mix_triton, 3)})
     return entry
+
+
+def _row_entry(row: dict) -> dict:
+    ms = sorted(row["m"])
+    get = lambda name: ({m: row["m"][m][name] for m in ms} if all(name in row["m"][m] for m in ms)  # noqa: E731
+                        else None)
+    return table_entry(get("wna16_us"), {m: row["m"][m]["wna16_config"] for m in ms}, get("marlin_us"),
+                       get("machete_us"))
+
+
+def merge_runs(small_m_path: str, crossover_timings_path: str, group: int) -> dict:
+    """A kernel table from a run of this script without vLLM and a kernel_crossover.py run (its
+    timings.json) on the same GPU kind: Marlin's crossover as that run measured it (full ladder)."""
+    from grace_vllm.dispatch import shape_key
+    with open(small_m_path) as f:
+        ours = json.load(f)
+    with open(crossover_timings_path) as f:
+        xo = json.load(f)
+    if xo["device"] != ours["meta"]["device"]:
+        raise SystemExit(f"{crossover_timings_path} was measured on {xo['device']!r}, "
+                         f"{small_m_path} on {ours['meta']['device']!r}: not one GPU kind")
+    by_key = {t["key"]: t for t in xo["timings"]}
+    shapes = {}
+    for r in ours["shapes"]:
+        key = shape_key(r["bits"], group, r["n"], r["k"])
+        ms = {int(m): v for m, v in r["m"].items()}
+        t = by_key.get(key)
+        conv = (lambda d: {int(m): v for m, v in d.items()})
+        shapes[key] = table_entry({m: v["wna16_us"] for m, v in ms.items()},
+                                  {m: v["wna16_config"] for m, v in ms.items()},
+                                  conv(t["marlin_us"]) if t else None, conv(t["machete_us"]) if t else None,
+                                  t["max_m"] if t else None)
+    for key, t in by_key.items():
+        shapes.setdefault(key, {"marlin_max_m": t["max_m"]})
+    default = sorted(e["marlin_max_m"] for e in shapes.values() if "marlin_max_m" in e)
+    return {"note": (f"Per layer shape on one rank: the small-M kernel kept next to Machete, up to "
+                     f"which M, and the Triton kernel's launch configs. Built by "
+                     f"benchmarks/small_m_kernel.py --merge from {os.path.basename(small_m_path)} "
+                     f"({ours['meta']['date']}, torch {ours['meta']['torch']}, Triton "
+                     f"{ours['meta']['triton']}) and kernel_crossover.py timings (vLLM Marlin/Machete, "
+                     f"torch {xo['torch']}): two runs on the same GPU kind, bf16 activations."),
+            "devices": {ours["meta"]["device"]: {"default": default[len(default) // 2], "shapes": shapes}}}
 
 
 def main() -> None:
@@ -166,8 +221,15 @@ def main() -> None:
     ap.add_argument("--sweep-seconds", type=float, default=240.0,
                     help="after this long, time only the heuristic's config")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--merge", nargs=2, metavar=("SMALL_M_JSON", "CROSSOVER_TIMINGS_JSON"),
+                    help="no GPU work: write kernel_table.json from an earlier run of this script and "
+                         "a kernel_crossover.py timings.json of the same GPU kind")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
+            json.dump(merge_runs(*args.merge, args.group), f, indent=1, sort_keys=True)
+        return
     import triton
     vllm_version = None
     try:
@@ -201,7 +263,7 @@ def main() -> None:
                     seen[key].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
     from grace_vllm.dispatch import shape_key
     table = {"note": "written by benchmarks/small_m_kernel.py", "meta": meta,
-             "devices": {device: {"shapes": {shape_key(r["bits"], args.group, r["n"], r["k"]): table_entry(r)
+             "devices": {device: {"shapes": {shape_key(r["bits"], args.group, r["n"], r["k"]): _row_entry(r)
                                              for r in rows}}}}
     with open(os.path.join(args.out, "small_m.json"), "w") as f:
         json.dump({"meta": meta, "shapes": rows}, f, indent=1)

@@ -22,7 +22,7 @@ kernel pairs value i of every word with x[:, j*pf + i] (a strided load of the sm
 Layers with too few output tiles to fill the GPU split K across programs (fp32 partial sums, then a
 small reduction kernel adds them, the bias, and casts).
 
-The launch parameters come from a per-shape table (``CONFIGS``, measured) or a heuristic; nothing
+The launch parameters come from a per-shape table the caller passes (measured) or a heuristic; nothing
 is tuned at run time, so the function can be captured in CUDA graphs. Triton is imported with this
 module only.
 """
@@ -56,11 +56,6 @@ class Config:
         return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), bool(v[4]), int(v[5]), int(v[6]))
 
 
-# (bits, n, k) -> [(largest M, Config), ...] in increasing M; filled from measurements
-# (benchmarks/small_m_kernel.py); shapes missing here use heuristic().
-CONFIGS: dict[tuple[int, int, int], list[tuple[int, Config]]] = {}
-
-
 def supports(bits: int, group: int, k: int) -> bool:
     """Symmetric int4/int8 with groups that hold whole packed words (or one group per row)."""
     pf = 32 // bits if bits in (4, 8) else 0
@@ -91,11 +86,14 @@ def heuristic(m: int, n: int, k: int, bits: int, group: int, num_sms: int = NUM_
     return Config(block_m, block_n, block_kp, split, use_dot, warps, 3)
 
 
-def choose(m: int, n: int, k: int, bits: int, group: int) -> Config:
-    for max_m, cfg in CONFIGS.get((bits, n, k), ()):
+def choose(m: int, n: int, k: int, bits: int, group: int,
+           table: "list[tuple[int, Config]] | tuple" = ()) -> Config:
+    """The config for M from ``table`` [(largest M, Config), ...] (measured per shape, increasing
+    M; the last entry also serves larger M), else the heuristic."""
+    for max_m, cfg in table:
         if m <= max_m:
             return cfg
-    return heuristic(m, n, k, bits, group)
+    return table[-1][1] if table else heuristic(m, n, k, bits, group)
 
 
 @triton.jit
