@@ -73,6 +73,11 @@ def candidates(m: int, n: int, k: int, bits: int, group: int):
             c = Config(base.block_m, bn, bkp, split, base.use_dot, warps, 3)
             if c not in out:
                 out.append(c)
+    if base.use_dot:            # one dot of 128 features per step (in-place unpack)
+        bkp = 128 // (32 // bits)
+        for bn in (32, 64):
+            for split in sorted({1, base.split_k}):
+                out.append(Config(base.block_m, bn, bkp, split, True, 4, 3, unpack=1))
     return out
 
 

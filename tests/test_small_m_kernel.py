@@ -82,11 +82,13 @@ def test_fma_path_matches_reference(bits, dtype):
     _check(3, 24, 256, bits, 128, dtype, config=_cfg(block_m=4))
 
 
+@pytest.mark.parametrize("unpack", [0, 1])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dot_path_matches_reference(bits, dtype):
+def test_dot_path_matches_reference(bits, dtype, unpack):
     # each dot step is block_kp * pf features: 16*8 = 128 (int4), 16*4 = 64 (int8), inside a group
-    _check(5, 32, 256, bits, 128, dtype, config=_cfg(block_m=16, block_n=16, block_kp=16, use_dot=True))
+    _check(5, 32, 256, bits, 128, dtype,
+           config=_cfg(block_m=16, block_n=16, block_kp=16, use_dot=True, unpack=unpack))
 
 
 def test_split_k_with_bias_and_uneven_splits():
@@ -98,6 +100,7 @@ def test_whole_row_group_and_k_not_multiple_of_128():
     # K = 200: one group per row (GRACE's rule when 128 does not divide in); last step is partial
     _check(2, 16, 200, 4, -1, torch.bfloat16, config=_cfg(block_m=2, block_kp=8))
     _check(17, 16, 200, 8, -1, torch.float16, config=_cfg(block_m=16, block_kp=16, use_dot=True))
+    _check(17, 16, 200, 8, -1, torch.float16, config=_cfg(block_m=16, block_kp=16, use_dot=True, unpack=1))
 
 
 def test_heuristic_choice_runs_and_leading_dims_are_kept():
@@ -142,6 +145,17 @@ def test_core_imports_without_triton():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_layer_shapes_match_reference(m, bits, n, k, dtype):
     _check(m, n, k, bits, 128, dtype, bias=(m == 2), seed=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("m", [8, 32])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_in_place_unpack_matches_reference(m, bits, dtype):
+    cfg = _cfg(block_m=16 if m <= 16 else 32, block_n=64, block_kp=16 if bits == 4 else 32,
+               split_k=2, use_dot=True, num_warps=4, num_stages=3, unpack=1)
+    _check(m, 4096, 2048, bits, 128, dtype, bias=True, config=cfg)
 
 
 @pytest.mark.gpu

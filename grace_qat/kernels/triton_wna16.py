@@ -46,14 +46,18 @@ class Config:
     use_dot: bool
     num_warps: int = 4
     num_stages: int = 3
+    # dot path only: 0 pairs value i of each word with x[:, j*pf + i] (pf dots of block_kp), 1
+    # unpacks the tile in place (reshape to block_kp * pf columns) for one dot per step
+    unpack: int = 0
 
     def as_list(self) -> list:
         return [self.block_m, self.block_n, self.block_kp, self.split_k, int(self.use_dot),
-                self.num_warps, self.num_stages]
+                self.num_warps, self.num_stages, self.unpack]
 
     @classmethod
     def from_list(cls, v) -> "Config":
-        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), bool(v[4]), int(v[5]), int(v[6]))
+        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), bool(v[4]), int(v[5]), int(v[6]),
+                   int(v[7]) if len(v) > 7 else 0)
 
 
 def supports(bits: int, group: int, k: int) -> bool:
@@ -102,7 +106,7 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, GROUP, stride_xm,
                   BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, IS_SPLIT: tl.constexpr,
                   USE_DOT: tl.constexpr, MAGIC16: tl.constexpr, MAGIC16_VALUE: tl.constexpr,
-                  NUM_STAGES: tl.constexpr):
+                  NUM_STAGES: tl.constexpr, UNPACK: tl.constexpr):
     PF: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     OFFSET: tl.constexpr = 1 << (BITS - 1)
@@ -128,7 +132,18 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, GROUP, stride_xm,
         mask_j = jp < KP
         p = tl.load(w_rows + jp[None, :], mask=mask_n[:, None] & mask_j[None, :], other=0)
         xmask = mask_m[:, None] & mask_j[None, :]
-        if USE_DOT:
+        if USE_DOT and UNPACK == 1:
+            ks = tl.reshape((jp * PF)[:, None] + tl.arange(0, PF)[None, :], (BLOCK_K,))
+            xk = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < KP * PF)[None, :], other=0.0)
+            u = (p[:, :, None] >> (tl.arange(0, PF) * BITS)[None, None, :]) & MASK
+            u = tl.reshape(u, (BLOCK_N, BLOCK_K))
+            if MAGIC16 != 0:
+                w = ((u | MAGIC16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+                     - (MAGIC16_VALUE + OFFSET))
+            else:
+                w = (u - OFFSET).to(x_ptr.dtype.element_ty)
+            d = tl.dot(xk, tl.trans(w.to(x_ptr.dtype.element_ty)))
+        elif USE_DOT:
             d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for i in tl.static_range(PF):
                 xi = tl.load(x_rows + (jp * PF + i)[None, :], mask=xmask, other=0.0)
@@ -140,6 +155,7 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, GROUP, stride_xm,
                 else:
                     w = (u - OFFSET).to(x_ptr.dtype.element_ty)
                 d += tl.dot(xi, tl.trans(w.to(x_ptr.dtype.element_ty)))
+        if USE_DOT:
             s = tl.load(s_ptr + offs_n * stride_sn + (c * BLOCK_K) // GROUP, mask=mask_n, other=0.0)
             acc += d * s.to(tl.float32)[None, :]
         else:
@@ -225,7 +241,7 @@ def wna16_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: 
         packed.stride(0), scales.stride(0), n, m * n, per_split, total,
         BITS=bits, HAS_BIAS=has_bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_KP=cfg.block_kp, IS_SPLIT=split > 1, USE_DOT=cfg.use_dot, MAGIC16=magic,
-        MAGIC16_VALUE=magic_value, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+        MAGIC16_VALUE=magic_value, NUM_STAGES=cfg.num_stages, UNPACK=cfg.unpack, num_warps=cfg.num_warps)
     if split > 1:
         block = 1024
         _split_k_reduce[(triton.cdiv(m * n, block),)](
