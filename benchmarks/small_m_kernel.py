@@ -182,9 +182,11 @@ def _row_entry(row: dict) -> dict:
                        get("machete_us"))
 
 
-def merge_runs(small_m_path: str, crossover_timings_path: str, group: int) -> dict:
+def merge_runs(small_m_path: str, crossover_timings_path: str, group: int,
+               triton_max_m: int | None = None) -> dict:
     """A kernel table from a run of this script without vLLM and a kernel_crossover.py run (its
-    timings.json) on the same GPU kind: Marlin's crossover as that run measured it (full ladder)."""
+    timings.json) on the same GPU kind: Marlin's crossover as that run measured it (full ladder).
+    ``triton_max_m``: ours is not used above this M (e.g. a code path changed since the run)."""
     from grace_vllm.dispatch import shape_key
     with open(small_m_path) as f:
         ours = json.load(f)
@@ -198,10 +200,13 @@ def merge_runs(small_m_path: str, crossover_timings_path: str, group: int) -> di
     for r in ours["shapes"]:
         key = shape_key(r["bits"], group, r["n"], r["k"])
         ms = {int(m): v for m, v in r["m"].items()}
+        if triton_max_m is not None:
+            ms = {m: (v if m <= triton_max_m else {**v, "wna16_us": float("inf")}) for m, v in ms.items()}
         t = by_key.get(key)
         conv = (lambda d: {int(m): v for m, v in d.items()})
         shapes[key] = table_entry({m: v["wna16_us"] for m, v in ms.items()},
-                                  {m: v["wna16_config"] for m, v in ms.items()},
+                                  {m: v["wna16_config"] for m, v in ms.items()
+                                   if triton_max_m is None or m <= triton_max_m},
                                   conv(t["marlin_us"]) if t else None, conv(t["machete_us"]) if t else None,
                                   t["max_m"] if t else None)
     for key, t in by_key.items():
@@ -212,7 +217,8 @@ def merge_runs(small_m_path: str, crossover_timings_path: str, group: int) -> di
                      f"benchmarks/small_m_kernel.py --merge from {os.path.basename(small_m_path)} "
                      f"({ours['meta']['date']}, torch {ours['meta']['torch']}, Triton "
                      f"{ours['meta']['triton']}) and kernel_crossover.py timings (vLLM Marlin/Machete, "
-                     f"torch {xo['torch']}): two runs on the same GPU kind, bf16 activations."),
+                     f"torch {xo['torch']}): two runs on the same GPU kind, bf16 activations."
+                     + (f" The Triton kernel is used up to M={triton_max_m} at most." if triton_max_m else "")),
             "devices": {ours["meta"]["device"]: {"default": default[len(default) // 2], "shapes": shapes}}}
 
 
@@ -229,11 +235,14 @@ def main() -> None:
     ap.add_argument("--merge", nargs=2, metavar=("SMALL_M_JSON", "CROSSOVER_TIMINGS_JSON"),
                     help="no GPU work: write kernel_table.json from an earlier run of this script and "
                          "a kernel_crossover.py timings.json of the same GPU kind")
+    ap.add_argument("--merge-triton-max-m", type=int, default=None,
+                    help="with --merge: do not use the Triton kernel above this M")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.merge:
         with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
-            json.dump(merge_runs(*args.merge, args.group), f, indent=1, sort_keys=True)
+            json.dump(merge_runs(*args.merge, args.group, args.merge_triton_max_m), f, indent=1,
+                      sort_keys=True)
         return
     import triton
     vllm_version = None

@@ -109,7 +109,7 @@ def test_table_is_picked_by_device_name(dispatch, monkeypatch):
     # Qwen3-VL-2B o_proj on 2 GPUs: the H200 table keeps the Triton kernel next to Machete
     small = (4, 128, 2048, 1024)
     p = dispatch.plan(dispatch.LARGE_M_KERNEL, *small)
-    assert p.small == dispatch.TRITON and p.max_m == 16 and p.configs
+    assert p.small == dispatch.TRITON and p.max_m == 4 and p.configs
     assert dispatch.plan(dispatch.LARGE_M_KERNEL, *small, triton_ok=False).small == dispatch.MARLIN
     # next to Marlin (vLLM chose it), only up to where the Triton kernel beat Marlin
     assert dispatch.plan(dispatch.SMALL_M_KERNEL, *small).max_m == 4
@@ -130,7 +130,7 @@ def test_partner_choice_and_dual_off(dispatch, monkeypatch):
     monkeypatch.setattr(dispatch, "device_name", lambda: "NVIDIA H200")
     small = (4, 128, 2048, 1024)
     cls, p = dispatch.small_m_partner(machete, None, *small, torch.bfloat16)
-    assert cls is dispatch.TritonWNA16Kernel and p.max_m == 16
+    assert cls is dispatch.TritonWNA16Kernel and p.max_m == 4
     cls, p = dispatch.small_m_partner(marlin, None, *small, torch.float16)
     assert cls is dispatch.TritonWNA16Kernel and p.max_m == 4
     assert dispatch.small_m_partner(_named("CPUWNA16LinearKernel"), None, *small, torch.bfloat16) == (None, None)
