@@ -9,7 +9,8 @@ Format A (qat-sidecar / qat-inline / qat-grid), ``GraceQATLinearMethod``:
   * recovers and verifies the integer codes (grace_qat.quantizer.recover_codes), packs them in the
     compressed-tensors layout (out, in/pf) int32 as uint4b8 / uint8b128, frees the BF16 weight and hands
     the layer to the kernel ``choose_mp_linear_kernel`` picks (Machete / Marlin on CUDA, CPUWNA16 on CPU).
-    Where vLLM picks Machete (Hopper), a second packed copy goes to Marlin for small batches
+    Where vLLM picks Machete (Hopper), a second packed copy goes to a small-M kernel (Marlin, or
+    grace_qat's Triton kernel on the plain packing, as this GPU's table says) for small batches
     (``dispatch.py``: per-call choice by token count, inside one custom op).
 Format B (awq), ``GraceAWQLinearMethod``: loads qweight / qzeros / scales as they are on disk, checks
 every zero point is 8, and runs the same symmetric uint4b8 path (codes u-8, scales in the activation
@@ -149,7 +150,8 @@ class _GraceLinearMethod(LinearMethodBase):
         self.mp_config = None
         self.kernel_cls: type | None = None
         self.kernel = None
-        self.small_m_kernel_cls: type | None = None    # Hopper: Marlin next to Machete (dispatch.py)
+        self.small_m_kernel_cls: type | None = None    # Hopper: a small-M kernel next to vLLM's (dispatch.py)
+        self.small_m_plan: dispatch.Plan | None = None
         self.dispatch: dispatch.KernelDispatch | None = None   # CUDA layers: the custom-op route
         self.act_dtype: torch.dtype | None = None
         # Built now, while vLLM's config is current (it reads the linear backend from it).
@@ -169,7 +171,8 @@ class _GraceLinearMethod(LinearMethodBase):
             kernel, reason = None, _one_line(e)
         if reason is None:
             self.kernel_cls = kernel
-            self.small_m_kernel_cls = dispatch.small_m_partner(kernel, self.mp_config)
+            self.small_m_kernel_cls, self.small_m_plan = dispatch.small_m_partner(
+                kernel, self.mp_config, self.bits, self.geo.kernel_group, out_pp, in_pp, params_dtype)
             key = (kernel.__name__, self.bits, self.geo.kernel_group, params_dtype)
             if key not in _announced:
                 _announced.add(key)
@@ -236,15 +239,21 @@ class _GraceLinearMethod(LinearMethodBase):
             bias = getattr(layer, "bias", None)
             if bias is not None:
                 holder.bias = torch.nn.Parameter(bias.data.clone(), requires_grad=False)
-            small = new_kernel(self.small_m_kernel_cls, self.mp_config, holder, packed.clone(),
-                               scales.clone())
+            if self.small_m_kernel_cls is dispatch.TritonWNA16Kernel:
+                # the plain compressed-tensors packing, as it is: no repack
+                holder.weight_packed = torch.nn.Parameter(packed.clone(), requires_grad=False)
+                holder.weight_scale = torch.nn.Parameter(scales.clone(), requires_grad=False)
+                small = dispatch.TritonWNA16Kernel(self.bits, g.kernel_group, self.small_m_plan.configs)
+            else:
+                small = new_kernel(self.small_m_kernel_cls, self.mp_config, holder, packed.clone(),
+                                   scales.clone())
             setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
         self.kernel = new_kernel(self.kernel_cls, self.mp_config, layer, packed, scales)
         if small is None:
             if packed.is_cuda:
                 self.dispatch = dispatch.KernelDispatch(layer, self.kernel)
             return
-        max_m, source = dispatch.crossover(self.bits, g.kernel_group, g.out_pp, g.in_pp)
+        max_m, source = self.small_m_plan.max_m, self.small_m_plan.source
         self.dispatch = dispatch.KernelDispatch(layer, self.kernel, small, max_m)
         key = ("dual", self.bits, g.kernel_group, g.out_pp, g.in_pp)
         if key not in _announced:

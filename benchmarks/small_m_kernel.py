@@ -1,0 +1,308 @@
+"""Time grace_qat's small-M Triton kernel against BF16, the copy bandwidth and (when vLLM is
+importable) vLLM's Marlin and Machete, per layer shape and token count M; write the kernel table.
+
+Writes under --out:
+* ``small_m.json``: ``meta`` (GPU, torch, Triton, vLLM versions), the measured device-to-device
+  copy bandwidth, and per shape and M: microseconds of each kernel (every tried launch config of
+  ours), the fraction of the copy bandwidth each reaches, and the error of ours and of BF16
+  against an fp32 reference;
+* ``kernel_table.json``: per GPU and shape, our launch config per M and, with vLLM, which small-M
+  kernel to keep next to Machete up to which M (``table_entry``), what ``grace_vllm/dispatch.py``
+  reads: copy it to ``grace_vllm/kernel_table_<gpu>.json`` or point ``GRACE_QAT_CROSSOVER_FILE`` at it;
+* ``small_m.png``.
+
+Each GEMM is timed inside a CUDA graph cycling through enough copies of the weights that they do
+not stay in L2 (as decode runs), like ``kernel_crossover.py``.
+
+    python benchmarks/small_m_kernel.py --out /tmp/small_m
+    python benchmarks/small_m_kernel.py --out /tmp/t --merge small_m.json timings.json   # no GPU
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kernel_crossover import _time_us, crossover_from, layer_shapes  # noqa: E402
+
+MS = (1, 2, 4, 8, 16, 32)
+L2_BYTES = 60 * 2 ** 20          # H200 (H100: 50 MB); weights rotated over 3x this
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (bytes read + bytes written)."""
+    n = 2 ** 30 // 2
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            b.copy_(a)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / 10)
+    del a, b
+    return 2 * 2 ** 30 / sorted(times)[len(times) // 2]
+
+
+def candidates(m: int, n: int, k: int, bits: int, group: int):
+    """Launch configs tried per M: the heuristic's, and neighbours in tile width and split."""
+    from grace_qat.kernels.triton_wna16 import Config, heuristic
+    base = heuristic(m, n, k, bits, group)
+    out = [base]
+    if not base.use_dot:
+        shapes = [(16, 64, 4), (32, 32, 4), (64, 32, 4)]
+    else:
+        shapes = [(32, 16, 4), (64, 16, 4)]
+    for bn, bkp, warps in shapes:
+        for split in sorted({1, base.split_k, base.split_k * 2}):
+            c = Config(base.block_m, bn, bkp, split, base.use_dot, warps, 3)
+            if c not in out:
+                out.append(c)
+    if base.use_dot:            # one dot of 128 features per step (in-place unpack)
+        bkp = 128 // (32 // bits)
+        for bn in (32, 64):
+            for split in sorted({1, base.split_k}):
+                out.append(Config(base.block_m, bn, bkp, split, True, 4, 3, unpack=1))
+    return out
+
+
+def _codes(n, k, bits, group, copies, dtype):
+    from grace_qat.packing import pack_int32
+    sets = []
+    for _ in range(copies):
+        u = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
+        scales = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.001).to(dtype)
+        sets.append((pack_int32(u, bits, dim=1), scales, u))
+    return sets
+
+
+def _rel(y, ref) -> float:
+    return ((y.float() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline) -> dict:
+    from grace_qat.kernels.triton_wna16 import wna16_mm
+    dtype = torch.bfloat16
+    wbytes = n * k * bits // 8 + n * (k // group) * 2
+    copies = max(1, math.ceil(3 * L2_BYTES / wbytes))
+    sets = _codes(n, k, bits, group, copies, dtype)
+    # fp32 reference weight of set 0, dequantized here with plain torch
+    u0, s0 = sets[0][2], sets[0][1]
+    w_ref = (u0 - 2 ** (bits - 1)).float() * s0.float().repeat_interleave(group, dim=1)
+    for i, (p, s, _) in enumerate(sets):
+        sets[i] = (p, s)
+    bf_copies = max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))
+    bf = [w_ref.to(dtype) if i == 0 else torch.randn(n, k, device="cuda", dtype=dtype) * 0.01
+          for i in range(bf_copies)]
+    vk = None
+    if vllm_ok:
+        from kernel_crossover import _kernels
+        vk = _kernels(bits, group, n, k, max(1, math.ceil(3 * L2_BYTES / (n * k * bits // 8))))
+    row = {"bits": bits, "group": group, "n": n, "k": k, "weight_bytes": wbytes, "copies": copies,
+           "m": {}}
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.float() @ w_ref.t()
+        r = {"bf16_us": _time_us([lambda w=w: F.linear(x, w) for w in bf]), "configs": []}
+        r["bf16_rel_err"] = _rel(F.linear(x, bf[0]), ref)
+        tried = candidates(m, n, k, bits, group) if time.time() < deadline else candidates(m, n, k, bits, group)[:1]
+        for cfg in tried:
+            try:
+                us = _time_us([lambda p=p, s=s: wna16_mm(x, p, s, bits, group, config=cfg) for p, s in sets])
+            except Exception as e:             # a config the compiler refuses (resources): skip it
+                r["configs"].append({"config": cfg.as_list(), "error": str(e)[:200]})
+                continue
+            r["configs"].append({"config": cfg.as_list(), "us": us})
+        ok = [c for c in r["configs"] if "us" in c]
+        best = min(ok, key=lambda c: c["us"])
+        from grace_qat.kernels.triton_wna16 import Config
+        cfg = Config.from_list(best["config"])
+        y = wna16_mm(x, sets[0][0], sets[0][1], bits, group, config=cfg)
+        r.update(wna16_us=best["us"], wna16_config=best["config"], wna16_rel_err=_rel(y, ref),
+                 wna16_max_abs_err=(y.float() - ref).abs().max().item(),
+                 wna16_copy_fraction=wbytes / (best["us"] * 1e-6) / copy_bps,
+                 bf16_copy_fraction=n * k * 2 / (r["bf16_us"] * 1e-6) / copy_bps)
+        if vk is not None:
+            for idx, name in ((0, "marlin"), (1, "machete")):
+                r[f"{name}_us"] = _time_us([lambda kern=pr[idx][0], mod=pr[idx][1]: kern.apply_weights(mod, x)
+                                            for pr in vk])
+                r[f"{name}_copy_fraction"] = n * k * bits / 8 / (r[f"{name}_us"] * 1e-6) / copy_bps
+        row["m"][m] = r
+        print(f"  w{bits} n{n} k{k} M={m:3d}: ours {best['us']:7.2f} us ({r['wna16_copy_fraction']:.2f} of copy) "
+              f"cfg {best['config']}  bf16 {r['bf16_us']:7.2f} us"
+              + (f"  marlin {r['marlin_us']:.2f} machete {r['machete_us']:.2f}" if vk else "")
+              + f"  rel err ours {r['wna16_rel_err']:.1e} bf16 {r['bf16_rel_err']:.1e}", flush=True)
+    return row
+
+
+def table_entry(ours: dict, configs: dict, marlin: dict | None = None, machete: dict | None = None,
+                marlin_max_m: int | None = None) -> dict:
+    """What ``grace_vllm/dispatch.py`` reads for one shape, from microseconds per M of each kernel.
+
+    Only two packed copies are allowed, so the small-M partner of Machete is either Marlin or ours:
+    the mix kept is the one whose worst slowdown against the fastest of the three, over the
+    measured M, is smaller (a mix that wins at M=1 but loses 40% at M=16 is not taken)."""
+    entry = {"triton_configs": [[m, configs[m]] for m in sorted(configs)]}
+    if marlin is None or machete is None:
+        return entry
+    ms = sorted(set(ours) & set(marlin) & set(machete))
+    if marlin_max_m is None:
+        marlin_max_m = crossover_from({m: marlin[m] for m in ms}, {m: machete[m] for m in ms})
+    triton_max = crossover_from({m: ours[m] for m in ms}, {m: machete[m] for m in ms})
+    best = {m: min(ours[m], marlin[m], machete[m]) for m in ms}
+    mix_marlin = max((marlin[m] if m <= marlin_max_m else machete[m]) / best[m] for m in ms)
+    mix_triton = max((ours[m] if m <= triton_max else machete[m]) / best[m] for m in ms)
+    entry.update(marlin_max_m=marlin_max_m, triton_max_m=triton_max,
+                 triton_vs_marlin_max_m=crossover_from({m: ours[m] for m in ms}, {m: marlin[m] for m in ms}),
+                 small="triton" if mix_triton < mix_marlin and triton_max > 0 else "marlin",
+                 worst_slowdown={"marlin+machete": round(mix_marlin, 3), "triton+machete": round(mix_triton, 3)})
+    return entry
+
+
+def _row_entry(row: dict) -> dict:
+    ms = sorted(row["m"])
+    get = lambda name: ({m: row["m"][m][name] for m in ms} if all(name in row["m"][m] for m in ms)  # noqa: E731
+                        else None)
+    return table_entry(get("wna16_us"), {m: row["m"][m]["wna16_config"] for m in ms}, get("marlin_us"),
+                       get("machete_us"))
+
+
+def merge_runs(small_m_path: str, crossover_timings_path: str, group: int,
+               triton_max_m: int | None = None) -> dict:
+    """A kernel table from a run of this script without vLLM and a kernel_crossover.py run (its
+    timings.json) on the same GPU kind: Marlin's crossover as that run measured it (full ladder).
+    ``triton_max_m``: ours is not used above this M (e.g. a code path changed since the run)."""
+    from grace_vllm.dispatch import shape_key
+    with open(small_m_path) as f:
+        ours = json.load(f)
+    with open(crossover_timings_path) as f:
+        xo = json.load(f)
+    if xo["device"] != ours["meta"]["device"]:
+        raise SystemExit(f"{crossover_timings_path} was measured on {xo['device']!r}, "
+                         f"{small_m_path} on {ours['meta']['device']!r}: not one GPU kind")
+    by_key = {t["key"]: t for t in xo["timings"]}
+    shapes = {}
+    for r in ours["shapes"]:
+        key = shape_key(r["bits"], group, r["n"], r["k"])
+        ms = {int(m): v for m, v in r["m"].items()}
+        if triton_max_m is not None:
+            ms = {m: (v if m <= triton_max_m else {**v, "wna16_us": float("inf")}) for m, v in ms.items()}
+        t = by_key.get(key)
+        conv = (lambda d: {int(m): v for m, v in d.items()})
+        shapes[key] = table_entry({m: v["wna16_us"] for m, v in ms.items()},
+                                  {m: v["wna16_config"] for m, v in ms.items()
+                                   if triton_max_m is None or m <= triton_max_m},
+                                  conv(t["marlin_us"]) if t else None, conv(t["machete_us"]) if t else None,
+                                  t["max_m"] if t else None)
+    for key, t in by_key.items():
+        shapes.setdefault(key, {"marlin_max_m": t["max_m"]})
+    default = sorted(e["marlin_max_m"] for e in shapes.values() if "marlin_max_m" in e)
+    return {"note": (f"Per layer shape on one rank: the small-M kernel kept next to Machete, up to "
+                     f"which M, and the Triton kernel's launch configs. Built by "
+                     f"benchmarks/small_m_kernel.py --merge from {os.path.basename(small_m_path)} "
+                     f"({ours['meta']['date']}, torch {ours['meta']['torch']}, Triton "
+                     f"{ours['meta']['triton']}) and kernel_crossover.py timings (vLLM Marlin/Machete, "
+                     f"torch {xo['torch']}): two runs on the same GPU kind, bf16 activations."
+                     + (f" The Triton kernel is used up to M={triton_max_m} at most." if triton_max_m else "")),
+            "devices": {ours["meta"]["device"]: {"default": default[len(default) // 2], "shapes": shapes}}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="qwen3vl-2b,llava-7b")
+    ap.add_argument("--tp", default="1,2")
+    ap.add_argument("--bits", default="4,8", help="qwen3vl: these; llava (released as W4): 4 only")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--sweep-seconds", type=float, default=240.0,
+                    help="after this long, time only the heuristic's config")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--merge", nargs=2, metavar=("SMALL_M_JSON", "CROSSOVER_TIMINGS_JSON"),
+                    help="no GPU work: write kernel_table.json from an earlier run of this script and "
+                         "a kernel_crossover.py timings.json of the same GPU kind")
+    ap.add_argument("--merge-triton-max-m", type=int, default=None,
+                    help="with --merge: do not use the Triton kernel above this M")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
+            json.dump(merge_runs(*args.merge, args.group, args.merge_triton_max_m), f, indent=1,
+                      sort_keys=True)
+        return
+    import triton
+    vllm_version = None
+    try:
+        import vllm
+        from kernel_crossover import _single_rank
+        _single_rank()
+        vllm_version = vllm.__version__
+    except ImportError:
+        pass
+    device = torch.cuda.get_device_name()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "vllm": vllm_version,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    meta["copy_bytes_per_s"] = copy_bw = copy_bandwidth()
+    print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s, vllm {vllm_version}", flush=True)
+    deadline = time.time() + args.sweep_seconds
+    ms = [int(m) for m in args.ms.split(",")]
+    rows, seen = [], {}
+    for model in args.models.split(","):
+        for tp in (int(t) for t in args.tp.split(",")):
+            for bits in (int(b) for b in args.bits.split(",")):
+                if model.startswith("llava") and bits != 4:
+                    continue
+                for layer, n, k in layer_shapes(model, tp):
+                    key = (bits, n, k)
+                    if key not in seen:
+                        seen[key] = measure_shape(bits, args.group, n, k, ms, copy_bw,
+                                                  vllm_version is not None, deadline)
+                        rows.append(seen[key])
+                    seen[key].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
+    from grace_vllm.dispatch import shape_key
+    table = {"note": "written by benchmarks/small_m_kernel.py", "meta": meta,
+             "devices": {device: {"shapes": {shape_key(r["bits"], args.group, r["n"], r["k"]): _row_entry(r)
+                                             for r in rows}}}}
+    with open(os.path.join(args.out, "small_m.json"), "w") as f:
+        json.dump({"meta": meta, "shapes": rows}, f, indent=1)
+    with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        for r in rows:
+            label = f"w{r['bits']} n{r['n']} k{r['k']}"
+            mm = sorted(r["m"])
+            axes[0].plot(mm, [r["m"][m]["wna16_copy_fraction"] for m in mm], marker=".", label=label)
+            axes[1].plot(mm, [r["m"][m]["bf16_us"] / r["m"][m]["wna16_us"] for m in mm], marker=".", label=label)
+        axes[0].set(xscale="log", xlabel="M", ylabel="fraction of copy bandwidth (ours)",
+                    title=f"{device}, torch {torch.__version__}, vLLM {vllm_version}")
+        axes[1].set(xscale="log", xlabel="M", ylabel="BF16 time / our time")
+        axes[1].axhline(1.0, color="k", lw=0.8)
+        axes[0].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "small_m.png"), dpi=110)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
