@@ -8,7 +8,8 @@
 # Background jobs (prepare-bg, sglang-jit-bg, chain) run from a copy of the tree under /tmp/grace-run
 # with their logs there: each device call lays the working tree anew, and a job whose working
 # directory is the tree dies with it. `poll` brings the logs and /tmp/res back under $OUT.
-#   engine       - which engine a stage would use (bundle or installed), its version, torch, GPU
+#   engine       - which vLLM the vLLM stages use (bundle or installed), its version, torch, GPU
+#   sglang-engine - the same for the SGLang stages
 #   prepare-bg SET.. - write + convert full-size fixtures in the background; SETs: llava, llava-gptq,
 #                  qwen, qwen-w8. Sources are generated on the GPU first (/tmp/prep-gpu.done), conversions
 #                  then run on the CPU with the GPU hidden (/tmp/prep.done), so nothing holds GPU memory
@@ -54,7 +55,8 @@ case "$stage" in
 esac
 SITES=${GRACE_GPU_SITES:-/tmp}
 SITE=$SITES/site-$ENGINE
-BG=/tmp/grace-run
+BG=${GRACE_GPU_BG:-/tmp/grace-run}   # background jobs: tree copies, logs, pids
+RES=${GRACE_GPU_RES:-/tmp/res}      # the chain's results
 export PYTHONPATH=$ROOT
 # FlashInfer's sampler JIT costs ~110 s per start; vLLM 0.26's V2 runner stalled >200 s pinning
 # host buffers for the 151936-token vocabulary on this VM, so the (default before 0.26) V1 runner is used.
@@ -89,7 +91,9 @@ snapshot() {   # snapshot NAME: a fresh copy of the tree in $BG/NAME for a backg
 }
 start_bg() {   # start_bg NAME DIR COMMAND: bash COMMAND in its own session, working directory DIR, log $BG/NAME.log
   mkdir -p "$BG"
-  (cd "$2" && setsid nohup bash -c "$3" > "$BG/$1.log" 2>&1 < /dev/null &)
+  ( cd "$2" || exit 1
+    setsid nohup bash -c "echo \$\$ > '$BG/$1.pid'; $3" > "$BG/$1.log" 2>&1 < /dev/null & )
+  sleep 0.5
 }
 wait_for() {   # wait_for MARKER SECONDS
   local t=0
@@ -124,13 +128,13 @@ serve_fixture() {   # serve_fixture FORMAT: "MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTE
 
 case "$stage" in   # the engine a stage runs on (bundle or installed; see the top)
   prepare-bg|chain|poll|bench-hf) ;;
-  engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
+  engine|sglang-engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
   install) use_engine 0 || [ "${GRACE_GPU_SANITY:-1}" = 0 ] || exit 1 ;;
   *) use_engine "${GRACE_GPU_BUNDLE_WAIT:-900}" || exit 1 ;;
 esac
 
 case "$stage" in
-  engine)
+  engine|sglang-engine)
     python3 - "$ENGINE" "$ENGINE_FROM" <<'PY'
 import sys
 engine, where = sys.argv[1], sys.argv[2]
@@ -190,26 +194,26 @@ EOF
     grep -v "it/s" $BG/prep.log 2>/dev/null | tail -5; exit 0 ;;
   chain)
     # A copy of the tree runs, so a later call re-laying the working tree can neither change nor kill it
-    rm -f /tmp/res/chain.done && mkdir -p /tmp/res   # earlier results stay
+    rm -f $RES/chain.done && mkdir -p $RES   # earlier results stay
     D=$(snapshot chain) || exit 1
     cat > $BG/chain.sh <<EOF
 for s in $*; do
-  echo "\$(date +%T) \$s start" >> /tmp/res/chain.status
-  OUT=/tmp/res/\$s bash $D/tests/gpu/run.sh \$s > /tmp/res/\$s.log 2>&1; rc=\$?
-  echo "\$(date +%T) \$s rc=\$rc" >> /tmp/res/chain.status
+  echo "\$(date +%T) \$s start" >> $RES/chain.status
+  OUT=$RES/\$s bash $D/tests/gpu/run.sh \$s > $RES/\$s.log 2>&1; rc=\$?
+  echo "\$(date +%T) \$s rc=\$rc" >> $RES/chain.status
 done
-touch /tmp/res/chain.done
+touch $RES/chain.done
 EOF
     start_bg chain "$D" "bash $BG/chain.sh"
     sleep 1; echo "chain started from $D: $*" ;;
   poll)
-    t=0; while [ ! -f /tmp/res/chain.done ] && [ $t -lt "${1:-540}" ]; do sleep 5; t=$((t + 5)); done
-    cat /tmp/res/chain.status; grep -v "it/s" $BG/prep.log 2>/dev/null | tail -3
-    last=$(tail -1 /tmp/res/chain.status | awk '{print $2}')
-    [ -n "$last" ] && grep -h -E "^\[bench\]|passed|failed|FAILED|rror|rc=" /tmp/res/$last.log 2>/dev/null | cut -c1-300 | tail -15
-    tar -czf $OUT/res.tgz -C /tmp res 2>/dev/null
+    t=0; while [ ! -f $RES/chain.done ] && [ $t -lt "${1:-540}" ]; do sleep 5; t=$((t + 5)); done
+    cat $RES/chain.status; grep -v "it/s" $BG/prep.log 2>/dev/null | tail -3
+    last=$(tail -1 $RES/chain.status | awk '{print $2}')
+    [ -n "$last" ] && grep -h -E "^\[bench\]|passed|failed|FAILED|rror|rc=" $RES/$last.log 2>/dev/null | cut -c1-300 | tail -15
+    tar -czf $OUT/res.tgz -C "$(dirname $RES)" "$(basename $RES)" 2>/dev/null
     mkdir -p $OUT/bg && cp $BG/*.log $OUT/bg/ 2>/dev/null; ls -la $OUT
-    ! grep -E " rc=[1-9]" /tmp/res/chain.status ;;
+    ! grep -E " rc=[1-9]" $RES/chain.status ;;
   crossover)
     python3 benchmarks/kernel_crossover.py --out /tmp/xover > $OUT/crossover.log 2>&1; rc=$?
     cat $OUT/crossover.log; cp /tmp/xover/* $OUT/ 2>/dev/null; exit $rc ;;
