@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
     result["failures"], result["passed"] = bad, not bad
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
+    shutil.rmtree(work, ignore_errors=True)     # the entry-point shim and, unless given, the GPTQ copy
     print(json.dumps({"passed": result["passed"], "comparison": result["comparison"],
                       "kernels": result["plugin"].get("kernels")}, indent=1))
     if bad:
