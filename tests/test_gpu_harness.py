@@ -265,3 +265,21 @@ def test_sglang_vision_attention_is_a_server_argument_this_sglang_accepts(monkey
     assert sglang_serve_check.sglang_vision_attention() == {}
     monkeypatch.setenv("GRACE_SGLANG_MM_ATTENTION", "no-such-backend")
     assert sglang_serve_check.sglang_vision_attention() == {}
+
+
+def test_serve_stages_serve_the_directories_the_benchmark_prepares():
+    """run.sh's serve-FORMAT stages name a source and a GPTQ-export system of vllm_bench.SYSTEMS and
+    the directory vllm_bench.prepare writes for them (a typo would serve a missing directory)."""
+    text = RUN_SH.read_text()
+    body = text[text.index("serve_fixture() {"):]
+    rows = re.findall(r"^\s+([a-z0-9-]+)\)\s+echo \"(\w+) (\w+) ([\w-]+) ([\w-]+) ([\w-]+)\"", body, re.M)
+    assert {r[0] for r in rows} == {"qwen-w4a", "qwen-w4b", "qwen-w8a", "llava-w4a"}
+    stages = set(re.findall(r"\b((?:sglang-)?serve-[a-z0-9-]+)\b", text))
+    assert {f"{p}serve-{r[0]}" for r in rows for p in ("", "sglang-")} <= stages
+    expected = {"qwen-w4a": ("qat-sidecar", 4), "qwen-w4b": ("awq", 4), "qwen-w8a": ("qat-sidecar", 8),
+                "llava-w4a": ("qat-sidecar", 4)}
+    for fmt_name, model, size, src_sys, ref_sys, directory in rows:
+        fmt, bits, convert_to, quant = vllm_bench.SYSTEMS[src_sys]
+        assert (fmt, bits) == expected[fmt_name] and convert_to is None and quant == "grace_qat"
+        assert vllm_bench.SYSTEMS[ref_sys][:3] == (fmt, bits, "gptq")
+        assert directory == f"{model}-{size}-{fmt}-w{bits}"
