@@ -283,3 +283,16 @@ def test_serve_stages_serve_the_directories_the_benchmark_prepares():
         assert (fmt, bits) == expected[fmt_name] and convert_to is None and quant == "grace_qat"
         assert vllm_bench.SYSTEMS[ref_sys][:3] == (fmt, bits, "gptq")
         assert directory == f"{model}-{size}-{fmt}-w{bits}"
+
+
+def test_every_documented_engine_stage_resolves_its_engine(tmp_path):
+    """Each documented stage is known to the engine resolution, with the right engine (no stage
+    falls through to 'unknown', no SGLang stage waits for the vLLM bundle)."""
+    documented = re.findall(r"^#   ([a-z0-9-]+)", RUN_SH.read_text(), flags=re.M)
+    runs_without_engine = {"prepare-bg", "chain", "poll", "bench-hf", "install"}
+    assert runs_without_engine <= set(documented)
+    for stage in sorted(set(documented) - runs_without_engine):
+        r = _run_sh(stage, cwd=tmp_path, OUT=str(tmp_path / "o"), GRACE_GPU_SITES=str(tmp_path),
+                    GRACE_GPU_ENGINE="bundle", GRACE_GPU_BUNDLE_WAIT="0", timeout=30)
+        engine = "sglang" if stage.startswith("sglang") or stage == "bench-sglang" else "vllm"
+        assert (r.returncode, r.stdout.split(":")[0]) == (1, f"no {engine} for stage {stage}"), (stage, r.stdout)

@@ -130,7 +130,11 @@ case "$stage" in   # the engine a stage runs on (bundle or installed; see the to
   prepare-bg|chain|poll|bench-hf) ;;
   engine|sglang-engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
   install) use_engine 0 || [ "${GRACE_GPU_SANITY:-1}" = 0 ] || exit 1 ;;
-  *) use_engine "${GRACE_GPU_BUNDLE_WAIT:-900}" || exit 1 ;;
+  crossover|marlin-variants|bench-llava|bench-qwen|bench-w8|suite|llava-check|tiny|tp2|load|\
+  serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|\
+  sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang)
+    use_engine "${GRACE_GPU_BUNDLE_WAIT:-900}" || exit 1 ;;
+  *) echo "unknown stage '$stage' (stages: the comment at the top of $0)"; exit 2 ;;
 esac
 
 case "$stage" in
