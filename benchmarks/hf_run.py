@@ -67,7 +67,10 @@ def main() -> None:
     with torch.no_grad():
         runs = [_decode_tps(model, int(b), args.prompt_len, args.out_len, model.config.get_text_config().vocab_size,
                             device) for b in args.batches.split(",") if b]
-    result = {"name": args.name, "model": args.model, "quantization": None, "tp": 1, "load_s": load_s,
+    import transformers
+    result = {"name": args.name, "model": args.model, "engine": f"transformers {transformers.__version__}",
+              "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+              "quantization": None, "tp": 1, "load_s": load_s,
               "weights_gib_measured": weights_gib, "tokens": new.tolist(),
               "text": processor.decode(new, skip_special_tokens=True), "logprobs": logprobs, "runs": runs}
     emit_result(result, args.out)

@@ -55,8 +55,12 @@ def main() -> None:
     import sglang
     import torch
 
+    from sglang_serve_check import sglang_vision_attention   # triton_attn: no FA3 needed (tests/gpu)
+
+    # no radix (prefix) cache: the timed runs repeat the same prompts, which would otherwise be cached
     kwargs = dict(model_path=args.model, tp_size=args.tp, random_seed=0, attention_backend="triton",
-                  mem_fraction_static=0.7, context_length=2048, max_running_requests=128, log_level="info")
+                  mem_fraction_static=0.7, context_length=2048, max_running_requests=128, log_level="info",
+                  disable_radix_cache=True, **sglang_vision_attention())
     if args.quantization not in (None, "none"):
         kwargs["quantization"] = args.quantization
     if args.eager:
@@ -86,7 +90,9 @@ def main() -> None:
         except Exception:
             pass
         emit_result({"name": args.name or os.path.basename(args.model.rstrip("/")), "model": args.model,
-                     "engine": f"sglang {sglang.__version__}", "quantization": args.quantization, "tp": args.tp,
+                     "engine": f"sglang {sglang.__version__}", "torch": torch.__version__,
+                     "prefix_caching": False, "engine_kwargs": kwargs,
+                     "quantization": args.quantization, "tp": args.tp,
                      "load_s": load_s, "tokens": out.get("output_ids"), "text": out.get("text"),
                      "logprobs": [], "prompt_logprobs": prompt_logprobs, "runs": runs, "image_runs": [],
                      "weights_gib_measured": weights_gib,

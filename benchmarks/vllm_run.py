@@ -108,12 +108,16 @@ def main() -> None:
     # A forked engine core inherits the parent's OpenMP pool and hung in its first big CPU tensor
     # op on the GPU machine (seen with vLLM 0.26: stuck in InputBatch.__init__); spawn a fresh one.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    import torch
+    import vllm
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
+    # no prefix caching: the timed runs repeat the same prompts, which would otherwise be cached
+    # (a cached prefill makes TTFT meaningless and shifts the 1-token baseline of steady_decode)
     llm = LLM(args.model, quantization=args.quantization, dtype=args.dtype, tensor_parallel_size=args.tp,
               max_model_len=args.max_model_len, enforce_eager=args.eager, max_num_seqs=args.max_num_seqs, gpu_memory_utilization=0.85,
-              limit_mm_per_prompt={"image": 0 if args.no_image else 1}, seed=0)
+              limit_mm_per_prompt={"image": 0 if args.no_image else 1}, seed=0, enable_prefix_caching=False)
     load_s = time.perf_counter() - t0
 
     sp = SamplingParams(temperature=0.0, max_tokens=args.gen_tokens, ignore_eos=True, logprobs=1)
@@ -138,6 +142,8 @@ def main() -> None:
     image_runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab, image=True)
                   for b in args.image_batches.split(",") if b and not args.no_image]
     result = {"name": args.name or os.path.basename(args.model.rstrip("/")), "model": args.model,
+              "engine": f"vllm {vllm.__version__}", "torch": torch.__version__, "prefix_caching": False,
+              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "quantization": args.quantization, "tp": args.tp, "load_s": load_s, "tokens": tokens,
               "text": out.text, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "runs": runs,
               "image_runs": image_runs}

@@ -232,6 +232,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         )
         kernel.process_weights_after_loading(layer)
         self.kernel = kernel
+        (logger.info if ".layers.0." in f".{self.prefix}" else logger.debug)("grace_qat: %s runs SGLang's %s (%s)", self.prefix, type(kernel).__name__, self.config.quant_type)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.kernel is not None:

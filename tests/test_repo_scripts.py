@@ -44,3 +44,22 @@ def test_gpu_stage_script_parses_and_every_documented_stage_exists():
     assert documented and documented <= stages, documented - stages
     for path in _repo_paths(text):
         assert (ROOT / path).exists(), f"run.sh uses {path}, which does not exist"
+
+
+def test_engine_image_workflow_stages_exist_and_results_are_uploaded():
+    """Inside a published image there is no bundle: the workflow calls only stages run.sh has, each
+    artifact it writes lies under the uploaded folder, and nothing waits for a bundle marker."""
+    flow = yaml.safe_load(WORKFLOW.read_text())
+    text = RUN_SH.read_text()
+    labels = {s for label in re.findall(r"^  ([a-z0-9|-]+)\)", text, flags=re.M) for s in label.split("|")}
+    for name, job in flow["jobs"].items():
+        runs = [step.get("run", "") for step in job["steps"]]
+        upload = next(step["with"]["path"] for step in job["steps"] if "upload-artifact" in step.get("uses", ""))
+        stages = [m for run in runs for m in re.findall(r"tests/gpu/run\.sh (\S+)", run)]
+        assert stages and set(stages) <= labels, f"{name}: {set(stages) - labels} are not run.sh stages"
+        assert stages[0] in ("engine", "sglang-engine"), f"{name}: says which engine it tests first"
+        for out in re.findall(r"--out (\S+)", "\n".join(runs)):
+            assert out.startswith(upload + "/"), f"{name}: {out} is not under the uploaded {upload}/"
+        envs = [step.get("env", {}).get("OUT") for step in job["steps"] if "run.sh" in step.get("run", "")]
+        assert all(o in (None, upload) for o in envs), envs
+        assert "site-" not in "\n".join(runs), f"{name}: a published image has no bundle"

@@ -1,79 +1,165 @@
 #!/usr/bin/env bash
-# GPU-machine stages, run through the device tool. The vLLM bundle is installed in /tmp/site-vllm and
-# the SGLang bundle in /tmp/site-sglang (both can live on one machine); each stage picks its engine.
-# Results land under $OUT (JSON, markdown, PNG, logs).
-#   prepare-bg SET.. - write + convert full-size fixtures in the background; SETs: llava, qwen, qwen-w8.
-#                  Sources are generated on the GPU first (/tmp/prep-gpu.done), conversions then run
-#                  on the CPU with the GPU hidden (/tmp/prep.done), so nothing holds GPU memory beside
-#                  an engine and no benchmark starts while a conversion loads the CPU
+# GPU-machine stages, run through the device tool or on a GPU runner. Engine: a bundle unpacked into
+# $SITES/site-vllm or $SITES/site-sglang (marker $SITE.done; SITES=/tmp unless GRACE_GPU_SITES) is
+# used when present; otherwise the engine already installed in this python3 (a published image). With
+# neither, a stage waits up to GRACE_GPU_BUNDLE_WAIT s (900) for a bundle a later call unpacks
+# (GRACE_GPU_ENGINE=bundle: always wait for the bundle). Results land under $OUT (relative: to the
+# caller's directory). Every stage exits non-zero when its check fails.
+# Background jobs (prepare-bg, sglang-jit-bg, chain) run from a copy of the tree under /tmp/grace-run
+# with their logs there: each device call lays the working tree anew, and a job whose working
+# directory is the tree dies with it. `poll` brings the logs and /tmp/res back under $OUT.
+#   engine       - which vLLM the vLLM stages use (bundle or installed), its version, torch, GPU
+#   sglang-engine - the same for the SGLang stages
+#   prepare-bg SET.. - write + convert full-size fixtures in the background; SETs: llava, llava-gptq,
+#                  qwen, qwen-w8. Sources are generated on the GPU first (/tmp/prep-gpu.done), conversions
+#                  then run on the CPU with the GPU hidden (/tmp/prep.done), so nothing holds GPU memory
+#                  beside an engine and no benchmark starts while a conversion loads the CPU
 #   install      - this package + test wheels (after a bundle is unpacked); engine sanity
 #   chain STAGE..- run stages one after another in the background, each with OUT=/tmp/res/STAGE
-#   poll SECONDS - wait for the chain (at most SECONDS), then bring /tmp/res back as $OUT/res.tgz
+#   poll SECONDS - wait for the chain (at most SECONDS), then bring /tmp/res back as $OUT/res.tgz and
+#                  the background logs as $OUT/bg/; exits 1 when a finished stage failed
 #   crossover    - Marlin vs Machete per layer shape -> /tmp/xover/crossover.json (used by later stages)
 #   marlin-variants - Marlin's atomic-add / bf16-reduce options at small M, per layer shape
 #   bench-llava  - LLaVA-1.5-7B shape: grace_qat vs stock GPTQ (original and llava-hf layout) vs BF16
 #   bench-qwen   - Qwen3-VL-2B: grace_qat vs stock GPTQ vs BF16 (other systems: bench-qwen --systems ..)
 #   bench-w8     - Qwen3-VL-2B W8: grace_qat vs stock GPTQ int8
 #   bench-hf     - Qwen3-VL-2B: plain Transformers generate on the BF16-on-grid checkpoint
-#   suite        - the engine test suite on tiny fixtures + the LLaVA original-layout checks
+#   suite        - (vLLM) the engine test suite on tiny fixtures + the LLaVA original-layout checks
+#   serve-qwen-w4a - (vLLM) full-size HTTP serve check: grace_qat vs stock on the GPTQ export, image+text
+#                  and text chats, greedy tokens must be identical -> $OUT/serve-FORMAT.json; likewise
+#   serve-qwen-w4b - Qwen3-VL-2B format B (AWQ-packed) vs its GPTQ export
+#   serve-qwen-w8a - Qwen3-VL-2B W8 format A
+#   serve-llava-w4a - LLaVA-1.5-7B (original layout) W4 format A
+#   sglang-serve-qwen-w4a - (SGLang) the same four over SGLang's HTTP server -> $OUT/sglang-serve-FORMAT.json
+#   sglang-serve-qwen-w4b - (SGLang) format B: AWQ-Marlin vs the export's GPTQ-Marlin (tokens reported only)
+#   sglang-serve-qwen-w8a - (SGLang) W8 format A
+#   sglang-serve-llava-w4a - (SGLang) LLaVA-1.5-7B, tokenizer from `grace-qat llava-processor`
 #   tp2          - (2-GPU kind) tensor parallel 2: tiny and 2B, grace_qat vs stock GPTQ
 #   load         - the HTTP load test, 4x larger, on the full-size 2B
 #   sglang-jit-bg - (SGLang) build its JIT Marlin kernels once, in the background (sglang* stages wait)
+#   sglang-tiny  - (SGLang) tests/gpu/sglang_serve_check.py on tiny Qwen3-VL (layer check, plugin vs stock)
 #   sglang       - (SGLang) tests/gpu/sglang_serve_check.py on tiny and 2B Qwen3-VL
 #   sglang-llava - (SGLang) the same on a tiny original-layout LLaVA-1.5 (local CLIP tower)
 #   bench-sglang - (SGLang) SGLang + grace_qat vs stock SGLang GPTQ, 2B, batch 1..128
 #   llava-check  - only the LLaVA original-layout checks of suite
 #   tiny         - every format on tiny Qwen3-VL through the benchmark harness, eager
 set -uo pipefail
+OUT=${OUT:-/tmp/out}
+case "$OUT" in /*) ;; *) OUT=$PWD/$OUT ;; esac
 cd "$(dirname "$0")/../.."
-stage=$1; shift
+ROOT=$PWD
+stage=${1:-}; shift || true
 case "$stage" in
-  sglang|sglang-llava|bench-sglang|sglang-jit-bg) SITE=/tmp/site-sglang ;;
-  *) SITE=/tmp/site-vllm ;;
+  sglang*|bench-sglang) ENGINE=sglang ;;
+  *) ENGINE=vllm ;;
 esac
-export PYTHONPATH=$PWD:$SITE
+SITES=${GRACE_GPU_SITES:-/tmp}
+SITE=$SITES/site-$ENGINE
+BG=${GRACE_GPU_BG:-/tmp/grace-run}   # background jobs: tree copies, logs, pids
+RES=${GRACE_GPU_RES:-/tmp/res}      # the chain's results
+export PYTHONPATH=$ROOT
 # FlashInfer's sampler JIT costs ~110 s per start; vLLM 0.26's V2 runner stalled >200 s pinning
 # host buffers for the 151936-token vocabulary on this VM, so the (default before 0.26) V1 runner is used.
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 [ -f /tmp/xover/crossover.json ] && export GRACE_QAT_CROSSOVER_FILE=/tmp/xover/crossover.json  # measured in this lease
 [ -f /tmp/engine-env ] && source /tmp/engine-env
-OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 WORK=/tmp/grace-bench
 BATCHES=1,2,4,8,16,32,64,128
 
+engine_importable() {   # engine_importable MODULE: installed in this python3 (without importing it)
+  python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('$1') is None)" 2>/dev/null
+}
+use_engine() {   # use_engine WAIT_S: the bundle once unpacked, else the installed engine, else wait
+  local t=0
+  while :; do
+    if [ -f "$SITE.done" ]; then export PYTHONPATH=$ROOT:$SITE; ENGINE_FROM="bundle $SITE"; return 0; fi
+    if [ "${GRACE_GPU_ENGINE:-auto}" != bundle ] && engine_importable "$ENGINE"; then
+      ENGINE_FROM="installed"; return 0
+    fi
+    [ "$t" -ge "$1" ] && break
+    sleep 5; t=$((t + 5))
+  done
+  echo "no $ENGINE for stage $stage: no bundle ($SITE.done) and no $ENGINE importable by $(command -v python3)"
+  return 1
+}
+snapshot() {   # snapshot NAME: a fresh copy of the tree in $BG/NAME for a background job; prints its path
+  local d=$BG/$1
+  rm -rf "$d" && mkdir -p "$d" \
+    && tar --exclude=./.git --exclude='./.devbundle*' --exclude='./.venv*' --exclude=./.whl -cf - . | tar -xf - -C "$d" \
+    && echo "$d"
+}
+start_bg() {   # start_bg NAME DIR COMMAND: bash COMMAND in its own session, working directory DIR, log $BG/NAME.log
+  mkdir -p "$BG"
+  ( cd "$2" || exit 1
+    setsid nohup bash -c "echo \$\$ > '$BG/$1.pid'; $3" > "$BG/$1.log" 2>&1 < /dev/null & )
+  sleep 0.5
+}
 wait_for() {   # wait_for MARKER SECONDS
   local t=0
   while [ ! -f "$1" ] && [ ! -f /tmp/prep.failed ] && [ $t -lt "$2" ]; do sleep 5; t=$((t + 5)); done
-  [ -f "$1" ] || { echo "no $1 (prep failed or timed out)"; tail -20 /tmp/prep.log; return 1; }
+  [ -f "$1" ] || { echo "no $1 (prep failed or timed out)"; tail -20 $BG/prep.log 2>/dev/null; return 1; }
 }
 wait_gpu() {   # fixture sources written: the GPU is the engine's alone
   [ -f /tmp/prep.sh ] || return 0
   wait_for /tmp/prep-gpu.done 400
 }
 wait_sglang_jit() {   # SGLang's Marlin modules built (when sglang-jit-bg started a build)
-  [ -f /tmp/sglang-jit.log ] || return 0
-  wait_for /tmp/sglang-jit.done 1200 || { tail /tmp/sglang-jit.log; return 1; }
+  [ -f $BG/sglang-jit.log ] || return 0
+  wait_for /tmp/sglang-jit.done 1200 || { tail $BG/sglang-jit.log; return 1; }
 }
 wait_prep() {  # every conversion finished: benchmarks need a quiet CPU
   [ -f /tmp/prep.sh ] && [ "${GRACE_GPU_NO_PREP_WAIT:-0}" != 1 ] || return 0
   wait_for /tmp/prep.done "${1:-600}"
 }
+llava_check() {   # the original-layout LLaVA checks (vLLM 0.26 needs the Transformers 5.5 in /tmp/site-tf)
+  PYTHONPATH=/tmp/site-tf:$PYTHONPATH timeout "${1:-200}" python3 tests/llava_reference.py --check $OUT > $OUT/llava.log 2>&1
+  local rc=$?; echo "llava rc=$rc"; tail -12 $OUT/llava.log; return $rc
+}
+serve_fixture() {   # serve_fixture FORMAT: "MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTEM DIR" of a serve stage
+  case "$1" in
+    qwen-w4a)  echo "qwen3vl 2b grace-a gptq qwen3vl-2b-qat-sidecar-w4" ;;
+    qwen-w4b)  echo "qwen3vl 2b grace-b gptq-from-b qwen3vl-2b-awq-w4" ;;
+    qwen-w8a)  echo "qwen3vl 2b grace-a-w8 gptq-w8 qwen3vl-2b-qat-sidecar-w8" ;;
+    llava-w4a) echo "llava 7b grace-a gptq llava-7b-qat-sidecar-w4" ;;
+    *) return 1 ;;
+  esac
+}
 
-case "$stage" in   # an engine stage waits for its engine's bundle (installed by a later call: $SITE.done)
-  prepare-bg|install|chain|poll|bench-hf|sglang-jit-bg) ;;
-  *) t=0; while [ ! -f $SITE.done ] && [ $t -lt 900 ]; do sleep 5; t=$((t + 5)); done
-     [ -f $SITE.done ] || { echo "no engine bundle in $SITE"; exit 1; } ;;
+case "$stage" in   # the engine a stage runs on (bundle or installed; see the top)
+  prepare-bg|chain|poll|bench-hf) ;;
+  engine|sglang-engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
+  install) use_engine 0 || [ "${GRACE_GPU_SANITY:-1}" = 0 ] || exit 1 ;;
+  crossover|marlin-variants|bench-llava|bench-qwen|bench-w8|suite|llava-check|tiny|tp2|load|\
+  serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|\
+  sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang)
+    use_engine "${GRACE_GPU_BUNDLE_WAIT:-900}" || exit 1 ;;
+  *) echo "unknown stage '$stage' (stages: the comment at the top of $0)"; exit 2 ;;
 esac
 
 case "$stage" in
+  engine|sglang-engine)
+    python3 - "$ENGINE" "$ENGINE_FROM" <<'PY'
+import sys
+engine, where = sys.argv[1], sys.argv[2]
+import importlib
+import torch
+mod = importlib.import_module(engine)
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+print(f"engine: {engine} {mod.__version__} ({where}); torch {torch.__version__}; {gpu}")
+PY
+    ;;
   prepare-bg)
-    rm -rf /tmp/gq-src /tmp/prep*.done /tmp/prep.failed && mkdir -p /tmp/gq-src $WORK && cp -r grace_qat benchmarks /tmp/gq-src/
-    B="python3 /tmp/gq-src/benchmarks/vllm_bench.py --prepare-only --work $WORK --out /tmp/prep-out"
+    rm -rf /tmp/prep*.done /tmp/prep.failed && mkdir -p $WORK
+    D=$(snapshot prep) || exit 1
+    B="python3 $D/benchmarks/vllm_bench.py --prepare-only --work $WORK --out /tmp/prep-out"
     gpu="" cpu=""
     for set in "$@"; do case $set in
       llava)   gpu+="$B --model llava --size 7b --systems grace-a || { touch /tmp/prep.failed; exit 1; }"$'\n'
                cpu+="( $B --model llava --size 7b --systems gptq,gptq-hf,bf16-hf || touch /tmp/prep.failed ) &"$'\n' ;;
+      llava-gptq)  # what serve-llava-w4a needs, without the llava-hf exports of bench-llava
+               gpu+="$B --model llava --size 7b --systems grace-a || { touch /tmp/prep.failed; exit 1; }"$'\n'
+               cpu+="( $B --model llava --size 7b --systems gptq || touch /tmp/prep.failed ) &"$'\n' ;;
       qwen)    gpu+="$B --model qwen3vl --size 2b --systems grace-a,grace-b || { touch /tmp/prep.failed; exit 1; }"$'\n'
                cpu+="( $B --model qwen3vl --size 2b --systems gptq,gptq-from-b || touch /tmp/prep.failed ) &"$'\n' ;;
       qwen-w8) gpu+="$B --model qwen3vl --size 2b --systems grace-a-w8 || { touch /tmp/prep.failed; exit 1; }"$'\n'
@@ -81,7 +167,7 @@ case "$stage" in
       *) echo "unknown fixture set $set"; exit 2 ;;
     esac; done
     cat > /tmp/prep.sh <<EOF
-export OMP_NUM_THREADS=4 PYTHONPATH=/tmp/gq-src
+export OMP_NUM_THREADS=4 PYTHONPATH=$D
 $gpu
 touch /tmp/prep-gpu.done
 export CUDA_VISIBLE_DEVICES=
@@ -89,8 +175,8 @@ $cpu
 wait
 touch /tmp/prep.done
 EOF
-    setsid nohup bash /tmp/prep.sh > /tmp/prep.log 2>&1 < /dev/null &
-    sleep 3; echo "background prepare started: $*"; df -h /tmp | tail -1 ;;
+    start_bg prep "$D" "bash /tmp/prep.sh"
+    sleep 3; echo "background prepare started from $D: $*"; df -h /tmp | tail -1 ;;
   install)
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
       || python3 -m pip install -q --no-deps --no-build-isolation --no-index --target $SITE . >/dev/null
@@ -106,37 +192,40 @@ EOF
       echo "spawned engine core failed/hung; trying in-process"; tail -5 $OUT/sanity.log
       echo "export VLLM_ENABLE_V1_MULTIPROCESSING=0" > /tmp/engine-env; source /tmp/engine-env
       timeout 150 python3 benchmarks/vllm_run.py --model /tmp/tiny-a --quantization grace_qat --batches 1 > $OUT/sanity2.log 2>&1 \
-        && echo "in-process engine: ok" || tail -20 $OUT/sanity2.log
+        && echo "in-process engine: ok" || { tail -20 $OUT/sanity2.log; exit 1; }
     fi
     grep -E "^RESULT" $OUT/sanity*.log | cut -c1-300; grep -h "grace_qat: " $OUT/sanity*.log | cut -c1-250 | head -8
-    cat /tmp/prep.log | grep -v "it/s" | tail -5 ;;
+    grep -v "it/s" $BG/prep.log 2>/dev/null | tail -5; exit 0 ;;
   chain)
-    # A copy of the tree runs, so a later call re-sending the working tree cannot change it mid-run
-    rm -rf /tmp/chain-src /tmp/res/chain.done && mkdir -p /tmp/chain-src /tmp/res   # earlier results stay
-    tar --exclude='./.devbundle*' --exclude='./.git' -cf - . | tar -xf - -C /tmp/chain-src
-    cat > /tmp/chain.sh <<EOF
+    # A copy of the tree runs, so a later call re-laying the working tree can neither change nor kill it
+    rm -f $RES/chain.done && mkdir -p $RES   # earlier results stay
+    D=$(snapshot chain) || exit 1
+    cat > $BG/chain.sh <<EOF
 for s in $*; do
-  echo "\$(date +%T) \$s start" >> /tmp/res/chain.status
-  OUT=/tmp/res/\$s bash /tmp/chain-src/tests/gpu/run.sh \$s > /tmp/res/\$s.log 2>&1; rc=\$?
-  echo "\$(date +%T) \$s rc=\$rc" >> /tmp/res/chain.status
+  echo "\$(date +%T) \$s start" >> $RES/chain.status
+  OUT=$RES/\$s bash $D/tests/gpu/run.sh \$s > $RES/\$s.log 2>&1; rc=\$?
+  echo "\$(date +%T) \$s rc=\$rc" >> $RES/chain.status
 done
-touch /tmp/res/chain.done
+touch $RES/chain.done
 EOF
-    setsid nohup bash /tmp/chain.sh > /tmp/chain.log 2>&1 < /dev/null &
-    sleep 1; echo "chain started: $*" ;;
+    start_bg chain "$D" "bash $BG/chain.sh"
+    sleep 1; echo "chain started from $D: $*" ;;
   poll)
-    t=0; while [ ! -f /tmp/res/chain.done ] && [ $t -lt "${1:-540}" ]; do sleep 5; t=$((t + 5)); done
-    cat /tmp/res/chain.status; grep -v "it/s" /tmp/prep.log 2>/dev/null | tail -3
-    last=$(tail -1 /tmp/res/chain.status | awk '{print $2}')
-    [ -n "$last" ] && grep -h -E "^\[bench\]|passed|failed|rror|rc=" /tmp/res/$last.log 2>/dev/null | cut -c1-300 | tail -15
-    tar -czf $OUT/res.tgz -C /tmp res 2>/dev/null; ls -la $OUT ;;
+    t=0; while [ ! -f $RES/chain.done ] && [ $t -lt "${1:-540}" ]; do sleep 5; t=$((t + 5)); done
+    cat $RES/chain.status; grep -v "it/s" $BG/prep.log 2>/dev/null | tail -3
+    last=$(tail -1 $RES/chain.status | awk '{print $2}')
+    [ -n "$last" ] && grep -h -E "^\[bench\]|passed|failed|FAILED|rror|rc=" $RES/$last.log 2>/dev/null | cut -c1-300 | tail -15
+    tar -czf $OUT/res.tgz -C "$(dirname $RES)" "$(basename $RES)" 2>/dev/null
+    mkdir -p $OUT/bg && cp $BG/*.log $OUT/bg/ 2>/dev/null; ls -la $OUT
+    ! grep -E " rc=[1-9]" $RES/chain.status ;;
   crossover)
-    python3 benchmarks/kernel_crossover.py --out /tmp/xover 2>&1 | tee $OUT/crossover.log
-    cp /tmp/xover/* $OUT/ ;;
+    python3 benchmarks/kernel_crossover.py --out /tmp/xover > $OUT/crossover.log 2>&1; rc=$?
+    cat $OUT/crossover.log; cp /tmp/xover/* $OUT/ 2>/dev/null; exit $rc ;;
   marlin-variants)   # issue 9: can a Marlin setting make batch 1 faster still? (7B shapes, ~1 min)
     wait_gpu || exit 1
     python3 benchmarks/kernel_crossover.py --models llava-7b,qwen3vl-2b --tp 1 --bits 4 --marlin-variants \
-      --out $OUT/variants 2>&1 | tee $OUT/variants.log | grep -v "^ *$" ;;
+      --out $OUT/variants > $OUT/variants.log 2>&1; rc=$?
+    grep -v "^ *$" $OUT/variants.log; exit $rc ;;
   bench-llava)
     wait_prep || exit 1
     PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 benchmarks/vllm_bench.py --model llava --size 7b --work $WORK \
@@ -155,34 +244,60 @@ EOF
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --systems hf-generate \
       --batches 1,8,32,128 --image-batches "" --timeout 400 --out $OUT/qwen2b-hf "$@" ;;
   tp2)        # on the 2-GPU kind: stock GPTQ vs grace_qat with tensor parallel 2, tiny then 2B
+    rc=0
     python3 benchmarks/vllm_bench.py --size tiny --tp 2 --eager --batches 1 --image-batches "" --timeout 200 \
-      --out $OUT/tiny-tp2 --systems gptq,grace-a-single,grace-a,grace-b
+      --out $OUT/tiny-tp2 --systems gptq,grace-a-single,grace-a,grace-b || rc=1
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --tp 2 --work $WORK --batches 1,16,64 \
-      --image-batches "" --timeout 200 --out $OUT/qwen2b-tp2 --systems gptq,grace-a-single ;;
+      --image-batches "" --timeout 200 --out $OUT/qwen2b-tp2 --systems gptq,grace-a-single || rc=1
+    exit $rc ;;
   load)       # the load test at 4x its CPU size (96 requests, 32 at a time) on the full-size 2B, format A
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH
     wait_prep || exit 1
     GRACE_LOAD_SCALE=4 GRACE_LOAD_MODEL=$WORK/qwen3vl-2b-qat-sidecar-w4 GRACE_LOAD_OUT=$OUT/load \
-      timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_load.py 2>&1 | tail -60 ;;
+      timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/test_load.py > $OUT/load.log 2>&1; rc=$?
+    tail -60 $OUT/load.log; echo "pytest rc=$rc"; exit $rc ;;
+  serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|sglang-serve-qwen-w8a|sglang-serve-llava-w4a)
+    fmt=${stage#sglang-}; fmt=${fmt#serve-}
+    read -r model size src_sys ref_sys dir <<< "$(serve_fixture "$fmt")"
+    [ "$ENGINE" = sglang ] && { wait_sglang_jit || exit 1; }
+    wait_prep || exit 1
+    python3 benchmarks/vllm_bench.py --prepare-only --model $model --size $size --work $WORK \
+      --systems $src_sys,$ref_sys --out /tmp/prep-out || exit 1    # a no-op where prepare-bg wrote them
+    extra=()
+    if [ "$ENGINE" = sglang ] && [ "$model" = llava ]; then   # LLaVA's own tokenizer has no <image> token
+      python3 -m grace_qat.cli llava-processor $WORK/$dir $WORK/$dir-proc || exit 1
+      extra=(--tokenizer-path $WORK/$dir-proc)
+    fi
+    [ "$model" = llava ] && export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
+    timeout 1500 python3 tests/gpu/serve_check.py --engine $ENGINE --model $WORK/$dir --reference $WORK/$dir-gptq \
+      --out "$OUT/${stage%-$fmt}-$fmt.json" --startup-timeout 600 ${extra[@]+"${extra[@]}"} "$@" ;;
   sglang-jit-bg)   # (after the SGLang bundle) build SGLang's JIT Marlin kernels in the background:
     # >5 min per dtype with nvcc; an engine killed mid-build loses it (tests/gpu/sglang_jit_warmup.py)
     rm -f /tmp/sglang-jit.done
-    setsid nohup bash -c "PYTHONPATH=$PYTHONPATH nice -n 5 python3 tests/gpu/sglang_jit_warmup.py && touch /tmp/sglang-jit.done" \
-      > /tmp/sglang-jit.log 2>&1 < /dev/null &
-    sleep 2; echo "SGLang JIT warm-up started" ;;
+    D=$(snapshot jit) || exit 1
+    start_bg sglang-jit "$D" "PYTHONPATH=$D${PYTHONPATH#$ROOT} nice -n 5 python3 tests/gpu/sglang_jit_warmup.py && touch /tmp/sglang-jit.done"
+    sleep 2; echo "SGLang JIT warm-up started from $D" ;;
+  sglang-tiny)   # plugin vs stock SGLang GPTQ on tiny Qwen3-VL: layer check, image+text and text requests
+    wait_sglang_jit || exit 1
+    python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/sg-tiny', size='tiny')" || exit 1
+    wait_gpu || exit 1
+    timeout 900 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-tiny --out $OUT/sglang-tiny.json \
+      --timeout 400 "$@" ;;
   sglang)     # plugin vs stock SGLang GPTQ, tiny then 2B
     wait_sglang_jit || exit 1
-    python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/sg-tiny', size='tiny')"
+    python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/sg-tiny', size='tiny')" || exit 1
     wait_gpu || exit 1
     # each step (layer check, plugin engine, stock engine) gets --timeout; the first engine may still
     # JIT-compile SGLang's smaller kernels
+    rc=0
     timeout 900 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-tiny --out $OUT/sglang-tiny.json \
-      --timeout 400 "$@"
+      --timeout 400 "$@" || rc=1
     wait_prep || exit 1
     timeout 900 python3 tests/gpu/sglang_serve_check.py --model $WORK/qwen3vl-2b-qat-sidecar-w4 \
       --reference $WORK/qwen3vl-2b-qat-sidecar-w4-gptq --out $OUT/sglang-2b.json --skip-layer-check \
-      --timeout 400 "$@" ;;
+      --timeout 400 "$@" || rc=1
+    exit $rc ;;
   sglang-llava)   # (SGLang) original-layout LLaVA-1.5 (tiny) on SGLang's LlavaLlamaForCausalLM: local CLIP
     # tower (mm_vision_tower = a directory), --tokenizer-path from `grace-qat llava-processor`
     wait_sglang_jit || exit 1
@@ -199,14 +314,14 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
   suite)
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH
     wait_gpu || exit 1
-    timeout 450 python3 -m pytest -q -x -p no:cacheprovider tests/test_vllm_plugin.py 2>&1 | tail -25 | tee $OUT/suite.log
-    PYTHONPATH=/tmp/site-tf:$PYTHONPATH timeout 200 python3 tests/llava_reference.py --check $OUT > $OUT/llava.log 2>&1
-    echo "llava rc=$?"; tail -12 $OUT/llava.log ;;
+    timeout 450 python3 -m pytest -q -x -p no:cacheprovider tests/test_vllm_plugin.py > $OUT/suite.log 2>&1; rc=$?
+    tail -25 $OUT/suite.log; echo "pytest rc=$rc"
+    llava_check 200 || rc=1
+    exit $rc ;;
   llava-check)   # the original-layout LLaVA checks of `suite` alone
-    PYTHONPATH=/tmp/site-tf:$PYTHONPATH timeout 300 python3 tests/llava_reference.py --check $OUT > $OUT/llava.log 2>&1
-    echo "llava rc=$?"; tail -12 $OUT/llava.log ;;
+    llava_check 300 ;;
   tiny)
     python3 benchmarks/vllm_bench.py --size tiny --eager --batches 1 --gen-tokens 32 --out "$OUT/tiny" \
-      --systems gptq,grace-a,grace-a-inline,grace-a-grid,gptq-w8,grace-a-w8,gptq-from-b,grace-b,bf16 "$@" ;;
-  *) echo "unknown stage $stage"; exit 2 ;;
+      --systems gptq,grace-a,grace-a-single,grace-a-inline,grace-a-grid,gptq-w8,grace-a-w8,gptq-from-b,grace-b,bf16 "$@" ;;
+  *) echo "unknown stage '$stage' (stages: the comment at the top of $0)"; exit 2 ;;
 esac

@@ -29,13 +29,17 @@ REPACKS = (("sglang.kernels.ops.quantization.gptq_marlin_repack", "_jit_gptq_mar
            ("sglang.kernels.ops.quantization.awq_marlin_repack", "_jit_awq_marlin_repack_module"))
 
 
+class NoJitModule(Exception):
+    """This SGLang defines none of the known JIT Marlin builders (e.g. it ships the kernels prebuilt)."""
+
+
 def _first(names: tuple[str, ...], attr: str):
     for name in names:
         try:
             return getattr(importlib.import_module(name), attr)
         except (ImportError, AttributeError):
             continue
-    raise SystemExit(f"none of {names} defines {attr}: this SGLang builds Marlin differently")
+    raise NoJitModule(f"none of {names} defines {attr}")
 
 
 def _gpu_arch() -> contextlib.AbstractContextManager:
@@ -61,7 +65,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.only:
         with _gpu_arch():
-            _build(args.only)
+            try:
+                _build(args.only)
+            except NoJitModule as e:   # nothing to warm up: the engine builds (or needs) nothing here
+                print(f"[jit] {args.only}: nothing to build ({e}): this SGLang builds Marlin differently",
+                      flush=True)
         return
     # nvcc compiles one file on one core: the modules build side by side, one process each
     jobs = [attr for _, attr in REPACKS] + [f"gemm:{d}" for d in args.dtypes.split(",") if d]

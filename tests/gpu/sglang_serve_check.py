@@ -21,7 +21,17 @@ its own child process so that GPU memory and SGLang's process-wide state start c
    no plugin has), so SGLang serves it with its own GPTQ-Marlin path.
 
 The JSON written to ``--out`` holds every step's result, the greedy token ids of both runs and
-whether they are identical. The exit status is 0 when every step that ran passed.
+whether they are identical. The exit status is 0 only when every step that ran passed AND (unless
+``--skip-reference``) both requests gave the stock run's greedy tokens exactly; otherwise 1, with
+one line on stderr naming every failure (``check_failures``).
+
+Vision attention: ``mm_attention_backend="triton_attn"`` is passed to both engines wherever this
+SGLang has that server argument (``sglang_vision_attention``). SGLang's Qwen3-VL vision tower
+defaults to FA3 on Hopper, which bundles without FA3 cannot run (every image request failed, plugin
+and stock alike). It is passed always, not only where FA3 is missing: the vision tower is
+unquantized and untouched by the plugin, and one portable backend on both sides keeps the
+comparison, and results from a bundle and from a published image, alike.
+``GRACE_SGLANG_MM_ATTENTION=default`` leaves SGLang's own choice.
 
 Options worth knowing: ``--tp N``; ``--image PATH`` (default: a synthetic picture);
 ``--skip-layer-check`` / ``--skip-reference``; ``--tokenizer-path`` (for original-layout LLaVA,
@@ -157,6 +167,22 @@ def tp_partition(rank, size):
             yield {}
 
 
+def sglang_vision_attention() -> dict:
+    """``{"mm_attention_backend": CHOICE}`` (default triton_attn) where this SGLang's server arguments
+    offer it, else ``{}`` (feature detection through SGLang's own argument parser; see the module
+    docstring for why it is always passed)."""
+    choice = os.environ.get("GRACE_SGLANG_MM_ATTENTION", "triton_attn")
+    if choice in ("", "default"):
+        return {}
+    from sglang.srt.server_args import ServerArgs
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    action = next((a for a in parser._actions if a.dest == "mm_attention_backend"), None)
+    if action is None or (action.choices and choice not in action.choices):
+        return {}
+    return {"mm_attention_backend": choice}
+
+
 # -- child: layer-level Marlin check --------------------------------------------------------------
 
 def child_layer(args):
@@ -259,7 +285,7 @@ def child_engine(args):
     mm_prompt, text_prompt = build_prompts(args.model, args.tokenizer_path, args.question)
     kwargs = dict(model_path=args.model, attention_backend=args.attention_backend,
                   mem_fraction_static=args.mem_fraction_static, tp_size=args.tp, random_seed=0,
-                  context_length=args.context_length, log_level="info")
+                  context_length=args.context_length, log_level="info", **sglang_vision_attention())
     if args.child_quantization not in (None, "none", "auto"):
         kwargs["quantization"] = args.child_quantization
     if args.disable_cuda_graph:
@@ -377,6 +403,31 @@ def compare(a, b):
     return out
 
 
+def check_failures(result: dict) -> list[str]:
+    """Every reason this check fails, one short phrase each: a failed layer check, an engine run that
+    failed, or (when stock SGLang ran) any request whose greedy tokens are not exactly stock's."""
+    bad = []
+    layer = result.get("layer_check")
+    if layer is not None and not layer.get("passed"):
+        worst = [k for k, v in (layer.get("layers") or {}).items() if not v.get("passed")]
+        bad.append(f"layer check failed ({', '.join(worst) or layer.get('exception') or 'no result'})")
+    for side in ("plugin", "stock"):
+        r = result.get(side)
+        if r is not None and (r.get("returncode") != 0 or "exception" in r):
+            why = r.get("exception") or f"return code {r.get('returncode')}"
+            bad.append(f"{side} engine failed: {str(why).splitlines()[0][:200]} (log {r.get('log')})")
+    if result.get("stock") is not None:
+        for name, c in (result.get("comparison") or {}).items():
+            if c.get("identical") is None:
+                bad.append(f"{name}: no tokens to compare")
+            elif not c["identical"]:
+                bad.append(f"{name}: plugin tokens differ from stock from position {c['first_difference']} "
+                           f"({c['plugin_len']} vs {c['stock_len']} tokens)")
+        if not result.get("comparison"):
+            bad.append("no comparison with stock SGLang")
+    return bad
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.model = os.path.abspath(args.model)
@@ -439,13 +490,18 @@ def main(argv=None):
         result["comparison"] = compare(result["plugin"], r)
         save()
 
-    result["passed"] = bool(passed)
+    failures = check_failures(result)
+    result["failures"] = failures
+    result["passed"] = bool(passed) and not failures
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()
     shutil.rmtree(work, ignore_errors=True)     # the image and, unless kept, the GPTQ copy
     print(json.dumps({"passed": result["passed"], "comparison": result.get("comparison"),
                       "layer_check": (result.get("layer_check") or {}).get("passed")}, indent=1))
-    return 0 if passed else 1
+    if not result["passed"]:
+        print(f"sglang_serve_check: FAILED {args.model}: {'; '.join(failures) or 'a step failed'}",
+              file=sys.stderr, flush=True)
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

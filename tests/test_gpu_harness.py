@@ -1,0 +1,298 @@
+"""The GPU harness's own logic, on CPU: which engine tests/gpu/run.sh stages use (a bundle, or the
+engine installed in this Python as in a published image), background jobs that outlive the working
+tree, and the verdicts that make the GPU scripts and the benchmark exit non-zero on a failure or a
+token mismatch. The engines themselves run on the GPU machine (tests/gpu/RESULTS.md)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_SH = ROOT / "tests" / "gpu" / "run.sh"
+sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import serve_check  # noqa: E402
+import sglang_serve_check  # noqa: E402
+import vllm_bench  # noqa: E402
+
+SGLANG_SITE = ROOT.parent / "main" / ".venv-sglang" / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+
+
+def _run_sh(*args, cwd=None, timeout=120, **env):
+    """tests/gpu/run.sh with this interpreter as python3 (its venv's bin first on PATH)."""
+    full = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env)
+    return subprocess.run(["bash", str(RUN_SH), *args], cwd=cwd, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _engine_of_this_python() -> str:
+    import importlib.util
+    return next(e for e in ("vllm", "sglang") if importlib.util.find_spec(e) is not None)
+
+
+# -- engine resolution ------------------------------------------------------------------------
+
+def test_stage_uses_the_installed_engine_without_a_bundle(tmp_path):
+    """A published image has the engine in its Python and no bundle marker: no 15-minute wait."""
+    engine = _engine_of_this_python()
+    stage = "engine" if engine == "vllm" else "sglang-engine"
+    t = time.monotonic()
+    r = _run_sh(stage, cwd=tmp_path, OUT="out", GRACE_GPU_SITES=str(tmp_path / "sites"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    version = __import__(engine).__version__
+    assert re.search(rf"^engine: {engine} {re.escape(version)} \(installed\);", r.stdout, re.M), r.stdout
+    assert time.monotonic() - t < 90
+    assert (tmp_path / "out").is_dir(), "a relative OUT is relative to the caller's directory"
+
+
+def test_stage_without_engine_or_bundle_fails_with_one_line(tmp_path):
+    missing = "sglang" if _engine_of_this_python() == "vllm" else "vllm"
+    stage = "sglang-tiny" if missing == "sglang" else "suite"
+    r = _run_sh(stage, cwd=tmp_path, OUT=str(tmp_path / "out"), GRACE_GPU_SITES=str(tmp_path),
+                GRACE_GPU_BUNDLE_WAIT="0")
+    assert r.returncode == 1
+    assert r.stdout.strip().splitlines() == [
+        f"no {missing} for stage {stage}: no bundle ({tmp_path}/site-{missing}.done) and no {missing} "
+        f"importable by {Path(sys.executable).parent}/python3"]
+
+
+def test_forced_bundle_is_waited_for_even_with_an_installed_engine(tmp_path):
+    engine = _engine_of_this_python()
+    r = _run_sh("engine" if engine == "vllm" else "sglang-engine", cwd=tmp_path, OUT=str(tmp_path / "o"),
+                GRACE_GPU_SITES=str(tmp_path), GRACE_GPU_ENGINE="bundle", GRACE_GPU_BUNDLE_WAIT="0")
+    assert r.returncode == 1 and "no bundle" in r.stdout
+
+
+@pytest.mark.skipif(not (SGLANG_SITE / "sglang").is_dir(), reason=f"no SGLang install at {SGLANG_SITE}")
+def test_unpacked_bundle_wins(tmp_path):
+    """A bundle is a --target install plus its marker: the SGLang venv's site-packages is one."""
+    if _engine_of_this_python() == "sglang":
+        pytest.skip("this Python has SGLang installed itself")
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    (sites / "site-sglang").symlink_to(SGLANG_SITE)
+    (sites / "site-sglang.done").touch()
+    r = _run_sh("sglang-engine", cwd=tmp_path, OUT=str(tmp_path / "o"), GRACE_GPU_SITES=str(sites), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from importlib.metadata import Distribution
+    version = Distribution.at(next(SGLANG_SITE.glob("sglang-*.dist-info"))).version
+    assert f"engine: sglang {version} (bundle {sites}/site-sglang);" in r.stdout
+
+
+# -- background jobs ----------------------------------------------------------------------------
+
+def test_chain_runs_from_a_copy_and_outlives_the_tree(tmp_path):
+    """Each device call lays the working tree anew: a chain started from it must not live in it."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info"))
+    bg, res = tmp_path / "bg", tmp_path / "res"
+    env = dict(GRACE_GPU_BG=str(bg), GRACE_GPU_RES=str(res), GRACE_GPU_SITES=str(tmp_path))
+    stage = "engine" if _engine_of_this_python() == "vllm" else "sglang-engine"
+    full = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                OUT=str(tmp_path / "out1"), **env)
+    r = subprocess.run(["bash", str(tree / "tests" / "gpu" / "run.sh"), "chain", stage, stage], cwd=tree,
+                       env=full, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pid = int((bg / "chain.pid").read_text())
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except FileNotFoundError:
+        raise AssertionError(f"the chain already ended: {(bg / 'chain.log').read_text()} "
+                             f"{(res / 'chain.status').read_text() if (res / 'chain.status').exists() else ''}")
+    assert cwd == str(bg / "chain"), f"the background chain runs in {cwd}, not in its copy"
+    shutil.rmtree(tree)                                # the next call lays the tree anew
+    p = _run_sh("poll", "240", cwd=tmp_path, OUT=str(tmp_path / "out2"), timeout=300, **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    status = (res / "chain.status").read_text()
+    assert status.count(f"{stage} rc=0") == 2, status
+    assert "(installed)" in (res / f"{stage}.log").read_text()
+    assert (tmp_path / "out2" / "res.tgz").exists() and (tmp_path / "out2" / "bg" / "chain.log").exists()
+
+
+def test_poll_fails_when_a_chained_stage_failed(tmp_path):
+    bg, res = tmp_path / "bg", tmp_path / "res"
+    env = dict(GRACE_GPU_BG=str(bg), GRACE_GPU_RES=str(res))
+    r = _run_sh("chain", "no-such-stage", cwd=tmp_path, OUT=str(tmp_path / "o"), **env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    p = _run_sh("poll", "60", cwd=tmp_path, OUT=str(tmp_path / "o2"), **env)
+    assert "no-such-stage rc=2" in p.stdout and p.returncode == 1
+
+
+# -- verdicts: a mismatch fails ------------------------------------------------------------------
+
+def _result(name, tokens, ok=True, dual=False, runs=((1, 100.0),), **kw):
+    return dict(name=name, ok=ok, tokens=tokens, logprobs=[], dual_kernel=dual, load_s=10.0, kernels=["K"],
+                runs=[{"batch": b, "decode_tok_s": v} for b, v in runs], **kw)
+
+
+def test_bench_fails_on_a_same_kernel_token_mismatch_only(tmp_path):
+    meta = {"model": "qwen3vl", "size": "tiny"}
+    same = [_result("gptq", [1, 2, 3]), _result("grace-a-single", [1, 2, 3])]
+    vllm_bench.write_report(same, meta, str(tmp_path))
+    assert vllm_bench.failures(same) == []
+    wrong = [_result("gptq", [1, 2, 3]), _result("grace-a-single", [1, 2, 4])]
+    vllm_bench.write_report(wrong, meta, str(tmp_path))
+    assert vllm_bench.failures(wrong) == [
+        "grace-a-single: greedy tokens differ from stock gptq (same kernel) from position 2 (3 vs 3 tokens)"]
+    assert vllm_bench.report_failures(wrong) == 1
+    dual = [_result("gptq-w8", [1, 2, 3]), _result("grace-a-w8", [1, 9, 9], dual=True)]
+    vllm_bench.write_report(dual, meta, str(tmp_path))
+    assert dual[1]["tokens_equal_peer"] is False and vllm_bench.failures(dual) == []
+    broken = [_result("gptq", None, ok=False)]
+    vllm_bench.write_report(broken, meta, str(tmp_path))
+    assert vllm_bench.failures(broken) == ["gptq did not run (see gptq.log)"]
+
+
+def test_report_from_computes_ratios_within_a_run_only(tmp_path):
+    def run(folder, bw, results):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(
+            {"meta": {"model": "qwen3vl", "size": "2b", "copy_bandwidth_gbs": bw}, "results": results}))
+        return str(folder / "results.json")
+
+    bpt = 1_000_000_000
+    a = run(tmp_path / "a", 4000.0, [_result("gptq", [1], runs=((1, 200.0),), bytes_per_token=bpt),
+                                     _result("grace-a", [1], runs=((1, 300.0),), bytes_per_token=bpt)])
+    b = run(tmp_path / "b", 2000.0, [_result("grace-b", [1], runs=((1, 250.0),), bytes_per_token=bpt)])
+    merged, metas = vllm_bench.merge_runs([a, b])
+    out = tmp_path / "report"
+    out.mkdir()
+    vllm_bench.write_report(merged, dict(metas[0], merged_from=[a, b]), str(out))
+    by = {r["name"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert by["grace-a"]["vs_gptq"] == {"1": 300.0 / 200.0}          # same run: a ratio
+    assert "vs_gptq" not in by["grace-b"]                              # other run: none
+    assert by["grace-b"]["ratios_not_computed"] == ["vs gptq: measured in another run"]
+    # bandwidth efficiency against each run's own copy bandwidth: 1 GB/token at 250 tok/s over 2000 GB/s
+    assert by["grace-b"]["bandwidth_efficiency_b1"] == pytest.approx(250.0 / 2000.0)
+    assert by["grace-a"]["bandwidth_efficiency_b1"] == pytest.approx(300.0 / 4000.0)
+    assert "Merged from 2 separate runs" in (out / "results.md").read_text()
+
+
+def test_bench_cli_report_from_exits_non_zero_on_a_mismatch(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"meta": {"model": "qwen3vl", "size": "2b"}, "results": [
+        _result("gptq", [5, 6]), _result("grace-a-single", [5, 7])]}))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm_bench.py"), "--out", str(tmp_path / "o"),
+                        "--report-from", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, MPLBACKEND="Agg"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == ("[bench] FAILED: grace-a-single: greedy tokens differ from stock "
+                                                 "gptq (same kernel) from position 1 (2 vs 2 tokens)")
+
+
+def _engine_run(ids_image, ids_text, rc=0):
+    return {"returncode": rc, "log": "x.log", "requests": {"image_text": {"output_ids": ids_image},
+                                                           "text": {"output_ids": ids_text}}}
+
+
+def test_sglang_serve_check_fails_on_a_token_mismatch():
+    plugin, stock = _engine_run([1, 2, 3], [4, 5]), _engine_run([1, 2, 3], [4, 5])
+    good = {"layer_check": {"passed": True}, "plugin": plugin, "stock": stock,
+            "comparison": sglang_serve_check.compare(plugin, stock)}
+    assert sglang_serve_check.check_failures(good) == []
+    other = _engine_run([1, 2, 3], [4, 6])
+    bad = dict(good, stock=other, comparison=sglang_serve_check.compare(plugin, other))
+    assert sglang_serve_check.check_failures(bad) == [
+        "text: plugin tokens differ from stock from position 1 (2 vs 2 tokens)"]
+    short = _engine_run([1, 2], [4, 5])
+    assert sglang_serve_check.check_failures(dict(good, stock=short, comparison=sglang_serve_check.compare(
+        plugin, short))) == ["image_text: plugin tokens differ from stock from position 2 (3 vs 2 tokens)"]
+    crashed = dict(good, plugin={"returncode": 1, "exception": "RuntimeError: boom", "log": "p.log"},
+                   comparison=sglang_serve_check.compare({}, stock))
+    assert sglang_serve_check.check_failures(crashed) == [
+        "plugin engine failed: RuntimeError: boom (log p.log)", "image_text: no tokens to compare",
+        "text: no tokens to compare"]
+    assert sglang_serve_check.check_failures({"plugin": plugin}) == []    # --skip-reference
+
+
+def test_http_serve_check_fails_on_a_token_mismatch():
+    def side(a, b):
+        return {"requests": {"image_text": {"tokens": a}, "text": {"tokens": b}}}
+
+    good = {"plugin": side(["token_id:1"], ["token_id:2"]), "stock": side(["token_id:1"], ["token_id:2"])}
+    good["comparison"] = serve_check.compare(good["plugin"], good["stock"])
+    assert serve_check.failures(good) == []
+    bad = dict(good, stock=side(["token_id:1"], ["token_id:3"]))
+    bad["comparison"] = serve_check.compare(bad["plugin"], bad["stock"])
+    assert serve_check.failures(bad) == ["text: plugin tokens differ from stock from position 0 (1 vs 1 tokens)"]
+    assert serve_check.failures(dict(bad, expect_identical=False)) == []       # e.g. vLLM's dual kernel
+    down = dict(good, stock={"exception": "TimeoutError: not healthy", "log": "s.log"})
+    down["comparison"] = serve_check.compare(down["plugin"], down["stock"])
+    assert serve_check.failures(down)[0] == "stock server failed: TimeoutError: not healthy (log s.log)"
+    reply = {"choices": [{"message": {"content": "ab"}, "logprobs": {"content": [
+        {"token": "token_id:7", "logprob": -0.1}, {"token": "token_id:9", "logprob": -0.2}]}}]}
+    assert serve_check.chat_tokens(reply) == ["token_id:7", "token_id:9"]
+    assert serve_check.chat_tokens({"choices": [{"message": {"content": "ab"}}]}) is None
+
+
+# -- which kernel the SGLang rows ran -----------------------------------------------------------
+
+def test_sglang_kernel_is_read_from_the_plugins_own_log_line():
+    src = (ROOT / "grace_sglang" / "linear.py").read_text()
+    fmt = re.search(r'\)\("(grace_qat: %s runs SGLang\'s %s \(%s\))"', src).group(1)
+    line = fmt % ("model.language_model.layers.0.self_attn.qkv_proj", "GPTQMarlinLinearKernel", "uint4b8")
+    assert vllm_bench.sglang_kernels_in_log(f"[2026-12-01 TP0] {line}\nother\n") == ["GPTQMarlinLinearKernel"]
+    config = "grace_qat: GraceQATConfig(format=awq, bits=4, group_size=128, modules=196, path='/m')"
+    assert vllm_bench.sglang_kernels_in_log(config) == ["AWQMarlinLinearMethod"]
+    stock = "The model is convertible to gptq_marlin during runtime. Using gptq_marlin kernel."
+    assert vllm_bench.sglang_kernels_in_log(stock) == ["gptq_marlin"]
+    assert vllm_bench.sglang_kernels_in_log("nothing here") == []
+
+
+# -- SGLang's vision attention -----------------------------------------------------------------
+
+@pytest.mark.sglang
+def test_sglang_vision_attention_is_a_server_argument_this_sglang_accepts(monkeypatch):
+    pytest.importorskip("sglang")
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+    kw = sglang_serve_check.sglang_vision_attention()
+    assert kw == {"mm_attention_backend": "triton_attn"}
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(["--model-path", "m", "--mm-attention-backend", kw["mm_attention_backend"]])
+    assert ns.mm_attention_backend == "triton_attn"
+    monkeypatch.setenv("GRACE_SGLANG_MM_ATTENTION", "default")
+    assert sglang_serve_check.sglang_vision_attention() == {}
+    monkeypatch.setenv("GRACE_SGLANG_MM_ATTENTION", "no-such-backend")
+    assert sglang_serve_check.sglang_vision_attention() == {}
+
+
+def test_serve_stages_serve_the_directories_the_benchmark_prepares():
+    """run.sh's serve-FORMAT stages name a source and a GPTQ-export system of vllm_bench.SYSTEMS and
+    the directory vllm_bench.prepare writes for them (a typo would serve a missing directory)."""
+    text = RUN_SH.read_text()
+    body = text[text.index("serve_fixture() {"):]
+    rows = re.findall(r"^\s+([a-z0-9-]+)\)\s+echo \"(\w+) (\w+) ([\w-]+) ([\w-]+) ([\w-]+)\"", body, re.M)
+    assert {r[0] for r in rows} == {"qwen-w4a", "qwen-w4b", "qwen-w8a", "llava-w4a"}
+    stages = set(re.findall(r"\b((?:sglang-)?serve-[a-z0-9-]+)\b", text))
+    assert {f"{p}serve-{r[0]}" for r in rows for p in ("", "sglang-")} <= stages
+    expected = {"qwen-w4a": ("qat-sidecar", 4), "qwen-w4b": ("awq", 4), "qwen-w8a": ("qat-sidecar", 8),
+                "llava-w4a": ("qat-sidecar", 4)}
+    for fmt_name, model, size, src_sys, ref_sys, directory in rows:
+        fmt, bits, convert_to, quant = vllm_bench.SYSTEMS[src_sys]
+        assert (fmt, bits) == expected[fmt_name] and convert_to is None and quant == "grace_qat"
+        assert vllm_bench.SYSTEMS[ref_sys][:3] == (fmt, bits, "gptq")
+        assert directory == f"{model}-{size}-{fmt}-w{bits}"
+
+
+def test_every_documented_engine_stage_resolves_its_engine(tmp_path):
+    """Each documented stage is known to the engine resolution, with the right engine (no stage
+    falls through to 'unknown', no SGLang stage waits for the vLLM bundle)."""
+    documented = re.findall(r"^#   ([a-z0-9-]+)", RUN_SH.read_text(), flags=re.M)
+    runs_without_engine = {"prepare-bg", "chain", "poll", "bench-hf", "install"}
+    assert runs_without_engine <= set(documented)
+    for stage in sorted(set(documented) - runs_without_engine):
+        r = _run_sh(stage, cwd=tmp_path, OUT=str(tmp_path / "o"), GRACE_GPU_SITES=str(tmp_path),
+                    GRACE_GPU_ENGINE="bundle", GRACE_GPU_BUNDLE_WAIT="0", timeout=30)
+        engine = "sglang" if stage.startswith("sglang") or stage == "bench-sglang" else "vllm"
+        assert (r.returncode, r.stdout.split(":")[0]) == (1, f"no {engine} for stage {stage}"), (stage, r.stdout)
