@@ -76,7 +76,10 @@ def _fixture(args) -> int:
 
     writer = fixtures.write_llava if args.model == "llava" else fixtures.write_qwen3vl
     kwargs = dict(size=args.size, fmt=args.format, bits=args.bits, seed=args.seed)
-    path = writer(args.output, **kwargs)
+    try:
+        path = writer(args.output, **kwargs)
+    except ValueError as e:      # the fixture writer's argument checks (e.g. AWQ is 4-bit only)
+        raise GraceFormatError(f"fixture {args.output}: {e}") from None
     print(f"wrote {path}")
     return 0
 
@@ -137,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        # the demo owns its arguments (--help included): hand them over untouched, since argparse's
+        # REMAINDER would take "--help" as grace-qat's own (unknown) option
+        args = argparse.Namespace(func=_demo, demo_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except GraceFormatError as e:

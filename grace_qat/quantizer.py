@@ -122,15 +122,49 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (line(a) - line(b)).abs()
 
 
+def needed_bits(lo: int, hi: int) -> int | None:
+    """The narrowest supported width whose range holds codes in [lo, hi] (None: none does)."""
+    for b in SUPPORTED_BITS:
+        qmin, qmax = code_range(b)
+        if lo >= qmin and hi <= qmax:
+            return b
+    return None
+
+
+def check_width(lo: int, hi: int, bits: int, inferred: bool, name: str = "?") -> None:
+    """The one rule for a bit width that was inferred (from the first module) rather than stated:
+    every module's codes must need exactly that width, else the modules disagree and the checkpoint
+    is refused. A stated width is only a range check (done by ``recover_codes``)."""
+    if not inferred:
+        return
+    need = needed_bits(lo, hi)
+    if need == bits or need is None:     # None: beyond every width, recover_codes' range error says so
+        return
+    qmin, qmax = code_range(bits)
+    code = lo if -lo > hi else hi
+    if need > bits:
+        why = f"code {code} is outside the {bits}-bit range [{qmin}, {qmax}] and needs {need} bits"
+    else:
+        nmin, nmax = code_range(need)
+        why = (f"its codes span [{lo}, {hi}] (largest magnitude code {code}): a {need}-bit grid "
+               f"[{nmin}, {nmax}]")
+    raise GraceFormatError(
+        f"{name}.weight: {why}, but the checkpoint's width was inferred as {bits} bits from its first "
+        f"quantized module; the modules disagree on the bit width (state it with --bits or "
+        f"quantization_config.bits to check every module against it)")
+
+
 def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                  name: str = "?") -> torch.Tensor:
+                  name: str = "?", inferred: bool = False) -> torch.Tensor:
     """Integer codes of an on-grid weight, verified; int8 for 4 bits, int16 for 8 bits.
 
     Exact because bf16 keeps 8 significant bits: |W/s - q| <= |q| 2^-8 < 0.5. The verification is
     stronger than that bound: re-dequantizing the codes must give back the stored weight to within
     one unit in the last place (exp() may differ by an fp32 ulp between the machine that trained and
     this one). Off-grid or out-of-range weights raise GraceFormatError naming the module and the
-    worst value; a silent wrong answer is never returned.
+    worst value; a silent wrong answer is never returned. ``inferred``: ``bits`` was inferred from
+    the checkpoint's first module, not stated; the codes must then need exactly ``bits``
+    (:func:`check_width`).
     """
     qmin, qmax = code_range(bits)
     out_f, in_f = weight.shape
@@ -149,6 +183,7 @@ def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_s
     s = scales.to(torch.float32).unsqueeze(-1)
     q = torch.round(w / s)
     q_lo, q_hi = torch.aminmax(q)
+    check_width(int(q_lo), int(q_hi), bits, inferred, name)
     if q_lo < qmin or q_hi > qmax:
         out_of_range = (q < qmin) | (q > qmax)
         worst = q_lo if qmin - q_lo > q_hi - qmax else q_hi
@@ -170,7 +205,38 @@ def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_s
     return q.reshape(out_f, in_f).to(dtype)
 
 
-def derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = "?") -> torch.Tensor:
+def derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = "?",
+                  inferred: bool = False) -> torch.Tensor:
+    """Per-group steps of an on-grid weight alone (no sidecar, no log_scale): see _derive_scales.
+
+    ``inferred`` (``bits`` came from the first module, not from the user): the module's own
+    narrowest grid must have that width. A 4-bit grid is also an 8-bit grid (at a 16x finer step),
+    so the narrower widths are tried first; a module on a narrower or only on a wider grid is
+    refused as a disagreement between modules (:func:`check_width`), naming both widths."""
+    if not inferred:
+        return _derive_scales(weight, bits, group_size, name)
+    first_error = None
+    for width in SUPPORTED_BITS:                       # narrowest first
+        try:
+            s = _derive_scales(weight, width, group_size, name)
+        except GraceFormatError as e:
+            if width == bits:
+                first_error = e
+            continue
+        if width == bits:
+            return s
+        if width < bits:                               # e.g. on a 4-bit grid, inferred 8
+            q = torch.round(_grouped(weight.to(torch.float32), group_size) / s.unsqueeze(-1))
+            lo, hi = torch.aminmax(q)
+            check_width(int(lo), int(hi), bits, True, name)
+        raise GraceFormatError(
+            f"{first_error}; its values lie on a grid of {width}-bit codes, but the checkpoint's width was inferred as "
+            f"{bits} bits from its first quantized module: the modules disagree on the bit width "
+            f"(state it with --bits or quantization_config.bits to check every module against it)")
+    raise first_error
+
+
+def _derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = "?") -> torch.Tensor:
     """Recover per-group steps from an on-grid weight alone (no sidecar, no log_scale).
 
     For each group, try every possible code magnitude k of its largest element; the step is
