@@ -53,12 +53,12 @@ def _inspect(args) -> int:
 
 
 def _convert(args) -> int:
-    from .convert import convert
+    from .convert import convert, exactness
 
     ckpt = convert(args.checkpoint, args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty(),
                    layout=args.layout, clip_dir=args.clip_dir, force=args.force)
     print(f"wrote {args.output} ({args.to}, {ckpt.bits}-bit, group {ckpt.group_size}, "
-          f"{len(ckpt.modules)} modules verified bit-exact)")
+          f"{len(ckpt.modules)} modules: {exactness(args.to, ckpt)})")
     return 0
 
 
