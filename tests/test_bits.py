@@ -132,20 +132,27 @@ def test_w8_checkpoints_still_infer_8(tmp_path):
 
 ENGINE = r"""
 import json, sys
-import grace_vllm
-grace_vllm.register()
-from vllm import LLM
-for name, path in json.loads(sys.argv[1]):
-    try:
-        LLM(path, quantization="grace_qat", dtype="bfloat16", enforce_eager=True, max_model_len=512,
-            limit_mm_per_prompt={"image": 0}, distributed_executor_backend="uni", seed=0)
-        print("RESULT", json.dumps({"case": name, "loaded": True}), flush=True)
-    except BaseException as e:
-        chain, cur = [], e
-        while cur is not None:
-            chain.append(f"{type(cur).__name__}: {cur}")
-            cur = cur.__cause__ or cur.__context__
-        print("RESULT", json.dumps({"case": name, "loaded": False, "chain": chain}), flush=True)
+
+
+def main(cases):
+    import grace_vllm
+    grace_vllm.register()
+    from vllm import LLM
+    for name, path in cases:
+        try:
+            LLM(path, quantization="grace_qat", dtype="bfloat16", enforce_eager=True, max_model_len=512,
+                limit_mm_per_prompt={"image": 0}, distributed_executor_backend="uni", seed=0)
+            print("RESULT", json.dumps({"case": name, "loaded": True}), flush=True)
+        except BaseException as e:
+            chain, cur = [], e
+            while cur is not None:
+                chain.append(f"{type(cur).__name__}: {cur}")
+                cur = cur.__cause__ or cur.__context__
+            print("RESULT", json.dumps({"case": name, "loaded": False, "chain": chain}), flush=True)
+
+
+if __name__ == "__main__":      # vLLM's engine core is a spawned process: it re-imports this file
+    main(json.loads(sys.argv[1]))
 """
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0", "VLLM_NO_USAGE_STATS": "1",
               "VLLM_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
