@@ -131,27 +131,28 @@ def needed_bits(lo: int, hi: int) -> int | None:
     return None
 
 
-def check_width(lo: int, hi: int, bits: int, inferred: bool, name: str = "?") -> None:
+def _disagreement(bits: int) -> str:
+    return (f"but the checkpoint's width was inferred as {bits} bits from its first quantized module: the "
+            f"modules disagree on the bit width (state it with --bits or quantization_config.bits to check "
+            f"every module against it)")
+
+
+def check_width(lo: float, hi: float, bits: int, inferred: bool, name: str = "?") -> None:
     """The one rule for a bit width that was inferred (from the first module) rather than stated:
     every module's codes must need exactly that width, else the modules disagree and the checkpoint
-    is refused. A stated width is only a range check (done by ``recover_codes``)."""
-    if not inferred:
+    is refused. This refuses a module that needs fewer bits; one that needs more fails the range
+    check of :func:`recover_codes`, whose message then names both widths. A stated width is only
+    range-checked."""
+    if not inferred or not (math.isfinite(lo) and math.isfinite(hi)):
         return
     need = needed_bits(lo, hi)
-    if need == bits or need is None:     # None: beyond every width, recover_codes' range error says so
+    if need is None or need >= bits:
         return
-    qmin, qmax = code_range(bits)
+    nmin, nmax = code_range(need)
     code = lo if -lo > hi else hi
-    if need > bits:
-        why = f"code {code} is outside the {bits}-bit range [{qmin}, {qmax}] and needs {need} bits"
-    else:
-        nmin, nmax = code_range(need)
-        why = (f"its codes span [{lo}, {hi}] (largest magnitude code {code}): a {need}-bit grid "
-               f"[{nmin}, {nmax}]")
     raise GraceFormatError(
-        f"{name}.weight: {why}, but the checkpoint's width was inferred as {bits} bits from its first "
-        f"quantized module; the modules disagree on the bit width (state it with --bits or "
-        f"quantization_config.bits to check every module against it)")
+        f"{name}.weight: its codes span [{lo:.0f}, {hi:.0f}] (largest magnitude code {code:.0f}): a "
+        f"{need}-bit grid [{nmin}, {nmax}], {_disagreement(bits)}")
 
 
 def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
@@ -183,13 +184,16 @@ def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_s
     s = scales.to(torch.float32).unsqueeze(-1)
     q = torch.round(w / s)
     q_lo, q_hi = torch.aminmax(q)
-    check_width(int(q_lo), int(q_hi), bits, inferred, name)
+    check_width(float(q_lo), float(q_hi), bits, inferred, name)
     if q_lo < qmin or q_hi > qmax:
         out_of_range = (q < qmin) | (q > qmax)
         worst = q_lo if qmin - q_lo > q_hi - qmax else q_hi
+        need = needed_bits(float(q_lo), float(q_hi))
+        why = (f"the module needs {need} bits, {_disagreement(bits)}" if inferred and need is not None
+               else "wrong bits or scales?")
         raise GraceFormatError(
             f"{name}.weight: {int(out_of_range.sum())} codes outside the {bits}-bit range "
-            f"[{qmin}, {qmax}] (worst code {float(worst):.0f}); wrong bits or scales?")
+            f"[{qmin}, {qmax}] (worst code {float(worst):.0f}); {why}")
     recon = (q * s).reshape(out_f, in_f).to(weight.dtype)
     mismatch = recon != weight
     # exp() may differ by an fp32 ulp between machines: a neighbouring value is still on the grid
@@ -228,11 +232,9 @@ def derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = 
         if width < bits:                               # e.g. on a 4-bit grid, inferred 8
             q = torch.round(_grouped(weight.to(torch.float32), group_size) / s.unsqueeze(-1))
             lo, hi = torch.aminmax(q)
-            check_width(int(lo), int(hi), bits, True, name)
-        raise GraceFormatError(
-            f"{first_error}; its values lie on a grid of {width}-bit codes, but the checkpoint's width was inferred as "
-            f"{bits} bits from its first quantized module: the modules disagree on the bit width "
-            f"(state it with --bits or quantization_config.bits to check every module against it)")
+            check_width(float(lo), float(hi), bits, True, name)
+        raise GraceFormatError(f"{first_error}; its values lie on a grid of {width}-bit codes, "
+                               f"{_disagreement(bits)}")
     raise first_error
 
 

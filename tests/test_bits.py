@@ -113,7 +113,7 @@ def test_later_module_at_code_9_is_refused_naming_both_widths(w4, fmt, tmp_path)
     assert LATER + ".weight" in r.stderr and os.path.join(d, ST) in r.stderr
     assert "inferred as 4 bits" in r.stderr and "disagree" in r.stderr, r.stderr
     if fmt == "qat-sidecar":
-        assert "code 9" in r.stderr and "needs 8 bits" in r.stderr, r.stderr
+        assert "worst code 9" in r.stderr and "needs 8 bits" in r.stderr, r.stderr
     else:
         assert "grid of 8-bit codes" in r.stderr, r.stderr
     assert "8-bit range" not in r.stderr
