@@ -52,6 +52,20 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+_ADVICE = re.compile(r"weights[ _]only|check the documentation|safe_globals|trusted source|if you trust", re.I)
+
+
+def _torch_reason(text: str) -> str:
+    """The part of torch.load's error that says what is in the file, without torch's advice on how to
+    load it anyway (re-running with weights_only=False, allowlisting globals): a refused file stays
+    refused, and a user must never be told to unpickle it."""
+    for line in text.splitlines():
+        line = re.split(r"\s(?:Please use|You can use|If you trust|To load)", line.strip(), maxsplit=1)[0]
+        if line and not _ADVICE.search(line):
+            return line.rstrip(".")
+    return ""
+
+
 def load_sidecar(path: str) -> dict[str, torch.Tensor]:
     """Open ``qat_quantized_weights.bin`` lazily and safely: tensors only, memory-mapped.
 
@@ -66,12 +80,13 @@ def load_sidecar(path: str) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GraceFormatError(f"{path}: refused to load: it holds more than tensors ({first})") from None
+        reason = _torch_reason(str(e)) or "an object that is not a tensor"
+        raise GraceFormatError(f"{path}: refused to load: it holds more than tensors ({reason}); a GRACE "
+                               f"sidecar holds tensors only") from None
     except Exception as e:   # noqa: BLE001 - corrupt zips/pickles raise many types (KeyError, ValueError,
         # struct.error, zipfile.BadZipFile, UnicodeDecodeError, ...): all mean "not a torch.save file"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise GraceFormatError(f"{path}: not a readable torch.save file ({type(e).__name__}: {first})") from None
+        raise GraceFormatError(f"{path}: not a readable torch.save file "
+                               f"({type(e).__name__}: {_torch_reason(str(e))})") from None
     if not isinstance(data, dict):
         raise GraceFormatError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
     for k, v in data.items():
@@ -180,6 +195,9 @@ class GraceCheckpoint:
         self.path, self.format, self.bits, self.group_size = path, fmt, bits, group_size
         self.modules, self.config, self.tensors = modules, config, tensors
         self.sidecar_path = sidecar_path
+        # True when nobody stated the bits (caller, config.json) and open() took them from the first
+        # quantized module: every module computed later must then need exactly that width.
+        self.bits_inferred = False
 
     # -- detection ----------------------------------------------------------------------------
 
@@ -200,6 +218,8 @@ class GraceCheckpoint:
     @classmethod
     def _detect(cls, path: str, bits: int | None, group_size: int | None) -> "GraceCheckpoint":
         path = os.path.abspath(path)
+        if not os.path.exists(path):
+            raise GraceFormatError(f"{path}: does not exist")
         if not os.path.isdir(path):
             raise GraceFormatError(f"{path}: not a directory")
         config = read_config(path)
@@ -244,7 +264,7 @@ class GraceCheckpoint:
                 for b in (4, 8):
                     try:
                         derive_scales(w, b, gs, first)
-                        ckpt.bits = b
+                        ckpt.bits, ckpt.bits_inferred = b, True
                         break
                     except GraceFormatError:
                         continue
@@ -254,6 +274,7 @@ class GraceCheckpoint:
         _check_architecture(path, config, ckpt.modules)
         if ckpt.bits is None:
             ckpt.bits = ckpt._infer_bits()
+            ckpt.bits_inferred = True
         return ckpt
 
     @classmethod
@@ -318,6 +339,9 @@ class GraceCheckpoint:
                                        f"quantizes (only self_attn.q/k/v/o_proj and mlp.gate/up/down_proj)")
         for k in data:
             base = k.rsplit(".", 1)[0]
+            if k.endswith((".weight", ".bias")) and base not in modules and is_quantizable_module(base):
+                raise GraceFormatError(f"{sidecar}: {base}.log_scale missing: the sidecar holds {k} but no "
+                                       f"log-steps for module {base}")
             if not k.endswith((".log_scale", ".weight", ".bias")) or base not in modules:
                 raise GraceFormatError(f"{sidecar}: unexpected entry {k!r} (expected <module>.weight, "
                                        f".log_scale and .bias for quantized modules only)")
@@ -430,8 +454,8 @@ class GraceCheckpoint:
             scales = self._scales(name, weight.shape)   # its errors name the file holding log_scale
         try:
             if self.format == FORMAT_QAT_GRID:
-                scales = derive_scales(weight, self.bits, self.group_size, name)
-            codes = recover_codes(weight, scales, self.bits, self.group_size, name)
+                scales = derive_scales(weight, self.bits, self.group_size, name, self.bits_inferred)
+            codes = recover_codes(weight, scales, self.bits, self.group_size, name, self.bits_inferred)
         except GraceFormatError as e:
             raise GraceFormatError(f"{where}: {e}") from None
         return QuantizedLinear(name, codes, scales, self.bits, self.group_size, bias)

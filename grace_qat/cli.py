@@ -6,59 +6,139 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import GraceFormatError
 
 
-def _inspect(args) -> int:
+_GRACE_FORMATS = {
+    "qat-sidecar": "GRACE format A: BF16 weights on the grid + qat_quantized_weights.bin (learned steps)",
+    "qat-inline": "GRACE format A: BF16 weights on the grid + <module>.log_scale tensors",
+    "qat-grid": "BF16 weights on a GRACE grid, no stored steps (a release without sidecar, or what "
+                "`convert --to bf16` writes); stock engines serve it as BF16, the plugin as packed ints",
+    "awq": "GRACE format B: AWQ-packed 4-bit, zero point 8, no quantization_config",
+}
+
+
+def _histogram(codes_iter, bits: int) -> dict:
+    """Code histogram, parameter count and packed size over every module's codes."""
     import torch
 
-    from .checkpoint import GraceCheckpoint
     from .quantizer import code_range
+    qmin, _ = code_range(bits)
+    hist = torch.zeros(1 << bits, dtype=torch.int64)
+    params = packed_bytes = 0
+    for codes, scales in codes_iter:
+        hist += torch.bincount((codes.to(torch.int64) - qmin).flatten(), minlength=hist.numel())
+        params += codes.numel()
+        packed_bytes += codes.numel() * bits // 8 + scales.numel() * 2
+    return {"quantized_params": params, "bytes_bf16": params * 2, "bytes_packed": packed_bytes,
+            "code_histogram": {str(qmin + i): int(c) for i, c in enumerate(hist.tolist())}, "verified": True}
 
-    ckpt = GraceCheckpoint.open(args.checkpoint, bits=args.bits)
+
+def _print_codes(report: dict) -> None:
+    print(f"  parameters  {report['quantized_params']:,} quantized")
+    print(f"  bytes       {report['bytes_bf16'] / 1e6:,.1f} MB as bf16 -> "
+          f"{report['bytes_packed'] / 1e6:,.1f} MB packed "
+          f"({report['bytes_packed'] / report['bytes_bf16']:.3f}x)")
+    peak = max(report["code_histogram"].values())
+    print("  codes")
+    for code, count in report["code_histogram"].items():
+        print(f"    {int(code):5d} {count:14,d} {'#' * int(40 * count / peak)}")
+
+
+def _inspect(args) -> int:
+    import os
+
+    from .checkpoint import FORMAT_PLAIN, GraceCheckpoint, read_config
+    from . import exports
+
+    path = os.path.abspath(args.checkpoint)
+    if not os.path.exists(path):
+        raise GraceFormatError(f"{path}: does not exist")
+    if not os.path.isdir(path):
+        raise GraceFormatError(f"{path}: not a directory")
+    if exports.standard_method(read_config(path)):
+        return _inspect_standard(args, path)
+    ckpt = GraceCheckpoint.open(path, bits=args.bits)
     report = ckpt.describe()
+    if ckpt.format == FORMAT_PLAIN:
+        report.update(exports.describe_plain(path))
+        report["serve"] = exports.serve_commands(path)
     if ckpt.modules:
-        qmin, _ = code_range(ckpt.bits)
-        hist = torch.zeros(1 << ckpt.bits, dtype=torch.int64)
-        params = packed_bytes = 0
-        for q in ckpt.iter_quantized(progress=not args.json and sys.stderr.isatty()):
-            hist += torch.bincount((q.codes.to(torch.int64) - qmin).flatten(), minlength=hist.numel())
-            params += q.codes.numel()
-            packed_bytes += q.codes.numel() * ckpt.bits // 8 + q.scales.numel() * 2
-        report.update({
-            "quantized_params": params,
-            "bytes_bf16": params * 2,
-            "bytes_packed": packed_bytes,
-            "code_histogram": {str(qmin + i): int(c) for i, c in enumerate(hist.tolist())},
-            "verified": True,
-        })
+        report.update(_histogram(((q.codes, q.scales) for q in
+                                  ckpt.iter_quantized(progress=not args.json and sys.stderr.isatty())), ckpt.bits))
+        report["serve"] = [f"vllm serve {path} --quantization grace_qat",
+                           f"python -m sglang.launch_server --model-path {path} --quantization grace_qat"]
+        report["description"] = _GRACE_FORMATS.get(ckpt.format, "")
+    if args.against:
+        report["against"] = {"source": os.path.abspath(args.against),
+                             "result": exports.compare(path, args.against, bits=args.bits)}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{report['path']}\n  format      {report['format']}\n  bits        {report['bits']}\n"
-          f"  group size  {report['group_size']}\n  modules     {report['modules']}")
+    if ckpt.format == FORMAT_PLAIN:
+        dtypes = ", ".join(f"{n} {d}" for d, n in sorted(report["dtypes"].items()))
+        print(f"{report['path']}\n  format      plain: an unquantized checkpoint, no GRACE or standard "
+              f"quantization ({report['tensors']} tensors: {dtypes})")
+    else:
+        print(f"{report['path']}\n  format      {report['format']}: {_GRACE_FORMATS.get(ckpt.format, '')}\n"
+              f"  bits        {report['bits']}"
+              f"{' (inferred from the codes)' if ckpt.bits_inferred else ''}\n"
+              f"  group size  {report['group_size']}\n  modules     {report['modules']}")
     if ckpt.modules:
-        print(f"  parameters  {report['quantized_params']:,} quantized")
-        print(f"  bytes       {report['bytes_bf16'] / 1e6:,.1f} MB as bf16 -> "
-              f"{report['bytes_packed'] / 1e6:,.1f} MB packed "
-              f"({report['bytes_packed'] / report['bytes_bf16']:.3f}x)")
-        peak = max(report["code_histogram"].values())
-        print("  codes")
-        for code, count in report["code_histogram"].items():
-            print(f"    {int(code):5d} {count:14,d} {'#' * int(40 * count / peak)}")
+        _print_codes(report)
         print("  verified    all codes on the grid and in range")
+    _print_serve(report["serve"], plugin=bool(ckpt.modules))
+    if args.against:
+        print(f"  against     {report['against']['source']}: {report['against']['result']}")
+    return 0
+
+
+def _print_serve(commands: list[str], plugin: bool) -> None:
+    note = "(with the grace_qat plugin installed)" if plugin else "(stock engine, no plugin needed)"
+    print(f"  serve       {note}")
+    for c in commands:
+        print(f"              {c}")
+
+
+def _inspect_standard(args, path: str) -> int:
+    from . import exports
+    from .convert import _DTYPE_NAMES
+
+    exp = exports.StandardCheckpoint(path)
+    if args.bits is not None and args.bits != exp.bits:
+        raise GraceFormatError(f"{exp.cfg_path}: quantization_config says {exp.bits}-bit, --bits says {args.bits}")
+    report = {"path": exp.path, "format": exp.method, "description": exports.DESCRIPTION[exp.method],
+              "bits": exp.bits, "group_size": exp.group_size, "modules": len(exp.modules),
+              "scale_dtype": _DTYPE_NAMES.get(exp.scale_dtype(), str(exp.scale_dtype()))}
+    report.update(_histogram(((e.codes, e.scales) for e in exp.iter_quantized()), exp.bits))
+    report["serve"] = exports.serve_commands(exp.path)
+    if args.against:
+        report["against"] = {"source": os.path.abspath(args.against),
+                             "result": exports.compare(path, args.against, bits=args.bits)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['path']}\n  format      {exp.method}: {report['description']}\n"
+          f"  bits        {exp.bits} (quantization_config)\n  group size  {exp.group_size} (quantization_config)\n"
+          f"  modules     {report['modules']}\n  scales      {report['scale_dtype']}")
+    _print_codes(report)
+    print("  verified    zero points symmetric, codes unpacked in range, scales finite and > 0")
+    _print_serve(report["serve"], plugin=False)
+    if args.against:
+        print(f"  against     {report['against']['source']}: {report['against']['result']}")
     return 0
 
 
 def _convert(args) -> int:
-    from .convert import convert
+    from .convert import convert, exactness
 
     ckpt = convert(args.checkpoint, args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty(),
                    layout=args.layout, clip_dir=args.clip_dir, force=args.force)
     print(f"wrote {args.output} ({args.to}, {ckpt.bits}-bit, group {ckpt.group_size}, "
-          f"{len(ckpt.modules)} modules verified bit-exact)")
+          f"{len(ckpt.modules)} modules: {exactness(args.to, ckpt)})")
     return 0
 
 
@@ -76,7 +156,10 @@ def _fixture(args) -> int:
 
     writer = fixtures.write_llava if args.model == "llava" else fixtures.write_qwen3vl
     kwargs = dict(size=args.size, fmt=args.format, bits=args.bits, seed=args.seed)
-    path = writer(args.output, **kwargs)
+    try:
+        path = writer(args.output, **kwargs)
+    except ValueError as e:      # the fixture writer's argument checks (e.g. AWQ is 4-bit only)
+        raise GraceFormatError(f"fixture {args.output}: {e}") from None
     print(f"wrote {path}")
     return 0
 
@@ -93,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grace-qat", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="format, bits, codes histogram, sizes; verifies every module")
+    s = sub.add_parser("inspect", help="format, bits, codes histogram, sizes; verifies every module "
+                       "(GRACE formats and the standard gptq / awq / compressed-tensors exports)")
     s.add_argument("checkpoint")
+    s.add_argument("--against", metavar="SRC", help="also check that this export of SRC (grace-qat convert) "
+                   "has SRC's codes bit for bit and its scales (rounded to the export's dtype)")
     s.add_argument("--bits", type=int, choices=(4, 8), help="state the bits instead of deriving them")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_inspect)
@@ -137,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        # the demo owns its arguments (--help included): hand them over untouched, since argparse's
+        # REMAINDER would take "--help" as grace-qat's own (unknown) option
+        args = argparse.Namespace(func=_demo, demo_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except GraceFormatError as e:

@@ -12,8 +12,9 @@ Layouts: ``same`` (default) keeps the source's tensor names and config; ``llava-
 original-layout LLaVA-1.5 checkpoint into the llava-hf layout (:mod:`grace_qat.llava_hf`).
 
 Every packed module is unpacked again and compared with the verified codes before it is written,
-so a conversion either is bit-exact or fails. Scales are stored in the model's dtype (except AWQ,
-whose format fixes fp16), so stock kernels see exactly the scales the grace_qat plugin uses.
+so a conversion either is bit-exact or fails. Scales (:func:`scale_dtype`): an AWQ-packed source's
+fp16 scales stay fp16 (exact); a QAT source's fp32 steps are rounded once to the model's dtype, as
+the grace_qat plugin rounds them when it serves (AWQ targets: fp16, which that format fixes).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import tempfile
 
 import torch
 
-from .checkpoint import (AWQ_MODULES_NAME, CONFIG_NAME, FORMAT_PLAIN, SAFETENSORS_INDEX_NAME,
+from .checkpoint import (AWQ_MODULES_NAME, CONFIG_NAME, FORMAT_AWQ, FORMAT_PLAIN, SAFETENSORS_INDEX_NAME,
                          SIDECAR_NAME, GraceCheckpoint, QuantizedLinear)
 from . import llava_hf
 from .errors import GraceFormatError
@@ -40,6 +41,7 @@ LAYOUTS = ("same", "llava-hf")
 UNQUANTIZED_PATTERNS = ["lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*mm_projector.*",
                         "re:.*multi_modal_projector.*"]
 _STRING_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_SAFETENSORS_SCALE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def model_dtype(config: dict) -> torch.dtype:
@@ -49,6 +51,45 @@ def model_dtype(config: dict) -> torch.dtype:
             if cfg.get(key) in _STRING_DTYPES:
                 return _STRING_DTYPES[cfg[key]]
     return torch.bfloat16
+
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def source_scale_dtype(ckpt: GraceCheckpoint) -> torch.dtype:
+    """The precision the source stores its steps in: AWQ-packed scales as written (fp16), QAT
+    log-steps as fp32 exp(log_scale)."""
+    if ckpt.format == FORMAT_AWQ and ckpt.modules:
+        return _SAFETENSORS_SCALE_DTYPES.get(ckpt.tensors.dtype(ckpt.modules[0] + ".scales"), torch.float32)
+    return torch.float32
+
+
+def scale_dtype(target: str, ckpt: GraceCheckpoint) -> torch.dtype | None:
+    """The dtype ``target``'s scales are written in (None: no scales, e.g. bf16 weights). The
+    source's own 16-bit precision is kept wherever the target can hold it; fp32 steps are rounded to
+    the model's dtype (what the engines compute with), or to fp16 where the format fixes it (AWQ)."""
+    if target in ("bf16", "grace_qat"):
+        return None
+    src = source_scale_dtype(ckpt)
+    if target == "awq":
+        return torch.float16
+    return src if src in (torch.float16, torch.bfloat16) else model_dtype(ckpt.config)
+
+
+def exactness(target: str, ckpt: GraceCheckpoint) -> str:
+    """What a conversion keeps exactly, in words, for the CLI's success line."""
+    if target == "grace_qat":
+        return "files copied unchanged, only config.json declares quant_method grace_qat"
+    src = source_scale_dtype(ckpt)
+    if target == "bf16":
+        return (f"codes verified bit-exact, weights = codes x {_DTYPE_NAMES[src]} scales computed in fp32, "
+                f"rounded once to {_DTYPE_NAMES[model_dtype(ckpt.config)]}")
+    dst = scale_dtype(target, ckpt)
+    if dst == src:
+        how = f"scales exact ({_DTYPE_NAMES[dst]}, as in the source)"
+    else:
+        how = f"scales rounded from {_DTYPE_NAMES[src]} to {_DTYPE_NAMES[dst]}"
+    return f"codes bit-exact, {how}"
 
 
 def grace_quantization_config(ckpt: GraceCheckpoint) -> dict:
@@ -78,26 +119,30 @@ def _quantization_config(target: str, ckpt: GraceCheckpoint, modules: list[str])
     return None
 
 
-def _pack_module(target: str, q: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors of one module in the target layout, unpacked again and checked against the codes."""
+def _pack_module(target: str, q: QuantizedLinear, dtype: torch.dtype,
+                 sdtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Tensors of one module in the target layout (scales in ``sdtype``), unpacked again and checked
+    against the codes and the scales rounded to ``sdtype``."""
     name = q.name
     if target == "gptq":
-        t = pack_gptq(q.codes, q.scales, q.bits, q.group_size, scale_dtype=dtype)
-        back, _ = unpack_gptq(t["qweight"], t["qzeros"], t["scales"], q.bits, name)
+        t = pack_gptq(q.codes, q.scales, q.bits, q.group_size, scale_dtype=sdtype)
+        back, back_s = unpack_gptq(t["qweight"], t["qzeros"], t["scales"], q.bits, name)
     elif target == "compressed-tensors":
-        t = pack_compressed_tensors(q.codes, q.scales, q.bits, scale_dtype=dtype)
-        back, _ = unpack_compressed_tensors(t["weight_packed"], t["weight_scale"], q.bits)
+        t = pack_compressed_tensors(q.codes, q.scales, q.bits, scale_dtype=sdtype)
+        back, back_s = unpack_compressed_tensors(t["weight_packed"], t["weight_scale"], q.bits)
     elif target == "awq":
         if q.bits != 4:
             raise GraceFormatError(f"{name}: AWQ export is 4-bit only, this checkpoint is {q.bits}-bit")
-        t = pack_awq(q.codes, q.scales, q.group_size)
-        back, _ = unpack_awq(t["qweight"], t["qzeros"], t["scales"], name)
+        t = pack_awq(q.codes, q.scales, q.group_size, scale_dtype=sdtype)
+        back, back_s = unpack_awq(t["qweight"], t["qzeros"], t["scales"], name)
     elif target == "bf16":
         return {f"{name}.weight": dequantize(q.codes, q.scales, q.group_size, dtype)}
     else:
         raise GraceFormatError(f"unknown target {target!r}; choose one of {TARGETS}")
     if not torch.equal(back.to(torch.int32), q.codes.to(torch.int32)):
         raise GraceFormatError(f"{name}: packed {target} tensors do not unpack to the same codes (bug)")
+    if back_s.dtype != sdtype or not torch.equal(back_s, q.scales.to(sdtype)):
+        raise GraceFormatError(f"{name}: packed {target} scales are not the source's rounded to {sdtype} (bug)")
     return {f"{name}.{k}": v for k, v in t.items()}
 
 
@@ -184,8 +229,9 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
         else:
             _copy_side_files(src, dst)
         writer = ShardWriter(dst, verify=True)
+        sdtype = scale_dtype(to, ckpt)
         for q in ckpt.iter_quantized(progress=progress):
-            for k, v in _pack_module(to, q, dtype).items():
+            for k, v in _pack_module(to, q, dtype, sdtype).items():
                 writer.add(name_of(k), v)
             if q.bias is not None:
                 writer.add(name_of(f"{q.name}.bias"), q.bias)

@@ -122,15 +122,50 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (line(a) - line(b)).abs()
 
 
+def needed_bits(lo: int, hi: int) -> int | None:
+    """The narrowest supported width whose range holds codes in [lo, hi] (None: none does)."""
+    for b in SUPPORTED_BITS:
+        qmin, qmax = code_range(b)
+        if lo >= qmin and hi <= qmax:
+            return b
+    return None
+
+
+def _disagreement(bits: int) -> str:
+    return (f"but the checkpoint's width was inferred as {bits} bits from its first quantized module: the "
+            f"modules disagree on the bit width (state it with --bits or quantization_config.bits to check "
+            f"every module against it)")
+
+
+def check_width(lo: float, hi: float, bits: int, inferred: bool, name: str = "?") -> None:
+    """The one rule for a bit width that was inferred (from the first module) rather than stated:
+    every module's codes must need exactly that width, else the modules disagree and the checkpoint
+    is refused. This refuses a module that needs fewer bits; one that needs more fails the range
+    check of :func:`recover_codes`, whose message then names both widths. A stated width is only
+    range-checked."""
+    if not inferred or not (math.isfinite(lo) and math.isfinite(hi)):
+        return
+    need = needed_bits(lo, hi)
+    if need is None or need >= bits:
+        return
+    nmin, nmax = code_range(need)
+    code = lo if -lo > hi else hi
+    raise GraceFormatError(
+        f"{name}.weight: its codes span [{lo:.0f}, {hi:.0f}] (largest magnitude code {code:.0f}): a "
+        f"{need}-bit grid [{nmin}, {nmax}], {_disagreement(bits)}")
+
+
 def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                  name: str = "?") -> torch.Tensor:
+                  name: str = "?", inferred: bool = False) -> torch.Tensor:
     """Integer codes of an on-grid weight, verified; int8 for 4 bits, int16 for 8 bits.
 
     Exact because bf16 keeps 8 significant bits: |W/s - q| <= |q| 2^-8 < 0.5. The verification is
     stronger than that bound: re-dequantizing the codes must give back the stored weight to within
     one unit in the last place (exp() may differ by an fp32 ulp between the machine that trained and
     this one). Off-grid or out-of-range weights raise GraceFormatError naming the module and the
-    worst value; a silent wrong answer is never returned.
+    worst value; a silent wrong answer is never returned. ``inferred``: ``bits`` was inferred from
+    the checkpoint's first module, not stated; the codes must then need exactly ``bits``
+    (:func:`check_width`).
     """
     qmin, qmax = code_range(bits)
     out_f, in_f = weight.shape
@@ -149,12 +184,16 @@ def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_s
     s = scales.to(torch.float32).unsqueeze(-1)
     q = torch.round(w / s)
     q_lo, q_hi = torch.aminmax(q)
+    check_width(float(q_lo), float(q_hi), bits, inferred, name)
     if q_lo < qmin or q_hi > qmax:
         out_of_range = (q < qmin) | (q > qmax)
         worst = q_lo if qmin - q_lo > q_hi - qmax else q_hi
+        need = needed_bits(float(q_lo), float(q_hi))
+        why = (f"the module needs {need} bits, {_disagreement(bits)}" if inferred and need is not None
+               else "wrong bits or scales?")
         raise GraceFormatError(
             f"{name}.weight: {int(out_of_range.sum())} codes outside the {bits}-bit range "
-            f"[{qmin}, {qmax}] (worst code {float(worst):.0f}); wrong bits or scales?")
+            f"[{qmin}, {qmax}] (worst code {float(worst):.0f}); {why}")
     recon = (q * s).reshape(out_f, in_f).to(weight.dtype)
     mismatch = recon != weight
     # exp() may differ by an fp32 ulp between machines: a neighbouring value is still on the grid
@@ -170,7 +209,36 @@ def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_s
     return q.reshape(out_f, in_f).to(dtype)
 
 
-def derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = "?") -> torch.Tensor:
+def derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = "?",
+                  inferred: bool = False) -> torch.Tensor:
+    """Per-group steps of an on-grid weight alone (no sidecar, no log_scale): see _derive_scales.
+
+    ``inferred`` (``bits`` came from the first module, not from the user): the module's own
+    narrowest grid must have that width. A 4-bit grid is also an 8-bit grid (at a 16x finer step),
+    so the narrower widths are tried first; a module on a narrower or only on a wider grid is
+    refused as a disagreement between modules (:func:`check_width`), naming both widths."""
+    if not inferred:
+        return _derive_scales(weight, bits, group_size, name)
+    first_error = None
+    for width in SUPPORTED_BITS:                       # narrowest first
+        try:
+            s = _derive_scales(weight, width, group_size, name)
+        except GraceFormatError as e:
+            if width == bits:
+                first_error = e
+            continue
+        if width == bits:
+            return s
+        if width < bits:                               # e.g. on a 4-bit grid, inferred 8
+            q = torch.round(_grouped(weight.to(torch.float32), group_size) / s.unsqueeze(-1))
+            lo, hi = torch.aminmax(q)
+            check_width(float(lo), float(hi), bits, True, name)
+        raise GraceFormatError(f"{first_error}; its values lie on a grid of {width}-bit codes, "
+                               f"{_disagreement(bits)}")
+    raise first_error
+
+
+def _derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = "?") -> torch.Tensor:
     """Recover per-group steps from an on-grid weight alone (no sidecar, no log_scale).
 
     For each group, try every possible code magnitude k of its largest element; the step is

@@ -106,7 +106,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         self.in_pp, self.out_pp = k, n
         self.input_size, self.output_size = input_size, output_size
         self.params_dtype = params_dtype
-        self.bits = ckpt.bits
+        self.bits, self.bits_inferred = ckpt.bits, ckpt.bits_inferred
         staging = _SAFETENSORS_DTYPES.get(ckpt.tensors.dtype(self.names[0] + ".weight"), torch.bfloat16)
 
         weight = Parameter(torch.empty(n, k, dtype=staging), requires_grad=False)
@@ -145,7 +145,7 @@ class GraceQATLinearMethod(LinearMethodBase):
                                    f"shape {tuple(weight.shape)}, the checkpoint says "
                                    f"{tuple(ckpt.module_shape(name))}")
         if ckpt.format == FORMAT_QAT_GRID:
-            return derive_scales(weight, ckpt.bits, ckpt.group_size, name)
+            return derive_scales(weight, ckpt.bits, ckpt.group_size, name, inferred=ckpt.bits_inferred)
         return ckpt.scales(name)
 
     def _make_loader(self, layer: torch.nn.Module, base_loader: Callable) -> Callable:
@@ -187,7 +187,8 @@ class GraceQATLinearMethod(LinearMethodBase):
         # grace_qat's helpers create small tensors (bit shifts, ...) with factory functions:
         # make them land on the weight's device (the GPU when SGLang serves), whatever the default.
         with torch.device(weight.device):
-            codes = recover_codes(weight, steps, self.bits, self.group, name=label)
+            codes = recover_codes(weight, steps, self.bits, self.group, name=label,
+                                  inferred=getattr(self, "bits_inferred", False))
             packed = pack_gptq(codes, steps, self.bits, self.group, scale_dtype=self.params_dtype)
         self._check_scale_dtype(steps, packed["scales"])
         del codes

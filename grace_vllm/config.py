@@ -107,6 +107,7 @@ class GraceQATConfig(QuantizationConfig):
                 f"tensors, no AWQ-packed tensors, weights not on a 4/8-bit grid); serve it without "
                 f"--quantization {QUANT_METHOD}")
         self.fmt, self.bits, self.group_size = ckpt.format, ckpt.bits, ckpt.group_size
+        self.bits_inferred = getattr(self, "bits_inferred", False) or ckpt.bits_inferred  # grace_qat rule
         self.model_dir = path
         self.hf_modules = list(ckpt.modules)
         if ckpt.format in QAT_FORMATS:

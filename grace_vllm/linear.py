@@ -215,7 +215,7 @@ class _GraceLinearMethod(LinearMethodBase):
         for name, lo, r0, r1 in self._chunks(layer):
             try:
                 out[r0:r1] = recover_codes(weight[r0:r1], scales[r0:r1], self.bits, self.geo.group,
-                                           name=name)
+                                           name=name, inferred=getattr(self.qcfg, "bits_inferred", False))
             except GraceFormatError as e:
                 raise GraceFormatError(
                     f"{self._where()}: vLLM layer {layer.prefix}, rows {r0 - lo}..{r1 - lo - 1} of {name} "
@@ -349,7 +349,8 @@ class GraceQATLinearMethod(_GraceLinearMethod):
             return self._finish_unquantized(layer)
         if self.qcfg.fmt == FORMAT_QAT_GRID:
             try:
-                scales = derive_scales(weight, self.bits, g.group, name=layer.prefix)
+                scales = derive_scales(weight, self.bits, g.group, name=layer.prefix,
+                                       inferred=getattr(self.qcfg, "bits_inferred", False))
             except GraceFormatError as e:
                 raise GraceFormatError(f"{self._where()}: {e}") from None
         else:

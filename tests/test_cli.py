@@ -41,7 +41,7 @@ def test_inspect_reports_histogram_and_sizes(ckpt):
 
 def test_bad_input_one_line_nonzero(tmp_path, ckpt):
     r = run("inspect", str(tmp_path / "nope"))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a directory" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
     broken = tmp_path / "b"
     shutil.copytree(ckpt, broken)
     os.remove(broken / "config.json")

@@ -324,8 +324,8 @@ CORPUS = [
          "model-0000[12]-of-00002.safetensors", M + ".weight", "also in"),
     # --- sidecar: modules missing / extra / malformed ---------------------------------------------
     Case("sidecar-missing-mid-module", "s4", _sidecar_drop(M), SIDECAR, M, "no scales for 1 quantizable"),
-    Case("sidecar-missing-only-log-scale", "s4", _sidecar_drop(M, ("log_scale",)), SIDECAR, M + ".weight",
-         "unexpected entry"),
+    Case("sidecar-missing-only-log-scale", "s4", _sidecar_drop(M, ("log_scale",)), SIDECAR, M + ".log_scale",
+         "log_scale missing"),
     Case("sidecar-extra-vision-module", "s4", _vision_scales, SIDECAR, VISION,
          "not a language-model linear GRACE quantizes"),
     Case("sidecar-extra-stray-entry", "s4",
