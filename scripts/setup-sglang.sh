@@ -8,9 +8,16 @@ PY=${PYTHON:-python3}
 T0=$SECONDS
 say() { printf '[setup-sglang %d:%02d] %s\n' $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60)) "$*"; }
 # Any failed install fails the script; only the "Location" notes of --target installs are filtered.
+# "... still installing" every 30 s; on TERM it also ends its sleep, which would otherwise hold the
+# output pipe open (and the caller waiting) for up to 30 s after each install.
+heartbeat() {
+  local s
+  trap 'kill $s 2>/dev/null; exit 0' TERM
+  while :; do sleep 30 & s=$!; wait $s; say "... still installing"; done
+}
 pip_install() {
   local ticker
-  ( while sleep 30; do say "... still installing"; done ) & ticker=$!
+  heartbeat & ticker=$!
   set +e
   "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
   local rc=${PIPESTATUS[0]}

