@@ -12,11 +12,12 @@ What ``register`` does (tested against SGLang 0.5.17 and 0.5.23):
   references to that dict) and to the ``--quantization`` choices;
 * wraps SGLang's ``"hf"`` model-config parser so that a local directory holding a GRACE sidecar
   (``qat_quantized_weights.bin``), inline ``*.log_scale`` tensors or the AWQ-packed layout
-  (``awq_quantized_modules.json`` / ``awq_packing``) gets a ``quantization_config`` with
+  (``awq_quantized_modules.json`` / ``awq_packing``), given as a directory or a Hub id (resolved
+  through the local Hugging Face cache), gets a ``quantization_config`` with
   ``quant_method: grace_qat`` injected, which makes the flag optional. The same parser is also
   registered under the name ``grace_qat`` (``--model-config-parser grace_qat``). A bare QAT grid
   (no sidecar, no log-scales) is not guessed: pass ``--quantization grace_qat``. Set
-  ``GRACE_QAT_SGLANG_AUTODETECT=0`` to turn the wrapping off. For original-layout LLaVA-1.5 the
+  ``GRACE_QAT_SGLANG_AUTODETECT=0`` (or ``GRACE_QAT_AUTODETECT=0``, both engines) to turn the wrapping off. For original-layout LLaVA-1.5 the
   parser also resolves the CLIP tower locally and the ``<image>`` id (:mod:`grace_sglang.llava`);
 * registers the ``grace_llava_v1`` conversation (LLaVA's llava_v1 prompt) and a matcher, first in
   SGLang's list, that picks it for GRACE LLaVA-1.5 directories.
@@ -27,7 +28,6 @@ Exceptions raised here are swallowed and logged by SGLang's plugin loader; the u
 from __future__ import annotations
 
 import logging
-import os
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ def _add_cli_choice() -> None:
 
 
 def autodetect_enabled() -> bool:
-    return os.environ.get(AUTODETECT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """``GRACE_QAT_SGLANG_AUTODETECT`` if set, else ``GRACE_QAT_AUTODETECT`` (both engines), else on."""
+    from grace_qat.hub import AUTODETECT_ENV as COMMON_ENV, env_flag
+    return env_flag(AUTODETECT_ENV, env_flag(COMMON_ENV, True))
 
 
 def register() -> None:
@@ -66,7 +68,12 @@ def register() -> None:
     if QUANTIZATION_METHODS.get(QUANT_NAME) is not GraceQATConfig:
         QUANTIZATION_METHODS[QUANT_NAME] = GraceQATConfig
     _add_cli_choice()
-    install_config_parser(wrap_hf=autodetect_enabled())
+    try:
+        wrap = autodetect_enabled()
+    except ValueError as e:   # a misspelt flag: say so in one line, keep the default
+        logger.error("grace_qat: %s; auto-detection stays on", e)
+        wrap = True
+    install_config_parser(wrap_hf=wrap)
     from .llava import install_chat_template
     install_chat_template()
     _registered = True

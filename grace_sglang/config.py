@@ -25,7 +25,6 @@ module names and picks the linear method:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -34,12 +33,12 @@ from typing import Any, Optional
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from grace_qat.checkpoint import (AWQ_MODULES_NAME, CONFIG_NAME, FORMAT_AWQ, FORMAT_PLAIN,
-                                  QAT_FORMATS, SIDECAR_NAME, GraceCheckpoint, SafetensorsDir)
+from grace_qat.checkpoint import FORMAT_AWQ, FORMAT_PLAIN, QAT_FORMATS, GraceCheckpoint
 from grace_qat.errors import GraceFormatError
+from grace_qat.hub import find_grace_checkpoint, is_hub_id, local_checkpoint_dir
 from grace_qat.packing import unpack_int32
 
-from . import PARSER_NAME, QUANT_NAME, llava
+from . import AUTODETECT_ENV, PARSER_NAME, QUANT_NAME, llava
 
 logger = logging.getLogger(__name__)
 
@@ -79,42 +78,30 @@ def _checkpoint_dir_from_server_args() -> Optional[str]:
 
 # -- detection (cheap: file names, config.json keys, safetensors headers) ------------------------
 
-def detect_grace_quantization(model: Any) -> Optional[dict]:
-    """The ``quantization_config`` to inject for a local GRACE checkpoint directory, else None.
+def detect_grace_quantization(model: Any, revision: Optional[str] = None) -> Optional[dict]:
+    """The ``quantization_config`` to inject for a GRACE checkpoint, else None.
 
-    Only cheap markers are used, so running this for every model SGLang loads costs a few file
-    lookups: the sidecar file (``qat-sidecar``), the AWQ module list or ``awq_packing`` key
-    (``awq``), ``*.log_scale`` names in the safetensors headers (``qat-inline``). A bare QAT grid
-    has no marker; it needs ``--quantization grace_qat``. Directories that already declare a
-    ``quantization_config`` are left alone.
+    ``model`` is a local directory or a Hub id (resolved through the local Hugging Face cache,
+    fetching only JSON files and the sidecar unless ``HF_HUB_OFFLINE``). Only cheap markers are used
+    (:func:`grace_qat.hub.detect_grace_format`), so running this for every model SGLang loads costs a
+    few file lookups. A bare QAT grid has no marker; it needs ``--quantization grace_qat``.
+    ``checkpoint_dir`` is the directory, or the Hub id itself (resolved again, with the weights,
+    when the quantization config opens the checkpoint in the process that loads them).
     """
-    if not isinstance(model, (str, os.PathLike)):
+    found = find_grace_checkpoint(model, revision)
+    if found is None:
         return None
-    path = os.path.abspath(os.fspath(model))
-    cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        return None
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cfg, dict) or cfg.get("quantization_config") or cfg.get("compression_config"):
-        return None
-    fmt = None
-    if os.path.isfile(os.path.join(path, SIDECAR_NAME)):
-        fmt = "qat-sidecar"
-    elif os.path.isfile(os.path.join(path, AWQ_MODULES_NAME)) or cfg.get("awq_packing"):
-        fmt = FORMAT_AWQ
-    else:
-        try:
-            if any(k.endswith(".log_scale") for k in SafetensorsDir(path).keys()):
-                fmt = "qat-inline"
-        except GraceFormatError:
-            return None
-    if fmt is None:
-        return None
-    return {"quant_method": QUANT_NAME, "format": fmt, "checkpoint_dir": path}
+    path, fmt = found
+    where = model if is_hub_id(model) else path
+    return {"quant_method": QUANT_NAME, "format": fmt, "checkpoint_dir": where}
+
+
+def _local_dir_or_none(model: Any, revision: Optional[str]) -> Optional[str]:
+    found = find_grace_checkpoint(model, revision)
+    if found is not None:
+        return found[0]
+    return os.path.abspath(os.fspath(model)) if isinstance(model, (str, os.PathLike)) \
+        and os.path.isdir(model) else None
 
 
 _PARSER_CLASSES: dict = {}
@@ -133,19 +120,21 @@ def _make_parser(base: type) -> type:
                                    **kwargs)
             if getattr(config, "quantization_config", None) is None:
                 try:
-                    injected = detect_grace_quantization(model)
+                    injected = detect_grace_quantization(model, revision)
                 except Exception:  # detection must never break loading an ordinary model
                     logger.debug("grace_qat: detection failed for %r", model, exc_info=True)
                     return config
                 if injected is not None:
                     logger.info("grace_qat: %s is a GRACE %s checkpoint; serving it with "
-                                "quantization=grace_qat", injected["checkpoint_dir"], injected["format"])
+                                "quantization=grace_qat (%s=0 turns this off)",
+                                injected["checkpoint_dir"], injected["format"], AUTODETECT_ENV)
                     config.quantization_config = injected
             qc = getattr(config, "quantization_config", None)
-            if isinstance(qc, dict) and qc.get("quant_method") == QUANT_NAME \
-                    and llava.original_llava_config(model) is not None:
-                # original-layout LLaVA: CLIP tower, <image> id, tokenizer check
-                llava.prepare_config(config, os.path.abspath(os.fspath(model)))
+            if isinstance(qc, dict) and qc.get("quant_method") == QUANT_NAME:
+                local = _local_dir_or_none(model, revision)
+                if local is not None and llava.original_llava_config(local) is not None:
+                    # original-layout LLaVA: CLIP tower, <image> id, tokenizer check
+                    llava.prepare_config(config, local)
             return config
 
     GraceModelConfigParser.__qualname__ = GraceModelConfigParser.__name__
@@ -261,10 +250,8 @@ class GraceQATConfig(QuantizationConfig):
         return self._ckpt
 
     def _open(self) -> None:
-        path = self.checkpoint_dir
-        if not os.path.isdir(path):
-            raise GraceFormatError(f"grace_qat: {path}: not a local directory; download the GRACE "
-                                   f"checkpoint (including {SIDECAR_NAME}) and pass its path")
+        # a directory, or a Hub id: its snapshot in the local cache (weights fetched unless offline)
+        path = local_checkpoint_dir(os.fspath(self.checkpoint_dir))
         ckpt = GraceCheckpoint.open(path, bits=self.declared_bits, group_size=self.declared_group_size,
                                     fmt=self.declared_format)
         if ckpt.format == FORMAT_PLAIN:

@@ -32,6 +32,7 @@ import os
 from typing import Any, Optional
 
 from grace_qat.errors import GraceFormatError
+from grace_qat.hub import hub_offline
 from grace_qat.llava_hf import (CLIP_ENV, IMAGE_TOKEN, LLAVA_V1_SYSTEM, find_clip_dir, image_token_id,
                                 is_original_llava)
 
@@ -116,7 +117,7 @@ def _tokenizer_path_from_server_args(model_dir: str) -> Optional[str]:
 def _resolve_clip(model_dir: str, tower: Optional[str]) -> Optional[str]:
     clip_dir, looked = find_clip_dir(tower)
     if clip_dir is None:
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        if hub_offline():
             raise GraceFormatError(
                 f"{model_dir}: LLaVA vision tower not found at {' or '.join(looked)} and the Hub is "
                 f"offline; point {CLIP_ENV} at a local CLIP directory such as a download of "

@@ -49,7 +49,62 @@ def register() -> None:
         return
     _register_quantization()
     _register_models()
+    from .detect import install as _install_autodetect
+    _install_autodetect()
+    _install_excepthook()
     _registered = True
+
+
+TRACEBACK_ENV = "GRACE_QAT_TRACEBACK"
+
+
+def grace_error(exc: BaseException | None):
+    """The GraceFormatError behind an exception: itself, its cause/context, or one that pydantic
+    wrapped (vLLM builds its configs as pydantic dataclasses, and maybe_update_config runs inside
+    their validation, so a bad checkpoint reaches the top as a ValidationError)."""
+    from grace_qat.errors import GraceFormatError
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, GraceFormatError):
+            return exc
+        for err in getattr(exc, "errors", lambda: [])() if _is_validation_error(exc) else []:
+            inner = (err.get("ctx") or {}).get("error")
+            if isinstance(inner, GraceFormatError):
+                return inner
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _is_validation_error(exc: BaseException) -> bool:
+    return type(exc).__name__ == "ValidationError" and callable(getattr(exc, "errors", None))
+
+
+def _install_excepthook() -> None:
+    """A process that dies of a bad checkpoint prints our one line, not a page of traceback.
+
+    Only uncaught exceptions at the top of the process are affected, and only those caused by a
+    GraceFormatError; ``GRACE_QAT_TRACEBACK=1`` prints the full traceback as well."""
+    import sys
+    previous = sys.excepthook
+    if getattr(previous, "_grace_qat", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        err = grace_error(exc)
+        if err is None:
+            return previous(exc_type, exc, tb)
+        from grace_qat.hub import env_flag
+        try:
+            full = env_flag(TRACEBACK_ENV, False)
+        except ValueError:
+            full = True
+        if full:
+            previous(exc_type, exc, tb)
+        print(f"ERROR: {err}", file=sys.stderr, flush=True)
+
+    hook._grace_qat = True
+    sys.excepthook = hook
 
 
 def _register_quantization() -> None:

@@ -13,15 +13,16 @@ layer needs the sidecar, and drops it once every quantized layer is processed.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from grace_qat.checkpoint import (FORMAT_PLAIN, QAT_FORMATS, SIDECAR_NAME, GraceCheckpoint)
+from grace_qat.checkpoint import (FORMAT_AWQ, FORMAT_PLAIN, FORMAT_QAT_INLINE, FORMAT_QAT_SIDECAR,
+                                  QAT_FORMATS, SIDECAR_NAME, GraceCheckpoint)
 from grace_qat.errors import GraceFormatError
+from grace_qat.hub import local_checkpoint_dir
 
 from . import QUANT_METHOD
 
@@ -32,17 +33,7 @@ _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 def _local_model_dir(model: str, revision: str | None) -> str:
     """The checkpoint directory: the path itself, or the local snapshot of a Hub repository."""
-    if os.path.isdir(model):
-        return os.path.abspath(model)
-    try:
-        import huggingface_hub
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        return huggingface_hub.snapshot_download(
-            model, revision=revision, local_files_only=offline,
-            allow_patterns=["*.json", "*.safetensors", SIDECAR_NAME])
-    except Exception as e:  # hub errors come in many types; the message is what matters
-        raise GraceFormatError(f"grace_qat: cannot find the checkpoint {model!r} locally or on the "
-                               f"Hugging Face Hub ({type(e).__name__}: {e})") from None
+    return local_checkpoint_dir(model, revision)
 
 
 class GraceQATConfig(QuantizationConfig):
@@ -116,6 +107,12 @@ class GraceQATConfig(QuantizationConfig):
             if self.weight_dtype is None:
                 raise GraceFormatError(f"{path}: {ckpt.modules[0]}.weight is stored as {stored}, "
                                        f"expected BF16, F16 or F32")
+        if ckpt.format in (FORMAT_QAT_SIDECAR, FORMAT_QAT_INLINE, FORMAT_AWQ):
+            # Fail here, in the first process, on bad steps (NaN/inf/zero/out of range): an error in
+            # a worker reaches the user only as vLLM's "Engine core initialization failed". The
+            # steps are small (one per 128 weights); the workers still verify every code.
+            for name in ckpt.modules:
+                ckpt.scales(name)
         self._remap()
         logger.info("grace_qat: %s checkpoint, W%d g%d, %d quantized linear modules",
                     self.fmt, self.bits, self.group_size, len(self.hf_modules))

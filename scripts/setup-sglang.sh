@@ -5,27 +5,47 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GRACE_SGLANG_VENV:-.venv-sglang}
 PY=${PYTHON:-python3}
-pip_install() { "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+T0=$SECONDS
+say() { printf '[setup-sglang %d:%02d] %s\n' $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60)) "$*"; }
+# Any failed install fails the script; only the "Location" notes of --target installs are filtered.
+# "... still installing" every 30 s; on TERM it also ends its sleep, which would otherwise hold the
+# output pipe open (and the caller waiting) for up to 30 s after each install.
+heartbeat() {
+  local s
+  trap 'kill $s 2>/dev/null; exit 0' TERM
+  while :; do sleep 30 & s=$!; wait $s; say "... still installing"; done
+}
+pip_install() {
+  local ticker
+  heartbeat & ticker=$!
+  set +e
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  local rc=${PIPESTATUS[0]}
+  set -e
+  kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
+  if [ "$rc" -ne 0 ]; then say "FAILED (pip exit $rc): pip install $*" >&2; exit "$rc"; fi
+}
 if ! "$VENV/bin/python" -c "import sglang.srt.server_args" >/dev/null 2>&1; then
-  echo "[setup-sglang] creating $VENV with SGLang 0.5.23 (a few minutes)"
+  say "creating $VENV with SGLang 0.5.23 (a few minutes)"
   "$PY" -m venv "$VENV"
   pip_install torch==2.14.1 torchvision==0.29.1 transformers==5.19.0 tokenizers==0.23.2 apache-tvm-ffi==0.1.11 \
     compressed-tensors==0.18.0 openai==2.8.0 sentencepiece==0.2.1 orjson psutil pybase64 requests packaging \
     starlette msgspec pydantic pyzmq tqdm ipython aiohttp dill gguf datasets einops partial-json-parser protobuf \
-    "pytest>=8" "hypothesis>=6" pillow
+    "pytest>=8" "hypothesis>=6" pillow pyyaml
   pip_install --no-deps sglang==0.5.23
   "$VENV/bin/python" -c "import sglang.srt.server_args" || { echo "[setup-sglang] SGLang install failed" >&2; exit 1; }
 fi
 pip_install --no-deps --no-build-isolation -e .
+# what the SGLang suite imports beyond SGLang's own dependencies (also on a venv made earlier)
+pip_install "pytest>=8" "hypothesis>=6" pillow pyyaml sentencepiece==0.2.1 numpy
 echo "[setup-sglang] ready: $VENV ($("$VENV/bin/python" -c 'import sglang; print("sglang", sglang.__version__)'))"
 
 # The oldest supported SGLang as an overlay on the same venv (PYTHONPATH=$OLD), with the Transformers,
 # tokenizers and xgrammar it pins, so the suite runs against both ends of the range (0.5.17 and 0.5.23).
 OLD=${GRACE_SGLANG_OLD_DIR:-.sglang-0.5.17}
 if [ ! -f "$OLD/sglang/version.py" ]; then
-  echo "[setup-sglang] SGLang 0.5.17 overlay in $OLD"
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --target "$OLD" \
-    sglang==0.5.17 transformers==5.12.1 tokenizers==0.22.2 xgrammar==0.2.1 2>&1 | grep -v "^WARNING: Location" || true
+  say "SGLang 0.5.17 overlay in $OLD"
+  pip_install --no-deps --target "$OLD" sglang==0.5.17 transformers==5.12.1 tokenizers==0.22.2 xgrammar==0.2.1
 fi
 PYTHONPATH=$OLD "$VENV/bin/python" -c "import sglang, sglang.srt.server_args; assert sglang.__version__ == '0.5.17'" \
   || { echo "[setup-sglang] SGLang 0.5.17 overlay install failed" >&2; exit 1; }

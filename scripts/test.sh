@@ -8,10 +8,12 @@ cd "$(dirname "$0")/.."
 ./scripts/setup-sglang.sh
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_INT4_W4A8=0
 status=0
-"${GRACE_VENV:-.venv}/bin/python" -m pytest -q -rs -m "not sglang" --ignore=tests/test_sglang_plugin.py "$@" || status=$?
+"${GRACE_VENV:-.venv}/bin/python" -m pytest -q -rs -m "not sglang" --ignore=tests/test_sglang_plugin.py \
+  --ignore=tests/test_sglang_hub.py "$@" || status=$?
 SGPY="${GRACE_SGLANG_VENV:-.venv-sglang}/bin/python"
-GRACE_EXPECT_SGLANG=0.5.23 "$SGPY" -m pytest -q -rs -m sglang tests/test_sglang_plugin.py || status=$?
+SGLANG_TESTS=(tests/test_sglang_plugin.py tests/test_sglang_hub.py)
+GRACE_EXPECT_SGLANG=0.5.23 "$SGPY" -m pytest -q -rs -m sglang "${SGLANG_TESTS[@]}" || status=$?
 # the oldest supported SGLang, overlaid on the same venv (scripts/setup-sglang.sh)
 GRACE_EXPECT_SGLANG=0.5.17 PYTHONPATH="${GRACE_SGLANG_OLD_DIR:-.sglang-0.5.17}" \
-  "$SGPY" -m pytest -q -rs -m sglang tests/test_sglang_plugin.py || status=$?
+  "$SGPY" -m pytest -q -rs -m sglang "${SGLANG_TESTS[@]}" || status=$?
 exit $status

@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,3 +64,93 @@ def test_engine_image_workflow_stages_exist_and_results_are_uploaded():
         envs = [step.get("env", {}).get("OUT") for step in job["steps"] if "run.sh" in step.get("run", "")]
         assert all(o in (None, upload) for o in envs), envs
         assert "site-" not in "\n".join(runs), f"{name}: a published image has no bundle"
+
+
+# -- scripts/setup.sh and setup-sglang.sh: a failed install fails the script ---------------------------
+
+SCRIPTS = ROOT / "scripts"
+
+
+def _fake_venv(tmp_path, pip_rc: int) -> Path:
+    """A venv whose python succeeds at everything (so the scripts skip creating it) and whose pip
+    prints one line of known noise and one real error, then exits with ``pip_rc``."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\nexit 0\n")
+    (venv / "bin" / "pip").write_text(
+        "#!/bin/sh\necho 'WARNING: Location noise'\necho 'ERROR: real problem from pip'\n"
+        f"exit {pip_rc}\n")
+    for f in ("python", "pip"):
+        (venv / "bin" / f).chmod(0o755)
+    return venv
+
+
+@pytest.mark.parametrize("script,venv_var", [("setup.sh", "GRACE_VENV"), ("setup-sglang.sh", "GRACE_SGLANG_VENV")])
+def test_setup_script_fails_when_pip_fails(tmp_path, script, venv_var):
+    venv = _fake_venv(tmp_path, pip_rc=3)
+    env = {"PATH": "/usr/bin:/bin", venv_var: str(venv), "GRACE_SGLANG_OLD_DIR": str(tmp_path / "old")}
+    r = subprocess.run(["bash", str(SCRIPTS / script)], capture_output=True, text=True, env=env, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 3, out
+    assert "FAILED (pip exit 3): pip install" in out
+    assert "ERROR: real problem from pip" in out          # pip's own message still shown
+    assert "WARNING: Location" not in out                 # the noise filter is kept
+    assert "ready" not in out
+
+
+def test_setup_script_passes_when_pip_succeeds(tmp_path):
+    venv = _fake_venv(tmp_path, pip_rc=0)
+    r = subprocess.run(["bash", str(SCRIPTS / "setup.sh")], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "GRACE_VENV": str(venv)}, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ready: " in r.stdout and "WARNING: Location" not in r.stdout
+
+
+# Third-party modules the suite imports -> the pip distribution that provides them.
+_PIP_NAME = {"PIL": "pillow", "yaml": "pyyaml", "compressed_tensors": "compressed-tensors",
+             "sentencepiece": "sentencepiece", "hypothesis": "hypothesis", "pytest": "pytest",
+             "requests": "requests"}
+# Provided by the engine's own dependencies (vLLM / SGLang pull them in).
+_FROM_ENGINE = {"torch", "safetensors", "transformers", "huggingface_hub", "numpy", "vllm", "sglang",
+                "tokenizers", "openai", "torchvision"}
+
+
+def _suite_imports() -> set[str]:
+    import ast
+    import sys
+    found = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        if "gpu" in path.parts:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip"
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                found.add(str(node.args[0].value).split(".")[0])
+    local = {p.stem for d in ("tests", "benchmarks") for p in (ROOT / d).glob("*.py")} | {"grace_qat", "grace_vllm", "grace_sglang", "tests"}
+    return {m for m in found if m not in sys.stdlib_module_names and m not in local}
+
+
+def _installed_by(script: str) -> set[str]:
+    text = (SCRIPTS / script).read_text()
+    words = set()
+    for line in re.findall(r"pip_install (.*?)(?<!\\)$", text.replace("\\\n", " "), flags=re.M):
+        for w in line.split():
+            w = w.strip('"\'')
+            if w and not w.startswith("-") and not w.startswith("$"):
+                words.add(re.split(r"[<>=!\[]", w)[0].lower())
+    return words
+
+
+def test_setup_installs_every_module_the_suite_imports():
+    """A module the tests import but no set-up installs would silently skip whole files in CI."""
+    needed = _suite_imports() - _FROM_ENGINE
+    unknown = needed - set(_PIP_NAME)
+    assert not unknown, f"tests import {sorted(unknown)}: add them to _PIP_NAME and to the set-up"
+    for script in ("setup.sh", "setup-sglang.sh"):
+        missing = {_PIP_NAME[m] for m in needed} - _installed_by(script)
+        assert not missing, f"scripts/{script} does not install {sorted(missing)}"

@@ -37,3 +37,60 @@ def test_supported_vllm_registers():
     r = subprocess.run([sys.executable, "-c", "import grace_vllm; print(grace_vllm._unsupported_vllm())"],
                        capture_output=True, text=True, timeout=300)
     assert r.stdout.strip().splitlines()[-1] == "None", r.stderr
+
+
+# -- a bad checkpoint through the real `vllm serve` command -------------------------------------------
+
+def _nan_step_checkpoint(path, module):
+    """A tiny GRACE format-A checkpoint whose sidecar has one NaN log-step in ``module``."""
+    import torch
+    from grace_qat.fixtures import write_qwen3vl
+    write_qwen3vl(str(path), fmt="qat-sidecar", bits=4, seed=0)
+    sidecar = path / "qat_quantized_weights.bin"
+    steps = torch.load(sidecar, weights_only=True)
+    key = module + ".log_scale"
+    steps[key] = steps[key].clone()
+    steps[key].view(-1)[3] = float("nan")
+    torch.save(steps, sidecar)
+    return sidecar, key
+
+
+@pytest.mark.parametrize("module", [
+    "model.language_model.layers.0.mlp.down_proj",     # read while vLLM validates its config (pydantic)
+    "model.language_model.layers.1.self_attn.q_proj",  # used to surface only in the worker
+])
+def test_vllm_serve_nan_step_is_our_first_and_last_line(tmp_path, module):
+    """`vllm serve DIR` on a checkpoint with a NaN log-step exits non-zero, before any engine starts,
+    and what it says about the failure is one line of ours (file, tensor, expectation): no
+    traceback, no pydantic ValidationError, no "Engine core initialization failed"."""
+    import os
+
+    import re
+
+    from grace_vllm.demo import free_port, vllm_command
+    ckpt = tmp_path / "nan"
+    sidecar, key = _nan_step_checkpoint(ckpt, module)
+    cmd = vllm_command() + [str(ckpt), "--max-model-len", "1024", "--port", str(free_port())]
+    assert os.path.basename(cmd[0]) == "vllm" and cmd[1] == "serve", cmd   # the documented command
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    errors = [line for line in out.splitlines()
+              if re.search(r"Traceback|ValidationError|RuntimeError|GraceFormatError|^ERROR| ERROR ", line)]
+    assert len(errors) == 1, "\n".join(errors)[-6000:]
+    assert errors[0].startswith(f"ERROR: {sidecar}: {key}: ") and "finite" in errors[0], errors[0]
+    assert out.rstrip().splitlines()[-1] == errors[0]
+    assert "Engine core" not in out and "ValidationError" not in out
+
+
+def test_vllm_command_runs_in_the_set_up_venv():
+    """The documented `vllm` command starts in the venv scripts/setup.sh made (on vllm-cpu it used to
+    die with PackageNotFoundError: No package metadata was found for vllm)."""
+    import os
+
+    import vllm
+    script = os.path.join(os.path.dirname(sys.executable), "vllm")
+    r = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith(vllm.__version__), r.stdout

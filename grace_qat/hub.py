@@ -1,0 +1,145 @@
+"""Where a checkpoint is, and whether it is a GRACE checkpoint: shared by the vLLM and SGLang adapters.
+
+A model may be named by a local directory or by a Hugging Face Hub id (``Owner/Name``, as the model
+cards' own commands do). A Hub id is resolved to its snapshot directory in the local Hugging Face
+cache (``$HF_HOME/hub/models--Owner--Name/snapshots/<rev>``), downloading only what is missing unless
+``HF_HUB_OFFLINE`` is set. Detection uses cheap markers only (file names, config.json keys, tensor
+names), so the engines can run it for every model they load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from .checkpoint import (AWQ_MODULES_NAME, CONFIG_NAME, FORMAT_AWQ, FORMAT_QAT_INLINE,
+                         FORMAT_QAT_SIDECAR, SAFETENSORS_INDEX_NAME, SIDECAR_NAME)
+from .errors import GraceFormatError
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+# "Owner/Name" as the Hub spells repository ids
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+# Auto-detection of GRACE checkpoints without --quantization grace_qat (both engines); 0 turns it off.
+AUTODETECT_ENV = "GRACE_QAT_AUTODETECT"
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment variable, spelled as huggingface_hub accepts (1/true/yes/on, 0/false/no/off).
+
+    Unset or empty: ``default``. Anything else is an error naming the variable, not a silent guess.
+    """
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise GraceFormatError(f"environment variable {name}={os.environ[name]!r}: expected one of "
+                           f"{'/'.join(_TRUE)} or {'/'.join(_FALSE)}")
+
+
+def hub_offline() -> bool:
+    return env_flag("HF_HUB_OFFLINE", False)
+
+
+def is_hub_id(model: object) -> bool:
+    """A string that names a Hub repository rather than a local path."""
+    return (isinstance(model, str) and bool(_HUB_ID.match(model)) and not os.path.exists(model))
+
+
+def _snapshot(model: str, revision: str | None, patterns: list[str]) -> str:
+    import huggingface_hub
+    return huggingface_hub.snapshot_download(model, revision=revision, local_files_only=hub_offline(),
+                                             allow_patterns=patterns)
+
+
+def local_checkpoint_dir(model: str, revision: str | None = None, weights: bool = True) -> str:
+    """The checkpoint directory: the path itself, or the local snapshot of a Hub repository.
+
+    ``weights=False`` fetches only the JSON files and the sidecar (enough to detect the format).
+    Raises a one-line :class:`GraceFormatError` when neither a directory nor a reachable snapshot.
+    """
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    if not is_hub_id(model):
+        raise GraceFormatError(f"grace_qat: {model}: not a local directory, and not a Hugging Face Hub "
+                               f"id (Owner/Name)")
+    patterns = ["*.json", SIDECAR_NAME] + (["*.safetensors"] if weights else [])
+    try:
+        return _snapshot(model, revision, patterns)
+    except Exception as e:  # hub errors come in many types; the message is what matters
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if hub_offline() else \
+            "locally or on the Hugging Face Hub"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise GraceFormatError(f"grace_qat: cannot find the checkpoint {model!r} {where} "
+                               f"({type(e).__name__}: {first})") from None
+
+
+def _tensor_names(path: str) -> list[str]:
+    """Tensor names from the safetensors index, else from the headers of the files present."""
+    index = os.path.join(path, SAFETENSORS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        return list(weight_map) if isinstance(weight_map, dict) else []
+    from safetensors import safe_open
+    names: list[str] = []
+    for fname in sorted(os.listdir(path)):
+        if fname.endswith(".safetensors"):
+            with safe_open(os.path.join(path, fname), framework="pt") as f:
+                names.extend(f.keys())
+    return names
+
+
+def detect_grace_format(path: str) -> str | None:
+    """The GRACE format of a local directory from cheap markers, else None.
+
+    The sidecar file (``qat-sidecar``), the AWQ module list or ``awq_packing`` key (``awq``),
+    ``*.log_scale`` tensor names (``qat-inline``). A bare QAT grid has no marker (it needs
+    ``--quantization grace_qat``); a config.json that declares a quantization or compression config
+    is left to it. Never raises: an unreadable directory is simply not detected.
+    """
+    try:
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict) or cfg.get("quantization_config") or cfg.get("compression_config"):
+            return None
+        if os.path.isfile(os.path.join(path, SIDECAR_NAME)):
+            return FORMAT_QAT_SIDECAR
+        if os.path.isfile(os.path.join(path, AWQ_MODULES_NAME)) or cfg.get("awq_packing"):
+            return FORMAT_AWQ
+        if any(n.endswith(".log_scale") for n in _tensor_names(path)):
+            return FORMAT_QAT_INLINE
+    except Exception:  # detection must never break loading an ordinary model
+        return None
+    return None
+
+
+def find_grace_checkpoint(model: object, revision: str | None = None) -> tuple[str, str] | None:
+    """``(directory, format)`` when ``model`` (a directory or a Hub id) is a GRACE checkpoint, else None.
+
+    For a Hub id only the JSON files and the sidecar are fetched (from the cache when offline);
+    a Hub id that cannot be resolved is not detected (the engine then reports it as usual).
+    """
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str):
+        return None
+    if os.path.isdir(model):
+        path = os.path.abspath(model)
+    elif is_hub_id(model):
+        try:
+            path = local_checkpoint_dir(model, revision, weights=False)
+        except GraceFormatError:
+            return None
+    else:
+        return None
+    fmt = detect_grace_format(path)
+    return (path, fmt) if fmt else None
+
+
+__all__ = ["AUTODETECT_ENV", "env_flag", "hub_offline", "is_hub_id", "local_checkpoint_dir",
+           "detect_grace_format", "find_grace_checkpoint"]

@@ -1,0 +1,76 @@
+"""GRACE checkpoints without ``--quantization grace_qat``: ``vllm serve Owner/Name`` as the model cards say.
+
+Without a ``quantization_config`` in config.json vLLM would serve format A silently as BF16 (4x the
+weight memory) and could not load format B at all. The hook: vLLM parses every config.json through
+the parser registered for the format "hf" (``vllm.transformers_utils.config``'s parser registry,
+present from 0.26 to 0.33 at least). The plugin puts a subclass of that parser in its place which,
+for a GRACE checkpoint (local directory or Hub id, :func:`grace_qat.hub.find_grace_checkpoint`),
+adds ``quantization_config = {"quant_method": "grace_qat", "format": ...}``, exactly what
+``grace-qat convert --to grace_qat`` writes to disk. vLLM then routes the checkpoint to
+:class:`grace_vllm.config.GraceQATConfig` by that quant_method, as for an explicit flag.
+
+``GRACE_QAT_AUTODETECT=0`` turns it off (the stock parser stays in place).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from grace_qat.hub import AUTODETECT_ENV, env_flag, find_grace_checkpoint
+
+from . import QUANT_METHOD
+
+logger = logging.getLogger("vllm.grace_qat")
+
+_PARSERS: dict[type, type] = {}
+_LOGGED_ENV = "_GRACE_QAT_DETECTED_LOGGED"
+
+
+def _grace_parser(base: type) -> type:
+    if base in _PARSERS:
+        return _PARSERS[base]
+
+    class GraceHFConfigParser(base):  # type: ignore[misc, valid-type]
+        """vLLM's HF config parser, plus the grace_qat quantization_config for GRACE checkpoints."""
+        _grace_base = base
+
+        def parse(self, model, trust_remote_code, revision=None, code_revision=None, **kwargs):
+            config_dict, config = super().parse(model, trust_remote_code, revision=revision,
+                                                code_revision=code_revision, **kwargs)
+            if (config_dict.get("quantization_config") is None
+                    and getattr(config, "quantization_config", None) is None
+                    and env_flag(AUTODETECT_ENV, True)):
+                found = find_grace_checkpoint(str(model), revision)
+                if found is not None:
+                    path, fmt = found
+                    # once per checkpoint, in the first process only (the engine core and the
+                    # workers parse the config again and inherit this environment)
+                    if os.environ.get(_LOGGED_ENV) != path:
+                        os.environ[_LOGGED_ENV] = path
+                        logger.info("grace_qat: %s is a GRACE %s checkpoint (%s); serving it with "
+                                    "quantization grace_qat (%s=0 turns this off)",
+                                    model, fmt, path, AUTODETECT_ENV)
+                    injected = {"quant_method": QUANT_METHOD, "format": fmt}
+                    config_dict["quantization_config"] = injected
+                    config.quantization_config = dict(injected)
+            return config_dict, config
+
+    GraceHFConfigParser.__qualname__ = GraceHFConfigParser.__name__
+    _PARSERS[base] = GraceHFConfigParser
+    return GraceHFConfigParser
+
+
+def install() -> None:
+    """Put the detecting parser in place of vLLM's "hf" config parser (idempotent; feature-detected)."""
+    try:
+        from vllm.transformers_utils import config as tu_config
+    except ImportError:  # pragma: no cover - a vLLM without transformers_utils.config
+        return
+    registry = getattr(tu_config, "_CONFIG_FORMAT_TO_CONFIG_PARSER", None)
+    current = registry.get("hf") if isinstance(registry, dict) else None
+    if current is None:
+        logger.warning("grace_qat: this vLLM has no 'hf' config parser registry; GRACE checkpoints "
+                       "need --quantization %s", QUANT_METHOD)
+        return
+    base = getattr(current, "_grace_base", current)
+    registry["hf"] = _grace_parser(base)
