@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -36,6 +37,8 @@ import time
 import pytest
 
 torch = pytest.importorskip("torch")
+
+import reference  # noqa: E402  (tests/reference.py: plain code, nothing from grace_qat)
 
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",      # GiB of KV cache on the CPU backend
@@ -211,94 +214,150 @@ def _rank_rows(name, rank, size):
     """Rows of each checkpoint module that rank ``rank`` holds (column-parallel layers)."""
     sizes = {"self_attn.q_proj": 256, "self_attn.k_proj": 128, "self_attn.v_proj": 128,
              "mlp.gate_proj": 512, "mlp.up_proj": 512}
-    return [(m, slice(rank * sizes[m] // size, (rank + 1) * sizes[m] // size)) for m in LAYERS[name][0]]
+    out = []
+    for m in LAYERS[name][0]:
+        if m in ("self_attn.k_proj", "self_attn.v_proj") and size > 2:   # 2 KV heads of 64: replicated
+            head = rank // (size // 2)
+            out.append((m, slice(head * 64, (head + 1) * 64)))
+        else:
+            out.append((m, slice(rank * sizes[m] // size, (rank + 1) * sizes[m] // size)))
+    return out
 
 
 _REFERENCE_CACHE: dict = {}
 
 
+@dataclasses.dataclass
+class Files:
+    """A checkpoint as plain files: what the layers are fed, and the source of every reference."""
+    path: str
+    format: str
+    bits: int
+    tensors: dict
+
+    @classmethod
+    def open(cls, path, fmt, bits):
+        return cls(path, fmt, bits, reference.tensors(path))
+
+
 def _reference(ckpt, name):
-    """Per checkpoint module: verified codes and fp32 steps (grace_qat's own reader)."""
+    """Per checkpoint module of vLLM layer ``name``: codes, steps, weight read from the files with
+    plain code (tests/reference.py), not through grace_qat."""
     key = (ckpt.path, name)
     if key not in _REFERENCE_CACHE:
-        _REFERENCE_CACHE[key] = {m: ckpt.quantized(HF + m) for m in LAYERS[name][0]}
+        side = reference.sidecar(ckpt.path) if ckpt.format == "qat-sidecar" else None
+        _REFERENCE_CACHE[key] = {m: reference.module(ckpt.path, HF + m, ckpt.format, ckpt.bits,
+                                                     files=ckpt.tensors, side=side)
+                                 for m in LAYERS[name][0]}
     return _REFERENCE_CACHE[key]
 
 
 def _expected_shard(ckpt, name, rank, size):
-    """(codes, steps) this rank's layer should hold, concatenated in shard order."""
+    """{codes, steps, weight} this rank's layer should hold, concatenated in shard order (codes and
+    steps None for qat-grid, which stores no steps)."""
     ref = _reference(ckpt, name)
+    keys = ("codes", "steps", "weight")
     if name in ("self_attn.o_proj", "mlp.down_proj"):            # row parallel: split the input dim
-        q = ref[LAYERS[name][0][0]]
-        cols = q.codes.shape[1] // size
-        groups = q.scales.shape[1] // size
-        return (q.codes[:, rank * cols:(rank + 1) * cols],
-                q.scales[:, rank * groups:(rank + 1) * groups])
+        r = ref[LAYERS[name][0][0]]
+        cols = r["weight"].shape[1] // size
+        out = {"weight": r["weight"][:, rank * cols:(rank + 1) * cols]}
+        if r["codes"] is not None:
+            groups = r["steps"].shape[1] // size
+            out["codes"] = r["codes"][:, rank * cols:(rank + 1) * cols]
+            out["steps"] = r["steps"][:, rank * groups:(rank + 1) * groups]
+        return {k: out.get(k) for k in keys}
     parts = _rank_rows(name, rank, size)
-    return (torch.cat([ref[m].codes[rows] for m, rows in parts]),
-            torch.cat([ref[m].scales[rows] for m, rows in parts]))
+    return {k: None if ref[parts[0][0]][k] is None else torch.cat([ref[m][k][rows] for m, rows in parts])
+            for k in keys}
+
+
+def _served_weight(layer, method) -> torch.Tensor:
+    """The weight (out, in) the layer computes with, by running it (kernel or fallback) on the
+    identity: row i of I @ W.T is column i of W, and every output element is one code times one
+    step (no sum), so an off-by-one code or a wrong step shows exactly, whatever the kernel's layout."""
+    eye = torch.eye(layer.input_size_per_partition, dtype=torch.bfloat16, device=DEVICE)
+    return method.apply(layer, eye).t().float().cpu()
+
+
+def _assert_served_weight(served, exp, kernel: bool, what: str):
+    """Exact where the weight is defined exactly: with a kernel bf16(code * bf16(step)), without
+    one the stored bf16 weight (format A) or bf16(code * fp16 step) (AWQ). qat-grid with a kernel
+    runs on steps derived from the grid, so there: zeros exact, others within bf16(step) rounding
+    (2^-8 relative; one code off is >= 1/8 relative at 4 bits)."""
+    if exp["codes"] is None and kernel:
+        w = exp["weight"].float()
+        assert torch.equal(served == 0, w == 0), f"{what}: zero codes differ"
+        bad = (served - w).abs() > 2 ** -7 * w.abs()
+        assert not bad.any(), f"{what}: {int(bad.sum())} weights off, first at {bad.nonzero()[0].tolist()}"
+        return
+    want = (reference.dequant(exp["codes"], exp["steps"].to(torch.bfloat16)) if kernel else exp["weight"]).float()
+    bad = served != want
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} served weights differ from the "
+                           f"checkpoint's, first at {bad.nonzero()[0].tolist()}")
+
+
+def _assert_output(y, x, w, what: str):
+    """y (bf16) vs x @ w.T in fp32 on the verified weight: tolerance for the bf16 output rounding
+    (2^-9 relative) and the kernel's summation order only."""
+    ref = x.float() @ w.t()
+    bound = 2 ** -8 * ref.abs() + 2 ** -12 * (x.float().abs() @ w.abs().t())
+    err = (y.float().cpu() - ref).abs()
+    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g} (bound {bound.max().item():.3g})"
 
 
 def _decode_cpuwna16(layer):
-    """Codes (out, in) and steps (out, groups) back from CPUWNA16's W4A16 layout (blocks of 16
-    output channels, 8 codes per int32 along the output dimension, stored value = code + 8)."""
-    from grace_qat.packing import unpack_int32
-    w = layer.weight_packed.data
-    out = w.shape[0] * 16
-    inp = w.shape[1] // 2
-    u = unpack_int32(w.view(out // 16, inp, 2).permute(1, 0, 2).reshape(inp, out // 8), 4, dim=1)
-    return (u.t() - 8).contiguous(), layer.weight_scale.data.t().float()
-
-
-def _reference_output(ckpt, name, x, rank, size):
-    """x @ W_dq.T on this rank's part of the layer, in fp32."""
-    from grace_qat.quantizer import dequantize
-    codes, scales = _expected_shard(ckpt, name, rank, size)
-    w = dequantize(codes, scales, 128, torch.float32)
-    if name in ("self_attn.o_proj", "mlp.down_proj"):
-        cols = w.shape[1]
-        x = x[:, rank * cols:(rank + 1) * cols]
-    return x.float() @ w.t()
+    """Codes (out, in) and steps (out, groups) back from CPUWNA16's W4A16 layout (plain bit code)."""
+    return reference.cpuwna16_codes(layer.weight_packed.data), layer.weight_scale.data.t().float()
 
 
 @pytest.fixture(scope="module")
 def opened(ckpts):
-    from grace_qat.checkpoint import GraceCheckpoint
-    return {k: GraceCheckpoint.open(ckpts[k])
-            for k in ("w4_sidecar", "w4_inline", "w4_grid", "w4_awq", "w8_sidecar")}
+    return {k: Files.open(ckpts[k], fmt, bits)
+            for k, fmt, bits in (("w4_sidecar", "qat-sidecar", 4), ("w4_inline", "qat-inline", 4),
+                                 ("w4_grid", "qat-grid", 4), ("w4_awq", "awq", 4), ("w8_sidecar", "qat-sidecar", 8))}
 
 
-@pytest.mark.parametrize("size", [1, 2])
+def _tp_layers(size):
+    """Layers that TP ``size`` can split: o_proj (in 256 = 2 groups) cannot be split 4 ways (its
+    error is tested on its own); everything else can, k/v heads replicated at TP 4 (2 KV heads)."""
+    return [n for n in LAYERS if not (size == 4 and n == "self_attn.o_proj")]
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
 @pytest.mark.parametrize("key", ["w4_sidecar", "w4_inline", "w4_grid", "w4_awq", "w8_sidecar"])
 def test_layers_load_shard_and_match_reference(ckpts, opened, key, size):
-    """Each rank's layer computes x @ W_dq.T of its shard (kernel or exact fallback) and, with a
-    kernel, holds exactly the checkpoint's codes and bf16(steps) of that shard."""
+    """Each rank's layer, loaded through vLLM's own loaders, computes with exactly its shard of the
+    checkpoint's weight (kernel or exact fallback; run on the identity) and x @ W.T within output
+    rounding; with CPUWNA16 it holds exactly the checkpoint's codes and bf16(steps) of that shard."""
     from grace_vllm.linear import GraceAWQLinearMethod, GraceQATLinearMethod
     cfg, ckpt = _config(ckpts[key]), opened[key]
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    for name in LAYERS:
+    for name in _tp_layers(size):
         for rank in range(size):
+            what = f"{key} {name} rank {rank}/{size}"
             layer = _make(name, cfg, ckpt, rank, size)
             method = layer.quant_method
+            exp = _expected_shard(ckpt, name, rank, size)
             assert isinstance(method, GraceAWQLinearMethod if key == "w4_awq" else GraceQATLinearMethod)
             if method.kernel is None:
                 assert not hasattr(layer, "weight_packed")
             else:
                 assert not hasattr(layer, "weight") and not hasattr(layer, "log_scale")
-                if type(method.kernel).__name__ == "CPUWNA16LinearKernel" and not layer.use_w4a8:
+                if type(method.kernel).__name__ == "CPUWNA16LinearKernel" and not layer.use_w4a8 \
+                        and exp["codes"] is not None:
                     codes, steps = _decode_cpuwna16(layer)
-                    exp_codes, exp_steps = _expected_shard(ckpt, name, rank, size)
-                    assert torch.equal(codes, exp_codes.to(codes.dtype)), f"{name} rank {rank}: codes"
-                    assert torch.equal(steps, exp_steps.to(torch.bfloat16).float()), f"{name}: steps"
+                    assert torch.equal(codes, exp["codes"]), f"{what}: codes"
+                    assert torch.equal(steps, exp["steps"].to(torch.bfloat16).float()), f"{what}: steps"
             if method.kernel is None or cpu_int4_kernel_available():
+                served = _served_weight(layer, method)
+                assert served.shape == exp["weight"].shape, what
+                _assert_served_weight(served, exp, method.kernel is not None, what)
                 xin = x[:, :layer.input_size]
-                ref = _reference_output(ckpt, name, xin, rank, size)
                 if layer.input_size_per_partition != layer.input_size:        # row parallel
                     n = layer.input_size_per_partition
                     xin = xin[:, rank * n:(rank + 1) * n]
-                y = method.apply(layer, xin.to(DEVICE)).float().cpu()         # no all-reduce here
-                err = (y - ref).abs().max().item()
-                assert err <= 1e-2 * ref.abs().max().item() + 1e-4, f"{key} {name} rank {rank}: {err}"
+                y = method.apply(layer, xin.to(DEVICE))                       # no all-reduce here
+                _assert_output(y, xin, served, what)
 
 
 def test_layers_on_cpuwna16_kernel_even_without_its_op(ckpts, opened, monkeypatch):
@@ -309,18 +368,25 @@ def test_layers_on_cpuwna16_kernel_even_without_its_op(ckpts, opened, monkeypatc
         pytest.skip("CPU kernel layout")
     import grace_vllm.linear as gl
     monkeypatch.setattr(gl, "_missing_kernel_op", lambda kernel: None)
-    for key in ("w4_sidecar", "w4_grid", "w4_awq"):
+    for key in ("w4_sidecar", "w4_awq"):
         cfg, ckpt = _config(ckpts[key]), opened[key]
-        for size in (1, 2):
-            for name in LAYERS:
+        for size in (1, 2, 4):
+            for name in _tp_layers(size):
                 for rank in range(size):
                     layer = _make(name, cfg, ckpt, rank, size)
                     assert type(layer.quant_method.kernel).__name__ == "CPUWNA16LinearKernel"
                     assert not hasattr(layer, "weight")
                     codes, steps = _decode_cpuwna16(layer)
-                    exp_codes, exp_steps = _expected_shard(ckpt, name, rank, size)
-                    assert torch.equal(codes, exp_codes.to(codes.dtype)), f"{key} {name} r{rank}/{size}"
-                    assert torch.equal(steps, exp_steps.to(torch.bfloat16).float())
+                    exp = _expected_shard(ckpt, name, rank, size)
+                    assert torch.equal(codes, exp["codes"]), f"{key} {name} r{rank}/{size}"
+                    assert torch.equal(steps, exp["steps"].to(torch.bfloat16).float())
+    # qat-grid: steps derived from the grid; the codes must still be the checkpoint's exactly
+    cfg, ckpt, side = _config(ckpts["w4_grid"]), opened["w4_grid"], opened["w4_sidecar"]
+    for name in LAYERS:
+        layer = _make(name, cfg, ckpt)
+        codes, steps = _decode_cpuwna16(layer)
+        assert torch.equal(codes, _expected_shard(side, name, 0, 1)["codes"]), f"grid {name}: codes"
+        assert torch.equal(reference.dequant(codes, steps) == 0, _expected_shard(ckpt, name, 0, 1)["weight"] == 0)
     assert "CPUWNA16LinearKernel" in gl.KERNELS_USED
 
 
