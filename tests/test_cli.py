@@ -1,4 +1,5 @@
 """The grace-qat command line, run as a user runs it (a subprocess through the console script)."""
+import contextlib
 import json
 import os
 import shutil
@@ -50,11 +51,47 @@ def test_bad_input_one_line_nonzero(tmp_path, ckpt):
 
 
 def test_convert_cli_writes_loadable_gptq(tmp_path, ckpt):
+    """The export is loaded by stock vLLM's own GPTQ method (config from its quantization_config,
+    every quantized module's tensors through vLLM's weight loaders) and unpacked with vLLM's own
+    helper: the codes are the source checkpoint's (plain-code reference), scales its bf16(steps)."""
+    pytest.importorskip("vllm")
+    import reference
+    from unittest import mock
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor import parameter as vp
+    from vllm.model_executor.layers import linear as vl
+    from vllm.model_executor.layers.quantization import get_quantization_config
+    from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
+    from vllm.scalar_type import scalar_types
     r = run("convert", ckpt, str(tmp_path / "g"), "--to", "gptq")
     assert r.returncode == 0, r.stderr
     assert "bit-exact" in r.stdout
     cfg = json.load(open(tmp_path / "g" / "config.json"))
     assert cfg["quantization_config"]["quant_method"] == "gptq"
+    qcfg = get_quantization_config("gptq").from_config(cfg["quantization_config"])
+    exported, source, side = reference.tensors(str(tmp_path / "g")), reference.tensors(ckpt), reference.sidecar(ckpt)
+    modules = sorted(k[:-len(".qweight")] for k in exported if k.endswith(".qweight"))
+    assert len(modules) == 7 * cfg["text_config"]["num_hidden_layers"]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(set_current_vllm_config(VllmConfig()))
+        for mod in (vl, vp):
+            stack.enter_context(mock.patch.object(mod, "get_tensor_model_parallel_rank", return_value=0))
+            stack.enter_context(mock.patch.object(mod, "get_tensor_model_parallel_world_size", return_value=1))
+        for name in modules:
+            ref = reference.module(ckpt, name, "qat-sidecar", 4, files=source, side=side)
+            out_f, in_f = ref["codes"].shape
+            layer = vl.ReplicatedLinear(in_f, out_f, bias=False, params_dtype=torch.bfloat16,
+                                        quant_config=qcfg, prefix=name)
+            assert type(layer.quant_method).__name__ != "UnquantizedLinearMethod", name
+            for suffix in ("qweight", "qzeros", "scales"):
+                param = getattr(layer, suffix)
+                param.weight_loader(param, exported[f"{name}.{suffix}"])
+            u = unpack_quantized_values_into_int32(layer.qweight.data, scalar_types.uint4b8, packed_dim=0)
+            assert torch.equal((u.t() - 8).long(), ref["codes"]), f"{name}: codes"
+            assert torch.equal(layer.scales.data, ref["steps"].t().to(torch.bfloat16)), f"{name}: scales"
+            zeros = unpack_quantized_values_into_int32(layer.qzeros.data, scalar_types.uint4b8, packed_dim=1)
+            assert bool((zeros == 7).all()), f"{name}: GPTQ v1 zero points (8 - 1)"
 
 
 def test_fixture_cli(tmp_path):

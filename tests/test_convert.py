@@ -69,13 +69,22 @@ def test_gptq_export_dequantizes_to_source_grid(tmp_path, src, src8, which):
     assert not os.path.exists(os.path.join(out, "qat_quantized_weights.bin"))
 
 
-def test_awq_export_roundtrips_through_reader(tmp_path, src):
+def test_awq_export_holds_the_source_codes(tmp_path, src):
+    """The AWQ export decoded by plain nibble arithmetic (tests/reference.py, AutoAWQ order
+    0,2,4,6,1,3,5,7, zero point 8) holds the source's codes and fp16(steps) for every module."""
+    import reference
     out = str(tmp_path / "awq")
     convert(src, out, to="awq")
-    a, b = GraceCheckpoint.open(src), GraceCheckpoint.open(out)
-    assert b.format == "awq" and b.modules == a.modules
-    for name in a.modules[:7]:
-        assert torch.equal(a.quantized(name).codes, b.quantized(name).codes)
+    assert GraceCheckpoint.open(out).format == "awq"
+    exported, source, side = reference.tensors(out), reference.tensors(src), reference.sidecar(src)
+    with open(os.path.join(out, "awq_quantized_modules.json")) as f:
+        modules = json.load(f)["modules"]
+    assert sorted(modules) == sorted(k[:-len(".log_scale")] for k in side if k.endswith(".log_scale"))
+    for name in modules:
+        ref = reference.module(src, name, "qat-sidecar", 4, files=source, side=side)
+        got = reference.module(out, name, "awq", 4, files=exported)
+        assert torch.equal(got["codes"], ref["codes"]), name
+        assert torch.equal(exported[name + ".scales"], ref["steps"].t().half()), name
 
 
 def test_awq_export_of_8bit_refused(tmp_path, src8):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from requires import require
 import torch
 
 from grace_qat import fixtures
@@ -232,7 +233,7 @@ def test_bad_arguments(tmp_path):
 # -- Transformers round trip (names, tokenizer, processor) --------------------------------------------
 
 def test_qwen_transformers_loads_plain_and_processor(qwen_dirs):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from PIL import Image
     d = qwen_dirs[("qat-sidecar", 4)]
     model, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
@@ -254,32 +255,52 @@ def test_qwen_transformers_loads_plain_and_processor(qwen_dirs):
 # -- stock vLLM (no plugin) loads the fixture as a Qwen3-VL checkpoint and answers an image chat --------
 
 _VLLM_SCRIPT = r"""
-import base64, io, sys
+import base64, io, json, sys
 from PIL import Image
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
-    llm = LLM(sys.argv[1], dtype="bfloat16", enforce_eager=True, max_model_len=1024)
+    llm = LLM(sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=1024)
     img = Image.new("RGB", (64, 48), (200, 30, 30)); buf = io.BytesIO(); img.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": "Describe this image."}]}]
-    out = llm.chat(msgs, SamplingParams(max_tokens=4, temperature=0.0))[0]
-    print("GENERATED", len(out.prompt_token_ids), list(out.outputs[0].token_ids))
+    out = llm.chat(msgs, SamplingParams(max_tokens=4, temperature=0.0, logprobs=1))[0]
+    c = out.outputs[0]
+    print("GENERATED " + json.dumps({"prompt_ids": list(out.prompt_token_ids), "ids": list(c.token_ids),
+          "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}))
 """
 
 
 @pytest.mark.engine
 @pytest.mark.parametrize("fmt", ["plain"])
 def test_qwen_tiny_serves_in_stock_vllm(tmp_path, fmt):
-    pytest.importorskip("vllm")
+    """Stock vLLM (no plugin) and stock Transformers run the same fixture to the same greedy answer
+    (fp32 on both sides, so that rounding cannot flip a token): same prompt ids (chat template,
+    image tokens), same 4 generated ids, logprobs within 1e-3 nats."""
+    require("vllm")
+    transformers = require("transformers")
+    from PIL import Image
     d = fixtures.write_qwen3vl(str(tmp_path / fmt), fmt=fmt, bits=4)
     script = tmp_path / "run.py"
     script.write_text(_VLLM_SCRIPT)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_INT4_W4A8="0", VLLM_PLUGINS="none")
     r = subprocess.run([sys.executable, str(script), d], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("GENERATED")][0]
-    assert len(line.split("[", 1)[1].split(",")) == 4
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("GENERATED ")][0]
+    got = json.loads(line[len("GENERATED "):])
+    model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+    proc = transformers.AutoProcessor.from_pretrained(d)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inp = proc(text=[text], images=[Image.new("RGB", (64, 48), (200, 30, 30))], return_tensors="pt")
+    assert inp["input_ids"][0].tolist() == got["prompt_ids"], "vLLM and Transformers prompts differ"
+    with torch.no_grad():
+        gen = model.generate(**inp, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    ids = gen.sequences[0, inp["input_ids"].shape[1]:].tolist()
+    assert ids == got["ids"], f"stock vLLM generated {got['ids']}, Transformers {ids}"
+    lps = [float(torch.log_softmax(lg[0].float(), -1)[t]) for lg, t in zip(gen.logits, ids)]
+    assert max(abs(a - b) for a, b in zip(lps, got["logprobs"])) < 1e-3, (lps, got["logprobs"])
 
 
 # -- LLaVA-1.5 (original layout) -------------------------------------------------------------------
@@ -342,7 +363,7 @@ def test_llava_open_and_codes(llava_dirs):
 
 
 def test_llava_tokenizer_and_clip_dir(llava_dirs):
-    spm = pytest.importorskip("sentencepiece")
+    spm = require("sentencepiece")
     sp = spm.SentencePieceProcessor(model_file=os.path.join(llava_dirs["plain"], "tokenizer.model"))
     cfg = _config(llava_dirs["plain"])
     assert sp.vocab_size() == cfg["vocab_size"]
@@ -359,6 +380,6 @@ def test_llava_tokenizer_and_clip_dir(llava_dirs):
     ct = _tensors(llava_dirs["clip"])
     assert "vision_model.encoder.layers.0.self_attn.q_proj.weight" in ct and "text_model.embeddings.token_embedding.weight" in ct
     assert all(v.dtype == torch.float16 for k, v in ct.items() if k != "logit_scale")
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     model, info = transformers.CLIPModel.from_pretrained(llava_dirs["clip"], output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

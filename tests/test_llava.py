@@ -19,7 +19,9 @@ import pickle
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from requires import require  # noqa: E402
+
+torch = require("torch")
 
 from llava_reference import (CLIP_HUB_ID, QUESTION, check_engine, check_http,  # noqa: E402
                              engine_jobs, image, reference_ids, reference_pixels,
@@ -27,8 +29,8 @@ from llava_reference import (CLIP_HUB_ID, QUESTION, check_engine, check_http,  #
 
 
 def _need_vllm():
-    pytest.importorskip("vllm")
-    pytest.importorskip("sentencepiece")
+    require("vllm")
+    require("sentencepiece")
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("sentencepiece")
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from requires import require  # noqa: E402
+
+torch = require("torch")
+transformers = require("transformers")
+require("sentencepiece")
+
 from llava_reference import Reference, image, reference_ids, reference_pixels  # noqa: E402
 
 from grace_qat.convert import convert  # noqa: E402
@@ -112,7 +114,7 @@ def test_stock_vllm_serves_the_llava_hf_export(ckpts, tmp_path):
     """Stock vLLM (its own LlavaForConditionalGeneration, no quantization flag) on the BF16 llava-hf
     export: 256 image tokens per image, and the log-probabilities it reports match the reference on
     the source checkpoint for the very prompt ids vLLM built, from text prompts and from a chat."""
-    pytest.importorskip("vllm")
+    require("vllm")
     from llava_reference import LOGPROB_TOL, compare, run_jobs_in_subprocess
     paths = []
     for kind in ("gradient", "checker"):

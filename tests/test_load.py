@@ -33,6 +33,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from requires import require
 
 pytestmark = pytest.mark.engine
 
@@ -65,8 +66,8 @@ def _data_url(raw: bytes, mime="image/png") -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    pytest.importorskip("vllm")
-    demo = pytest.importorskip("grace_vllm.demo")
+    require("vllm")
+    demo = require("grace_vllm.demo")
     from grace_qat import fixtures
     root = tmp_path_factory.mktemp("load")
     model = os.environ.get("GRACE_LOAD_MODEL") or \
@@ -184,9 +185,11 @@ def _metrics_text(srv) -> str:
 
 
 def _gauge(text: str, name: str, label: str = "") -> float:
-    """Sum of a Prometheus metric's samples (those whose labels contain ``label``)."""
+    """Sum of a Prometheus metric's samples (those whose labels contain ``label``). A metric that is
+    not there is an error, not 0: the abort checks below would pass on a renamed metric."""
     vals = [float(m.group(2)) for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.eE+-]+)$", text, re.M)
             if label in (m.group(1) or "")]
+    assert vals, f"/metrics has no sample of {name}{' with ' + label if label else ''} (renamed by vLLM?)"
     return sum(vals)
 
 
@@ -284,3 +287,14 @@ def test_server_under_load(server, tmp_path, record_property):
     assert after_text == ref_text, (ref_text, after_text)
     if ref_ids is not None:
         assert after_ids == ref_ids
+
+
+def test_gauge_reads_samples_and_refuses_a_missing_metric():
+    text = ('# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="g"} 0.0\n'
+            'vllm:generation_tokens_total{engine="0",model_name="g"} 12.0\n'
+            'vllm:generation_tokens_total{engine="1",model_name="g"} 3.0\n')
+    assert _gauge(text, "vllm:num_requests_running") == 0.0
+    assert _gauge(text, "vllm:generation_tokens_total") == 15.0
+    assert _gauge(text, "vllm:generation_tokens_total", 'engine="1"') == 3.0
+    with pytest.raises(AssertionError, match="no sample of vllm:num_requests_waiting"):
+        _gauge(text, "vllm:num_requests_waiting")

@@ -125,4 +125,17 @@ def test_mse_init_beats_max_abs_and_produces_clipping():
     assert err(s) < err(maxabs)
     codes = torch.round(w.reshape(64, 4, 128) / s.unsqueeze(-1)).clamp(-8, 7)
     assert (codes == -8).any() and (codes == 7).any()
-    assert math.isclose(float(torch.log(s).flatten()[0]), float(ls[0]), rel_tol=1e-6)
+    # independent per-group search written from the docstring (GRACE's LSQ init): candidates
+    # max|w|/7 * (1 - 0.5 i/40), i < 40; the chosen step is the first with the least squared error
+    groups = w.reshape(-1, 128)
+    for g in (0, 1, 77, groups.shape[0] - 1):
+        x = [float(v) for v in groups[g]]
+        base = max(abs(v) for v in x) / 7
+
+        def sq_err(step):
+            return sum((min(7, max(-8, round(v / step))) * step - v) ** 2 for v in x)
+        cands = [base * (1.0 - 0.5 * i / 40) for i in range(40)]
+        errs = [sq_err(c) for c in cands]
+        chosen = math.exp(float(ls[g]))
+        assert sq_err(chosen) <= min(errs) * (1 + 1e-5), g
+        assert math.isclose(chosen, cands[errs.index(min(errs))], rel_tol=1e-5), g

@@ -25,10 +25,11 @@ import subprocess
 import sys
 
 import pytest
+from requires import require
 
 pytestmark = pytest.mark.sglang
 
-sglang = pytest.importorskip(
+sglang = require(
     "sglang", reason="SGLang is not installed in this environment (tests for grace_sglang need "
                      "the .venv-sglang environment)")
 
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 
 from grace_qat.checkpoint import GraceCheckpoint  # noqa: E402
 from grace_qat.errors import GraceFormatError  # noqa: E402
-from grace_qat.packing import pack_gptq  # noqa: E402
+import reference  # noqa: E402  (tests/reference.py: plain code, nothing from grace_qat)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -96,6 +97,15 @@ def test_sglang_version_is_the_one_asked_for():
     if expected is None:
         pytest.skip("GRACE_EXPECT_SGLANG not set (scripts/test.sh sets it)")
     assert _sglang_version() == expected
+
+
+@pytest.mark.parametrize("module", ["huggingface_hub", "numpy", "PIL", "safetensors", "sentencepiece",
+                                    "torch", "transformers"])
+def test_suite_dependency_imports(module):
+    """What this file needs next to SGLang imports in this venv: a missing one fails here instead of
+    skipping the tests that use it (the vLLM venv's list: tests/test_dependencies.py)."""
+    import importlib
+    importlib.import_module(module)
 
 
 def test_entry_point_declared():
@@ -291,7 +301,8 @@ def tp_partition(rank: int, size: int):
 
 
 def _build_layer0(qc, path, rank, size, dtype=torch.bfloat16):
-    """SGLang's four quantizable layers of decoder layer 0, loaded as the Qwen3-VL model does."""
+    """SGLang's four quantizable layers of decoder layer 0, loaded as the Qwen3-VL model does
+    (at TP 4 without o_proj, whose 256 inputs = 2 groups cannot be split 4 ways)."""
     from sglang.srt.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                           RowParallelLinear)
     tc = _text_cfg(path)
@@ -304,15 +315,17 @@ def _build_layer0(qc, path, rank, size, dtype=torch.bfloat16):
         layers = {
             "qkv": QKVParallelLinear(h, hd, nh, nkv, bias=False, quant_config=qc, params_dtype=dtype,
                                      prefix=p + "self_attn.qkv_proj", **kw),
-            "o": RowParallelLinear(nh * hd, h, bias=False, quant_config=qc, params_dtype=dtype,
-                                   prefix=p + "self_attn.o_proj", **kw),
             "gate_up": MergedColumnParallelLinear(h, [inter, inter], bias=False, quant_config=qc,
                                                   params_dtype=dtype, prefix=p + "mlp.gate_up_proj", **kw),
             "down": RowParallelLinear(inter, h, bias=False, quant_config=qc, params_dtype=dtype,
                                       prefix=p + "mlp.down_proj", **kw),
         }
+        if (nh * hd) // size % 128 == 0:
+            layers["o"] = RowParallelLinear(nh * hd, h, bias=False, quant_config=qc, params_dtype=dtype,
+                                            prefix=p + "self_attn.o_proj", **kw)
         feeds = {"qkv": [(f"self_attn.{x}_proj", x) for x in "qkv"], "o": [("self_attn.o_proj", None)],
                  "gate_up": [("mlp.gate_proj", 0), ("mlp.up_proj", 1)], "down": [("mlp.down_proj", None)]}
+        feeds = {k: v for k, v in feeds.items() if k in layers}
         for key, parts in feeds.items():
             layer = layers[key]
             params = dict(layer.named_parameters())
@@ -331,31 +344,47 @@ def _expected_rows(t, rank, size, replicas=1):
     return t[r * n:(r + 1) * n]
 
 
-def _expected(ckpt, key, rank, size, nkv):
-    """Per-rank (weight, steps, codes) expected for one SGLang layer, from the checkpoint alone."""
+def _reference_modules(ckpt, mods):
+    """Per module (weight, steps, codes) from the files with plain code (tests/reference.py). qat-grid
+    stores no steps: its codes are those of the qat-sidecar fixture with the same weights (seed 0),
+    its steps None (derived by the plugin; checked against the learned ones separately)."""
     p = "model.language_model.layers.0."
+    src, fmt = ckpt.path, ckpt.format
+    if fmt == "qat-grid":
+        src, fmt = os.path.join(os.path.dirname(ckpt.path), "qat-sidecar"), "qat-sidecar"
+    files = reference.tensors(src)
+    side = reference.sidecar(src) if fmt == "qat-sidecar" else None
+    out = []
+    for mod in mods:
+        r = reference.module(src, p + mod, fmt, ckpt.bits, files=files, side=side)
+        w = ckpt.tensors.get(p + mod + ".weight")
+        assert torch.equal(w, r["weight"]), (ckpt.path, mod, "weights differ from the reference's source")
+        out.append((r["weight"], None if ckpt.format == "qat-grid" else r["steps"], r["codes"]))
+    return out
+
+
+def _expected(ckpt, key, rank, size, nkv):
+    """Per-rank (weight, steps, codes) expected for one SGLang layer, from the checkpoint files alone
+    (steps None for qat-grid)."""
     mods = {"qkv": [f"self_attn.{x}_proj" for x in "qkv"], "o": ["self_attn.o_proj"],
             "gate_up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}[key]
     ws, ss, cs = [], [], []
-    for i, mod in enumerate(mods):
-        q = ckpt.quantized(p + mod)
-        w = ckpt.tensors.get(p + mod + ".weight")
-        s, c = q.scales, q.codes
+    for i, (w, s, c) in enumerate(_reference_modules(ckpt, mods)):
         if key in ("o", "down"):            # row parallel: split the input columns (whole groups)
             k = w.shape[1] // size
             g = k // ckpt.group_size
-            w, c, s = (w[:, rank * k:(rank + 1) * k], c[:, rank * k:(rank + 1) * k],
-                       s[:, rank * g:(rank + 1) * g])
+            w, c = w[:, rank * k:(rank + 1) * k], c[:, rank * k:(rank + 1) * k]
+            s = None if s is None else s[:, rank * g:(rank + 1) * g]
         else:                                # column parallel: split the output rows
             rep = max(1, size // nkv) if key == "qkv" and i > 0 else 1
-            w, c, s = (_expected_rows(w, rank, size, rep), _expected_rows(c, rank, size, rep),
-                       _expected_rows(s, rank, size, rep))
+            w, c = _expected_rows(w, rank, size, rep), _expected_rows(c, rank, size, rep)
+            s = None if s is None else _expected_rows(s, rank, size, rep)
         ws.append(w), ss.append(s), cs.append(c)
-    return torch.cat(ws), torch.cat(ss), torch.cat(cs)
+    return torch.cat(ws), None if ss[0] is None else torch.cat(ss), torch.cat(cs)
 
 
 @pytest.mark.parametrize("fmt", FORMATS_A + ["w8"])
-@pytest.mark.parametrize("tp,rank", [(1, 0), (2, 0), (2, 1)])
+@pytest.mark.parametrize("tp,rank", [(1, 0), (2, 0), (2, 1), (4, 0), (4, 3)])
 def test_layers_shard_weights_and_steps(plugins_loaded, ckpts, fmt, tp, rank):
     from grace_sglang.config import GraceQATConfig
     path = ckpts[fmt]
@@ -365,14 +394,46 @@ def test_layers_shard_weights_and_steps(plugins_loaded, ckpts, fmt, tp, rank):
     for key, layer in layers.items():
         w_exp, s_exp, c_exp = _expected(ckpt, key, rank, tp, nkv)
         assert torch.equal(layer.weight.data, w_exp), (fmt, tp, rank, key, "weight")
-        assert torch.equal(layer.grace_scales.data, s_exp), (fmt, tp, rank, key, "steps")
-        # recover + verify + GPTQ layout, exactly as grace-qat convert --to gptq writes it
+        steps = layer.grace_scales.data
+        if s_exp is None:                    # qat-grid: derived from the grid, close to the learned steps
+            s_learned = _expected(GraceCheckpoint.open(os.path.join(os.path.dirname(path), "qat-sidecar")),
+                                  key, rank, tp, nkv)[1]
+            assert bool(((steps - s_learned).abs() <= 2 ** -7 * s_learned).all()), (fmt, tp, rank, key, "steps")
+        else:
+            assert torch.equal(steps, s_exp), (fmt, tp, rank, key, "steps")
+        # recover + verify + GPTQ layout; decoded by plain code (tests/reference.py), not grace_qat
         layer.quant_method.pack_gptq_layout(layer)
-        ref = pack_gptq(c_exp, s_exp, ckpt.bits, ckpt.group_size, scale_dtype=torch.bfloat16)
-        assert torch.equal(layer.qweight.data, ref["qweight"]), (fmt, tp, rank, key, "qweight")
-        assert torch.equal(layer.scales.data, ref["scales"]), (fmt, tp, rank, key, "scales")
+        assert torch.equal(reference.gptq_codes(layer.qweight.data, ckpt.bits), c_exp), (fmt, tp, rank, key, "qweight")
+        assert torch.equal(layer.qweight.data, reference.gptq_qweight(c_exp, ckpt.bits)), (fmt, tp, rank, key)
+        assert torch.equal(layer.scales.data, steps.t().to(torch.bfloat16)), (fmt, tp, rank, key, "scales")
         params = dict(layer.named_parameters())
         assert "weight" not in params and "grace_scales" not in params and "log_scale" not in params
+
+
+@pytest.mark.parametrize("fmt", FORMATS_A + ["w8"])
+def test_gptq_exports_hold_the_source_codes(ckpts, fmt):
+    """The "stock GPTQ" comparisons feed SGLang exports that grace_qat's own packer wrote: anchor
+    them on the files, decoded by plain code (qat-grid: codes of the same weights' sidecar fixture,
+    steps within bf16 rounding of the learned ones)."""
+    bits = 8 if fmt == "w8" else 4
+    src = ckpts["qat-sidecar" if fmt == "qat-grid" else fmt]
+    src_fmt = "qat-sidecar" if fmt in ("qat-grid", "w8") else fmt
+    out = reference.tensors(ckpts["gptq:" + fmt])
+    files = reference.tensors(src)
+    side = reference.sidecar(src) if src_fmt == "qat-sidecar" else None
+    names = sorted(k[:-len(".qweight")] for k in out if k.endswith(".qweight"))
+    assert len(names) == 7 * _text_cfg(src)["num_hidden_layers"]
+    for name in names:
+        ref = reference.module(src, name, src_fmt, bits, files=files, side=side)
+        assert torch.equal(reference.gptq_codes(out[name + ".qweight"], bits), ref["codes"]), (fmt, name)
+        zeros = reference.unpack_bits(out[name + ".qzeros"], bits, dim=1)
+        assert bool((zeros == (1 << (bits - 1)) - 1).all()), (fmt, name, "GPTQ v1 zeros")
+        want = ref["steps"].t()
+        got = out[name + ".scales"].float()
+        if fmt == "qat-grid":
+            assert bool(((got - want).abs() <= 2 ** -7 * want).all()), (fmt, name)
+        else:
+            assert torch.equal(got, want.to(out[name + ".scales"].dtype).float()), (fmt, name)
 
 
 def test_kv_head_replication_tp4(plugins_loaded, ckpts):
@@ -470,11 +531,16 @@ def test_tensors_follow_the_weight_device(plugins_loaded, ckpts):
         layer.quant_method.pack_gptq_layout(layer)
     finally:
         torch.set_default_device(None)
-    qs = [ckpt.quantized(f"{p}{x}_proj") for x in "qkv"]
-    ref = pack_gptq(torch.cat([q.codes for q in qs]), torch.cat([q.scales for q in qs]), 4, 128,
-                    scale_dtype=torch.bfloat16)
+    # qat-grid: codes of the qat-sidecar fixture with the same weights (seed 0), steps within bf16
+    # rounding of its learned ones (the derived steps are the plugin's, not a reference)
+    sidecar_dir = ckpts["qat-sidecar"]
+    files, side = reference.tensors(sidecar_dir), reference.sidecar(sidecar_dir)
+    refs = [reference.module(sidecar_dir, f"{p}{x}_proj", "qat-sidecar", 4, files=files, side=side) for x in "qkv"]
+    assert all(torch.equal(ckpt.tensors.get(f"{p}{x}_proj.weight"), r["weight"]) for x, r in zip("qkv", refs))
     assert layer.qweight.device.type == "cpu"
-    assert torch.equal(layer.qweight.data, ref["qweight"]) and torch.equal(layer.scales.data, ref["scales"])
+    assert torch.equal(layer.qweight.data, reference.gptq_qweight(torch.cat([r["codes"] for r in refs]), 4))
+    learned = torch.cat([r["steps"] for r in refs]).t()
+    assert bool(((layer.scales.data.float() - learned).abs() <= 2 ** -7 * learned).all())
 
 
 def test_unloaded_weights_are_reported(plugins_loaded, ckpts):
