@@ -80,7 +80,7 @@ def test_the_call_text_carries_each_part_once_and_only_the_last_installs():
     text = bundle.format_calls("vllm-0.33.0", calls, 5 * MIB)
     for i in range(5):
         assert text.count('".devbundle-vllm-0.33.0/part%02d"' % i) == 1
-    assert text.count("\n") == 6 and "5 parts" in text
+    assert text.count("\n") == 7 and "5 parts" in text and "source /tmp/site-vllm.env" in text
 
 
 def _device(repo: Path, calls: list[dict], carried_from: Path) -> list[subprocess.CompletedProcess]:

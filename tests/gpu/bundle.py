@@ -82,6 +82,9 @@ NEVER_SHIP = {"pip", "setuptools", "wheel", "packaging", "numpy", "numba", "llvm
 # An image package of unknown version is reused when its wheel is at least this big (a large compiled
 # package is costly to carry and the image's copy is recent); smaller constrained ones ship.
 REUSE_UNKNOWN_MIN = 4 * MIB
+# Compiled against torch's C++ ABI: they travel with torch whenever torch travels, whatever the metadata
+# of the engine says about them (the image's torchvision 0.26 is built for its torch 2.11).
+TORCH_BOUND = {"torchvision", "torchaudio"}
 
 # Files nobody loads at run time, for every torch/triton (paths inside the installed tree).
 COMMON_DROP = [
@@ -150,7 +153,10 @@ PROFILES = {
             "multiprocess": "datasets", "pandas": "datasets (the image has pandas)",
         }),
         drop=[r"sgl_kernel/flash_ops\.abi3\.so$", r"sgl_kernel/sm100/", r"sgl_kernel/flashmla_ops\.abi3\.so$",
-              r"sgl_kernel/.*/flash_ops\.abi3\.so$", r"sgl_kernel/.*/flashmla_ops\.abi3\.so$"],
+              r"sgl_kernel/.*/flash_ops\.abi3\.so$", r"sgl_kernel/.*/flashmla_ops\.abi3\.so$",
+              r"sgl_kernel/.*cpython-3(?!12)\d+-x86_64-linux-gnu\.so$"],
+        # imported but not declared by the engine (reached here only through skipped packages)
+        need={"dill": "sglang.srt.sampling.custom_logit_processor imports it; only datasets declares it"},
         smoke="import torch, sglang; from sglang.srt.server_args import ServerArgs; import sgl_kernel; "
               "print('sglang', sglang.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())",
     ),
@@ -229,7 +235,7 @@ cat > "$SITE.env" <<EOF
 export PYTHONPATH=$SITE\${{PYTHONPATH:+:\$PYTHONPATH}}
 {env_lines}EOF
 . "$SITE.env"
-cd /tmp && python3 -c "{smoke}"
+cd /tmp && python3 "${{BUNDLE_SMOKE:-$here/smoke.py}}"
 touch "$SITE.done"
 echo "installed {label} into $SITE ($(du -sh "$SITE" | cut -f1)); later calls: source $SITE.env"
 """
@@ -252,9 +258,10 @@ def write_install(last: pathlib.Path, label: str, engine: str, parts: list[dict]
     """Put SHA256SUMS.parts and install.sh (reassemble, verify, unpack, smoke-import) beside the last part."""
     archive = label + (".tar.xz" if fmt == "xz" else ".tar")
     (last / "SHA256SUMS.parts").write_text("".join("%s  %s\n" % (p["sha256"], p["file"]) for p in parts))
+    (last / "smoke.py").write_text("# run by install.sh once the bundle is unpacked\n" + smoke.replace("; ", "\n") + "\n")
     (last / "install.sh").write_text(INSTALL_SH.format(
         label=label, engine=engine, last_file=parts[-1]["file"], part_glob=archive + ".part[0-9][0-9]",
-        archive=archive, whole_sha=whole_sha, env_lines=env_lines, smoke=smoke.replace('"', '\\"'),
+        archive=archive, whole_sha=whole_sha, env_lines=env_lines,
         unpack=UNPACK[fmt].format(archive=archive)))
 
 
@@ -274,11 +281,14 @@ def call_sequence(engine: str, label: str, rel_out: str, parts: list[dict]) -> l
 
 
 def format_calls(label: str, calls: list[dict], total: int) -> str:
-    lines = ["%s bundle: %d parts, %.1f MiB compressed. Send these device calls one right after the other "
+    lines = ["%s bundle: %d parts, %.1f MiB packed. Send these device calls one right after the other "
              "(each call carries only its own part folder; the machine stays warm 30 s between calls):" %
              (label, len(calls), total / MIB)]
     for i, c in enumerate(calls):
         lines.append("%d. run carry=%s command=%s" % (i + 1, json.dumps(c["carry"]), json.dumps(c["command"])))
+    engine = calls[-1]["command"].split("/tmp/asm-")[1].split(" ")[0] if calls else "?"
+    lines.append("After the last call /tmp/site-%s.done exists; every later call starts with "
+                 "`source /tmp/site-%s.env` (PYTHONPATH and the flags the bundle needs)." % (engine, engine))
     return "\n".join(lines) + "\n"
 
 
@@ -452,7 +462,7 @@ def plan(spec: str, cache: pathlib.Path):
         if p["name"] in prof["skip"]:
             dec[p["name"]] = ("skip", prof["skip"][p["name"]])
     on = requirements_on(pkgs, names - set(dec))
-    reach, todo = set(), [p["name"] for p in pkgs if p["requested"]]
+    reach, todo = set(), [p["name"] for p in pkgs if p["requested"] or p["name"] in prof.get("need", {})]
     while todo:
         n = todo.pop()
         if n in reach or n in dec:
@@ -470,7 +480,9 @@ def plan(spec: str, cache: pathlib.Path):
             continue
         specs = on.get(n, [])
         size = wheel_of(cache, p).stat().st_size
-        if n in NEVER_SHIP:
+        if n in TORCH_BOUND and n in IMAGE and p["version"] != IMAGE[n]:
+            dec[n] = ("ship", "built against torch's C++ ABI: travels with torch (image has %s)" % IMAGE[n])
+        elif n in NEVER_SHIP:
             dec[n] = ("reuse", "the image's copy is kept (installer tooling, or the base of its compiled packages)")
         elif n in IMAGE:
             bad = [(s, f) for s, f in specs if not s.contains(IMAGE[n], prereleases=True)]
@@ -610,6 +622,10 @@ def prepare(spec, engine, cache, staging, force_ship, reinstall=True) -> dict:
     if reinstall:
         shutil.rmtree(staging, ignore_errors=True)
         pip_target(staging, [wheel_of(cache, p) for p in first])
+    prof = PROFILES[engine]
+    keep = SGLANG_KEEP if engine == "sglang" else []
+    if reinstall:
+        strip_tree(staging, COMMON_DROP + prof["drop"], keep)
     libdec, evidence = lib_decisions(pkgs, cache, [staging], ship_names)
     dec.update(libdec)
     for n in force_ship:
@@ -619,9 +635,7 @@ def prepare(spec, engine, cache, staging, force_ship, reinstall=True) -> dict:
     if cuda_ship and reinstall:
         pip_target(staging, [wheel_of(cache, p) for p in cuda_ship])
     wheels = [wheel_of(cache, p) for p in first + cuda_ship]
-    prof = PROFILES[engine]
-    freed, hit = (strip_tree(staging, COMMON_DROP + prof["drop"], SGLANG_KEEP if engine == "sglang" else [])
-                  if reinstall else (None, []))
+    freed, hit = strip_tree(staging, COMMON_DROP + prof["drop"], keep) if reinstall else (None, [])
     return dict(pkgs=pkgs, decisions={n: list(v) for n, v in dec.items()},
                 evidence=[[e[0], e[1], e[2], e[3].name, e[4], e[5], e[6]] for e in evidence],
                 wheels_raw=sum(w.stat().st_size for w in wheels), stripped=freed, strip_patterns=hit,
@@ -721,6 +735,8 @@ def verify(args) -> None:
     engine, label = norm(m["spec"].split("==")[0]), m["spec"].replace("==", "-")
     calls = call_sequence(engine, label, out.name, m["parts"])
     env = dict(os.environ, PATH=str(pathlib.Path(args.python).parent) + os.pathsep + os.environ["PATH"])
+    if args.smoke:
+        env["BUNDLE_SMOKE"] = str(pathlib.Path(args.smoke).resolve())
     shutil.rmtree("/tmp/asm-" + engine, ignore_errors=True)
     for i, c in enumerate(calls):
         with tempfile.TemporaryDirectory() as tree:
@@ -765,6 +781,8 @@ def main(argv=None) -> None:
     v = sub.add_parser("verify", help="play a built bundle's calls here (CPU), with --python as the image's python3")
     v.add_argument("bundle")
     v.add_argument("--python", required=True)
+    v.add_argument("--smoke", help="a Python file to run instead of the bundle's smoke.py (e.g. without the "
+                                   "CUDA extensions, which need the driver)")
     e = sub.add_parser("libs", help="print the CUDA-library evidence table of a built bundle")
     e.add_argument("manifest")
     args = ap.parse_args(argv)
