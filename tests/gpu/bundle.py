@@ -691,7 +691,8 @@ def build(args) -> None:
         # torch.backends.cudnn refuses a runtime cuDNN of a lower minor than it was built with
         cudnn_env = "export PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1\n"
     write_install(last, label, engine, parts, whole, cudnn_env, prof["smoke"], args.format)
-    ensure_excluded(repo, out)
+    if out.is_relative_to(repo):
+        ensure_excluded(repo, out)
     rel = out.relative_to(repo).as_posix() if out.is_relative_to(repo) else str(out)
     calls = call_sequence(engine, label, rel, parts)
     text = format_calls(label, calls, total)
