@@ -187,3 +187,15 @@ def test_requirements_are_read_with_the_gpu_machines_markers():
     on = bundle.requirements_on(pkgs, {"eng", "e"})
     assert set(on) == {"a", "c", "e", "f"}
     assert str(on["a"][0][0]) == ">=2" and on["f"][0][1] == "e"
+
+
+def test_the_install_names_a_part_that_changed_after_its_call(tmp_path, engine):
+    """A chunk damaged in /tmp/asm-<engine> after its own call passed is named by the last call."""
+    label, out, parts, calls = _make_bundle(tmp_path, engine, {"pkg_in_bundle/__init__.py": os.urandom(3000)})
+    res = _device(tmp_path / "repo", calls[:-1], out)
+    assert all(r.returncode == 0 for r in res)
+    chunk = Path("/tmp/asm-%s/%s" % (engine, parts[1]["file"]))
+    chunk.write_bytes(b"\0" + chunk.read_bytes()[1:])
+    last = _device(tmp_path / "repo", calls[-1:], out)[0]
+    assert last.returncode != 0 and "%s: FAILED" % parts[1]["file"] in last.stdout + last.stderr
+    assert not Path("/tmp/site-%s.done" % engine).exists()
