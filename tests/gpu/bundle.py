@@ -302,7 +302,23 @@ def resolve(spec: str, cache: pathlib.Path) -> list[dict]:
                "--implementation", "cp", "--report", str(report)]
         for p in PLATFORMS:
             cmd += ["--platform", p]
-        run(cmd + [spec])
+        try:
+            run(cmd + [spec])
+        except subprocess.CalledProcessError:
+            # e.g. SGLang 0.5.21 pins cuda-tile==1.6.0rc5, which the index no longer has: resolve the
+            # engine's requirements without the ones the profile skips, then add the engine itself
+            skip = PROFILES[norm(spec.split("==")[0])]["skip"]
+            name, version = spec.split("==")
+            download(cache, [dict(name=name, version=version)])
+            with zipfile.ZipFile(wheel_of(cache, dict(name=name, version=version))) as z:
+                meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+            reqs = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+            keep = [r for r in reqs if norm(re.split(r"[\s;<>=!~\[(]", r, 1)[0]) not in skip and "extra ==" not in r]
+            run(cmd + keep)
+            data = json.loads(report.read_text())
+            data["install"].insert(0, dict(metadata=dict(name=name, version=version, requires_dist=reqs),
+                                           download_info=dict(url="file:///" + spec), requested=True))
+            report.write_text(json.dumps(data))
     out = []
     for item in json.loads(report.read_text())["install"]:
         m = item["metadata"]
