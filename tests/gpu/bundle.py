@@ -9,15 +9,17 @@ This tool, run here with network:
 2. decides per package: skip (the tests never load it, PROFILES), reuse the image's copy (same version,
    or a version that satisfies every requirement on it; for CUDA libraries: same SONAME and every
    dynamic symbol the shipped .so files import from it is exported by the image's version), or ship it;
-3. installs the shipped wheels into a staging folder (pip --target, --no-deps), deletes the files the
-   tests never load, tars it (files ordered by name so duplicate headers sit side by side) and
-   compresses with xz;
+3. installs the shipped wheels into a staging folder (pip --target, --no-deps; its .so files are what the
+   CUDA-library check reads) and packs: `--format wheels` (what the GPU runs use) copies the wheels
+   without the members the tests never load (zip -d, no recompression) into a plain tar;
+   `--format xz` tars the stripped staging tree through xz (slow here: see BUNDLES.md);
 4. splits the archive into parts of --part-mib (56 MiB: 64 MiB per call minus the working tree and
    headroom), writes <out>/partNN/ with the last part holding SHA256SUMS and install.sh, and prints the
    device calls: one per part, each carrying only its part folder.
 
-    python3 tests/gpu/bundle.py build vllm==0.33.0 [--out DIR] [--calls FILE]
-    python3 tests/gpu/bundle.py libs vllm==0.33.0      # the CUDA-library evidence table only
+    python3 tests/gpu/bundle.py build vllm==0.33.0 --format wheels [--out DIR] [--calls FILE]
+    python3 tests/gpu/bundle.py verify .devbundle-vllm-0.33.0 --python /path/to/python3.12   # play the calls here
+    python3 tests/gpu/bundle.py libs .devbundle-vllm-0.33.0/manifest.json   # the CUDA-library evidence table
 
 On the GPU machine the installed bundle lives in /tmp/site-<engine>; `source /tmp/site-<engine>.env`
 sets PYTHONPATH (and PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK where the image's cuDNN is reused).
