@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+
+from requires import require
 import torch
 
 from grace_qat import fixtures
@@ -106,8 +108,8 @@ def test_grace_qat_tag_keeps_files_and_declares_method(tmp_path, src):
 def test_compressed_tensors_export_loads_in_stock_transformers(tmp_path, src):
     """The Done-when of the converter: stock Transformers (with the compressed-tensors library)
     loads the export, and its logits match the dequantized model's."""
-    pytest.importorskip("compressed_tensors")
-    transformers = pytest.importorskip("transformers")
+    require("compressed_tensors")
+    transformers = require("transformers")
     ct_dir, bf16_dir = str(tmp_path / "ct"), str(tmp_path / "bf16")
     convert(src, ct_dir, to="compressed-tensors")
     convert(src, bf16_dir, to="bf16")

@@ -11,13 +11,15 @@ import sys
 
 import pytest
 
+from requires import require
+
 # Triton's interpreter must be chosen before Triton is first imported (vLLM imports it), since
 # its own library functions are decorated then.
 _TRITON_PRELOADED = "triton" in sys.modules
 if not _TRITON_PRELOADED and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
+require("vllm")
+torch = require("torch")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 

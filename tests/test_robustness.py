@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
+
+from requires import require
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -42,7 +44,7 @@ from grace_qat.packing import (pack_awq, pack_compressed_tensors, pack_gptq, unp
                                unpack_compressed_tensors, unpack_gptq)
 from grace_qat.quantizer import code_range, dequantize, recover_codes
 
-hypothesis = pytest.importorskip("hypothesis")
+hypothesis = require("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

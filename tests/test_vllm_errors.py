@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("vllm")
+from requires import require
+
+require("vllm")
 
 SCRIPT = r"""
 import logging, sys
