@@ -25,6 +25,18 @@ LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 L2_BYTES = 50 * 2 ** 20          # H100 / H200
 
 
+def bench_shapes(models: str, tps: str, bits_list: str):
+    """(model, tp, bits, layer, n, k) for comma-separated models, TP sizes and bit widths (LLaVA: W4 only,
+    as released); shared by this script and small_m_kernel.py."""
+    for model in models.split(","):
+        for tp in (int(t) for t in tps.split(",")):
+            for bits in (int(b) for b in bits_list.split(",")):
+                if model.startswith("llava") and bits != 4:
+                    continue
+                for layer, n, k in layer_shapes(model, tp):
+                    yield model, tp, bits, layer, n, k
+
+
 def layer_shapes(model: str, tp: int) -> list[tuple[str, int, int]]:
     """(name, n = out features, k = in features) of the quantized layers on one of ``tp`` ranks."""
     from grace_qat import fixtures
@@ -184,27 +196,22 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name()
     timings, table = [], {}
-    for model in args.models.split(","):
-        for tp in (int(t) for t in args.tp.split(",")):
-            for bits in (int(b) for b in args.bits.split(",")):
-                if model.startswith("llava") and bits != 4:
-                    continue
-                for layer, n, k in layer_shapes(model, tp):
-                    from grace_vllm.dispatch import shape_key
-                    key = shape_key(bits, args.group, n, k)
-                    if key in table:
-                        continue
-                    r = measure(bits, args.group, n, k)
-                    if args.marlin_variants:
-                        r["marlin_variants"] = measure_marlin_variants(bits, args.group, n, k)
-                        for name, row in r["marlin_variants"].items():
-                            print(f"    {name:34s} us {row['us']}  max rel diff {row['max_rel_diff']:.2e}",
-                                  flush=True)
-                    table[key] = r["max_m"]
-                    timings.append({"model": model, "tp": tp, "layer": layer, "key": key, **r})
-                    speed = {m: round(r["machete_us"][m] / r["marlin_us"][m], 2) for m in (1, 16, 64, 128)}
-                    print(f"{model} tp{tp} {layer:13s} {key:24s} marlin<=M {r['max_m']:4d}  "
-                          f"machete/marlin time {speed}", flush=True)
+    from grace_vllm.dispatch import shape_key
+    for model, tp, bits, layer, n, k in bench_shapes(args.models, args.tp, args.bits):
+        key = shape_key(bits, args.group, n, k)
+        if key in table:
+            continue
+        r = measure(bits, args.group, n, k)
+        if args.marlin_variants:
+            r["marlin_variants"] = measure_marlin_variants(bits, args.group, n, k)
+            for name, row in r["marlin_variants"].items():
+                print(f"    {name:34s} us {row['us']}  max rel diff {row['max_rel_diff']:.2e}",
+                      flush=True)
+        table[key] = r["max_m"]
+        timings.append({"model": model, "tp": tp, "layer": layer, "key": key, **r})
+        speed = {m: round(r["machete_us"][m] / r["marlin_us"][m], 2) for m in (1, 16, 64, 128)}
+        print(f"{model} tp{tp} {layer:13s} {key:24s} marlin<=M {r['max_m']:4d}  "
+              f"machete/marlin time {speed}", flush=True)
     default = int(statistics.median(table.values()))
     with open(os.path.join(args.out, "crossover.json"), "w") as f:
         json.dump({"note": "largest token count M at which Marlin is at least as fast as Machete; "

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernel_crossover import _time_us, crossover_from, layer_shapes  # noqa: E402
+from kernel_crossover import _time_us, bench_shapes, crossover_from  # noqa: E402
 
 MS = (1, 2, 4, 8, 16, 32)
 L2_BYTES = 60 * 2 ** 20          # H200 (H100: 50 MB); weights rotated over 3x this
@@ -263,18 +263,12 @@ def main() -> None:
     deadline = time.time() + args.sweep_seconds
     ms = [int(m) for m in args.ms.split(",")]
     rows, seen = [], {}
-    for model in args.models.split(","):
-        for tp in (int(t) for t in args.tp.split(",")):
-            for bits in (int(b) for b in args.bits.split(",")):
-                if model.startswith("llava") and bits != 4:
-                    continue
-                for layer, n, k in layer_shapes(model, tp):
-                    key = (bits, n, k)
-                    if key not in seen:
-                        seen[key] = measure_shape(bits, args.group, n, k, ms, copy_bw,
-                                                  vllm_version is not None, deadline)
-                        rows.append(seen[key])
-                    seen[key].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
+    for model, tp, bits, layer, n, k in bench_shapes(args.models, args.tp, args.bits):
+        key = (bits, n, k)
+        if key not in seen:
+            seen[key] = measure_shape(bits, args.group, n, k, ms, copy_bw, vllm_version is not None, deadline)
+            rows.append(seen[key])
+        seen[key].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
     from grace_vllm.dispatch import shape_key
     table = {"note": "written by benchmarks/small_m_kernel.py", "meta": meta,
              "devices": {device: {"shapes": {shape_key(r["bits"], args.group, r["n"], r["k"]): _row_entry(r)

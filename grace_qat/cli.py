@@ -72,11 +72,7 @@ def _inspect(args) -> int:
         report["serve"] = [f"vllm serve {path} --quantization grace_qat",
                            f"python -m sglang.launch_server --model-path {path} --quantization grace_qat"]
         report["description"] = _GRACE_FORMATS.get(ckpt.format, "")
-    if args.against:
-        report["against"] = {"source": os.path.abspath(args.against),
-                             "result": exports.compare(path, args.against, bits=args.bits)}
-    if args.json:
-        print(json.dumps(report, indent=2))
+    if _report_done(report, args, path):
         return 0
     if ckpt.format == FORMAT_PLAIN:
         dtypes = ", ".join(f"{n} {d}" for d, n in sorted(report["dtypes"].items()))
@@ -94,6 +90,17 @@ def _inspect(args) -> int:
     if args.against:
         print(f"  against     {report['against']['source']}: {report['against']['result']}")
     return 0
+
+
+def _report_done(report: dict, args, path: str) -> bool:
+    """Adds the --against comparison; prints the report and says so when --json asked for it."""
+    if args.against:
+        from . import exports
+        report["against"] = {"source": os.path.abspath(args.against),
+                             "result": exports.compare(path, args.against, bits=args.bits)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return bool(args.json)
 
 
 def _print_serve(commands: list[str], plugin: bool) -> None:
@@ -115,11 +122,7 @@ def _inspect_standard(args, path: str) -> int:
               "scale_dtype": _DTYPE_NAMES.get(exp.scale_dtype(), str(exp.scale_dtype()))}
     report.update(_histogram(((e.codes, e.scales) for e in exp.iter_quantized()), exp.bits))
     report["serve"] = exports.serve_commands(exp.path)
-    if args.against:
-        report["against"] = {"source": os.path.abspath(args.against),
-                             "result": exports.compare(path, args.against, bits=args.bits)}
-    if args.json:
-        print(json.dumps(report, indent=2))
+    if _report_done(report, args, path):
         return 0
     print(f"{report['path']}\n  format      {exp.method}: {report['description']}\n"
           f"  bits        {exp.bits} (quantization_config)\n  group size  {exp.group_size} (quantization_config)\n"
