@@ -2,8 +2,10 @@
 on the GPU machine) still have to parse and point at files that exist: checked here, in CI."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,33 @@ def test_setup_installs_every_module_the_suite_imports():
     for script in ("setup.sh", "setup-sglang.sh"):
         missing = {_PIP_NAME[m] for m in needed} - _installed_by(script)
         assert not missing, f"scripts/{script} does not install {sorted(missing)}"
+
+
+def test_workflow_step_runner_runs_steps_as_written_and_fails_on_a_failed_step(tmp_path):
+    """tests/gpu/workflow_steps.py runs a job's `run:` steps verbatim (bash -e, with the workflow's,
+    job's and step's env) and exits non-zero when one fails, so the GPU machine can check the
+    engine-image workflow as written."""
+    flow = tmp_path / "flow.yml"
+    flow.write_text(yaml.safe_dump({
+        "env": {"A": "1"},
+        "jobs": {"j": {"env": {"B": "2"}, "steps": [
+            {"uses": "actions/checkout@v4"},
+            {"name": "env", "env": {"C": "3"}, "run": f'echo "$A$B$C" > {tmp_path}/env.txt'},
+            {"name": "fails midway", "run": f"false\necho reached > {tmp_path}/after.txt"},
+            {"name": "still runs", "run": f"touch {tmp_path}/last.txt"},
+        ]}}}))
+    out = tmp_path / "steps.jsonl"
+    cmd = [sys.executable, str(ROOT / "tests" / "gpu" / "workflow_steps.py"), "j", "--workflow", str(flow),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (tmp_path / "env.txt").read_text() == "123\n"
+    assert not (tmp_path / "after.txt").exists()       # bash -e: the step stopped at `false`
+    assert (tmp_path / "last.txt").exists()
+    summary = json.loads(out.read_text().splitlines()[-1])
+    assert summary["failed"] == ["fails midway"] and summary["steps_run"] == 3
+    # the real workflow's vllm job: every run step is listed, in order
+    subprocess.run(cmd[:2] + ["vllm", "--dry-run", "--out", str(out)], check=True, capture_output=True)
+    listed = [json.loads(line)["command"] for line in out.read_text().splitlines()[:-1]
+              if "command" in json.loads(line)]
+    assert listed == [s["run"] for s in yaml.safe_load(WORKFLOW.read_text())["jobs"]["vllm"]["steps"] if "run" in s]

@@ -43,6 +43,10 @@
 #   bench-sglang - (SGLang) SGLang + grace_qat vs stock SGLang GPTQ, 2B, batch 1..128
 #   llava-check  - only the LLaVA original-layout checks of suite
 #   tiny         - every format on tiny Qwen3-VL through the benchmark harness, eager
+#   gpu-tests    - (vLLM) only the `-m gpu` tests of tests/test_vllm_plugin.py (exact codes after the repack)
+#   workflow-vllm - the vllm job of .github/workflows/engine-images.yml, step by step as written, with the
+#                  engine seen as installed (the bundle marker hidden; tests/gpu/workflow_steps.py)
+#   sglang-workflow - the same for its sglang job
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 case "$OUT" in /*) ;; *) OUT=$PWD/$OUT ;; esac
@@ -57,7 +61,7 @@ SITES=${GRACE_GPU_SITES:-/tmp}
 SITE=$SITES/site-$ENGINE
 BG=${GRACE_GPU_BG:-/tmp/grace-run}   # background jobs: tree copies, logs, pids
 RES=${GRACE_GPU_RES:-/tmp/res}      # the chain's results
-export PYTHONPATH=$ROOT
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}   # an engine reachable through PYTHONPATH counts as installed
 # FlashInfer's sampler JIT costs ~110 s per start; vLLM 0.26's V2 runner stalled >200 s pinning
 # host buffers for the 151936-token vocabulary on this VM, so the (default before 0.26) V1 runner is used.
 export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -130,7 +134,8 @@ case "$stage" in   # the engine a stage runs on (bundle or installed; see the to
   prepare-bg|chain|poll|bench-hf) ;;
   engine|sglang-engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
   install) use_engine 0 || [ "${GRACE_GPU_SANITY:-1}" = 0 ] || exit 1 ;;
-  crossover|marlin-variants|bench-llava|bench-qwen|bench-w8|suite|llava-check|tiny|tp2|load|\
+  crossover|marlin-variants|bench-llava|bench-qwen|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
+  workflow-vllm|sglang-workflow|\
   serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|\
   sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang)
     use_engine "${GRACE_GPU_BUNDLE_WAIT:-900}" || exit 1 ;;
@@ -323,6 +328,17 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     tail -25 $OUT/suite.log; echo "pytest rc=$rc"
     llava_check 400 || rc=1
     exit $rc ;;
+  gpu-tests)
+    export PYTHONPATH=/tmp/site-test:$PYTHONPATH
+    timeout 400 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_vllm_plugin.py > $OUT/gpu-tests.log 2>&1; rc=$?
+    tail -25 $OUT/gpu-tests.log; echo "pytest rc=$rc"; exit $rc ;;
+  workflow-vllm|sglang-workflow)
+    # A published image has no bundle marker: hide it, keep the engine importable through PYTHONPATH
+    export GRACE_GPU_SITES=/tmp/no-bundle GRACE_GPU_BUNDLE_WAIT=0 PYTHONPATH=$PYTHONPATH:$SITE
+    job=$ENGINE
+    timeout 1500 python3 tests/gpu/workflow_steps.py $job --offline --out $OUT/workflow-$job.jsonl \
+      --artifacts $OUT/artifacts > $OUT/workflow-$job.log 2>&1; rc=$?
+    grep -E "^== |\"failed\"" $OUT/workflow-$job.log; tail -5 $OUT/workflow-$job.log; exit $rc ;;
   llava-check)   # the original-layout LLaVA checks of `suite` alone
     llava_check 300 ;;
   tiny)
