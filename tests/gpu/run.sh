@@ -244,7 +244,7 @@ EOF
   bench-qwen)
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --image-batches 1,8 \
-      --systems gptq,grace-a,bf16-grid --timeout 240 --out $OUT/qwen2b "$@" ;;
+      --systems gptq,gptq-marlin,grace-a,bf16-grid --timeout 240 --out $OUT/qwen2b "$@" ;;
   bench-w8)
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --systems gptq-w8,grace-a-w8 \
