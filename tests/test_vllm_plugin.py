@@ -467,9 +467,14 @@ def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeyp
         direct = method.dispatch.small.apply_weights(holder, x, holder.bias) if small else \
             method.kernel.apply_weights(layer, x, layer.bias)
         assert torch.equal(y, direct), f"M={m}: dispatched output differs from {which} called directly"
-        # bias added in the output dtype: one more bf16 rounding
-        ref = x.cpu().float() @ w.t() + bias.float()
-        bound = 2 ** -7 * ref.abs() + 2 ** -12 * (x.cpu().float().abs() @ w.abs().t() + bias.float().abs())
+        # Marlin adds the bias to the bf16-rounded product: two roundings, one of x @ W.T (2^-9 of
+        # |x @ W.T|), one of the sum (H200, vLLM 0.33: 2 of 1024 W4 outputs, 4 of W8, exceeded a
+        # one-rounding bound, errors equal to that emulation). An off-by-one code in the column of
+        # the largest |x| still exceeds this bound on 995 (W4) / 19 (W8) of the 1024 outputs.
+        xw = x.cpu().float() @ w.t()
+        ref = xw + bias.float()
+        bound = 2 ** -7 * ref.abs() + 2 ** -8 * xw.abs() \
+            + 2 ** -12 * (x.cpu().float().abs() @ w.abs().t() + bias.float().abs())
         err = (y.float().cpu() - ref).abs()
         assert bool((err <= bound).all()), f"M={m} ({which}): max error {err.max().item():.3g}"
     torch._dynamo.reset()
