@@ -24,8 +24,11 @@ def test_engine_image_workflow_parses_and_covers_both_engines():
     flow = yaml.safe_load(WORKFLOW.read_text())
     jobs = flow["jobs"]
     images = {name: job["strategy"]["matrix"]["image"] for name, job in jobs.items()}
-    assert images == {"vllm": ["vllm/vllm-openai:v0.26.0", "vllm/vllm-openai:latest"],
-                      "sglang": ["lmsysorg/sglang:v0.5.17", "lmsysorg/sglang:latest"]}
+    # the oldest supported release, the current ones named in the README's support matrix, and latest
+    assert images == {"vllm": ["vllm/vllm-openai:v0.26.0", "vllm/vllm-openai:v0.32.0",
+                               "vllm/vllm-openai:v0.33.0", "vllm/vllm-openai:latest"],
+                      "sglang": ["lmsysorg/sglang:v0.5.17", "lmsysorg/sglang:v0.5.21",
+                                 "lmsysorg/sglang:v0.5.23", "lmsysorg/sglang:latest"]}
     for name, job in jobs.items():
         runs = "\n".join(step.get("run", "") for step in job["steps"])
         assert "pip install" in runs and "-e ." in runs, f"{name}: the package is not installed"
