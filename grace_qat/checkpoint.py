@@ -25,10 +25,6 @@ from .files import (CONFIG_NAME, SIDECAR_NAME, SafetensorsDir, declared_int, is_
 from .formats import QuantizedLinear
 from .quantizer import check_bits, effective_group_size
 
-FORMAT_PLAIN = formats.plain.FORMAT.name
-# Names the engine adapters still import; they go once the adapters ask the formats instead.
-FORMAT_QAT_SIDECAR, FORMAT_QAT_INLINE, FORMAT_QAT_GRID, FORMAT_AWQ = "qat-sidecar", "qat-inline", "qat-grid", "awq"
-QAT_FORMATS = (FORMAT_QAT_SIDECAR, FORMAT_QAT_INLINE, FORMAT_QAT_GRID)
 
 
 class GraceCheckpoint:

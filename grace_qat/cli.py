@@ -164,10 +164,7 @@ def _fixture(args) -> int:
 
 
 def _demo(args) -> int:
-    try:
-        from grace_vllm.demo import main as demo_main
-    except ImportError as e:
-        raise GraceFormatError(f"the demo needs vLLM installed ({e}); run ./scripts/demo.sh") from None
+    from .demo import main as demo_main     # starts `vllm serve` in a subprocess; imports no engine
     return demo_main(args.demo_args)
 
 

@@ -65,7 +65,7 @@ def is_grace_llava(model_dir: Any) -> bool:
     declared = (cfg.get("quantization_config") or {}).get("quant_method")
     if declared is not None:
         return declared == QUANT_NAME
-    from .config import detect_grace_quantization
+    from .detect import detect_grace_quantization
     return detect_grace_quantization(model_dir) is not None
 
 

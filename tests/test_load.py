@@ -67,7 +67,7 @@ def _data_url(raw: bytes, mime="image/png") -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     require("vllm")
-    demo = require("grace_vllm.demo")
+    demo = require("grace_qat.demo")
     from grace_qat import fixtures
     root = tmp_path_factory.mktemp("load")
     model = os.environ.get("GRACE_LOAD_MODEL") or \
