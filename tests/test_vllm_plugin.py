@@ -53,8 +53,17 @@ ENGINE_ENV = {
     # vLLM; the Hopper Marlin/Machete dispatch (on by default) is tested on its own (gq_w4_dual).
     "GRACE_QAT_DUAL_KERNEL": "0",
 }
-for _k, _v in ENGINE_ENV.items():
-    os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_env():
+    """ENGINE_ENV (where not set already) for this module's tests only, restored afterwards: set at
+    import, GRACE_QAT_DUAL_KERNEL=0 once reached the tests of other modules in a whole-suite run."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in ENGINE_ENV.items():
+            if k not in os.environ:
+                mp.setenv(k, v)
+        yield
 
 QUANTIZED_PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 N_LM_LAYERS = 4                                   # tiny Qwen3-VL: 4 decoder layers
