@@ -57,9 +57,6 @@ class QATFormat(Format):
                                    f"expected BF16, F16 or F32")
         return SAFETENSORS_DTYPES[stored]
 
-    def owned_leaves(self) -> tuple[str, ...]:
-        return ("weight", "log_scale")
-
     # -- stored steps (sidecar / inline) ----------------------------------------------------------
 
     def _log_scale_where(self, ckpt, name: str) -> str:

@@ -105,9 +105,6 @@ class AWQ(Format):
             return torch.float32
         return SAFETENSORS_DTYPES.get(ckpt.tensors.dtype(ckpt.modules[0] + ".scales"), torch.float32)
 
-    def owned_leaves(self):
-        return ("qweight", "qzeros", "scales")
-
     def check_served(self, ckpt):
         """Every zero point must be 8 (reads only the small qzeros and scales)."""
         t = ckpt.tensors

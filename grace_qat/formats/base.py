@@ -9,7 +9,6 @@ loaded to :meth:`Format.rank_codes` for verified codes and steps.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +39,8 @@ class RankTensor:
     features (sharded by column-parallel layers), the other one input features or groups of them
     (sharded by row-parallel layers). ``packed`` > 1: that many codes per int32 along ``output_dim``.
     ``grouped``: the input dimension counts groups, not features. ``source``: "stream" (the model's
-    weight loading delivers it), "checkpoint" (the adapter feeds :meth:`Format.fed_tensor` through
-    the same loader per checkpoint module and shard id after loading) or "ignored" (delivered by the
-    weight stream, but not needed: a sink keeps the model's loader from failing on its name)."""
+    weight loading delivers it) or "checkpoint" (the adapter feeds :meth:`Format.fed_tensor` through
+    the same loader per checkpoint module and shard id after loading)."""
     leaf: str
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -122,10 +120,6 @@ class Format:
     def weight_dtype(self, ckpt) -> torch.dtype | None:
         """The storage dtype of the 16-bit grid weights (None: the files hold packed codes)."""
         return None
-
-    def owned_leaves(self) -> tuple[str, ...]:
-        """Tensor suffixes of a quantized module that belong to this format's encoding."""
-        return ("weight",)
 
     def stock_config(self, ckpt) -> dict | None:
         """A stock ``quantization_config`` under which an engine's own method loads the files as
@@ -213,7 +207,3 @@ def marked(path: str, config: dict, tensor_names) -> str | None:
         if fmt.marked(path, config, names_):
             return fmt.name
     return None
-
-
-def side_file(path: str, fname: str) -> bool:
-    return os.path.isfile(os.path.join(path, fname))

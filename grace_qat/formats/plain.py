@@ -19,8 +19,5 @@ class Plain(Format):
         from ..checkpoint import GraceCheckpoint
         return GraceCheckpoint(o.path, self.name, None, o.gs, [], o.config, o.tensors)
 
-    def owned_leaves(self):
-        return ()
-
 
 FORMAT = register(Plain())

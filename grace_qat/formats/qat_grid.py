@@ -43,8 +43,5 @@ class QATGrid(QATFormat):
     def check_served(self, ckpt):
         pass           # nothing stored: every module is derived and verified when a rank loads it
 
-    def owned_leaves(self):
-        return ("weight",)
-
 
 FORMAT = register(QATGrid())
