@@ -47,6 +47,13 @@ class Packer:
     pack: Callable[[QuantizedLinear, torch.dtype], dict]
     unpack: Callable[[dict, QuantizedLinear], tuple]
     config: Callable[[GraceCheckpoint, list], dict]       # the export's quantization_config
+    scale_dtype: torch.dtype | None = None                # fixed by the layout (else: see scale_dtype)
+    side_file: Callable[[str, GraceCheckpoint, list], None] | None = None   # (dst, source, module names)
+
+
+def _awq_modules_file(dst: str, ckpt: GraceCheckpoint, modules: list[str]) -> None:
+    with open(os.path.join(dst, AWQ_MODULES_NAME), "w") as f:
+        json.dump({"bits": 4, "group_size": ckpt.group_size, "modules": modules}, f, indent=2)
 
 
 def _awq_pack(q, sdtype):
@@ -64,7 +71,7 @@ PACKERS = {
         lambda t, q: unpack_compressed_tensors(t["weight_packed"], t["weight_scale"], q.bits),
         lambda c, m: _compressed_tensors_config(c, m)),
     "awq": Packer(_awq_pack, lambda t, q: unpack_awq(t["qweight"], t["qzeros"], t["scales"], q.name),
-                  lambda c, m: _awq_config(c, m)),
+                  lambda c, m: _awq_config(c, m), scale_dtype=torch.float16, side_file=_awq_modules_file),
 }
 # Every target: the packed ones, the dequantized model, and a copy that only declares grace_qat.
 TARGETS = (*PACKERS, "bf16", "grace_qat")
@@ -97,11 +104,11 @@ def scale_dtype(target: str, ckpt: GraceCheckpoint) -> torch.dtype | None:
     """The dtype ``target``'s scales are written in (None: no scales, e.g. bf16 weights). The
     source's own 16-bit precision is kept wherever the target can hold it; fp32 steps are rounded to
     the model's dtype (what the engines compute with), or to fp16 where the format fixes it (AWQ)."""
-    if target in ("bf16", "grace_qat"):
+    if target not in PACKERS:
         return None
     src = source_scale_dtype(ckpt)
-    if target == "awq":
-        return torch.float16
+    if PACKERS[target].scale_dtype is not None:
+        return PACKERS[target].scale_dtype
     return src if src in (torch.float16, torch.bfloat16) else model_dtype(ckpt.config)
 
 
@@ -277,10 +284,9 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
                 writer.add(name, tensor)
         writer.close()
         writer.verify()
-        if to == "awq":
-            with open(os.path.join(dst, AWQ_MODULES_NAME), "w") as f:
-                json.dump({"bits": 4, "group_size": ckpt.group_size,
-                           "modules": [name_of(m) for m in ckpt.modules]}, f, indent=2)
+        side_file = PACKERS[to].side_file if to in PACKERS else None
+        if side_file is not None:
+            side_file(dst, ckpt, [name_of(m) for m in ckpt.modules])
 
     if to_hf:
         config = llava_hf.hf_config(config, config["vocab_size"], clip_dir)
