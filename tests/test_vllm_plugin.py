@@ -87,17 +87,16 @@ def _vllm_or_skip():
 # -- shared: checkpoints ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, tiny_checkpoint):
     """Tiny Qwen3-VL GRACE checkpoints (W4 sidecar / inline / AWQ, W8 sidecar) and their exports."""
     _vllm_or_skip()
     from grace_qat.convert import convert
-    from grace_qat.fixtures import write_qwen3vl
 
     root = tmp_path_factory.mktemp("grace_vllm")
     d = {}
     for key, fmt, bits in (("w4_sidecar", "qat-sidecar", 4), ("w4_inline", "qat-inline", 4),
                            ("w4_grid", "qat-grid", 4), ("w4_awq", "awq", 4), ("w8_sidecar", "qat-sidecar", 8)):
-        d[key] = write_qwen3vl(str(root / key), size="tiny", fmt=fmt, bits=bits, seed=0)
+        d[key] = tiny_checkpoint(fmt, bits, seed=0)
     for key, src, to in (("w4_bf16", "w4_sidecar", "bf16"), ("w4_gptq", "w4_sidecar", "gptq"),
                          ("awq_bf16", "w4_awq", "bf16"), ("awq_gptq", "w4_awq", "gptq"),
                          ("w8_bf16", "w8_sidecar", "bf16"), ("w4_declared", "w4_sidecar", "grace_qat")):
