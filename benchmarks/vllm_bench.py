@@ -160,7 +160,7 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
     if runner == "sglang_run.py":
         result["kernels"] = sglang_kernels_in_log(text)
     elif quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
-        from grace_vllm.demo import kernels_in_log
+        from grace_qat.demo import kernels_in_log
         result["kernels"] = kernels_in_log(text)
     else:
         result["kernels"] = sorted(set(re.findall(r"Using (\w+LinearKernel)", text)))

@@ -12,13 +12,9 @@ import sys
 from .errors import GraceFormatError
 
 
-_GRACE_FORMATS = {
-    "qat-sidecar": "GRACE format A: BF16 weights on the grid + qat_quantized_weights.bin (learned steps)",
-    "qat-inline": "GRACE format A: BF16 weights on the grid + <module>.log_scale tensors",
-    "qat-grid": "BF16 weights on a GRACE grid, no stored steps (a release without sidecar, or what "
-                "`convert --to bf16` writes); stock engines serve it as BF16, the plugin as packed ints",
-    "awq": "GRACE format B: AWQ-packed 4-bit, zero point 8, no quantization_config",
-}
+def _description(fmt: str) -> str:
+    from . import formats
+    return formats.get(fmt).description
 
 
 def _histogram(codes_iter, bits: int) -> dict:
@@ -51,7 +47,7 @@ def _print_codes(report: dict) -> None:
 def _inspect(args) -> int:
     import os
 
-    from .checkpoint import FORMAT_PLAIN, GraceCheckpoint, read_config
+    from .checkpoint import GraceCheckpoint, read_config
     from . import exports
 
     path = os.path.abspath(args.checkpoint)
@@ -63,7 +59,7 @@ def _inspect(args) -> int:
         return _inspect_standard(args, path)
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
     report = ckpt.describe()
-    if ckpt.format == FORMAT_PLAIN:
+    if not ckpt.kind.quantized:
         report.update(exports.describe_plain(path))
         report["serve"] = exports.serve_commands(path)
     if ckpt.modules:
@@ -71,15 +67,15 @@ def _inspect(args) -> int:
                                   ckpt.iter_quantized(progress=not args.json and sys.stderr.isatty())), ckpt.bits))
         report["serve"] = [f"vllm serve {path} --quantization grace_qat",
                            f"python -m sglang.launch_server --model-path {path} --quantization grace_qat"]
-        report["description"] = _GRACE_FORMATS.get(ckpt.format, "")
+        report["description"] = _description(ckpt.format)
     if _report_done(report, args, path):
         return 0
-    if ckpt.format == FORMAT_PLAIN:
+    if not ckpt.kind.quantized:
         dtypes = ", ".join(f"{n} {d}" for d, n in sorted(report["dtypes"].items()))
         print(f"{report['path']}\n  format      plain: an unquantized checkpoint, no GRACE or standard "
               f"quantization ({report['tensors']} tensors: {dtypes})")
     else:
-        print(f"{report['path']}\n  format      {report['format']}: {_GRACE_FORMATS.get(ckpt.format, '')}\n"
+        print(f"{report['path']}\n  format      {report['format']}: {_description(ckpt.format)}\n"
               f"  bits        {report['bits']}"
               f"{' (inferred from the codes)' if ckpt.bits_inferred else ''}\n"
               f"  group size  {report['group_size']}\n  modules     {report['modules']}")
@@ -168,14 +164,15 @@ def _fixture(args) -> int:
 
 
 def _demo(args) -> int:
-    try:
-        from grace_vllm.demo import main as demo_main
-    except ImportError as e:
-        raise GraceFormatError(f"the demo needs vLLM installed ({e}); run ./scripts/demo.sh") from None
+    from .demo import main as demo_main     # starts `vllm serve` in a subprocess; imports no engine
     return demo_main(args.demo_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import formats
+    from .convert import LAYOUTS, TARGETS
+    from .quantizer import SUPPORTED_BITS
+
     p = argparse.ArgumentParser(prog="grace-qat", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -184,17 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--against", metavar="SRC", help="also check that this export of SRC (grace-qat convert) "
                    "has SRC's codes bit for bit and its scales (rounded to the export's dtype)")
-    s.add_argument("--bits", type=int, choices=(4, 8), help="state the bits instead of deriving them")
+    s.add_argument("--bits", type=int, choices=SUPPORTED_BITS, help="state the bits instead of deriving them")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_inspect)
 
     s = sub.add_parser("convert", help="write a standard checkpoint stock engines load without the plugin")
     s.add_argument("checkpoint")
     s.add_argument("output")
-    s.add_argument("--to", required=True, choices=("gptq", "compressed-tensors", "awq", "bf16", "grace_qat"),
+    s.add_argument("--to", required=True, choices=TARGETS,
                    help="grace_qat: copy and declare quant_method grace_qat in config.json")
-    s.add_argument("--bits", type=int, choices=(4, 8))
-    s.add_argument("--layout", choices=("same", "llava-hf"), default="same",
+    s.add_argument("--bits", type=int, choices=SUPPORTED_BITS)
+    s.add_argument("--layout", choices=LAYOUTS, default="same",
                    help="llava-hf: write an original-layout LLaVA-1.5 checkpoint in the llava-hf layout")
     s.add_argument("--clip-dir", help="CLIP directory for --layout llava-hf when the checkpoint has no tower")
     s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
@@ -212,9 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output")
     s.add_argument("--model", choices=("qwen3vl", "llava"), default="qwen3vl")
     s.add_argument("--size", default="tiny", help="tiny, or full size: 2b (qwen3vl) / 7b (llava)")
-    s.add_argument("--format", default="qat-sidecar",
-                   choices=("qat-sidecar", "qat-inline", "qat-grid", "awq", "plain"))
-    s.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    s.add_argument("--format", default="qat-sidecar", choices=formats.names())
+    s.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_fixture)
 

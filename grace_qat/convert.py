@@ -23,11 +23,14 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .checkpoint import (AWQ_MODULES_NAME, CONFIG_NAME, FORMAT_AWQ, FORMAT_PLAIN, SAFETENSORS_INDEX_NAME,
-                         SIDECAR_NAME, GraceCheckpoint, QuantizedLinear)
+from . import formats
+from .checkpoint import GraceCheckpoint, QuantizedLinear
+from .files import AWQ_MODULES_NAME, CONFIG_NAME, SAFETENSORS_INDEX_NAME
 from . import llava_hf
 from .errors import GraceFormatError
 from .packing import (pack_awq, pack_compressed_tensors, pack_gptq, unpack_awq,
@@ -35,13 +38,48 @@ from .packing import (pack_awq, pack_compressed_tensors, pack_gptq, unpack_awq,
 from .quantizer import dequantize
 from .shards import ShardWriter
 
-TARGETS = ("gptq", "compressed-tensors", "awq", "bf16", "grace_qat")
+
+
+@dataclass(frozen=True)
+class Packer:
+    """How one packed target lays out a module: ``pack(q, sdtype)`` -> tensors (leaf -> tensor),
+    ``unpack(tensors, q)`` -> (codes, scales), read back before anything is written."""
+    pack: Callable[[QuantizedLinear, torch.dtype], dict]
+    unpack: Callable[[dict, QuantizedLinear], tuple]
+    config: Callable[[GraceCheckpoint, list], dict]       # the export's quantization_config
+    scale_dtype: torch.dtype | None = None                # fixed by the layout (else: see scale_dtype)
+    side_file: Callable[[str, GraceCheckpoint, list], None] | None = None   # (dst, source, module names)
+
+
+def _awq_modules_file(dst: str, ckpt: GraceCheckpoint, modules: list[str]) -> None:
+    with open(os.path.join(dst, AWQ_MODULES_NAME), "w") as f:
+        json.dump({"bits": 4, "group_size": ckpt.group_size, "modules": modules}, f, indent=2)
+
+
+def _awq_pack(q, sdtype):
+    if q.bits != 4:
+        raise GraceFormatError(f"{q.name}: AWQ export is 4-bit only, this checkpoint is {q.bits}-bit")
+    return pack_awq(q.codes, q.scales, q.group_size, scale_dtype=sdtype)
+
+
+PACKERS = {
+    "gptq": Packer(lambda q, sd: pack_gptq(q.codes, q.scales, q.bits, q.group_size, scale_dtype=sd),
+                   lambda t, q: unpack_gptq(t["qweight"], t["qzeros"], t["scales"], q.bits, q.name),
+                   lambda c, m: _gptq_config(c, m)),
+    "compressed-tensors": Packer(
+        lambda q, sd: pack_compressed_tensors(q.codes, q.scales, q.bits, scale_dtype=sd),
+        lambda t, q: unpack_compressed_tensors(t["weight_packed"], t["weight_scale"], q.bits),
+        lambda c, m: _compressed_tensors_config(c, m)),
+    "awq": Packer(_awq_pack, lambda t, q: unpack_awq(t["qweight"], t["qzeros"], t["scales"], q.name),
+                  lambda c, m: _awq_config(c, m), scale_dtype=torch.float16, side_file=_awq_modules_file),
+}
+# Every target: the packed ones, the dequantized model, and a copy that only declares grace_qat.
+TARGETS = (*PACKERS, "bf16", "grace_qat")
 LAYOUTS = ("same", "llava-hf")
 # Linear layers that GRACE never quantizes; stock engines must leave them alone too.
 UNQUANTIZED_PATTERNS = ["lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*mm_projector.*",
                         "re:.*multi_modal_projector.*"]
 _STRING_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_SAFETENSORS_SCALE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def model_dtype(config: dict) -> torch.dtype:
@@ -59,20 +97,18 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 def source_scale_dtype(ckpt: GraceCheckpoint) -> torch.dtype:
     """The precision the source stores its steps in: AWQ-packed scales as written (fp16), QAT
     log-steps as fp32 exp(log_scale)."""
-    if ckpt.format == FORMAT_AWQ and ckpt.modules:
-        return _SAFETENSORS_SCALE_DTYPES.get(ckpt.tensors.dtype(ckpt.modules[0] + ".scales"), torch.float32)
-    return torch.float32
+    return ckpt.kind.steps_dtype(ckpt)
 
 
 def scale_dtype(target: str, ckpt: GraceCheckpoint) -> torch.dtype | None:
     """The dtype ``target``'s scales are written in (None: no scales, e.g. bf16 weights). The
     source's own 16-bit precision is kept wherever the target can hold it; fp32 steps are rounded to
     the model's dtype (what the engines compute with), or to fp16 where the format fixes it (AWQ)."""
-    if target in ("bf16", "grace_qat"):
+    if target not in PACKERS:
         return None
     src = source_scale_dtype(ckpt)
-    if target == "awq":
-        return torch.float16
+    if PACKERS[target].scale_dtype is not None:
+        return PACKERS[target].scale_dtype
     return src if src in (torch.float16, torch.bfloat16) else model_dtype(ckpt.config)
 
 
@@ -97,26 +133,32 @@ def grace_quantization_config(ckpt: GraceCheckpoint) -> dict:
             "group_size": ckpt.group_size}
 
 
+def _gptq_config(ckpt: GraceCheckpoint, modules: list[str]) -> dict:
+    return {"quant_method": "gptq", "bits": ckpt.bits, "group_size": ckpt.group_size, "sym": True,
+            "desc_act": False, "lm_head": False, "checkpoint_format": "gptq",
+            "modules_in_block_to_quantize": modules}
+
+
+def _compressed_tensors_config(ckpt: GraceCheckpoint, modules: list[str]) -> dict:
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "quantization_status": "compressed", "ignore": UNQUANTIZED_PATTERNS,
+            "config_groups": {"group_0": {
+                "targets": ["Linear"], "input_activations": None, "output_activations": None,
+                "weights": {"num_bits": ckpt.bits, "type": "int", "symmetric": True,
+                            "strategy": "group", "group_size": ckpt.group_size, "dynamic": False,
+                            "actorder": None, "observer": "minmax"}}}}
+
+
+def _awq_config(ckpt: GraceCheckpoint, modules: list[str]) -> dict:
+    return {"quant_method": "awq", "bits": 4, "group_size": ckpt.group_size, "zero_point": True,
+            "version": "gemm", "modules_to_not_convert": ["visual", "vision_tower", "mm_projector",
+                                                          "multi_modal_projector", "lm_head"]}
+
+
 def _quantization_config(target: str, ckpt: GraceCheckpoint, modules: list[str]) -> dict | None:
-    if target == "gptq":
-        return {"quant_method": "gptq", "bits": ckpt.bits, "group_size": ckpt.group_size, "sym": True,
-                "desc_act": False, "lm_head": False, "checkpoint_format": "gptq",
-                "modules_in_block_to_quantize": modules}
-    if target == "compressed-tensors":
-        return {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                "quantization_status": "compressed", "ignore": UNQUANTIZED_PATTERNS,
-                "config_groups": {"group_0": {
-                    "targets": ["Linear"], "input_activations": None, "output_activations": None,
-                    "weights": {"num_bits": ckpt.bits, "type": "int", "symmetric": True,
-                                "strategy": "group", "group_size": ckpt.group_size, "dynamic": False,
-                                "actorder": None, "observer": "minmax"}}}}
-    if target == "awq":
-        return {"quant_method": "awq", "bits": 4, "group_size": ckpt.group_size, "zero_point": True,
-                "version": "gemm", "modules_to_not_convert": ["visual", "vision_tower", "mm_projector",
-                                                              "multi_modal_projector", "lm_head"]}
     if target == "grace_qat":
         return grace_quantization_config(ckpt)
-    return None
+    return PACKERS[target].config(ckpt, modules) if target in PACKERS else None
 
 
 def _pack_module(target: str, q: QuantizedLinear, dtype: torch.dtype,
@@ -124,21 +166,12 @@ def _pack_module(target: str, q: QuantizedLinear, dtype: torch.dtype,
     """Tensors of one module in the target layout (scales in ``sdtype``), unpacked again and checked
     against the codes and the scales rounded to ``sdtype``."""
     name = q.name
-    if target == "gptq":
-        t = pack_gptq(q.codes, q.scales, q.bits, q.group_size, scale_dtype=sdtype)
-        back, back_s = unpack_gptq(t["qweight"], t["qzeros"], t["scales"], q.bits, name)
-    elif target == "compressed-tensors":
-        t = pack_compressed_tensors(q.codes, q.scales, q.bits, scale_dtype=sdtype)
-        back, back_s = unpack_compressed_tensors(t["weight_packed"], t["weight_scale"], q.bits)
-    elif target == "awq":
-        if q.bits != 4:
-            raise GraceFormatError(f"{name}: AWQ export is 4-bit only, this checkpoint is {q.bits}-bit")
-        t = pack_awq(q.codes, q.scales, q.group_size, scale_dtype=sdtype)
-        back, back_s = unpack_awq(t["qweight"], t["qzeros"], t["scales"], name)
-    elif target == "bf16":
+    if target == "bf16":
         return {f"{name}.weight": dequantize(q.codes, q.scales, q.group_size, dtype)}
-    else:
+    if target not in PACKERS:
         raise GraceFormatError(f"unknown target {target!r}; choose one of {TARGETS}")
+    t = PACKERS[target].pack(q, sdtype)
+    back, back_s = PACKERS[target].unpack(t, q)
     if not torch.equal(back.to(torch.int32), q.codes.to(torch.int32)):
         raise GraceFormatError(f"{name}: packed {target} tensors do not unpack to the same codes (bug)")
     if back_s.dtype != sdtype or not torch.equal(back_s, q.scales.to(sdtype)):
@@ -148,7 +181,7 @@ def _pack_module(target: str, q: QuantizedLinear, dtype: torch.dtype,
 
 def _copy_side_files(src: str, dst: str) -> None:
     """Tokenizer, processor, generation config, chat template...: everything but weights/metadata."""
-    skip = {CONFIG_NAME, SIDECAR_NAME, AWQ_MODULES_NAME, SAFETENSORS_INDEX_NAME}
+    skip = {CONFIG_NAME, SAFETENSORS_INDEX_NAME, *(f for fmt in formats.all_formats() for f in fmt.side_files)}
     for fname in os.listdir(src):
         full = os.path.join(src, fname)
         if fname in skip or fname.endswith(".safetensors") or not os.path.isfile(full):
@@ -202,7 +235,7 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
     if layout not in LAYOUTS:
         raise GraceFormatError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     ckpt = GraceCheckpoint.open(src, bits=bits)
-    if ckpt.format == FORMAT_PLAIN:
+    if not ckpt.kind.quantized:
         raise GraceFormatError(f"{src}: not a GRACE quantized checkpoint (no quantized modules found)")
     config = dict(ckpt.config)
     to_hf = layout == "llava-hf"
@@ -251,10 +284,9 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
                 writer.add(name, tensor)
         writer.close()
         writer.verify()
-        if to == "awq":
-            with open(os.path.join(dst, AWQ_MODULES_NAME), "w") as f:
-                json.dump({"bits": 4, "group_size": ckpt.group_size,
-                           "modules": [name_of(m) for m in ckpt.modules]}, f, indent=2)
+        side_file = PACKERS[to].side_file if to in PACKERS else None
+        if side_file is not None:
+            side_file(dst, ckpt, [name_of(m) for m in ckpt.modules])
 
     if to_hf:
         config = llava_hf.hf_config(config, config["vocab_size"], clip_dir)

@@ -14,7 +14,8 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import CONFIG_NAME, GraceCheckpoint, SafetensorsDir, _natural_key, read_config
+from .checkpoint import GraceCheckpoint
+from .files import CONFIG_NAME, SafetensorsDir, natural_key as _natural_key, read_config
 from .errors import GraceFormatError
 from .packing import pack_factor, unpack_awq, unpack_compressed_tensors, unpack_gptq
 from .quantizer import SUPPORTED_BITS, dequantize, effective_group_size

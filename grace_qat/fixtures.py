@@ -1,7 +1,8 @@
 """Synthetic GRACE checkpoints, written from a seed exactly as the real releases lay them out.
 
 No checkpoint can be downloaded on the machines this project runs on, so tests, benchmarks and
-demos generate their own (shared/grace-format.md is the specification followed here):
+demos generate their own, following the formats as the README's "Support matrix" and
+:mod:`grace_qat.formats` describe them:
 
   * ``write_qwen3vl(out_dir, size="tiny"|"2b", fmt=..., bits=4|8, seed=0)``: a Transformers
     ``Qwen3VLForConditionalGeneration`` checkpoint (config, sharded safetensors, tokenizer, chat
@@ -33,18 +34,17 @@ import json
 import os
 import re
 import zlib
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
-from .checkpoint import AWQ_MODULES_NAME, SIDECAR_NAME, is_quantizable_module
+from . import formats
+from .files import is_quantizable_module
 from .llava_hf import CLIP_MEAN, CLIP_STD, LLAVA_V1_SYSTEM
 from .shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
-from .packing import pack_awq
-from .quantizer import (DEFAULT_GROUP_SIZE, check_bits, effective_group_size, fake_quantize,
-                        mse_init_log_scale, recover_codes)
+from .quantizer import DEFAULT_GROUP_SIZE, check_bits, effective_group_size, fake_quantize, mse_init_log_scale
 
-FORMATS = ("qat-sidecar", "qat-inline", "qat-grid", "awq", "plain")
+FORMATS = formats.names()
 QWEN3VL_SIZES = ("tiny", "2b")
 LLAVA_SIZES = ("tiny", "7b")
 INIT_STD = 0.02
@@ -126,8 +126,8 @@ def _check_args(fmt: str, bits: int, group_size: int) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     check_bits(bits)
-    if fmt == "awq" and bits != 4:
-        raise ValueError("the AWQ-packed format (B) is 4-bit only")
+    if bits not in formats.get(fmt).fixture_bits:
+        raise ValueError(f"the {fmt} format is {'/'.join(map(str, formats.get(fmt).fixture_bits))}-bit only")
     if group_size <= 0:
         raise ValueError(f"group_size must be positive, got {group_size}")
 
@@ -153,48 +153,31 @@ def _write_weights(out_dir: str, specs: list[tuple[str, tuple[int, ...]]], *, fm
 
 
 def _write_weights_inner(out_dir, specs, *, fmt, bits, group_size, seed, dtype, device, max_shard_bytes):
+    kind = formats.get(fmt)
     writer = ShardWriter(out_dir, max_shard_bytes)
     sidecar: dict[str, torch.Tensor] = {}
     modules: list[str] = []
-    quantize = fmt != "plain"
     for name, shape in specs:
         base, _, leaf = name.rpartition(".")
-        if quantize and leaf == "weight" and len(shape) == 2 and is_quantizable_module(base):
+        if kind.quantized and leaf == "weight" and len(shape) == 2 and is_quantizable_module(base):
             w_dq, log_scale = _quantized_linear(name, tuple(shape), seed, bits, group_size, device)
             modules.append(base)
-            if fmt == "awq":
-                out_f, in_f = w_dq.shape
-                g = effective_group_size(in_f, group_size)
-                scales = torch.exp(log_scale).reshape(out_f, in_f // g)
-                codes = recover_codes(w_dq, scales, bits, group_size, base)
-                # grace_qat.packing builds its shift/zero tensors on the CPU: pack there.
-                for k, v in pack_awq(codes.cpu(), scales.cpu(), group_size).items():
-                    writer.add(f"{base}.{k}", v)
-            else:
-                writer.add(name, w_dq)
-                if fmt == "qat-inline":
-                    writer.add(f"{base}.log_scale", log_scale)
-                elif fmt == "qat-sidecar":
-                    sidecar[f"{base}.weight"] = w_dq.detach().to("cpu").contiguous()
-                    sidecar[f"{base}.log_scale"] = log_scale.detach().to("cpu").contiguous()
+            for k, v in kind.fixture_module(base, w_dq, log_scale, bits, group_size, sidecar).items():
+                writer.add(k, v)
             continue
-        if quantize and leaf == "bias" and is_quantizable_module(base):
+        if kind.quantized and leaf == "bias" and is_quantizable_module(base):
             b = _init_tensor(name, tuple(shape), seed, dtype, device)
             writer.add(name, b)
-            if fmt == "qat-sidecar":
-                sidecar[name] = b.detach().to("cpu").contiguous()
+            kind.fixture_bias(name, b, sidecar)
             continue
         writer.add(name, _init_tensor(name, tuple(shape), seed, dtype, device))
     writer.close()
-    if fmt == "qat-sidecar":
-        torch.save(sidecar, os.path.join(out_dir, SIDECAR_NAME))
-    elif fmt == "awq":
-        _write_json(os.path.join(out_dir, AWQ_MODULES_NAME),
-                    {"bits": 4, "group_size": group_size, "modules": modules})
-    for stale, keep in ((SIDECAR_NAME, fmt == "qat-sidecar"), (AWQ_MODULES_NAME, fmt == "awq")):
-        p = os.path.join(out_dir, stale)
-        if not keep and os.path.exists(p):
-            os.remove(p)
+    kind.fixture_files(out_dir, modules, group_size, sidecar)
+    for other in formats.all_formats():       # files another format left in a reused directory
+        for stale in other.side_files:
+            p = os.path.join(out_dir, stale)
+            if stale not in kind.side_files and os.path.exists(p):
+                os.remove(p)
     return modules
 
 
@@ -204,10 +187,6 @@ def _meta_state_dict_specs(model_cls, config, drop: Iterable[str] = ()) -> list[
         model = model_cls(config)
     drop = set(drop)
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items() if k not in drop]
-
-
-def _awq_packing(group_size: int) -> dict:
-    return {"bits": 4, "group_size": group_size, "zero_point": 8, "version": "gemm"}
 
 
 # =============================================================================================
@@ -461,8 +440,7 @@ def write_qwen3vl(out_dir: str, *, size: str = "tiny", fmt: str = "qat-sidecar",
     dev = _device(device, sum(_numel(sh) for _, sh in specs))
     _write_weights(out_dir, specs, fmt=fmt, bits=bits, group_size=group_size, seed=seed,
                    dtype=torch.bfloat16, device=dev, max_shard_bytes=max_shard_bytes)
-    if fmt == "awq":
-        config["awq_packing"] = _awq_packing(group_size)
+    config.update(formats.get(fmt).fixture_config(group_size))
     _write_json(os.path.join(out_dir, "config.json"), config)
     ids = qwen_special_ids(s["base_vocab"])
     _write_json(os.path.join(out_dir, "generation_config.json"), {
@@ -696,7 +674,7 @@ def write_llava(out_dir: str, *, size: str = "tiny", fmt: str = "qat-sidecar", b
     if size not in LLAVA_SIZES_SPEC:
         raise ValueError(f"size must be one of {tuple(LLAVA_SIZES_SPEC)}, got {size!r}")
     os.makedirs(out_dir, exist_ok=True)
-    dtype = torch.float16 if fmt in ("plain", "awq") else torch.bfloat16
+    dtype = torch.bfloat16 if formats.get(fmt).grid_weights else torch.float16   # QAT: BF16 as GRACE trains
     tower = LLAVA_CLIP_HUB_ID
     specs = llava_tensor_specs(size)
     if clip_dir == "inline":
@@ -711,27 +689,10 @@ def write_llava(out_dir: str, *, size: str = "tiny", fmt: str = "qat-sidecar", b
     config = llava_config(size, "float16" if dtype == torch.float16 else "bfloat16", tower)
     if clip_dir == "inline":
         config["mm_vision_tower_config"] = clip_vision_config(size)
-    if fmt == "awq":
-        config["awq_packing"] = _awq_packing(group_size)
+    config.update(formats.get(fmt).fixture_config(group_size))
     _write_json(os.path.join(out_dir, "config.json"), config)
     _write_json(os.path.join(out_dir, "generation_config.json"),
                 {"bos_token_id": 1, "eos_token_id": 2, "max_length": 4096, "pad_token_id": 0,
                  "transformers_version": "4.31.0"})
     _write_llama_tokenizer(out_dir, LLAVA_SIZES_SPEC[size]["vocab"])
     return out_dir
-
-
-FIXTURE_KINDS: dict[str, Callable[..., str]] = {
-    "qwen3vl": write_qwen3vl,
-    "llava": write_llava,
-    "clip": write_clip,
-    "default": write_default,
-}
-
-
-def write_fixture(kind: str, out_dir: str, **kwargs) -> str:
-    """CLI hook: ``write_fixture("qwen3vl", "out/", size="tiny", fmt="awq")``; kinds in FIXTURE_KINDS."""
-    if kind not in FIXTURE_KINDS:
-        raise ValueError(f"unknown fixture kind {kind!r}; expected one of {sorted(FIXTURE_KINDS)}")
-    return FIXTURE_KINDS[kind](out_dir, **kwargs)
-

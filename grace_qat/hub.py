@@ -12,9 +12,9 @@ import json
 import os
 import re
 
-from .checkpoint import (AWQ_MODULES_NAME, CONFIG_NAME, FORMAT_AWQ, FORMAT_QAT_INLINE,
-                         FORMAT_QAT_SIDECAR, SAFETENSORS_INDEX_NAME, SIDECAR_NAME)
+from . import formats
 from .errors import GraceFormatError
+from .files import SAFETENSORS_INDEX_NAME, SIDECAR_NAME, config_or_none
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -97,25 +97,19 @@ def _tensor_names(path: str) -> list[str]:
 def detect_grace_format(path: str) -> str | None:
     """The GRACE format of a local directory from cheap markers, else None.
 
-    The sidecar file (``qat-sidecar``), the AWQ module list or ``awq_packing`` key (``awq``),
-    ``*.log_scale`` tensor names (``qat-inline``). A bare QAT grid has no marker (it needs
-    ``--quantization grace_qat``); a config.json that declares a quantization or compression config
-    is left to it. Never raises: an unreadable directory is simply not detected.
+    Each format names its own markers (:meth:`grace_qat.formats.Format.marked`): the sidecar file
+    (``qat-sidecar``), the AWQ module list or ``awq_packing`` key (``awq``), ``*.log_scale`` tensor
+    names (``qat-inline``). A bare QAT grid has no marker (it needs ``--quantization grace_qat``); a
+    config.json that declares a quantization or compression config is left to it. Never raises: an
+    unreadable directory is simply not detected.
     """
     try:
-        with open(os.path.join(path, CONFIG_NAME)) as f:
-            cfg = json.load(f)
-        if not isinstance(cfg, dict) or cfg.get("quantization_config") or cfg.get("compression_config"):
+        cfg = config_or_none(path)
+        if cfg is None or cfg.get("quantization_config") or cfg.get("compression_config"):
             return None
-        if os.path.isfile(os.path.join(path, SIDECAR_NAME)):
-            return FORMAT_QAT_SIDECAR
-        if os.path.isfile(os.path.join(path, AWQ_MODULES_NAME)) or cfg.get("awq_packing"):
-            return FORMAT_AWQ
-        if any(n.endswith(".log_scale") for n in _tensor_names(path)):
-            return FORMAT_QAT_INLINE
+        return formats.marked(path, cfg, lambda: _tensor_names(path))
     except Exception:  # detection must never break loading an ordinary model
         return None
-    return None
 
 
 def find_grace_checkpoint(model: object, revision: str | None = None) -> tuple[str, str] | None:

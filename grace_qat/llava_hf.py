@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .errors import GraceFormatError
+from .files import read_config
 
 CHAT_TEMPLATE = Path(__file__).with_name("llava_vicuna_v1.jinja")
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
@@ -131,8 +132,7 @@ def clip_vision_tensors(clip_dir: str) -> dict[str, torch.Tensor]:
 def _vision_config(config: dict, clip_dir: str | None) -> dict:
     vision = config.get("mm_vision_tower_config")
     if not vision and clip_dir:
-        with open(os.path.join(clip_dir, "config.json")) as f:
-            clip = json.load(f)
+        clip = read_config(clip_dir)
         vision = clip.get("vision_config", clip)
     vision = dict(vision or CLIP_L_336)
     vision["model_type"] = "clip_vision_model"
@@ -203,8 +203,7 @@ def write_processor(src: str, dst: str, clip_dir: str | None = None) -> str:
     the tokenizer with ``<image>`` (id = vocab size) and ``<pad>``, the image processor (sized from
     the CLIP tower's config when one is found, else CLIP ViT-L/14-336), the processor config and
     the vicuna_v1 chat template. No weights are read or written."""
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
+    config = read_config(src)
     if not is_original_llava(config):
         raise GraceFormatError(f"{src}/config.json: not an original-layout LLaVA-1.5 config "
                                f"(mm_vision_tower and no text_config expected; architectures = "

@@ -3,7 +3,7 @@
 Everything that knows the quantization math lives here, so that the checkpoint reader, the
 converters, the fixtures and both engine adapters agree on it bit for bit.
 
-Conventions (see shared/grace-format.md):
+Conventions (README "Support matrix"; the formats in :mod:`grace_qat.formats`):
   * a weight W has shape (out, in); groups of ``group_size`` run along ``in`` inside one row;
     when ``in`` is not a multiple of the group size, the group is the whole row;
   * one step s = exp(log_scale) per group, fp32; codes q = clamp(round(W / s), qmin, qmax);
@@ -41,10 +41,6 @@ def effective_group_size(in_features: int, group_size: int) -> int:
     if group_size <= 0:
         raise GraceFormatError(f"group size must be positive, got {group_size}")
     return group_size if in_features % group_size == 0 else in_features
-
-
-def num_groups(out_features: int, in_features: int, group_size: int) -> int:
-    return out_features * (in_features // effective_group_size(in_features, group_size))
 
 
 def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from .checkpoint import SAFETENSORS_INDEX_NAME
+from .files import SAFETENSORS_INDEX_NAME
 from .errors import GraceFormatError
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 1000 ** 3          # HF-style shards of at most ~4 GB

@@ -63,7 +63,8 @@ def register() -> None:
         return
     from sglang.srt.layers.quantization import QUANTIZATION_METHODS
 
-    from .config import GraceQATConfig, install_config_parser
+    from .config import GraceQATConfig
+    from .parser import install_config_parser
 
     if QUANTIZATION_METHODS.get(QUANT_NAME) is not GraceQATConfig:
         QUANTIZATION_METHODS[QUANT_NAME] = GraceQATConfig

@@ -1,25 +1,24 @@
-"""SGLang quantization config for GRACE checkpoints, and the model-config parser that detects them.
+"""SGLang quantization config for GRACE checkpoints.
 
 ``GraceQATConfig`` is what SGLang's loader builds for ``quantization == "grace_qat"``
 (``model_loader.weight_utils.get_quant_config``):
 
-* with a ``quantization_config`` in the HF config (injected by the parser below, or written by
-  ``grace-qat convert --to grace_qat``): ``GraceQATConfig.from_config(dict)``, where the dict also
-  carries SGLang's ``packed_modules_mapping`` and ``hf_config`` (whose ``_name_or_path`` is the
-  checkpoint directory);
+* with a ``quantization_config`` in the HF config (injected by :mod:`grace_sglang.parser`, or
+  written by ``grace-qat convert --to grace_qat``): ``GraceQATConfig.from_config(dict)``, where the
+  dict also carries SGLang's ``packed_modules_mapping`` and ``hf_config`` (whose ``_name_or_path`` is
+  the checkpoint directory);
 * with only ``--quantization grace_qat``: ``GraceQATConfig()``; the directory is then read from the
   published server arguments (``sglang.srt.runtime_context.get_server_args().model_path``) when the
   first layer asks for its method.
 
-Everything about the checkpoint (format, bits, module list, scales) comes from
-``grace_qat.checkpoint.GraceCheckpoint``; this module only maps SGLang layer prefixes onto those
-module names and picks the linear method:
+Everything about the checkpoint (format, bits, module list, steps, zero points) comes from
+``grace_qat.checkpoint.GraceCheckpoint`` and its format; this module only maps SGLang layer
+prefixes onto those module names and picks the linear method:
 
-* Format A (``qat-sidecar`` / ``qat-inline`` / ``qat-grid``, 4 or 8 bits):
-  :class:`grace_sglang.linear.GraceQATLinearMethod` (BF16 staging -> verified codes -> GPTQ layout ->
-  SGLang's GPTQ-Marlin kernel);
-* Format B (``awq``): SGLang's own AWQ-Marlin method (``AWQMarlinConfig``), after every ``qzeros``
-  tensor on disk was checked to hold the constant zero point 8;
+* a format whose files a stock SGLang method loads as they are (``Format.stock_config``; the AWQ
+  layout: SGLang's own AWQ-Marlin, ``AWQMarlinConfig``);
+* every other GRACE format: :class:`grace_sglang.linear.GraceQATLinearMethod` (16-bit grid weights ->
+  verified codes -> GPTQ layout -> SGLang's GPTQ-Marlin kernel);
 * every other linear layer (vision tower, merger/projector): ``UnquantizedLinearMethod``;
   embeddings, ``lm_head`` and attention: ``None`` (SGLang's unquantized defaults).
 """
@@ -33,27 +32,19 @@ from typing import Any, Optional
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from grace_qat.checkpoint import FORMAT_AWQ, FORMAT_PLAIN, QAT_FORMATS, GraceCheckpoint
+from grace_qat import layers
+from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
-from grace_qat.hub import find_grace_checkpoint, is_hub_id, local_checkpoint_dir
-from grace_qat.packing import unpack_int32
+from grace_qat.hub import local_checkpoint_dir
 
-from . import AUTODETECT_ENV, PARSER_NAME, QUANT_NAME, llava
+from . import QUANT_NAME
 
 logger = logging.getLogger(__name__)
 
-# SGLang fuses these projections into one parallel layer; the list order is the shard order
-# (QKVParallelLinear shard ids "q"/"k"/"v", MergedColumnParallelLinear shard ids 0/1).
-DEFAULT_PACKED_MODULES = {
-    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-    "gate_up_proj": ["gate_proj", "up_proj"],
-}
-_QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 # "...layers.<i>.<rest>": the decoder-layer-relative part of a module name. It is the same in the
 # HF checkpoint and in SGLang's layer prefixes for both target models (Qwen3-VL:
 # model.language_model.layers.i.*, original LLaVA: model.layers.i.*), whatever the outer prefix.
 _LAYER_KEY = re.compile(r"(?:^|\.)(layers\.\d+\..+)$")
-AWQ_ZERO_POINT = 8
 
 
 def _layer_key(name: str) -> Optional[str]:
@@ -76,102 +67,6 @@ def _checkpoint_dir_from_server_args() -> Optional[str]:
         return None
 
 
-# -- detection (cheap: file names, config.json keys, safetensors headers) ------------------------
-
-def detect_grace_quantization(model: Any, revision: Optional[str] = None) -> Optional[dict]:
-    """The ``quantization_config`` to inject for a GRACE checkpoint, else None.
-
-    ``model`` is a local directory or a Hub id (resolved through the local Hugging Face cache,
-    fetching only JSON files and the sidecar unless ``HF_HUB_OFFLINE``). Only cheap markers are used
-    (:func:`grace_qat.hub.detect_grace_format`), so running this for every model SGLang loads costs a
-    few file lookups. A bare QAT grid has no marker; it needs ``--quantization grace_qat``.
-    ``checkpoint_dir`` is the directory, or the Hub id itself (resolved again, with the weights,
-    when the quantization config opens the checkpoint in the process that loads them).
-    """
-    found = find_grace_checkpoint(model, revision)
-    if found is None:
-        return None
-    path, fmt = found
-    where = model if is_hub_id(model) else path
-    return {"quant_method": QUANT_NAME, "format": fmt, "checkpoint_dir": where}
-
-
-def _local_dir_or_none(model: Any, revision: Optional[str]) -> Optional[str]:
-    found = find_grace_checkpoint(model, revision)
-    if found is not None:
-        return found[0]
-    return os.path.abspath(os.fspath(model)) if isinstance(model, (str, os.PathLike)) \
-        and os.path.isdir(model) else None
-
-
-_PARSER_CLASSES: dict = {}
-
-
-def _make_parser(base: type) -> type:
-    """A subclass of SGLang's stock HF config parser that injects the GRACE quantization_config."""
-    if base in _PARSER_CLASSES:
-        return _PARSER_CLASSES[base]
-
-    class GraceModelConfigParser(base):  # type: ignore[misc, valid-type]
-        _grace_base = base
-
-        def parse(self, model, trust_remote_code: bool, revision=None, **kwargs):
-            config = super().parse(model, trust_remote_code=trust_remote_code, revision=revision,
-                                   **kwargs)
-            if getattr(config, "quantization_config", None) is None:
-                try:
-                    injected = detect_grace_quantization(model, revision)
-                except Exception:  # detection must never break loading an ordinary model
-                    logger.debug("grace_qat: detection failed for %r", model, exc_info=True)
-                    return config
-                if injected is not None:
-                    logger.info("grace_qat: %s is a GRACE %s checkpoint; serving it with "
-                                "quantization=grace_qat (%s=0 turns this off)",
-                                injected["checkpoint_dir"], injected["format"], AUTODETECT_ENV)
-                    config.quantization_config = injected
-            qc = getattr(config, "quantization_config", None)
-            if isinstance(qc, dict) and qc.get("quant_method") == QUANT_NAME:
-                local = _local_dir_or_none(model, revision)
-                if local is not None and llava.original_llava_config(local) is not None:
-                    # original-layout LLaVA: CLIP tower, <image> id, tokenizer check
-                    llava.prepare_config(config, local)
-            return config
-
-    GraceModelConfigParser.__qualname__ = GraceModelConfigParser.__name__
-    _PARSER_CLASSES[base] = GraceModelConfigParser
-    return GraceModelConfigParser
-
-
-def install_config_parser(wrap_hf: bool = True) -> None:
-    """Register the GRACE parser as ``grace_qat`` and (``wrap_hf``) in place of ``hf``.
-
-    The stock parser module is imported first so that its own ``@register_model_config_parser("hf")``
-    cannot later overwrite ours; the registry dict is written directly to avoid SGLang's
-    "already registered; overwriting" warning in every process.
-    """
-    try:
-        from sglang.srt.configs import model_config_parser_registry as reg
-        import sglang.srt.utils.hf_transformers.config  # noqa: F401  (registers "hf")
-    except ImportError:
-        logger.warning("grace_qat: this SGLang has no model-config parser registry; GRACE "
-                       "checkpoints need --quantization grace_qat")
-        return
-    registry = getattr(reg, "_MODEL_CONFIG_PARSER_REGISTRY", None)
-    current = registry.get("hf") if registry is not None else None
-    if current is None:
-        logger.warning("grace_qat: SGLang's 'hf' config parser not found; auto-detection is off")
-        return
-    base = getattr(current, "_grace_base", current)
-    parser = _make_parser(base)
-    registry[PARSER_NAME] = parser
-    if wrap_hf:
-        registry["hf"] = parser
-    elif current is parser:
-        registry["hf"] = base
-
-
-# -- the quantization config -------------------------------------------------------------------
-
 class GraceQATConfig(QuantizationConfig):
     """SGLang ``QuantizationConfig`` for GRACE checkpoints (Format A on GPTQ-Marlin, B on AWQ-Marlin)."""
 
@@ -179,15 +74,16 @@ class GraceQATConfig(QuantizationConfig):
                  bits: Optional[int] = None, group_size: Optional[int] = None,
                  packed_modules_mapping: Optional[dict] = None) -> None:
         super().__init__()
+        # the same vocabulary as grace_vllm.config.GraceQATConfig: checkpoint_dir, and (read from the
+        # opened checkpoint) format, bits, group_size, modules; what the caller declared is checked
         self.checkpoint_dir = checkpoint_dir
-        self.declared_format = fmt
-        self.declared_bits = int(bits) if bits is not None else None
-        self.declared_group_size = int(group_size) if group_size is not None else None
+        self._declared = (fmt, int(bits) if bits is not None else None,
+                          int(group_size) if group_size is not None else None)
         if packed_modules_mapping:
             self.packed_modules_mapping = dict(packed_modules_mapping)
         self._ckpt: Optional[GraceCheckpoint] = None
         self._index: dict[str, str] = {}
-        self._awq = None
+        self._stock = None
         self.quant_type = None
         if checkpoint_dir is not None:
             self._open()
@@ -252,11 +148,8 @@ class GraceQATConfig(QuantizationConfig):
     def _open(self) -> None:
         # a directory, or a Hub id: its snapshot in the local cache (weights fetched unless offline)
         path = local_checkpoint_dir(os.fspath(self.checkpoint_dir))
-        ckpt = GraceCheckpoint.open(path, bits=self.declared_bits, group_size=self.declared_group_size,
-                                    fmt=self.declared_format)
-        if ckpt.format == FORMAT_PLAIN:
-            raise GraceFormatError(f"{path}: no GRACE-quantized linear layers found (a plain "
-                                   f"checkpoint); serve it without --quantization grace_qat")
+        fmt, bits, group_size = self._declared
+        ckpt = GraceCheckpoint.open(path, bits=bits, group_size=group_size, fmt=fmt).require_quantized()
         index: dict[str, str] = {}
         for name in ckpt.modules:
             key = _layer_key(name)
@@ -267,10 +160,9 @@ class GraceQATConfig(QuantizationConfig):
                 raise GraceFormatError(f"{path}: modules {index[key]} and {name} both end in {key}; "
                                        f"cannot map them onto SGLang's layers")
             index[key] = name
-        if ckpt.format == FORMAT_AWQ:
-            _check_awq_zero_points(ckpt)
+        ckpt.check_served()     # steps and zero points, before anything is loaded
         st = _scalar_types()
-        if ckpt.format == FORMAT_AWQ:
+        if ckpt.kind.stock_config(ckpt) is not None:
             self.quant_type = st.uint4          # what AWQ-Marlin runs (zero points as a tensor)
         else:
             self.quant_type = st.uint4b8 if ckpt.bits == 4 else st.uint8b128
@@ -289,12 +181,9 @@ class GraceQATConfig(QuantizationConfig):
     def group_size(self) -> int:
         return self.checkpoint.group_size
 
-    def _packed(self) -> dict[str, list[str]]:
-        packed = dict(DEFAULT_PACKED_MODULES)
-        for k, v in (self.packed_modules_mapping or {}).items():
-            if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
-                packed.setdefault(k, list(v))
-        return packed
+    @property
+    def modules(self) -> list[str]:
+        return self.checkpoint.modules
 
     def checkpoint_modules(self, prefix: str) -> Optional[list[str]]:
         """Checkpoint module names behind an SGLang layer prefix, in shard order; None if unquantized.
@@ -308,8 +197,7 @@ class GraceQATConfig(QuantizationConfig):
         _ = self.checkpoint  # opens the directory on first use
         index = self._index
         parent, _, leaf = key.rpartition(".")
-        parts = self._packed().get(leaf)
-        keys = [f"{parent}.{p}" for p in parts] if parts else [key]
+        keys = [f"{parent}.{p}" for p in layers.fused_parts(leaf, self.packed_modules_mapping)]
         found = [index.get(k) for k in keys]
         if all(f is None for f in found):
             return None
@@ -328,42 +216,28 @@ class GraceQATConfig(QuantizationConfig):
         names = self.checkpoint_modules(prefix)
         if names is None:
             return UnquantizedLinearMethod()
-        if self.format == FORMAT_AWQ:
+        if self.checkpoint.kind.stock_config(self.checkpoint) is not None:
             return self.awq_config().get_quant_method(layer, prefix)
         from .linear import GraceQATLinearMethod
         return GraceQATLinearMethod(self, prefix, names)
 
-    # -- Format B: AWQ-Marlin ----------------------------------------------------------------
+    # -- files a stock SGLang method loads as they are ---------------------------------------
 
     def awq_config(self):
-        """SGLang's AWQMarlinConfig for the AWQ-packed format (zero points already checked)."""
-        if self._awq is None:
+        """SGLang's own config for the format's stock layout (AWQ: AWQMarlinConfig; zero points
+        already checked by the format)."""
+        if self._stock is None:
             from sglang.srt.layers.quantization.awq import AWQMarlinConfig
-            full = {"quant_method": "awq", "bits": 4, "group_size": self.group_size,
-                    "zero_point": True, "modules_to_not_convert": []}
+            full = self.checkpoint.kind.stock_config(self.checkpoint)
             try:
-                awq = AWQMarlinConfig.from_config(full)
+                stock = AWQMarlinConfig.from_config(full)
             except ValueError as e:
                 raise GraceFormatError(f"grace_qat: SGLang's AWQ-Marlin kernel cannot run here "
                                        f"({e}); it needs a CUDA GPU of compute capability >= 8.0"
                                        ) from None
-            awq.packed_modules_mapping = self.packed_modules_mapping
-            self._awq = awq
-        return self._awq
+            stock.packed_modules_mapping = self.packed_modules_mapping
+            self._stock = stock
+        return self._stock
 
 
-def _check_awq_zero_points(ckpt: GraceCheckpoint) -> None:
-    """Every zero point of the AWQ-packed checkpoint must be 8 (reads only the small qzeros)."""
-    for name in ckpt.modules:
-        key = name + ".qzeros"
-        zeros = unpack_int32(ckpt.tensors.get(key), 4, dim=1)
-        if not bool((zeros == AWQ_ZERO_POINT).all()):
-            bad = zeros[zeros != AWQ_ZERO_POINT]
-            raise GraceFormatError(
-                f"{ckpt.tensors.file_of(key)}: {key}: {bad.numel()} zero points differ from "
-                f"{AWQ_ZERO_POINT} (e.g. {int(bad[0])}); GRACE AWQ checkpoints are symmetric with a "
-                f"constant zero point {AWQ_ZERO_POINT}, refusing to serve")
-
-
-__all__ = ["GraceQATConfig", "detect_grace_quantization", "install_config_parser",
-           "DEFAULT_PACKED_MODULES", "QAT_FORMATS"]
+__all__ = ["GraceQATConfig"]

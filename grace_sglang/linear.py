@@ -1,11 +1,13 @@
-"""Format A linear method: BF16 grid weights + per-group steps -> GPTQ layout -> SGLang's GPTQ-Marlin.
+"""Linear method for the grid formats: BF16 grid weights + per-group steps -> GPTQ layout -> SGLang's
+GPTQ-Marlin. SGLang plumbing only: the steps (``GraceCheckpoint.module_steps``), the codes
+(``Format.rank_codes``) and the layer rules (``grace_qat.layers``) come from the core.
 
 Loading (``create_weights``): the layer gets a staging ``weight`` (out_pp, in_pp) in the
 checkpoint's dtype and a staging ``grace_scales`` (out_pp, in_pp/G) fp32, both with SGLang's v1
 parallel-linear loader (``input_dim=1, output_dim=0``, as unquantized layers have). The model's
 ``load_weights`` pushes each checkpoint weight through ``weight``'s loader, which this module wraps:
-after the weight shard is stored, the steps of the same checkpoint module (``exp(log_scale)`` from
-the sidecar or inline tensors, or derived from the grid for ``qat-grid``), shaped (out, in/G), go
+after the weight shard is stored, the steps of the same checkpoint module (stored, or derived from
+the grid for a format that stores none), shaped (out, in/G), go
 through the *same* loader with the *same* shard id into ``grace_scales``. Scale rows are weight rows
 and scale columns are groups of weight columns, so the column / merged / QKV loaders (output rows,
 KV-head replication) and the row-parallel loader (input columns, ``shard = param.shape[1]``) shard
@@ -13,7 +15,7 @@ the steps exactly like the weight, provided a rank's input slice holds whole gro
 splits a group is refused in ``create_weights`` with a message.
 
 After loading (``process_weights_after_loading``): codes are recovered from each rank's shard and
-verified against the stored weight (``grace_qat.quantizer.recover_codes``: any off-grid value is an
+verified against the stored weight (``Format.rank_codes``: any off-grid value is an
 error, never a silent approximation), packed into the GPTQ layout (``grace_qat.packing.pack_gptq``:
 uint4b8 / uint8b128 along the input dim; steps cast to the activation dtype, exactly what
 ``grace-qat convert --to gptq`` writes), the BF16 staging tensors are dropped, and SGLang's own
@@ -29,15 +31,12 @@ import torch
 from torch.nn import Parameter
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
-from grace_qat.checkpoint import FORMAT_QAT_GRID
+from grace_qat import layers
 from grace_qat.errors import GraceFormatError
 from grace_qat.packing import pack_factor, pack_gptq
-from grace_qat.quantizer import derive_scales, effective_group_size
 
 logger = logging.getLogger(__name__)
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-_QKV_SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 _warned_fp16_scales = False
 
 
@@ -85,16 +84,9 @@ class GraceQATLinearMethod(LinearMethodBase):
             raise GraceFormatError(f"{ckpt.path}: {self.names} have in_features "
                                    f"{[s[1] for s in shapes]}, SGLang's {self.prefix} expects {input_size}")
         n, k = sum(output_partition_sizes), input_size_per_partition
-        g = effective_group_size(input_size, ckpt.group_size)
-        if k != input_size and (g == input_size or k % g):
-            tp = input_size // k if k else 0
-            raise GraceFormatError(
-                f"grace_qat: {self.prefix}: tensor parallel size {tp} splits in_features "
-                f"{input_size} into {k} per rank, which is not a whole number of quantization "
-                f"groups of {g} ({input_size // g} groups in all); use a TP size that divides "
-                f"{input_size // g}" + (" (this layer has one group per row: it cannot be split)"
-                                        if g == input_size else ""))
-        self.marlin_group = g if g < input_size else -1
+        geo = layers.Geometry.of(self.prefix, input_size, output_size, k, n, ckpt.group_size)
+        g = geo.group
+        self.marlin_group = geo.kernel_group
         from sglang.srt.layers.quantization.marlin_utils import verify_marlin_supports_shape
         try:
             verify_marlin_supports_shape(n, k, input_size, self.marlin_group
@@ -107,7 +99,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         self.input_size, self.output_size = input_size, output_size
         self.params_dtype = params_dtype
         self.bits, self.bits_inferred = ckpt.bits, ckpt.bits_inferred
-        staging = _SAFETENSORS_DTYPES.get(ckpt.tensors.dtype(self.names[0] + ".weight"), torch.bfloat16)
+        staging = ckpt.kind.weight_dtype(ckpt)
 
         weight = Parameter(torch.empty(n, k, dtype=staging), requires_grad=False)
         _set_attrs(weight, {"input_dim": 1, "output_dim": 0,
@@ -116,37 +108,30 @@ class GraceQATLinearMethod(LinearMethodBase):
         scales = Parameter(torch.empty(n, k // g, dtype=torch.float32), requires_grad=False)
         _set_attrs(scales, {"input_dim": 1, "output_dim": 0, "weight_loader": base_loader})
         layer.register_parameter("grace_scales", scales)
-        if any(m + ".log_scale" in ckpt.tensors for m in self.names):
+        streamed = {t.leaf for t in ckpt.kind.rank_tensors(n, k, geo.groups_pp, staging)
+                    if t.source == "stream"} - {"weight"}
+        for leaf in sorted(streamed):    # e.g. inline log-steps: the steps come with the weight below
             sink = Parameter(torch.empty(0), requires_grad=False)
             _set_attrs(sink, {"weight_loader": _ignore_loading})
-            layer.register_parameter("log_scale", sink)
+            layer.register_parameter(leaf, sink)
 
     # -- loading ------------------------------------------------------------------------------
 
     def _names_for_shard(self, shard_id) -> list[str]:
         if shard_id is None:
             return self.names
-        if isinstance(shard_id, str):
-            idx = _QKV_SHARD_INDEX.get(shard_id)
-        elif isinstance(shard_id, int):
-            idx = shard_id
-        else:
-            idx = None
-        if idx is None or not 0 <= idx < len(self.names):
+        idx = layers.shard_index(shard_id, len(self.names))
+        if idx is None:
             raise GraceFormatError(f"grace_qat: {self.prefix}: unexpected shard id {shard_id!r} "
                                    f"for modules {self.names}")
         return [self.names[idx]]
 
     def _steps(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """fp32 steps (out, in/G) of one checkpoint module whose full weight is ``weight``."""
-        ckpt = self.config.checkpoint
-        if tuple(weight.shape) != tuple(ckpt.module_shape(name)):
-            raise GraceFormatError(f"grace_qat: {self.prefix}: the weight SGLang loads for {name} has "
-                                   f"shape {tuple(weight.shape)}, the checkpoint says "
-                                   f"{tuple(ckpt.module_shape(name))}")
-        if ckpt.format == FORMAT_QAT_GRID:
-            return derive_scales(weight, ckpt.bits, ckpt.group_size, name, inferred=ckpt.bits_inferred)
-        return ckpt.scales(name)
+        try:
+            return self.config.checkpoint.module_steps(name, weight)
+        except GraceFormatError as e:
+            raise GraceFormatError(f"grace_qat: {self.prefix}: {e}") from None
 
     def _make_loader(self, layer: torch.nn.Module, base_loader: Callable) -> Callable:
         def load_weight_and_steps(param, loaded_weight, loaded_shard_id=None):
@@ -179,7 +164,6 @@ class GraceQATLinearMethod(LinearMethodBase):
             raise GraceFormatError(f"grace_qat: {self.prefix}: no weight was loaded for {missing}; "
                                    f"the checkpoint and the model's layer names do not match")
         from sglang.srt.layers.parameter import GroupQuantScaleParameter, PackedvLLMParameter
-        from grace_qat.quantizer import recover_codes
 
         weight = layer.weight.data
         steps = layer.grace_scales.data
@@ -187,8 +171,9 @@ class GraceQATLinearMethod(LinearMethodBase):
         # grace_qat's helpers create small tensors (bit shifts, ...) with factory functions:
         # make them land on the weight's device (the GPU when SGLang serves), whatever the default.
         with torch.device(weight.device):
-            codes = recover_codes(weight, steps, self.bits, self.group, name=label,
-                                  inferred=getattr(self, "bits_inferred", False))
+            codes, _ = self.config.checkpoint.kind.rank_codes(
+                {"weight": weight, "steps": steps}, self.bits, self.group, name=label,
+                inferred=getattr(self, "bits_inferred", False))
             packed = pack_gptq(codes, steps, self.bits, self.group, scale_dtype=self.params_dtype)
         self._check_scale_dtype(steps, packed["scales"])
         del codes

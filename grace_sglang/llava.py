@@ -26,12 +26,12 @@ two of the guesses fail without a clear message:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Optional
 
 from grace_qat.errors import GraceFormatError
+from grace_qat.files import config_or_none
 from grace_qat.hub import hub_offline
 from grace_qat.llava_hf import (CLIP_ENV, IMAGE_TOKEN, LLAVA_V1_SYSTEM, find_clip_dir, image_token_id,
                                 is_original_llava)
@@ -46,12 +46,7 @@ _TOWER_KINDS = ("clip", "siglip")       # SGLang's LLaVA chooses the tower class
 
 
 def _read_config(model_dir: str) -> Optional[dict]:
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError, TypeError):
-        return None
-    return cfg if isinstance(cfg, dict) else None
+    return config_or_none(model_dir)
 
 
 def original_llava_config(model_dir: Any) -> Optional[dict]:
@@ -70,7 +65,7 @@ def is_grace_llava(model_dir: Any) -> bool:
     declared = (cfg.get("quantization_config") or {}).get("quant_method")
     if declared is not None:
         return declared == QUANT_NAME
-    from .config import detect_grace_quantization
+    from .detect import detect_grace_quantization
     return detect_grace_quantization(model_dir) is not None
 
 

@@ -19,8 +19,8 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from grace_qat.checkpoint import (FORMAT_AWQ, FORMAT_PLAIN, FORMAT_QAT_INLINE, FORMAT_QAT_SIDECAR,
-                                  QAT_FORMATS, SIDECAR_NAME, GraceCheckpoint)
+from grace_qat import layers
+from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
 from grace_qat.hub import local_checkpoint_dir
 
@@ -28,35 +28,28 @@ from . import QUANT_METHOD
 
 logger = init_logger("vllm.grace_qat")
 
-_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-
-
-def _local_model_dir(model: str, revision: str | None) -> str:
-    """The checkpoint directory: the path itself, or the local snapshot of a Hub repository."""
-    return local_checkpoint_dir(model, revision)
-
-
 class GraceQATConfig(QuantizationConfig):
     """Quantization config for ``--quantization grace_qat``."""
 
     def __init__(self, fmt: str | None = None, bits: int | None = None,
                  group_size: int | None = None, modules: list[str] | None = None,
-                 model_dir: str | None = None):
+                 checkpoint_dir: str | None = None):
         super().__init__()
-        self.fmt = fmt
+        # the same vocabulary as grace_sglang.config.GraceQATConfig
+        self.format = fmt
         self.bits = int(bits) if bits is not None else None
         self.group_size = int(group_size) if group_size is not None else None
-        self.model_dir = model_dir
-        self.weight_dtype: str | None = None     # storage dtype of format-A weights, e.g. "bfloat16"
-        self.hf_modules: list[str] = list(modules or [])
+        self.checkpoint_dir = checkpoint_dir
+        self.modules: list[str] = list(modules or [])      # checkpoint module names
+        self.weight_dtype: str | None = None     # storage dtype of 16-bit grid weights, e.g. "bfloat16"
         self._mappers: list[Any] = []            # vLLM WeightsMapper objects applied so far, in order
-        self._vllm_to_hf: dict[str, str] = {m: m for m in self.hf_modules}
+        self._vllm_to_hf: dict[str, str] = {m: m for m in self.modules}
         self._ckpt: GraceCheckpoint | None = None  # per process, never pickled
         self._open_layers = 0                    # quantized layers created but not yet processed
 
     def __repr__(self) -> str:
-        return (f"GraceQATConfig(format={self.fmt}, bits={self.bits}, group_size={self.group_size}, "
-                f"modules={len(self.hf_modules)})")
+        return (f"GraceQATConfig(format={self.format}, bits={self.bits}, group_size={self.group_size}, "
+                f"modules={len(self.modules)})")
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -90,32 +83,22 @@ class GraceQATConfig(QuantizationConfig):
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None,
                             revision: str | None = None) -> None:
-        path = _local_model_dir(model_name, revision)
-        ckpt = GraceCheckpoint.open(path, bits=self.bits, group_size=self.group_size, fmt=self.fmt)
-        if ckpt.format == FORMAT_PLAIN:
-            raise GraceFormatError(
-                f"{path}: no GRACE-quantized linear layers found (no {SIDECAR_NAME}, no .log_scale "
-                f"tensors, no AWQ-packed tensors, weights not on a 4/8-bit grid); serve it without "
-                f"--quantization {QUANT_METHOD}")
-        self.fmt, self.bits, self.group_size = ckpt.format, ckpt.bits, ckpt.group_size
+        path = local_checkpoint_dir(model_name, revision)
+        ckpt = GraceCheckpoint.open(path, bits=self.bits, group_size=self.group_size, fmt=self.format)
+        ckpt.require_quantized()
+        self.format, self.bits, self.group_size = ckpt.format, ckpt.bits, ckpt.group_size
         self.bits_inferred = getattr(self, "bits_inferred", False) or ckpt.bits_inferred  # grace_qat rule
-        self.model_dir = path
-        self.hf_modules = list(ckpt.modules)
-        if ckpt.format in QAT_FORMATS:
-            stored = ckpt.tensors.dtype(ckpt.modules[0] + ".weight")
-            self.weight_dtype = _SAFETENSORS_DTYPES.get(stored)
-            if self.weight_dtype is None:
-                raise GraceFormatError(f"{path}: {ckpt.modules[0]}.weight is stored as {stored}, "
-                                       f"expected BF16, F16 or F32")
-        if ckpt.format in (FORMAT_QAT_SIDECAR, FORMAT_QAT_INLINE, FORMAT_AWQ):
-            # Fail here, in the first process, on bad steps (NaN/inf/zero/out of range): an error in
-            # a worker reaches the user only as vLLM's "Engine core initialization failed". The
-            # steps are small (one per 128 weights); the workers still verify every code.
-            for name in ckpt.modules:
-                ckpt.scales(name)
+        self.checkpoint_dir = path
+        self.modules = list(ckpt.modules)
+        stored = ckpt.kind.weight_dtype(ckpt)
+        self.weight_dtype = str(stored).removeprefix("torch.") if stored is not None else None
+        # Fail here, in the first process, on bad steps (NaN/inf/zero/out of range) and zero points:
+        # an error in a worker reaches the user only as vLLM's "Engine core initialization failed".
+        # These tensors are small (one per 128 weights); the workers still verify every code.
+        ckpt.check_served()
         self._remap()
         logger.info("grace_qat: %s checkpoint, W%d g%d, %d quantized linear modules",
-                    self.fmt, self.bits, self.group_size, len(self.hf_modules))
+                    self.format, self.bits, self.group_size, len(self.modules))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         # vLLM calls this once per model class that has a mapper (an outer multimodal wrapper, then
@@ -130,7 +113,7 @@ class GraceQATConfig(QuantizationConfig):
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
         if not isinstance(layer, LinearBase):
             return None
-        if self.fmt is None:   # built without maybe_update_config (e.g. by hand): detect now
+        if self.format is None:   # built without maybe_update_config (e.g. by hand): detect now
             from vllm.config import get_current_vllm_config
             self.maybe_update_config(get_current_vllm_config().model_config.model)
         hf_names = self.checkpoint_modules(prefix)
@@ -138,7 +121,7 @@ class GraceQATConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         if not all(hf_names):
             raise GraceFormatError(
-                f"{self.model_dir}: vLLM layer {prefix} fuses checkpoint modules of which only some are "
+                f"{self.checkpoint_dir}: vLLM layer {prefix} fuses checkpoint modules of which only some are "
                 f"quantized ({[n for n in hf_names if n]}); a fused layer needs all or none")
         from .linear import make_linear_method
         self._open_layers += 1
@@ -147,7 +130,7 @@ class GraceQATConfig(QuantizationConfig):
     # -- helpers for the linear methods ---------------------------------------------------------
 
     def _remap(self) -> None:
-        current = {m: m for m in self.hf_modules}
+        current = {m: m for m in self.modules}
         for mapper in self._mappers:
             map_name = getattr(mapper, "map_name", None) or mapper._map_name   # 0.32+ / 0.26
             current = {(map_name(name) or name): hf for name, hf in current.items()}
@@ -157,14 +140,14 @@ class GraceQATConfig(QuantizationConfig):
         """Checkpoint module names behind a vLLM layer (several for fused qkv_proj/gate_up_proj),
         in shard order; None where the constituent is not quantized."""
         proj = prefix.rsplit(".", 1)[-1]
-        parts = self.packed_modules_mapping.get(proj) or [proj]
+        parts = layers.fused_parts(proj, self.packed_modules_mapping)
         base = prefix[: len(prefix) - len(proj)]
         return [self._vllm_to_hf.get(base + p) for p in parts]
 
     def checkpoint(self) -> GraceCheckpoint:
         """This process's reader of the checkpoint (opened on first use)."""
         if self._ckpt is None:
-            self._ckpt = GraceCheckpoint.open(self.model_dir, bits=self.bits, group_size=self.group_size)
+            self._ckpt = GraceCheckpoint.open(self.checkpoint_dir, bits=self.bits, group_size=self.group_size)
         return self._ckpt
 
     def layer_done(self) -> None:

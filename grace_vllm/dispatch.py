@@ -29,6 +29,7 @@ import collections
 import dataclasses
 import functools
 import json
+import logging
 import os
 import weakref
 
@@ -54,7 +55,18 @@ CALLS: collections.Counter = collections.Counter()   # kernel name -> eager call
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_DUAL, "1").strip().lower() not in ("0", "false", "no", "off")
+    """``GRACE_QAT_DUAL_KERNEL`` (on unless set off); a misspelt value says so once and stays on."""
+    from grace_qat.hub import env_flag
+    try:
+        return env_flag(ENV_DUAL, True)
+    except ValueError as e:
+        if ENV_DUAL not in _WARNED:
+            _WARNED.add(ENV_DUAL)
+            logging.getLogger("vllm.grace_qat").warning("grace_qat: %s; two kernels stay on", e)
+        return True
+
+
+_WARNED: set[str] = set()
 
 
 def shape_key(bits: int, group: int, n: int, k: int) -> str:

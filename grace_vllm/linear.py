@@ -1,24 +1,22 @@
 """grace_qat linear methods: GRACE weights onto vLLM's own mixed-precision (WNA16) kernels.
 
-Format A (qat-sidecar / qat-inline / qat-grid), ``GraceQATLinearMethod``:
-  * loads the BF16 on-grid weight into an ordinary ``ModelWeightParameter`` through the layer's
-    ``weight_loader_v2``, so vLLM's own tensor-parallel and fused (qkv / gate_up) loaders shard it;
-  * per-group steps get the *same* sharding: inline ``<module>.log_scale`` tensors arrive in the weight
-    stream into a ``log_scale`` parameter; sidecar log-scales are fed, per checkpoint module and shard
-    id, through that parameter's loader after loading; qat-grid steps are derived from the weight;
-  * recovers and verifies the integer codes (grace_qat.quantizer.recover_codes), packs them in the
-    compressed-tensors layout (out, in/pf) int32 as uint4b8 / uint8b128, frees the BF16 weight and hands
-    the layer to the kernel ``choose_mp_linear_kernel`` picks (Machete / Marlin on CUDA, CPUWNA16 on CPU).
-    Where vLLM picks Machete (Hopper), a second packed copy goes to a small-M kernel (Marlin, or
-    grace_qat's Triton kernel on the plain packing, as this GPU's table says) for small batches
-    (``dispatch.py``: per-call choice by token count, inside one custom op).
-Format B (awq), ``GraceAWQLinearMethod``: loads qweight / qzeros / scales as they are on disk, checks
-every zero point is 8, and runs the same symmetric uint4b8 path (codes u-8, scales in the activation
-dtype); no dequantized copy.
+vLLM plumbing only; every format question goes to the core (:mod:`grace_qat.formats`):
+  * ``create_weights`` registers the tensors the checkpoint's format lists for one rank
+    (``Format.rank_tensors``: BF16 grid weights and their log-steps, or AWQ's qweight/qzeros/scales)
+    as vLLM parameters with the layer's own loader, so vLLM's tensor-parallel and fused (qkv /
+    gate_up) loaders shard them; tensors the weight stream does not carry (the sidecar's log-steps)
+    are fed through the same loader per checkpoint module and shard id after loading;
+  * ``process_weights_after_loading`` hands what this rank loaded to ``Format.rank_codes`` (verified
+    codes and fp32 steps, chunk by chunk), packs the codes in the compressed-tensors layout (out,
+    in/pf) int32 as uint4b8 / uint8b128, frees the loaded tensors and hands the layer to the kernel
+    ``choose_mp_linear_kernel`` picks (Machete / Marlin on CUDA, CPUWNA16 on CPU). Where vLLM picks
+    Machete (Hopper), a second packed copy goes to a small-M kernel (Marlin, or grace_qat's Triton
+    kernel on the plain packing, as this GPU's table says) for small batches (``dispatch.py``:
+    per-call choice by token count, inside one custom op).
 
 Where no kernel exists for a layer (8-bit on CPU; x86 CPUs without AVX-512, whose vLLM build lacks
-``cpu_gemm_wna16``) the layer runs vLLM's unquantized GEMM on the exact dequantized weight (format A:
-the loaded BF16 weight itself), with one warning per process.
+``cpu_gemm_wna16``) the layer runs vLLM's unquantized GEMM on the exact dequantized weight (grid
+formats: the loaded BF16 weight itself), with one warning per process.
 """
 from __future__ import annotations
 
@@ -36,11 +34,10 @@ from vllm.model_executor.parameter import (GroupQuantScaleParameter, ModelWeight
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.scalar_type import scalar_types
 
-from grace_qat.checkpoint import FORMAT_AWQ, FORMAT_QAT_GRID, FORMAT_QAT_SIDECAR
+from grace_qat import formats, layers
 from grace_qat.errors import GraceFormatError
-from grace_qat.packing import pack_factor, pack_int32, unpack_awq
-from grace_qat.quantizer import (code_range, dequantize, derive_scales, effective_group_size,
-                                 recover_codes, scales_from_log_scale)
+from grace_qat.packing import pack_factor, pack_int32
+from grace_qat.quantizer import code_range, dequantize
 
 from . import dispatch
 
@@ -58,8 +55,9 @@ KERNELS_USED: set[str] = set()        # kernel class names this process handed l
 
 def make_linear_method(qcfg, hf_names: list[str]):
     """The method for one quantized vLLM layer backed by checkpoint modules ``hf_names``."""
-    cls = GraceAWQLinearMethod if qcfg.fmt == FORMAT_AWQ else GraceQATLinearMethod
-    return cls(qcfg, hf_names)
+    fmt = formats.get(qcfg.format)
+    cls = GraceQATLinearMethod if fmt.grid_weights else GraceAWQLinearMethod
+    return cls(qcfg, hf_names, fmt)
 
 
 def _no_reload(param, *args, **kwargs):
@@ -112,41 +110,16 @@ def new_kernel(kernel_cls: type, mp_config, module: torch.nn.Module, packed: tor
     return kernel
 
 
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
-    """Shapes of one layer on this rank, and the group size the kernel sees."""
-    in_pp: int
-    out_pp: int
-    group: int            # effective group size (the whole row when group_size does not divide in)
-    kernel_group: int     # what the kernel is told: -1 for whole-row groups
+class GraceLinearMethod(LinearMethodBase):
+    """One quantized layer: the format's tensors in, verified codes out, onto vLLM's kernel."""
 
-    @property
-    def groups_pp(self) -> int:
-        return self.in_pp // self.group
-
-    @classmethod
-    def of(cls, layer, input_size: int, output_size: int, in_pp: int, out_pp: int,
-           group_size: int) -> "_Geometry":
-        group = effective_group_size(input_size, group_size)
-        if in_pp != input_size and (group == input_size or in_pp % group):
-            tp = getattr(layer, "tp_size", input_size // in_pp)
-            groups = "one group per row" if group == input_size else f"{input_size // group} groups"
-            raise ValueError(
-                f"grace_qat: layer {layer.prefix} (weight {output_size}x{input_size}, quantized in groups of "
-                f"{group} along the input dimension: {groups}) is split by tensor parallel size {tp} into "
-                f"input shards of {in_pp}, which do not hold whole groups. Use a tensor parallel size that "
-                f"divides the number of groups per row.")
-        return cls(in_pp, out_pp, group, -1 if group == input_size else group)
-
-
-class _GraceLinearMethod(LinearMethodBase):
-    """Shared part: kernel choice, packing and kernel hand-off, exact 16-bit fallback, apply."""
-
-    def __init__(self, qcfg, hf_names: list[str]):
+    def __init__(self, qcfg, hf_names: list[str], fmt: formats.Format):
         self.qcfg = qcfg
         self.hf_names = hf_names
+        self.format = fmt
         self.bits = int(qcfg.bits)
-        self.geo: _Geometry | None = None
+        self.geo: layers.Geometry | None = None
+        self.tensors: list[formats.RankTensor] = []
         self.mp_config = None
         self.kernel_cls: type | None = None
         self.kernel = None
@@ -160,7 +133,7 @@ class _GraceLinearMethod(LinearMethodBase):
     # -- set-up ----------------------------------------------------------------------------------
 
     def _plan(self, layer, input_size, output_size, in_pp, out_pp, params_dtype) -> None:
-        self.geo = _Geometry.of(layer, input_size, output_size, in_pp, out_pp, self.qcfg.group_size)
+        self.geo = layers.Geometry.of(layer.prefix, input_size, output_size, in_pp, out_pp, self.qcfg.group_size)
         self.act_dtype = params_dtype
         self.mp_config = mp_layer_config(self.bits, self.geo.kernel_group, (input_size, output_size),
                                          (in_pp, out_pp), params_dtype)
@@ -201,25 +174,98 @@ class _GraceLinearMethod(LinearMethodBase):
         return rows
 
     def _chunks(self, layer):
-        """Row ranges of at most ~16M elements that never straddle two checkpoint modules."""
-        step = max(1, _ROWS_PER_CHUNK_ELEMENTS // max(1, self.geo.in_pp))
-        for name, lo, hi in self._module_rows(layer):
+        """Row ranges of at most ~16M elements that never straddle two checkpoint modules (and
+        start on a whole int32 of packed rows)."""
+        pack = max((t.packed for t in self.tensors), default=1)
+        step = max(pack, _ROWS_PER_CHUNK_ELEMENTS // max(1, self.geo.in_pp) // pack * pack)
+        rows = self._module_rows(layer)
+        if any(lo % pack or hi % pack for _, lo, hi in rows):
+            rows = [(" + ".join(self.hf_names), 0, self.geo.out_pp)]
+        for name, lo, hi in rows:
             for r0 in range(lo, hi, step):
                 yield name, lo, r0, min(hi, r0 + step)
 
     def _where(self) -> str:
-        return self.qcfg.model_dir or "checkpoint"
+        return self.qcfg.checkpoint_dir or "checkpoint"
 
-    def _codes(self, layer, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
-        """Verified codes of ``weight`` (on this rank) into ``out`` (int8/int16), chunk by chunk."""
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                       output_size, params_dtype, **extra_weight_attrs):
+        weight_loader = extra_weight_attrs.pop("weight_loader")
+        out_pp = sum(output_partition_sizes)
+        self._plan(layer, input_size, output_size, input_size_per_partition, out_pp, params_dtype)
+        # 16-bit weights load in the checkpoint's own dtype, so that the grid check sees the stored
+        # values even when the model runs in another dtype; cast to params_dtype only for the fallback.
+        stored = getattr(torch, self.qcfg.weight_dtype or "", None) or params_dtype
+        try:
+            self.tensors = self.format.rank_tensors(out_pp, input_size_per_partition, self.geo.groups_pp, stored)
+        except GraceFormatError as e:
+            raise GraceFormatError(f"grace_qat: layer {layer.prefix}: {e}") from None
+        for t in self.tensors:
+            data = (torch.full(t.shape, float("nan"), dtype=t.dtype) if t.nan_fill
+                    else torch.empty(t.shape, dtype=t.dtype))
+            loader = (_reshaping_loader(weight_loader, input_size // self.geo.group) if t.flat_in_checkpoint
+                      else weight_loader)
+            dims = dict(input_dim=1 - t.output_dim, output_dim=t.output_dim, weight_loader=loader)
+            if t.packed > 1:
+                param = PackedvLLMParameter(data=data, packed_dim=t.output_dim, packed_factor=t.packed, **dims)
+            elif t.grouped:
+                param = GroupQuantScaleParameter(data=data, **dims)
+            else:
+                param = ModelWeightParameter(data=data, **dims)
+            layer.register_parameter(t.leaf, param)
+            set_weight_attrs(param, extra_weight_attrs)
+
+    def _feed_from_checkpoint(self, layer) -> None:
+        """Tensors the weight stream does not carry, per checkpoint module through the same loader."""
+        fed = [t for t in self.tensors if t.source == "checkpoint"]
+        if not fed:
+            return
+        ckpt = self.qcfg.checkpoint()
+        for hf_name, shard_id in zip(self.hf_names, _shard_ids(layer, self.hf_names)):
+            args = () if shard_id is None else (shard_id,)
+            for t in fed:
+                param = getattr(layer, t.leaf)
+                param.weight_loader(param, self.format.fed_tensor(ckpt, hf_name, t.leaf).to(param.device), *args)
+
+    def _rows(self, t: formats.RankTensor, data: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        rows = slice(r0 // t.packed, r1 // t.packed)
+        return data[rows] if t.output_dim == 0 else data[:, rows]
+
+    def process_weights_after_loading(self, layer) -> None:
+        if getattr(layer, "_grace_qat_done", False):
+            return
+        g, fmt = self.geo, self.format
+        if self.kernel_cls is None and fmt.grid_weights and not fmt.stored_steps:
+            # No stored steps, and the fallback needs none: the loaded weight is the exact W_dq.
+            return self._finish_unquantized(layer)
+        self._feed_from_checkpoint(layer)
+        loaded = {t.leaf: getattr(layer, t.leaf).data for t in self.tensors}
+        device = next(iter(loaded.values())).device
+        codes = torch.empty(g.out_pp, g.in_pp, device=device, dtype=torch.int8 if self.bits == 4 else torch.int16)
+        steps = torch.empty(g.out_pp, g.groups_pp, device=device, dtype=torch.float32)
+        inferred = getattr(self.qcfg, "bits_inferred", False)
         for name, lo, r0, r1 in self._chunks(layer):
+            part = {t.leaf: self._rows(t, loaded[t.leaf], r0, r1) for t in self.tensors}
             try:
-                out[r0:r1] = recover_codes(weight[r0:r1], scales[r0:r1], self.bits, self.geo.group,
-                                           name=name, inferred=getattr(self.qcfg, "bits_inferred", False))
+                c, s = fmt.rank_codes(part, self.bits, g.group, name=name, inferred=inferred)
             except GraceFormatError as e:
                 raise GraceFormatError(
                     f"{self._where()}: vLLM layer {layer.prefix}, rows {r0 - lo}..{r1 - lo - 1} of {name} "
                     f"on this rank: {e}") from None
+            codes[r0:r1], steps[r0:r1] = c, s.to(device)
+        del loaded
+        keep = {"weight"} if self.kernel_cls is None and fmt.grid_weights else set()
+        for t in self.tensors:
+            if t.leaf not in keep:
+                delattr(layer, t.leaf)
+        if self.kernel_cls is None:
+            if not fmt.grid_weights:   # dequantized in fp32 from the stored steps, as `convert --to bf16`
+                layer.register_parameter("weight", ModelWeightParameter(
+                    data=dequantize(codes, steps, g.group, self.act_dtype), input_dim=1, output_dim=0,
+                    weight_loader=_no_reload))
+            return self._finish_unquantized(layer)   # grid formats: the verified weight, as loaded
+        self._attach_kernel(layer, codes, steps)
+        self._finish(layer)
 
     def _attach_kernel(self, layer, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """Pack codes (out, in) as uint4b8/uint8b128 in the compressed-tensors layout and hand the
@@ -295,139 +341,18 @@ def _reshaping_loader(loader, groups_per_row: int):
 
 def _shard_ids(layer, hf_names: list[str]) -> list:
     n = len(hf_names)
-    if n == 1:
-        return [None]
-    if isinstance(layer, QKVParallelLinear) and n == 3:
-        return ["q", "k", "v"]
-    if isinstance(layer, MergedColumnParallelLinear):
-        return list(range(n))
+    qkv = isinstance(layer, QKVParallelLinear) and n == len(layers.QKV_SHARD_IDS)
+    if n == 1 or qkv or isinstance(layer, MergedColumnParallelLinear):
+        return layers.shard_ids(n, qkv)
     raise ValueError(f"grace_qat: layer {layer.prefix} ({type(layer).__name__}) fuses checkpoint modules "
                      f"{hf_names}; no rule to load their scales shard by shard")
 
 
 @register_weight_loader_v2_supported_method
-class GraceQATLinearMethod(_GraceLinearMethod):
-    """Format A: BF16 weights on the quantization grid (+ sidecar / inline log_scale / nothing)."""
-
-    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
-                       output_size, params_dtype, **extra_weight_attrs):
-        weight_loader = extra_weight_attrs.pop("weight_loader")
-        out_pp = sum(output_partition_sizes)
-        self._plan(layer, input_size, output_size, input_size_per_partition, out_pp, params_dtype)
-        # Loaded in the checkpoint's own dtype (normally bf16), so that the grid check sees the stored
-        # values even when the model runs in another dtype; cast to params_dtype only for the fallback.
-        stored = getattr(torch, self.qcfg.weight_dtype or "", None) or params_dtype
-        weight = ModelWeightParameter(
-            data=torch.empty(out_pp, input_size_per_partition, dtype=stored),
-            input_dim=1, output_dim=0, weight_loader=weight_loader)
-        layer.register_parameter("weight", weight)
-        set_weight_attrs(weight, extra_weight_attrs)
-        if self.qcfg.fmt != FORMAT_QAT_GRID:
-            # NaN until loaded: a log-scale that never arrives fails verification by name.
-            log_scale = GroupQuantScaleParameter(
-                data=torch.full((out_pp, self.geo.groups_pp), float("nan"), dtype=torch.float32),
-                input_dim=1, output_dim=0,
-                weight_loader=_reshaping_loader(weight_loader, input_size // self.geo.group))
-            layer.register_parameter("log_scale", log_scale)
-
-    def _load_sidecar_log_scales(self, layer) -> None:
-        ckpt = self.qcfg.checkpoint()
-        param = layer.log_scale
-        for hf_name, shard_id in zip(self.hf_names, _shard_ids(layer, self.hf_names)):
-            steps = ckpt.scales(hf_name)      # validates length, finiteness, range; names file + module
-            log_scale = ckpt.log_scale(hf_name).to(torch.float32).reshape(steps.shape)
-            args = () if shard_id is None else (shard_id,)
-            param.weight_loader(param, log_scale.to(param.device), *args)
-
-    def process_weights_after_loading(self, layer) -> None:
-        if getattr(layer, "_grace_qat_done", False):
-            return
-        weight = layer.weight.data
-        g = self.geo
-        if self.kernel_cls is None and self.qcfg.fmt == FORMAT_QAT_GRID:
-            # No stored steps, and the fallback needs none: the loaded weight is the exact W_dq.
-            return self._finish_unquantized(layer)
-        if self.qcfg.fmt == FORMAT_QAT_GRID:
-            try:
-                scales = derive_scales(weight, self.bits, g.group, name=layer.prefix,
-                                       inferred=getattr(self.qcfg, "bits_inferred", False))
-            except GraceFormatError as e:
-                raise GraceFormatError(f"{self._where()}: {e}") from None
-        else:
-            if self.qcfg.fmt == FORMAT_QAT_SIDECAR:
-                self._load_sidecar_log_scales(layer)
-            try:
-                # exp() on the CPU, as `grace-qat convert` does: CUDA's fp32 exp can differ by an ulp,
-                # which now and then flips the bf16 step and breaks equality with converted checkpoints.
-                scales = scales_from_log_scale(layer.log_scale.data.cpu(), g.out_pp, g.in_pp, g.group,
-                                               name=f"{layer.prefix} ({' + '.join(self.hf_names)})")
-            except GraceFormatError as e:
-                raise GraceFormatError(f"{self._where()}: {e}") from None
-            scales = scales.to(weight.device)
-            del layer.log_scale
-        codes = torch.empty(g.out_pp, g.in_pp, device=weight.device,
-                            dtype=torch.int8 if self.bits == 4 else torch.int16)
-        self._codes(layer, weight, scales, codes)
-        if self.kernel_cls is None:
-            return self._finish_unquantized(layer)   # the verified weight, as loaded
-        del layer.weight, weight
-        self._attach_kernel(layer, codes, scales)
-        self._finish(layer)
+class GraceQATLinearMethod(GraceLinearMethod):
+    """Formats whose files hold 16-bit weights on the grid (the name logs and tests report)."""
 
 
 @register_weight_loader_v2_supported_method
-class GraceAWQLinearMethod(_GraceLinearMethod):
-    """Format B: AutoAWQ GEMM tensors (qweight/qzeros/scales), zero point 8 = symmetric uint4b8."""
-
-    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
-                       output_size, params_dtype, **extra_weight_attrs):
-        weight_loader = extra_weight_attrs.pop("weight_loader")
-        out_pp = sum(output_partition_sizes)
-        if self.bits != 4:
-            raise GraceFormatError(f"{self._where()}: AWQ-packed GRACE checkpoints are 4-bit, got {self.bits}")
-        if out_pp % 8:
-            raise ValueError(f"grace_qat: layer {layer.prefix}: {out_pp} output channels on this rank are not "
-                             f"a multiple of 8, which AWQ packing needs")
-        self._plan(layer, input_size, output_size, input_size_per_partition, out_pp, params_dtype)
-        groups = self.geo.groups_pp
-        packed = dict(input_dim=0, output_dim=1, packed_dim=1, packed_factor=8, weight_loader=weight_loader)
-        layer.register_parameter("qweight", PackedvLLMParameter(
-            data=torch.empty(input_size_per_partition, out_pp // 8, dtype=torch.int32), **packed))
-        layer.register_parameter("qzeros", PackedvLLMParameter(
-            data=torch.empty(groups, out_pp // 8, dtype=torch.int32), **packed))
-        # fp32 holds the checkpoint's fp16 steps exactly; cast to the activation dtype for the kernel.
-        layer.register_parameter("scales", GroupQuantScaleParameter(
-            data=torch.full((groups, out_pp), float("nan"), dtype=torch.float32),
-            input_dim=0, output_dim=1, weight_loader=weight_loader))
-        for name in ("qweight", "qzeros", "scales"):
-            set_weight_attrs(getattr(layer, name), extra_weight_attrs)
-
-    def process_weights_after_loading(self, layer) -> None:
-        if getattr(layer, "_grace_qat_done", False):
-            return
-        g = self.geo
-        where = f"{self._where()}: vLLM layer {layer.prefix} ({' + '.join(self.hf_names)})"
-        scales_in = layer.scales.data
-        if not bool(torch.isfinite(scales_in).all()) or not bool((scales_in > 0).all()):
-            raise GraceFormatError(f"{where}: scales must be finite and > 0 (missing from the checkpoint?)")
-        codes = torch.empty(g.out_pp, g.in_pp, dtype=torch.int8, device=scales_in.device)
-        rows = max(g.group, (_ROWS_PER_CHUNK_ELEMENTS // max(1, g.out_pp)) // g.group * g.group)
-        for i0 in range(0, g.in_pp, rows):           # whole groups of input rows at a time
-            i1 = min(g.in_pp, i0 + rows)
-            try:
-                c, _ = unpack_awq(layer.qweight.data[i0:i1], layer.qzeros.data[i0 // g.group:i1 // g.group],
-                                  scales_in[i0 // g.group:i1 // g.group], name=layer.prefix)
-            except GraceFormatError as e:
-                raise GraceFormatError(f"{where}: {e}") from None
-            codes[:, i0:i1] = c
-        scales = scales_in.t().contiguous()            # (out, in/G) fp32 (= the fp16 steps)
-        for name in ("qweight", "qzeros", "scales"):
-            delattr(layer, name)
-        if self.kernel_cls is None:
-            # bf16/fp16 dequantized in fp32 from the fp16 steps (what `grace-qat convert --to bf16` writes)
-            weight = ModelWeightParameter(data=dequantize(codes, scales, g.group, self.act_dtype),
-                                          input_dim=1, output_dim=0, weight_loader=_no_reload)
-            layer.register_parameter("weight", weight)
-            return self._finish_unquantized(layer)
-        self._attach_kernel(layer, codes, scales)
-        self._finish(layer)
+class GraceAWQLinearMethod(GraceLinearMethod):
+    """Formats whose files hold packed integer codes (the name logs and tests report)."""

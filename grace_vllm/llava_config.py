@@ -23,6 +23,7 @@ from transformers import AutoConfig, LlamaConfig, LlavaConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from grace_qat.errors import GraceFormatError
+from grace_qat.files import config_or_none
 # LLaVA-1.5's format facts (vicuna_v1 template, what an original-layout config is) live in the core
 from grace_qat.llava_hf import CHAT_TEMPLATE, CLIP_ENV, find_clip_dir, is_original_llava
 
@@ -52,10 +53,8 @@ def has_weights(directory: str) -> bool:
 
 
 def _clip_vision_dict(clip_dir: str) -> dict | None:
-    try:
-        with open(os.path.join(clip_dir, "config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
+    cfg = config_or_none(clip_dir)
+    if cfg is None:
         return None
     vision = cfg.get("vision_config", cfg)   # a full CLIPModel config, or a CLIPVisionConfig
     return {**vision, "model_type": "clip_vision_model"}

@@ -55,10 +55,8 @@ def _put_code_9(d: str, module: str, steps: torch.Tensor) -> None:
 
 
 @pytest.fixture(scope="module")
-def w4(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bits")
-    side = fixtures.write_qwen3vl(str(root / "side"), size="tiny", fmt="qat-sidecar", bits=4)
-    grid = fixtures.write_qwen3vl(str(root / "grid"), size="tiny", fmt="qat-grid", bits=4)
+def w4(tiny):
+    side, grid = tiny["qat-sidecar"], tiny["qat-grid"]
     # same seed: the grid fixture's weights are the sidecar's, so the sidecar's steps are its steps
     assert torch.equal(load_file(os.path.join(grid, ST))[FIRST + ".weight"],
                        load_file(os.path.join(side, ST))[FIRST + ".weight"])

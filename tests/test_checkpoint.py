@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from grace_qat import fixtures
 from grace_qat.checkpoint import GraceCheckpoint, load_sidecar
 from grace_qat.errors import GraceFormatError
 from ckpt_files import load_all_tensors as _all_tensors
@@ -20,13 +19,9 @@ Q0 = "model.language_model.layers.0.self_attn.q_proj"
 
 
 @pytest.fixture(scope="module")
-def qwen_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    for fmt, bits in [("qat-sidecar", 4), ("qat-sidecar", 8), ("qat-inline", 4), ("qat-grid", 4),
-                      ("awq", 4), ("plain", 4)]:
-        out[(fmt, bits)] = fixtures.write_qwen3vl(str(root / f"{fmt}-{bits}"), size="tiny", fmt=fmt, bits=bits)
-    return out
+def qwen_dirs(tiny_checkpoint):
+    return {(fmt, bits): tiny_checkpoint(fmt, bits) for fmt, bits in [
+        ("qat-sidecar", 4), ("qat-sidecar", 8), ("qat-inline", 4), ("qat-grid", 4), ("awq", 4), ("plain", 4)]}
 
 
 

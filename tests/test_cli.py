@@ -19,8 +19,8 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return fixtures.write_qwen3vl(str(tmp_path_factory.mktemp("cli") / "w4"), size="tiny", fmt="qat-sidecar", bits=4)
+def ckpt(tiny):
+    return tiny["qat-sidecar"]
 
 
 def test_inspect_reports_histogram_and_sizes(ckpt):

@@ -9,7 +9,6 @@ import pytest
 from requires import require
 import torch
 
-from grace_qat import fixtures
 from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.convert import convert
 from ckpt_files import load_all_tensors as _tensors
@@ -26,13 +25,13 @@ def _unpack_loop(words, bits):
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return fixtures.write_qwen3vl(str(tmp_path_factory.mktemp("src") / "w4"), size="tiny", fmt="qat-sidecar", bits=4)
+def src(tiny):
+    return tiny["qat-sidecar"]
 
 
 @pytest.fixture(scope="module")
-def src8(tmp_path_factory):
-    return fixtures.write_qwen3vl(str(tmp_path_factory.mktemp("src8") / "w8"), size="tiny", fmt="qat-sidecar", bits=8)
+def src8(tiny_checkpoint):
+    return tiny_checkpoint("qat-sidecar", 8)
 
 
 def _reference_weight(src_dir, name):

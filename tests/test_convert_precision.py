@@ -19,8 +19,8 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def awq_src(tmp_path_factory):
-    return fixtures.write_qwen3vl(str(tmp_path_factory.mktemp("prec") / "awq"), size="tiny", fmt="awq", bits=4)
+def awq_src(tiny):
+    return tiny["awq"]
 
 
 @pytest.mark.parametrize("to,key,transpose", [("gptq", "scales", False),

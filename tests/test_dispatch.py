@@ -29,8 +29,7 @@ def dispatch(monkeypatch):
     from grace_vllm import dispatch as d
     monkeypatch.delenv(d.ENV_MAX_M, raising=False)
     monkeypatch.delenv(d.ENV_TABLE, raising=False)
-    # the default (dual on): tests/test_vllm_plugin.py sets GRACE_QAT_DUAL_KERNEL=0 for its engines
-    # when pytest imports it, which in a whole-suite run happens before these tests
+    # the default (dual on), whatever the environment the suite runs in
     monkeypatch.delenv(d.ENV_DUAL, raising=False)
     d._table.cache_clear()
     yield d

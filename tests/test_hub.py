@@ -24,14 +24,13 @@ REPO_A, REPO_B, REPO_PLAIN = "GraceTest/Qwen3-VL-tiny-GRACE-W4G128", "GraceTest/
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def hub(tmp_path_factory, tiny):
     """HF_HOME with three cached repositories: format A (sidecar), format B (AWQ), a plain model."""
-    from grace_qat.fixtures import write_qwen3vl
     base = tmp_path_factory.mktemp("hub")
     home = str(base / "hf_home")
     snapshots = {}
     for repo, fmt in ((REPO_A, "qat-sidecar"), (REPO_B, "awq"), (REPO_PLAIN, "plain")):
-        src = write_qwen3vl(str(base / fmt), fmt=fmt, bits=4, seed=0)
+        src = tiny[fmt]
         snapshots[repo] = add_to_hub_cache(home, repo, src)
     env = {"HF_HOME": home, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")])}
@@ -127,7 +126,7 @@ except GraceFormatError as e:
 def test_vllm_serve_hub_id_without_flag(hub, repo, fmt, tmp_path):
     """``vllm serve Owner/Name`` exactly as a model card says (no --quantization): detected, said in
     one log line, served by grace_qat, and answering an image chat."""
-    from grace_vllm.demo import VLLMServer, sample_image_data_url
+    from grace_qat.demo import VLLMServer, sample_image_data_url
     env = {**hub["env"], "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0"}
     server = VLLMServer(repo, ["--max-model-len", "1024", "--dtype", "bfloat16", "--enforce-eager",
                                "--limit-mm-per-prompt", json.dumps({"image": 1})],

@@ -27,10 +27,9 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("exports")
-    out = {"s4": fixtures.write_qwen3vl(str(root / "s4"), size="tiny", fmt="qat-sidecar", bits=4),
-           "awq-src": fixtures.write_qwen3vl(str(root / "awq-src"), size="tiny", fmt="awq", bits=4)}
+    out = {"s4": tiny["qat-sidecar"], "awq-src": tiny["awq"]}
     for to in TARGETS + ("bf16",):
         out[to] = str(root / to)
         r = run("convert", out["s4"], out[to], "--to", to)

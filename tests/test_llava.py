@@ -185,7 +185,7 @@ def test_weight_names_and_quantized_modules(ckpts, registered):
         cfg.apply_vllm_mapper(mapper.get_rename_mapper() if hasattr(mapper, "get_rename_mapper")
                               else mapper.get_unstacked_mapper())
         cfg.packed_modules_mapping = Llava.packed_modules_mapping
-        assert len(cfg.hf_modules) == 4 * 7
+        assert len(cfg.modules) == 4 * 7
         assert cfg.checkpoint_modules("language_model.model.layers.2.self_attn.qkv_proj") == [
             f"model.layers.2.self_attn.{p}_proj" for p in "qkv"]
         assert cfg.checkpoint_modules("language_model.model.layers.0.mlp.gate_up_proj") == [

@@ -65,13 +65,11 @@ def _data_url(raw: bytes, mime="image/png") -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny):
     require("vllm")
-    demo = require("grace_vllm.demo")
-    from grace_qat import fixtures
+    demo = require("grace_qat.demo")
     root = tmp_path_factory.mktemp("load")
-    model = os.environ.get("GRACE_LOAD_MODEL") or \
-        fixtures.write_qwen3vl(str(root / "w4-sidecar"), size="tiny", fmt="qat-sidecar", bits=4)
+    model = os.environ.get("GRACE_LOAD_MODEL") or tiny["qat-sidecar"]
     args = ["--quantization", "grace_qat", "--dtype", "bfloat16", "--max-model-len", "2048",
             "--max-num-seqs", str(CONCURRENCY), "--limit-mm-per-prompt", json.dumps({"image": 1}),
             "--disable-uvicorn-access-log"]

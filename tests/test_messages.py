@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-from grace_qat import fixtures
 from grace_qat.checkpoint import GraceCheckpoint, load_sidecar
 from grace_qat.errors import GraceFormatError
 
@@ -46,9 +45,8 @@ def test_hostile_pickle_refusal_never_advises_weights_only_false(tmp_path, conta
 
 
 @pytest.fixture(scope="module")
-def s4(tmp_path_factory):
-    return fixtures.write_qwen3vl(str(tmp_path_factory.mktemp("msg") / "s4"), size="tiny", fmt="qat-sidecar",
-                                  bits=4)
+def s4(tiny):
+    return tiny["qat-sidecar"]
 
 
 def test_sidecar_missing_one_log_scale_names_that_module(s4, tmp_path):

@@ -37,7 +37,6 @@ from requires import require
 import torch
 from safetensors.torch import load_file, save_file
 
-from grace_qat import fixtures
 from grace_qat.checkpoint import GraceCheckpoint, SafetensorsDir, load_sidecar
 from grace_qat.errors import GraceFormatError
 from grace_qat.packing import (pack_awq, pack_compressed_tensors, pack_gptq, unpack_awq,
@@ -75,10 +74,8 @@ BASES = {"s4": ("qat-sidecar", 4), "s8": ("qat-sidecar", 8), "i4": ("qat-inline"
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("robust-base")
-    return {k: fixtures.write_qwen3vl(str(root / k), size="tiny", fmt=fmt, bits=b)
-            for k, (fmt, b) in BASES.items()}
+def bases(tiny_checkpoint):
+    return {k: tiny_checkpoint(fmt, b) for k, (fmt, b) in BASES.items()}
 
 
 def load_all(path: str, bits: int | None = None) -> GraceCheckpoint:

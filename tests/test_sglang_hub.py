@@ -49,10 +49,9 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("autodetect", ["1", "off"])
-def test_sglang_hub_id_without_flag(tmp_path, autodetect):
-    from grace_qat.fixtures import write_qwen3vl
+def test_sglang_hub_id_without_flag(tmp_path, autodetect, tiny):
     home = str(tmp_path / "hf_home")
-    snapshots = {repo: add_to_hub_cache(home, repo, write_qwen3vl(str(tmp_path / fmt), fmt=fmt, seed=0))
+    snapshots = {repo: add_to_hub_cache(home, repo, tiny[fmt])
                  for repo, fmt in REPOS.items()}
     env = {**os.environ, "HF_HOME": home, "HF_HUB_OFFLINE": "1", "GRACE_QAT_AUTODETECT": autodetect,
            "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}

@@ -193,7 +193,7 @@ def test_model_config_flag_for_bare_grid(plugins_loaded, ckpts):
 
 def test_autodetect_can_be_turned_off(plugins_loaded, ckpts, monkeypatch):
     from sglang.srt.configs.model_config_parser_registry import get_model_config_parser
-    from grace_sglang.config import install_config_parser
+    from grace_sglang.parser import install_config_parser
     try:
         install_config_parser(wrap_hf=False)
         cfg = get_model_config_parser("hf").parse(ckpts["qat-sidecar"], trust_remote_code=False)

@@ -69,7 +69,7 @@ def test_vllm_serve_nan_step_is_our_first_and_last_line(tmp_path, module):
 
     import re
 
-    from grace_vllm.demo import free_port, vllm_command
+    from grace_qat.demo import free_port, vllm_command
     ckpt = tmp_path / "nan"
     sidecar, key = _nan_step_checkpoint(ckpt, module)
     cmd = vllm_command() + [str(ckpt), "--max-model-len", "1024", "--port", str(free_port())]

@@ -53,8 +53,17 @@ ENGINE_ENV = {
     # vLLM; the Hopper Marlin/Machete dispatch (on by default) is tested on its own (gq_w4_dual).
     "GRACE_QAT_DUAL_KERNEL": "0",
 }
-for _k, _v in ENGINE_ENV.items():
-    os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_env():
+    """ENGINE_ENV (where not set already) for this module's tests only, restored afterwards: set at
+    import, GRACE_QAT_DUAL_KERNEL=0 once reached the tests of other modules in a whole-suite run."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in ENGINE_ENV.items():
+            if k not in os.environ:
+                mp.setenv(k, v)
+        yield
 
 QUANTIZED_PROJ = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 N_LM_LAYERS = 4                                   # tiny Qwen3-VL: 4 decoder layers
@@ -78,17 +87,16 @@ def _vllm_or_skip():
 # -- shared: checkpoints ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, tiny_checkpoint):
     """Tiny Qwen3-VL GRACE checkpoints (W4 sidecar / inline / AWQ, W8 sidecar) and their exports."""
     _vllm_or_skip()
     from grace_qat.convert import convert
-    from grace_qat.fixtures import write_qwen3vl
 
     root = tmp_path_factory.mktemp("grace_vllm")
     d = {}
     for key, fmt, bits in (("w4_sidecar", "qat-sidecar", 4), ("w4_inline", "qat-inline", 4),
                            ("w4_grid", "qat-grid", 4), ("w4_awq", "awq", 4), ("w8_sidecar", "qat-sidecar", 8)):
-        d[key] = write_qwen3vl(str(root / key), size="tiny", fmt=fmt, bits=bits, seed=0)
+        d[key] = tiny_checkpoint(fmt, bits, seed=0)
     for key, src, to in (("w4_bf16", "w4_sidecar", "bf16"), ("w4_gptq", "w4_sidecar", "gptq"),
                          ("awq_bf16", "w4_awq", "bf16"), ("awq_gptq", "w4_awq", "gptq"),
                          ("w8_bf16", "w8_sidecar", "bf16"), ("w4_declared", "w4_sidecar", "grace_qat")):

@@ -42,7 +42,7 @@ for p in (ROOT, HERE, os.path.join(ROOT, "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from grace_vllm.demo import VLLMServer, kernels_in_log  # noqa: E402  (plain HTTP helpers, no vLLM import)
+from grace_qat.demo import VLLMServer, kernels_in_log  # noqa: E402  (plain HTTP helpers, no vLLM import)
 
 QUESTION = "Describe the image in one sentence."
 TEXT_QUESTION = "Write one sentence about the sea."

@@ -1,0 +1,252 @@
+"""Reading the files of a checkpoint directory, whatever its format: config.json, the safetensors
+(sharded or not), the sidecar pickle (safely), and the naming rules every GRACE format shares
+(which linears GRACE quantizes, where each architecture keeps its decoder layers).
+Engine-independent: torch + safetensors only."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+
+import torch
+from safetensors import safe_open
+
+from .errors import GraceFormatError
+from .quantizer import SUPPORTED_BITS
+
+SIDECAR_NAME = "qat_quantized_weights.bin"
+AWQ_MODULES_NAME = "awq_quantized_modules.json"
+CONFIG_NAME = "config.json"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+
+# safetensors dtype names -> torch dtypes (the storage dtypes of 16/32-bit tensors)
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+# The linears GRACE quantizes: attention and MLP projections of every language-model decoder layer.
+_QUANTIZABLE = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+_VISION = re.compile(r"(^|\.)(visual|vision_tower|vision_model|mm_projector)(\.|$)")
+
+
+def is_quantizable_module(name: str) -> bool:
+    """True for a language-model linear that GRACE quantizes (never vision tower or projector)."""
+    return bool(_QUANTIZABLE.search(name)) and not _VISION.search(name)
+
+
+def natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+_ADVICE = re.compile(r"weights[ _]only|check the documentation|safe_globals|trusted source|if you trust", re.I)
+
+
+def _torch_reason(text: str) -> str:
+    """The part of torch.load's error that says what is in the file, without torch's advice on how to
+    load it anyway (re-running with weights_only=False, allowlisting globals): a refused file stays
+    refused, and a user must never be told to unpickle it."""
+    for line in text.splitlines():
+        line = re.split(r"\s(?:Please use|You can use|If you trust|To load)", line.strip(), maxsplit=1)[0]
+        if line and not _ADVICE.search(line):
+            return line.rstrip(".")
+    return ""
+
+
+def load_sidecar(path: str) -> dict[str, torch.Tensor]:
+    """Open ``qat_quantized_weights.bin`` lazily and safely: tensors only, memory-mapped.
+
+    ``weights_only=True`` uses PyTorch's restricted unpickler, which refuses any object other than
+    tensors and plain containers, so a pickle carrying code is rejected without running it.
+    """
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:       # legacy (non-zip) torch.save files cannot be memory-mapped
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = _torch_reason(str(e)) or "an object that is not a tensor"
+        raise GraceFormatError(f"{path}: refused to load: it holds more than tensors ({reason}); a GRACE "
+                               f"sidecar holds tensors only") from None
+    except Exception as e:   # noqa: BLE001 - corrupt zips/pickles raise many types (KeyError, ValueError,
+        # struct.error, zipfile.BadZipFile, UnicodeDecodeError, ...): all mean "not a torch.save file"
+        raise GraceFormatError(f"{path}: not a readable torch.save file "
+                               f"({type(e).__name__}: {_torch_reason(str(e))})") from None
+    if not isinstance(data, dict):
+        raise GraceFormatError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+    for k, v in data.items():
+        if not isinstance(k, str):
+            raise GraceFormatError(f"{path}: key {k!r} is {type(k).__name__}, expected a str tensor name")
+        if not isinstance(v, torch.Tensor):
+            raise GraceFormatError(f"{path}: entry {k!r} is {type(v).__name__}, expected a tensor")
+    return data
+
+
+class SafetensorsDir:
+    """Lazy, read-only view of every tensor in a directory's safetensors files (sharded or not)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, SAFETENSORS_INDEX_NAME)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise GraceFormatError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise GraceFormatError(f"{index}: not a safetensors index (weight_map must map tensor "
+                                       f"names to shard file names)")
+            for k, fname in weight_map.items():
+                if (not fname or fname != os.path.basename(fname) or fname in (".", "..")
+                        or os.path.isabs(fname) or "\\" in fname):
+                    raise GraceFormatError(f"{index}: shard {fname!r} of tensor {k} is not a file name "
+                                           f"inside the checkpoint directory")
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            weight_map = None
+        if not files:
+            raise GraceFormatError(f"{path}: no *.safetensors files")
+        self._file_of: dict[str, str] = {}
+        self._handles: dict[str, object] = {}
+        for fname in files:
+            full = os.path.join(path, fname)
+            if not os.path.exists(full):
+                raise GraceFormatError(f"{full}: listed in {SAFETENSORS_INDEX_NAME} but missing")
+            try:
+                handle = safe_open(full, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for truncated headers
+                raise GraceFormatError(f"{full}: unreadable safetensors file ({e})") from None
+            self._handles[fname] = handle
+            for key in handle.keys():
+                if weight_map is None and key in self._file_of:
+                    raise GraceFormatError(f"{full}: tensor {key} is also in {self._file_of[key]}; without "
+                                           f"{SAFETENSORS_INDEX_NAME} it is ambiguous which one is meant")
+                if weight_map is None or weight_map.get(key) == fname or key not in self._file_of:
+                    self._file_of[key] = fname
+        if weight_map is not None:
+            missing = [k for k, f in weight_map.items() if self._file_of.get(k) != f]
+            if missing:
+                raise GraceFormatError(
+                    f"{index}: {len(missing)} tensors are not in the shard the index names "
+                    f"(first: {missing[0]} in {weight_map[missing[0]]})")
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def file_of(self, key: str) -> str:
+        return os.path.join(self.path, self._file_of[key])
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._file_of:
+            raise GraceFormatError(f"{self.path}: tensor {key} not found in the safetensors files")
+        try:
+            return self._handles[self._file_of[key]].get_tensor(key)
+        except Exception as e:
+            raise GraceFormatError(f"{self.file_of(key)}: cannot read tensor {key} ({e})") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return self._handles[self._file_of[key]].get_slice(key).get_dtype()
+
+
+def read_config(path: str) -> dict:
+    cfg = os.path.join(path, CONFIG_NAME)
+    if not os.path.exists(cfg):
+        raise GraceFormatError(f"{cfg}: missing")
+    try:
+        with open(cfg) as f:
+            config = json.load(f)
+    except ValueError as e:    # includes UnicodeDecodeError
+        raise GraceFormatError(f"{cfg}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise GraceFormatError(f"{cfg}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise GraceFormatError(f"{cfg}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def config_or_none(path: str) -> dict | None:
+    """config.json of a directory when it is a readable JSON object, else None (never raises): for
+    the cheap looks (detection, LLaVA layout checks) that must not break loading an ordinary model."""
+    try:
+        return read_config(path)
+    except (GraceFormatError, OSError, TypeError):
+        return None
+
+
+def declared_int(obj: dict, key: str, where: str, prefix: str = "") -> int | None:
+    """An integer setting (bits, group_size) read from a JSON file, validated; None when absent/null."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GraceFormatError(f"{where}: {prefix}{key} must be an integer, got {value!r}")
+    if key == "bits" and value not in SUPPORTED_BITS:
+        raise GraceFormatError(f"{where}: {prefix}bits must be one of {SUPPORTED_BITS}, got {value}")
+    if key == "group_size" and value <= 0:
+        raise GraceFormatError(f"{where}: {prefix}group_size must be positive, got {value}")
+    return value
+
+
+# Where each known architecture keeps its language-model decoder layers (Transformers' saved names).
+_ARCH_LAYER_PREFIXES = {
+    "Qwen3VLForConditionalGeneration": ("model.language_model.layers.",),
+    "Qwen2_5_VLForConditionalGeneration": ("model.language_model.layers.", "model.layers."),
+    "Qwen2VLForConditionalGeneration": ("model.language_model.layers.", "model.layers."),
+    "LlavaLlamaForCausalLM": ("model.layers.",),
+    "LlavaForConditionalGeneration": ("model.language_model.layers.", "language_model.model.layers."),
+    "LlamaForCausalLM": ("model.layers.",),
+    "MistralForCausalLM": ("model.layers.",),
+    "Qwen2ForCausalLM": ("model.layers.",),
+    "Qwen3ForCausalLM": ("model.layers.",),
+}
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_architecture(path: str, config: dict, modules: list[str]) -> None:
+    """config.json must describe the quantized modules: a known architecture keeps its decoder layers
+    under its own prefix, and ``num_hidden_layers`` is the number of quantized decoder layers."""
+    cfg = os.path.join(path, CONFIG_NAME)
+    archs = config.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise GraceFormatError(f"{cfg}: architectures must be a list of class names, got {archs!r}")
+    if not modules:
+        return
+    for arch in archs or ():
+        prefixes = _ARCH_LAYER_PREFIXES.get(arch)
+        if prefixes is None:
+            continue
+        wrong = [m for m in modules if not m.startswith(prefixes)]
+        if wrong:
+            raise GraceFormatError(
+                f"{cfg}: architectures says {arch}, whose decoder layers are {' or '.join(p + '*' for p in prefixes)}, "
+                f"but {len(wrong)} quantized modules are not (first: {wrong[0]})")
+    text = config.get("text_config")
+    n = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    if n is None:
+        n = config.get("num_hidden_layers")
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise GraceFormatError(f"{cfg}: num_hidden_layers must be a non-negative integer, got {n!r}")
+    layers: dict[int, str] = {}
+    for m in modules:
+        hit = _LAYER_INDEX.search(m)
+        if hit:
+            layers.setdefault(int(hit.group(1)), m)
+    beyond = sorted(i for i in layers if i >= n)
+    if beyond:
+        raise GraceFormatError(f"{cfg}: num_hidden_layers is {n} but the checkpoint quantizes decoder layer "
+                               f"{beyond[0]} (module {layers[beyond[0]]})")
+    absent = [i for i in range(n) if i not in layers]
+    if absent:
+        raise GraceFormatError(f"{cfg}: num_hidden_layers is {n} but the checkpoint has no quantized linears "
+                               f"for {len(absent)} of them (first: layer {absent[0]})")

@@ -1,0 +1,129 @@
+"""What the three QAT formats share: BF16 weights that lie on the quantization grid, one step per
+group either stored (log-steps in the sidecar or inline) or derived from the grid."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import GraceFormatError
+from ..files import SAFETENSORS_DTYPES, check_architecture
+from ..quantizer import code_range, derive_scales, recover_codes, scales_from_log_scale
+from .base import Format, Opening, QuantizedLinear, RankTensor
+
+
+class QATFormat(Format):
+    """Format A: grid weights (+ stored log-steps in the subclasses that have them)."""
+
+    def _finish_open(self, ckpt, o: Opening):
+        """The checks every QAT checkpoint passes once its modules are known."""
+        ckpt._check_module_set(o.candidates)
+        check_architecture(o.path, o.config, ckpt.modules)
+        if ckpt.bits is None:
+            ckpt.bits = self._infer_bits(ckpt)
+            ckpt.bits_inferred = True
+        return ckpt
+
+    def _infer_bits(self, ckpt) -> int:
+        """The codes' range tells the bits: a 4-bit grid never needs a code beyond [-8, 7]."""
+        first = ckpt.modules[0]
+        w = self.checked_weight(ckpt, first)
+        s = self._stored_scales(ckpt, first, w.shape)
+        codes = torch.round(w.float().reshape(w.shape[0], s.shape[1], -1) / s.unsqueeze(-1))
+        lo, hi = code_range(4)
+        return 4 if float(codes.min()) >= lo and float(codes.max()) <= hi else 8
+
+    @staticmethod
+    def checked_weight(ckpt, name: str) -> torch.Tensor:
+        """The stored weight of a QAT module, refused unless 2-D and bf16/fp16/fp32."""
+        weight = ckpt.tensors.get(name + ".weight")
+        if weight.dim() != 2:
+            raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.weight')}: {name}.weight has shape "
+                                   f"{tuple(weight.shape)}, expected a 2-D linear weight")
+        if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.weight')}: {name}.weight is "
+                                   f"{weight.dtype}, expected bfloat16/float16")
+        return weight
+
+    def module_shape(self, ckpt, name: str) -> tuple[int, int]:
+        shape = ckpt.tensors.shape(name + ".weight")
+        if len(shape) != 2:
+            raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.weight')}: {name}.weight has shape "
+                                   f"{shape}, expected a 2-D linear weight")
+        return shape
+
+    def weight_dtype(self, ckpt) -> torch.dtype:
+        stored = ckpt.tensors.dtype(ckpt.modules[0] + ".weight")
+        if stored not in SAFETENSORS_DTYPES:
+            raise GraceFormatError(f"{ckpt.path}: {ckpt.modules[0]}.weight is stored as {stored}, "
+                                   f"expected BF16, F16 or F32")
+        return SAFETENSORS_DTYPES[stored]
+
+    # -- stored steps (sidecar / inline) ----------------------------------------------------------
+
+    def _log_scale_where(self, ckpt, name: str) -> str:
+        raise NotImplementedError
+
+    def _stored_scales(self, ckpt, name: str, shape) -> torch.Tensor:
+        out_f, in_f = shape
+        where = self._log_scale_where(ckpt, name)
+        log_scale = self.log_scale(ckpt, name)          # its own errors name the file already
+        try:
+            return scales_from_log_scale(log_scale, out_f, in_f, ckpt.group_size, name)
+        except GraceFormatError as e:
+            raise GraceFormatError(f"{where}: {e}") from None
+
+    @staticmethod
+    def _checked_log_scale(ls: torch.Tensor, where: str, name: str) -> torch.Tensor:
+        if not ls.is_floating_point():
+            raise GraceFormatError(f"{where}: {name}.log_scale is {ls.dtype}, expected a floating-point "
+                                   f"tensor (fp32 log-steps)")
+        return ls
+
+    def scales(self, ckpt, name: str) -> torch.Tensor:
+        return self._stored_scales(ckpt, name, self.module_shape(ckpt, name))
+
+    def check_served(self, ckpt) -> None:
+        for name in ckpt.modules:
+            self.scales(ckpt, name)
+
+    def _module_scales(self, ckpt, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self._stored_scales(ckpt, name, weight.shape)   # its errors name the file holding log_scale
+
+    def quantized(self, ckpt, name: str) -> QuantizedLinear:
+        bias = ckpt.tensors.get(name + ".bias") if name + ".bias" in ckpt.tensors else None
+        weight = self.checked_weight(ckpt, name)
+        where = ckpt.tensors.file_of(name + ".weight")
+        self._check_copy(ckpt, name, weight, where)
+        scales = self._module_scales(ckpt, name, weight) if self.stored_steps else None
+        try:
+            if scales is None:
+                scales = derive_scales(weight, ckpt.bits, ckpt.group_size, name, ckpt.bits_inferred)
+            codes = recover_codes(weight, scales, ckpt.bits, ckpt.group_size, name, ckpt.bits_inferred)
+        except GraceFormatError as e:
+            raise GraceFormatError(f"{where}: {e}") from None
+        return QuantizedLinear(name, codes, scales, ckpt.bits, ckpt.group_size, bias)
+
+    def _check_copy(self, ckpt, name: str, weight: torch.Tensor, where: str) -> None:
+        pass
+
+    # -- one rank ----------------------------------------------------------------------------------
+
+    def rank_tensors(self, out_pp, in_pp, groups_pp, weight_dtype):
+        # loaded in the checkpoint's own dtype, so that the grid check sees the stored values
+        return [RankTensor("weight", (out_pp, in_pp), weight_dtype)] + self._step_tensors(out_pp, groups_pp)
+
+    def _step_tensors(self, out_pp: int, groups_pp: int) -> list[RankTensor]:
+        return []
+
+    def rank_codes(self, loaded, bits, group, name, inferred=False):
+        weight = loaded["weight"]
+        if "steps" in loaded:              # steps an engine loaded already as steps (shard of scales())
+            steps = loaded["steps"]
+        elif "log_scale" in loaded:
+            # exp() on the CPU, as `grace-qat convert` does: CUDA's fp32 exp can differ by an ulp,
+            # which now and then flips the bf16 step and breaks equality with converted checkpoints.
+            ls = loaded["log_scale"]
+            steps = scales_from_log_scale(ls.cpu(), ls.shape[0], ls.shape[1] * group, group,
+                                          name=name).to(weight.device)
+        else:
+            steps = derive_scales(weight, bits, group, name=name, inferred=inferred)
+        return recover_codes(weight, steps, bits, group, name=name, inferred=inferred), steps

@@ -1,0 +1,209 @@
+"""What every GRACE format provides, and the one registry that lists them.
+
+A format is one small module in this package with one ``Format`` subclass, registered with
+:func:`register`. Everything else asks the registry: detection (:func:`detect`, :func:`marked`),
+the CLI's and the fixtures' choices (:func:`names`), the checkpoint reader (``GraceCheckpoint``
+delegates every per-format question to its format), and the engine adapters, which only move the
+tensors a format names (:meth:`Format.rank_tensors`) through their loaders and hand what a rank
+loaded to :meth:`Format.rank_codes` for verified codes and steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import GraceFormatError
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """One quantized linear: verified signed codes (out, in) and fp32 steps (out, in/G)."""
+    name: str
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    group_size: int
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+
+@dataclass(frozen=True)
+class RankTensor:
+    """One tensor a rank holds for a quantized layer, described for any engine's parameter classes.
+
+    Rows/columns follow the engine's loaders: ``output_dim`` is the dimension that holds output
+    features (sharded by column-parallel layers), the other one input features or groups of them
+    (sharded by row-parallel layers). ``packed`` > 1: that many codes per int32 along ``output_dim``.
+    ``grouped``: the input dimension counts groups, not features. ``source``: "stream" (the model's
+    weight loading delivers it) or "checkpoint" (the adapter feeds :meth:`Format.fed_tensor` through
+    the same loader per checkpoint module and shard id after loading)."""
+    leaf: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    output_dim: int = 0
+    packed: int = 1
+    grouped: bool = False
+    source: str = "stream"
+    nan_fill: bool = False           # NaN until loaded: a tensor that never arrives fails verification
+    flat_in_checkpoint: bool = False  # stored 1-D (out * groups,) in the files: reshape before sharding
+
+
+@dataclass
+class Opening:
+    """What detection has read so far, handed to each format's ``claims`` / ``open``."""
+    path: str
+    config: dict
+    tensors: object                   # files.SafetensorsDir
+    bits: int | None
+    group_size: int | None
+    candidates: list[str] = field(default_factory=list)   # quantizable linears with a .weight
+
+    @property
+    def gs(self) -> int:
+        """The group size stated (caller, config.json), else GRACE's default."""
+        from ..quantizer import DEFAULT_GROUP_SIZE
+        return int(self.group_size or DEFAULT_GROUP_SIZE)
+
+
+class Format:
+    """One on-disk GRACE format. Subclasses set the class attributes and override what differs."""
+    name: str = ""
+    description: str = ""             # one line for ``grace-qat inspect``
+    quantized: bool = True            # False: an unquantized checkpoint
+    order: int = 100                  # detection order: lower first; the first that claims wins
+    marker_order: int = 100           # order in which cheap markers are looked at
+    fixture_bits: tuple[int, ...] = (4, 8)
+    side_files: tuple[str, ...] = ()  # files of the directory that belong to this format only
+    stored_steps: bool = True         # steps are in the files (else derived from the weights)
+    grid_weights: bool = True         # 16-bit weights on the grid (else packed integer codes)
+
+    # -- detection -------------------------------------------------------------------------------
+
+    def marked(self, path: str, config: dict, tensor_names) -> bool:
+        """Cheap markers (file names, config keys, tensor names) that say "this format" without
+        reading a tensor; False for a format that has none (it then needs ``--quantization``)."""
+        return False
+
+    def claims(self, o: Opening) -> bool:
+        raise NotImplementedError
+
+    def open(self, o: Opening):
+        """The ``GraceCheckpoint`` of a directory this format claims (validated)."""
+        raise NotImplementedError
+
+    # -- the whole checkpoint ----------------------------------------------------------------------
+
+    def module_shape(self, ckpt, name: str) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def scales(self, ckpt, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quantized(self, ckpt, name: str) -> QuantizedLinear:
+        raise GraceFormatError(f"{ckpt.path}: not a quantized checkpoint (format {self.name})")
+
+    def log_scale(self, ckpt, name: str) -> torch.Tensor:
+        raise GraceFormatError(f"{ckpt.path}: format {self.name} has no log_scale tensors")
+
+    def check_served(self, ckpt) -> None:
+        """Verify the small tensors (steps, zero points) of every module now, before an engine
+        builds anything: an error in a worker reaches the user only as "initialization failed"."""
+
+    def steps_dtype(self, ckpt) -> torch.dtype:
+        """The precision the files store the steps in."""
+        return torch.float32
+
+    def weight_dtype(self, ckpt) -> torch.dtype | None:
+        """The storage dtype of the 16-bit grid weights (None: the files hold packed codes)."""
+        return None
+
+    def stock_config(self, ckpt) -> dict | None:
+        """A stock ``quantization_config`` under which an engine's own method loads the files as
+        they are (used where that engine's method is the right kernel); None when there is none."""
+        return None
+
+    # -- one rank of one layer ---------------------------------------------------------------------
+
+    def rank_tensors(self, out_pp: int, in_pp: int, groups_pp: int, weight_dtype: torch.dtype
+                     ) -> list[RankTensor]:
+        raise NotImplementedError
+
+    def fed_tensor(self, ckpt, name: str, leaf: str) -> torch.Tensor:
+        """The full (out, groups) tensor ``leaf`` of module ``name`` for a "checkpoint" RankTensor."""
+        raise GraceFormatError(f"{ckpt.path}: format {self.name} feeds no {leaf} tensors")
+
+    def rank_codes(self, loaded: dict[str, torch.Tensor], bits: int, group: int, name: str,
+                   inferred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verified signed codes (rows, in_pp) and fp32 steps (rows, groups) from the tensors of
+        :meth:`rank_tensors` as a rank loaded them (any slice of output rows; raises naming ``name``).
+        ``loaded["steps"]``, where given, are this rank's shard of :meth:`scales` (or of steps derived
+        from the full weight) and replace the format's own step tensors."""
+        raise NotImplementedError
+
+    # -- synthetic checkpoints (grace_qat.fixtures) ---------------------------------------------
+
+    def fixture_module(self, base: str, w_dq: torch.Tensor, log_scale: torch.Tensor, bits: int,
+                       group_size: int, sidecar: dict) -> dict[str, torch.Tensor]:
+        """The safetensors entries of one quantized module (``sidecar``: entries for the sidecar)."""
+        return {f"{base}.weight": w_dq}
+
+    def fixture_bias(self, name: str, bias: torch.Tensor, sidecar: dict) -> None:
+        pass
+
+    def fixture_files(self, out_dir: str, modules: list[str], group_size: int, sidecar: dict) -> None:
+        pass
+
+    def fixture_config(self, group_size: int) -> dict:
+        return {}
+
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    if fmt.name in _REGISTRY:
+        raise ValueError(f"format {fmt.name!r} is registered twice")
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get(name: str) -> Format:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise GraceFormatError(f"unknown GRACE format {name!r}; known: {names()}") from None
+
+
+def all_formats() -> list[Format]:
+    """In detection order."""
+    return sorted(_REGISTRY.values(), key=lambda f: f.order)
+
+
+def names() -> tuple[str, ...]:
+    """Every format's name, in registration order (what the CLI and the fixtures offer)."""
+    return tuple(_REGISTRY)
+
+
+def quantized_names() -> tuple[str, ...]:
+    return tuple(n for n, f in _REGISTRY.items() if f.quantized)
+
+
+def detect(o: Opening):
+    """The checkpoint of the first format (in detection order) that claims the directory."""
+    for fmt in all_formats():
+        if fmt.claims(o):
+            return fmt.open(o)
+    raise GraceFormatError(f"{o.path}: no GRACE format claims this directory")  # pragma: no cover
+
+
+def marked(path: str, config: dict, tensor_names) -> str | None:
+    """The format whose cheap markers the directory carries, else None."""
+    names_ = tensor_names if callable(tensor_names) else (lambda: tensor_names)
+    for fmt in sorted(_REGISTRY.values(), key=lambda f: f.marker_order):
+        if fmt.marked(path, config, names_):
+            return fmt.name
+    return None

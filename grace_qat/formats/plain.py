@@ -1,0 +1,23 @@
+"""``plain``: an unquantized checkpoint (e.g. the GRACE-BF16 release); claims what no other does."""
+from __future__ import annotations
+
+from .base import Format, register
+
+
+class Plain(Format):
+    name = "plain"
+    description = "an unquantized checkpoint, no GRACE or standard quantization"
+    quantized = False
+    order = 1000
+    stored_steps = False
+    grid_weights = False
+
+    def claims(self, o):
+        return True
+
+    def open(self, o):
+        from ..checkpoint import GraceCheckpoint
+        return GraceCheckpoint(o.path, self.name, None, o.gs, [], o.config, o.tensors)
+
+
+FORMAT = register(Plain())

@@ -1,0 +1,83 @@
+"""Layer rules both engine adapters need, written once: which checkpoint modules an engine fuses
+into one parallel layer (and the shard id of each), how a tensor-parallel rank's slice must hold
+whole quantization groups, and which group size the kernels are told.
+
+Engine-independent; the adapters pass in what their layer objects know (prefix, sizes per rank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import GraceFormatError
+from .quantizer import effective_group_size
+
+# vLLM and SGLang fuse these projections into one parallel layer; the list order is the shard order
+# (QKVParallelLinear shard ids "q"/"k"/"v", MergedColumnParallelLinear shard ids 0, 1, ...).
+FUSED_MODULES = {
+    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "gate_up_proj": ["gate_proj", "up_proj"],
+}
+QKV_SHARD_IDS = ("q", "k", "v")
+
+
+def fused_parts(leaf: str, packed_modules_mapping: dict | None = None) -> list[str]:
+    """Checkpoint leaf names behind an engine layer's leaf name (``qkv_proj`` -> q/k/v_proj), in
+    shard order; the engine's own mapping first, then the fusions every supported model uses."""
+    for mapping in (packed_modules_mapping or {}, FUSED_MODULES):
+        parts = mapping.get(leaf)
+        if isinstance(parts, (list, tuple)) and parts and all(isinstance(p, str) for p in parts):
+            return list(parts)
+    return [leaf]
+
+
+def shard_ids(n: int, qkv: bool) -> list:
+    """The loader shard id of each of ``n`` fused checkpoint modules (None: not fused)."""
+    if n == 1:
+        return [None]
+    if qkv:
+        if n != len(QKV_SHARD_IDS):
+            raise ValueError(f"a QKV layer fuses {len(QKV_SHARD_IDS)} modules, not {n}")
+        return list(QKV_SHARD_IDS)
+    return list(range(n))
+
+
+def shard_index(shard_id, n: int) -> int | None:
+    """Position (in shard order) of the module a loader's shard id names; None if it names none."""
+    if isinstance(shard_id, str):
+        idx = QKV_SHARD_IDS.index(shard_id) if shard_id in QKV_SHARD_IDS else None
+    elif isinstance(shard_id, int) and not isinstance(shard_id, bool):
+        idx = shard_id
+    else:
+        idx = None
+    return idx if idx is not None and 0 <= idx < n else None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes of one layer on this rank, and the group size the kernel sees."""
+    in_pp: int
+    out_pp: int
+    group: int            # effective group size (the whole row when group_size does not divide in)
+    kernel_group: int     # what the kernel is told: -1 for whole-row groups
+
+    @property
+    def groups_pp(self) -> int:
+        return self.in_pp // self.group
+
+    @classmethod
+    def of(cls, prefix: str, input_size: int, output_size: int, in_pp: int, out_pp: int,
+           group_size: int) -> "Geometry":
+        """Refuses a tensor-parallel split whose input shards do not hold whole groups."""
+        group = effective_group_size(input_size, group_size)
+        if in_pp != input_size and (group == input_size or in_pp % group):
+            tp = input_size // in_pp if in_pp else 0
+            groups = "one group per row" if group == input_size else f"{input_size // group} groups"
+            raise GraceFormatError(
+                f"grace_qat: layer {prefix} (weight {output_size}x{input_size}, quantized in groups of "
+                f"{group} along the input dimension: {groups}): tensor parallel size {tp} splits in_features "
+                f"{input_size} into input shards of {in_pp}, which do not hold whole groups. Use a tensor "
+                f"parallel size that divides the number of groups per row ({input_size // group}).")
+        return cls(in_pp, out_pp, group, -1 if group == input_size else group)
+
+
+__all__ = ["FUSED_MODULES", "QKV_SHARD_IDS", "fused_parts", "shard_ids", "shard_index", "Geometry"]

@@ -1,0 +1,118 @@
+"""The format registry and its one rank-level interface (grace_qat.formats), against the
+independent references of tests/reference.py: what a rank loads, turned into codes and steps."""
+import pytest
+import torch
+
+import reference
+from grace_qat import formats
+from grace_qat.checkpoint import GraceCheckpoint
+from grace_qat.errors import GraceFormatError
+from grace_qat.hub import detect_grace_format
+
+QUANTIZED = ["qat-sidecar", "qat-inline", "qat-grid", "awq"]
+M = "model.language_model.layers.1.mlp.down_proj"
+
+
+def test_registry_lists_every_format_once_and_the_cli_offers_them():
+    from grace_qat import fixtures
+    from grace_qat.cli import build_parser
+    assert formats.names() == ("qat-sidecar", "qat-inline", "qat-grid", "awq", "plain")
+    assert formats.quantized_names() == tuple(QUANTIZED)
+    assert fixtures.FORMATS == formats.names()
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert tuple(next(a for a in sub["fixture"]._actions if a.dest == "format").choices) == formats.names()
+    with pytest.raises(ValueError):
+        formats.register(formats.get("awq"))            # a name is registered once
+    with pytest.raises(GraceFormatError, match="unknown GRACE format 'gptq'"):
+        formats.get("gptq")
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED + ["plain"])
+def test_detection_and_markers(tiny, fmt):
+    ckpt = GraceCheckpoint.open(tiny[fmt])
+    assert ckpt.format == fmt and ckpt.kind is formats.get(fmt)
+    # cheap markers: a bare grid and a plain checkpoint carry none
+    assert detect_grace_format(tiny[fmt]) == (fmt if fmt in ("qat-sidecar", "qat-inline", "awq") else None)
+
+
+def _loaded(ckpt, name, files, out_rows=None):
+    """The tensors of Format.rank_tensors for one module at TP 1, as an engine's loader would hold
+    them: stream tensors from the files (flat ones reshaped), checkpoint-fed ones from fed_tensor."""
+    out_f, in_f = ckpt.module_shape(name)
+    g = reference.group_of(in_f)
+    specs = ckpt.kind.rank_tensors(out_f, in_f, in_f // g, torch.bfloat16)
+    loaded = {}
+    for t in specs:
+        if t.source == "checkpoint":
+            v = ckpt.kind.fed_tensor(ckpt, name, t.leaf)
+        else:
+            v = files[f"{name}.{t.leaf}"]
+            if t.flat_in_checkpoint:
+                v = v.reshape(t.shape)
+        assert tuple(v.shape) == t.shape, (t.leaf, tuple(v.shape), t.shape)
+        loaded[t.leaf] = v.to(t.dtype)
+    return specs, loaded, g
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_rank_codes_equal_the_reference(tiny, fmt):
+    ckpt = GraceCheckpoint.open(tiny[fmt])
+    files = reference.tensors(tiny[fmt])
+    side = reference.sidecar(tiny[fmt]) if fmt == "qat-sidecar" else None
+    # qat-grid stores no steps: its codes are the sidecar fixture's (same seed, same weights)
+    src, ref_fmt = (tiny["qat-sidecar"], "qat-sidecar") if fmt == "qat-grid" else (tiny[fmt], fmt)
+    ref_side = reference.sidecar(src) if ref_fmt == "qat-sidecar" else side
+    ref_files = reference.tensors(src)
+    for name in ckpt.modules:
+        specs, loaded, g = _loaded(ckpt, name, files)
+        codes, steps = ckpt.kind.rank_codes(loaded, ckpt.bits, g, name)
+        r = reference.module(src, name, ref_fmt, ckpt.bits, files=ref_files, side=ref_side)
+        assert torch.equal(codes.long(), r["codes"]), name
+        if fmt != "qat-grid":
+            assert torch.equal(steps, r["steps"]), name
+        else:   # derived: the same grid, so the same dequantized weight
+            assert torch.equal(reference.dequant(codes.long(), steps), r["weight"]), name
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_rank_codes_of_row_slices_are_slices(tiny, fmt):
+    """Adapters hand over any slice of output rows (chunks, one module of a fused layer)."""
+    ckpt = GraceCheckpoint.open(tiny[fmt])
+    files = reference.tensors(tiny[fmt])
+    specs, loaded, g = _loaded(ckpt, M, files)
+    codes, steps = ckpt.kind.rank_codes(loaded, ckpt.bits, g, M)
+    r0, r1 = 8, 24
+    part = {}
+    for t in specs:
+        rows = slice(r0 // t.packed, r1 // t.packed)
+        part[t.leaf] = loaded[t.leaf][rows] if t.output_dim == 0 else loaded[t.leaf][:, rows]
+    c, s = ckpt.kind.rank_codes(part, ckpt.bits, g, M)
+    assert torch.equal(c, codes[r0:r1]) and torch.equal(s, steps[r0:r1])
+
+
+def test_rank_codes_refuse_what_the_files_would_refuse(tiny):
+    ckpt = GraceCheckpoint.open(tiny["qat-inline"])
+    specs, loaded, g = _loaded(ckpt, M, reference.tensors(tiny["qat-inline"]))
+    nan = dict(loaded, log_scale=torch.full_like(loaded["log_scale"], float("nan")))
+    with pytest.raises(GraceFormatError, match=f"{M}.log_scale: .* non-finite"):
+        ckpt.kind.rank_codes(nan, ckpt.bits, g, M)
+    off = dict(loaded, weight=loaded["weight"].clone())
+    off["weight"][3, 5] = off["weight"][3, 5] * 1.01 + 1e-3
+    with pytest.raises(GraceFormatError, match=r"off the quantization grid"):
+        ckpt.kind.rank_codes(off, ckpt.bits, g, M)
+    awq = GraceCheckpoint.open(tiny["awq"])
+    specs, loaded, g = _loaded(awq, M, reference.tensors(tiny["awq"]))
+    loaded["qzeros"] = loaded["qzeros"] - 1             # the lowest nibble 8 -> 7
+    with pytest.raises(GraceFormatError, match="zero points differ from 8"):
+        awq.kind.rank_codes(loaded, 4, g, M)
+
+
+def test_module_steps_stored_or_derived(tiny):
+    for fmt in QUANTIZED:
+        ckpt = GraceCheckpoint.open(tiny[fmt])
+        if not ckpt.kind.grid_weights:
+            continue
+        w = ckpt.tensors.get(M + ".weight")
+        assert torch.equal(ckpt.module_steps(M, w), ckpt.quantized(M).scales), fmt
+        with pytest.raises(GraceFormatError, match="has shape"):
+            ckpt.module_steps(M, w[:-1])
