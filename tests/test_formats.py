@@ -132,14 +132,3 @@ def test_layer_feeds_per_module_and_shard_id(tiny):
         for (_, full, _), name in zip(fed, qkv):
             steps = reference.module(tiny[fmt], name, fmt, ckpt.bits, files=files, side=side)["steps"]
             assert torch.equal(torch.exp(full), steps), name
-
-
-def test_module_steps_stored_or_derived(tiny):
-    for fmt in QUANTIZED:
-        ckpt = GraceCheckpoint.open(tiny[fmt])
-        if not ckpt.kind.grid_weights:
-            continue
-        w = ckpt.tensors.get(M + ".weight")
-        assert torch.equal(ckpt.module_steps(M, w), ckpt.quantized(M).scales), fmt
-        with pytest.raises(GraceFormatError, match="has shape"):
-            ckpt.module_steps(M, w[:-1])
