@@ -124,17 +124,6 @@ class GraceCheckpoint:
         """fp32 steps (out, in/G) of one module, without reading or verifying its weight (AWQ: read)."""
         return self.kind.scales(self, name)
 
-    def module_steps(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """fp32 steps (out, in/G) of one module whose full weight (as an engine loaded it) is
-        ``weight``: the stored steps, or, for a format that stores none, derived from ``weight``."""
-        if tuple(weight.shape) != tuple(self.module_shape(name)):
-            raise GraceFormatError(f"{self.path}: the weight loaded for {name} has shape "
-                                   f"{tuple(weight.shape)}, the checkpoint says {tuple(self.module_shape(name))}")
-        if self.kind.stored_steps:
-            return self.scales(name)
-        from .quantizer import derive_scales
-        return derive_scales(weight, self.bits, self.group_size, name, inferred=self.bits_inferred)
-
     def check_served(self) -> None:
         """Verify every module's small tensors (steps, zero points) now; see Format.check_served."""
         self.kind.check_served(self)

@@ -1,6 +1,7 @@
 """Layer rules both engine adapters need, written once: which checkpoint modules an engine fuses
-into one parallel layer (and the shard id of each), how a tensor-parallel rank's slice must hold
-whole quantization groups, and which group size the kernels are told.
+into one parallel layer (and the shard id of each, with which an adapter feeds the tensors the
+weight stream does not carry), how a tensor-parallel rank's slice must hold whole quantization
+groups, and which group size the kernels are told.
 
 Engine-independent; the adapters pass in what their layer objects know (prefix, sizes per rank).
 """
@@ -52,6 +53,42 @@ def shard_index(shard_id, n: int) -> int | None:
     return idx if idx is not None and 0 <= idx < n else None
 
 
+def module_shards(prefix: str, layer_type: str, names: list[str], qkv: bool, merged: bool
+                  ) -> list[tuple[str, object]]:
+    """(checkpoint module, loader shard id) of each module behind one engine layer, in shard order.
+    ``qkv`` / ``merged``: the layer is the engine's QKV / merged-column parallel linear."""
+    n = len(names)
+    qkv = qkv and n == len(QKV_SHARD_IDS)
+    if n == 1 or qkv or merged:
+        return list(zip(names, shard_ids(n, qkv)))
+    raise ValueError(f"grace_qat: layer {prefix} ({layer_type}) fuses checkpoint modules {names}; "
+                     f"no rule to load their scales shard by shard")
+
+
+def checkpoint_feeds(fmt, ckpt, tensors, shards):
+    """(leaf, full tensor, loader args) for every "checkpoint"-source RankTensor of every
+    (module, shard id) in ``shards``: what an adapter pushes through that leaf's own loader after
+    loading, so that the engine shards it exactly like the weight stream's tensors."""
+    for name, shard_id in shards:
+        args = () if shard_id is None else (shard_id,)
+        for t in tensors:
+            if t.source == "checkpoint":
+                yield t.leaf, fmt.fed_tensor(ckpt, name, t.leaf), args
+
+
+def loader_for(t, loader, groups_per_row: int):
+    """The engine loader for RankTensor ``t``: a tensor stored flat (out*groups,) in the files
+    (``flat_in_checkpoint``) is reshaped first, since the engines' loaders shard (out, groups)."""
+    if not t.flat_in_checkpoint:
+        return loader
+
+    def load_flat(param, loaded_weight, *args, **kwargs):
+        if loaded_weight.dim() == 1:
+            loaded_weight = loaded_weight.reshape(-1, groups_per_row)
+        return loader(param, loaded_weight, *args, **kwargs)
+    return load_flat
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Shapes of one layer on this rank, and the group size the kernel sees."""
@@ -80,4 +117,5 @@ class Geometry:
         return cls(in_pp, out_pp, group, -1 if group == input_size else group)
 
 
-__all__ = ["FUSED_MODULES", "QKV_SHARD_IDS", "fused_parts", "shard_ids", "shard_index", "Geometry"]
+__all__ = ["FUSED_MODULES", "QKV_SHARD_IDS", "fused_parts", "shard_ids", "shard_index", "module_shards",
+           "checkpoint_feeds", "loader_for", "Geometry"]

@@ -1,26 +1,27 @@
 """Linear method for the grid formats: BF16 grid weights + per-group steps -> GPTQ layout -> SGLang's
-GPTQ-Marlin. SGLang plumbing only: the steps (``GraceCheckpoint.module_steps``), the codes
-(``Format.rank_codes``) and the layer rules (``grace_qat.layers``) come from the core.
+GPTQ-Marlin. SGLang plumbing only, the same as grace_vllm's: the tensors (``Format.rank_tensors``),
+the codes and steps (``Format.rank_codes``) and the layer rules (``grace_qat.layers``) come from
+the core.
 
-Loading (``create_weights``): the layer gets a staging ``weight`` (out_pp, in_pp) in the
-checkpoint's dtype and a staging ``grace_scales`` (out_pp, in_pp/G) fp32, both with SGLang's v1
-parallel-linear loader (``input_dim=1, output_dim=0``, as unquantized layers have). The model's
-``load_weights`` pushes each checkpoint weight through ``weight``'s loader, which this module wraps:
-after the weight shard is stored, the steps of the same checkpoint module (stored, or derived from
-the grid for a format that stores none), shaped (out, in/G), go
-through the *same* loader with the *same* shard id into ``grace_scales``. Scale rows are weight rows
-and scale columns are groups of weight columns, so the column / merged / QKV loaders (output rows,
-KV-head replication) and the row-parallel loader (input columns, ``shard = param.shape[1]``) shard
-the steps exactly like the weight, provided a rank's input slice holds whole groups; a TP size that
-splits a group is refused in ``create_weights`` with a message.
+Loading (``create_weights``): the layer gets the tensors the checkpoint's format lists for one rank
+(the weight (out_pp, in_pp) in the checkpoint's dtype, and its log-steps (out_pp, in_pp/G) fp32
+where the format stores them), each with SGLang's v1 parallel-linear loader
+(``input_dim``/``output_dim``, as unquantized layers have), so the column / merged / QKV loaders
+(output rows, KV-head replication) and the row-parallel loader (input columns, whole groups) shard
+them. Tensors the weight stream carries (weight, inline log-steps) arrive through the model's
+``load_weights``; a thin wrapper records which checkpoint modules arrived. Tensors it does not carry
+(the sidecar's log-steps) are fed after loading through the same loader per checkpoint module and
+shard id (``grace_qat.layers.checkpoint_feeds``). A TP size that splits a group is refused in
+``create_weights`` with a message.
 
-After loading (``process_weights_after_loading``): codes are recovered from each rank's shard and
-verified against the stored weight (``Format.rank_codes``: any off-grid value is an
-error, never a silent approximation), packed into the GPTQ layout (``grace_qat.packing.pack_gptq``:
-uint4b8 / uint8b128 along the input dim; steps cast to the activation dtype, exactly what
-``grace-qat convert --to gptq`` writes), the BF16 staging tensors are dropped, and SGLang's own
-``GPTQMarlinLinearKernel`` (the kernel object behind ``GPTQMarlinLinearMethod``) repacks them
-(``gptq_marlin_repack``, ``marlin_permute_scales``) and later runs ``apply_gptq_marlin_linear``.
+After loading (``process_weights_after_loading``): ``Format.rank_codes`` turns what this rank holds
+into verified codes and fp32 steps (any off-grid value is an error, never a silent approximation;
+steps derived from the grid for a format that stores none), packed into the GPTQ layout
+(``grace_qat.packing.pack_gptq``: uint4b8 / uint8b128 along the input dim; steps cast to the
+activation dtype, exactly what ``grace-qat convert --to gptq`` writes); the loaded tensors are
+dropped, and SGLang's own ``GPTQMarlinLinearKernel`` (the kernel object behind
+``GPTQMarlinLinearMethod``) repacks them (``gptq_marlin_repack``, ``marlin_permute_scales``) and
+later runs ``apply_gptq_marlin_linear``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 from torch.nn import Parameter
+from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
 from grace_qat import layers
@@ -50,16 +52,6 @@ def _refuse_loading(param, loaded_weight, *args, **kwargs):
                        "restart the engine to load new weights")
 
 
-def _ignore_loading(param, loaded_weight, *args, **kwargs):
-    """Sink for ``<module>.log_scale`` tensors found in the weight stream (qat-inline exports).
-
-    The steps are read through ``GraceCheckpoint`` when the module's weight arrives; registering
-    this parameter only keeps the models' ``load_weights`` from failing on an unknown name
-    (SGLang 0.5.17's Qwen3-VL raises KeyError for unknown fused names).
-    """
-    return None
-
-
 class GraceQATLinearMethod(LinearMethodBase):
     """One instance per quantized SGLang linear layer (``GraceQATConfig.get_quant_method``)."""
 
@@ -68,7 +60,9 @@ class GraceQATLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.names = list(names)           # checkpoint modules in shard order
         self.kernel = None
-        self._loaded: set[str] = set()
+        self.tensors = []                  # the format's RankTensors of this layer on this rank
+        self._loaded: set[tuple[str, str]] = set()   # (leaf, checkpoint module) the stream delivered
+        self._fed = False
 
     # -- shapes -------------------------------------------------------------------------------
 
@@ -101,19 +95,15 @@ class GraceQATLinearMethod(LinearMethodBase):
         self.bits, self.bits_inferred = ckpt.bits, ckpt.bits_inferred
         staging = ckpt.kind.weight_dtype(ckpt)
 
-        weight = Parameter(torch.empty(n, k, dtype=staging), requires_grad=False)
-        _set_attrs(weight, {"input_dim": 1, "output_dim": 0,
-                            "weight_loader": self._make_loader(layer, base_loader)})
-        layer.register_parameter("weight", weight)
-        scales = Parameter(torch.empty(n, k // g, dtype=torch.float32), requires_grad=False)
-        _set_attrs(scales, {"input_dim": 1, "output_dim": 0, "weight_loader": base_loader})
-        layer.register_parameter("grace_scales", scales)
-        streamed = {t.leaf for t in ckpt.kind.rank_tensors(n, k, geo.groups_pp, staging)
-                    if t.source == "stream"} - {"weight"}
-        for leaf in sorted(streamed):    # e.g. inline log-steps: the steps come with the weight below
-            sink = Parameter(torch.empty(0), requires_grad=False)
-            _set_attrs(sink, {"weight_loader": _ignore_loading})
-            layer.register_parameter(leaf, sink)
+        self.tensors = ckpt.kind.rank_tensors(n, k, geo.groups_pp, staging)
+        for t in self.tensors:
+            loader = layers.loader_for(t, base_loader, input_size // g)
+            if t.source == "stream":
+                loader = self._recording_loader(t.leaf, loader)
+            param = Parameter(t.blank(), requires_grad=False)   # grid formats: nothing packed (t.packed == 1)
+            _set_attrs(param, {"input_dim": 1 - t.output_dim, "output_dim": t.output_dim,
+                               "weight_loader": loader})
+            layer.register_parameter(t.leaf, param)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -126,67 +116,75 @@ class GraceQATLinearMethod(LinearMethodBase):
                                    f"for modules {self.names}")
         return [self.names[idx]]
 
-    def _steps(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """fp32 steps (out, in/G) of one checkpoint module whose full weight is ``weight``."""
-        try:
-            return self.config.checkpoint.module_steps(name, weight)
-        except GraceFormatError as e:
-            raise GraceFormatError(f"grace_qat: {self.prefix}: {e}") from None
-
-    def _make_loader(self, layer: torch.nn.Module, base_loader: Callable) -> Callable:
-        def load_weight_and_steps(param, loaded_weight, loaded_shard_id=None):
+    def _recording_loader(self, leaf: str, loader: Callable) -> Callable:
+        """SGLang's loader, noting which checkpoint modules' ``leaf`` arrived (for the error below)."""
+        def load_and_record(param, loaded_weight, loaded_shard_id=None):
             if isinstance(loaded_shard_id, tuple):
                 raise GraceFormatError(f"grace_qat: {self.prefix}: multi-index shard ids are not "
                                        f"supported (got {loaded_shard_id!r})")
-            shard_args = () if loaded_shard_id is None else (loaded_shard_id,)
-            base_loader(param, loaded_weight, *shard_args)
             names = self._names_for_shard(loaded_shard_id)
-            with torch.device(loaded_weight.device):
-                if len(names) == 1:
-                    steps = self._steps(names[0], loaded_weight)
-                else:   # a checkpoint that stores the fused tensor: split its rows per module
-                    rows = [self.config.checkpoint.module_shape(m)[0] for m in names]
-                    parts = torch.split(loaded_weight, rows, dim=0)
-                    steps = torch.cat([self._steps(m, w) for m, w in zip(names, parts, strict=True)], dim=0)
-            base_loader(layer.grace_scales, steps, *shard_args)
-            self._loaded.update(names)
-        return load_weight_and_steps
+            loader(param, loaded_weight, *(() if loaded_shard_id is None else (loaded_shard_id,)))
+            self._loaded.update((leaf, m) for m in names)
+        return load_and_record
+
+    def feed_from_checkpoint(self, layer: torch.nn.Module) -> None:
+        """Tensors the weight stream does not carry (the sidecar's log-steps), per checkpoint module
+        and shard id through the same loader; once."""
+        if self._fed:
+            return
+        shards = layers.module_shards(self.prefix, type(layer).__name__, self.names,
+                                      qkv=isinstance(layer, QKVParallelLinear),
+                                      merged=isinstance(layer, MergedColumnParallelLinear))
+        ckpt = self.config.checkpoint
+        try:
+            with torch.device(getattr(layer, self.tensors[0].leaf).device):
+                for leaf, full, args in layers.checkpoint_feeds(ckpt.kind, ckpt, self.tensors, shards):
+                    param = getattr(layer, leaf)
+                    param.weight_loader(param, full.to(param.device), *args)
+        except GraceFormatError as e:        # names the file and tensor already
+            raise GraceFormatError(f"grace_qat: {self.prefix}: {e}") from None
+        self._fed = True
 
     # -- after loading ------------------------------------------------------------------------
 
-    def pack_gptq_layout(self, layer: torch.nn.Module) -> None:
-        """Staging BF16 + fp32 steps -> verified codes -> GPTQ ``qweight``/``scales`` on the layer.
-
-        Runs on any device (the CPU tests call it directly). Drops the staging tensors.
+    def pack_gptq_layout(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """What this rank loaded -> verified codes and fp32 steps -> GPTQ ``qweight``/``scales`` on
+        the layer. Runs on any device (the CPU tests call it directly). Drops the loaded tensors;
+        returns the (codes, steps) it packed.
         """
-        missing = [m for m in self.names if m not in self._loaded]
-        if missing:
-            raise GraceFormatError(f"grace_qat: {self.prefix}: no weight was loaded for {missing}; "
-                                   f"the checkpoint and the model's layer names do not match")
+        for t in self.tensors:
+            missing = [m for m in self.names if (t.leaf, m) not in self._loaded]
+            if t.source == "stream" and missing:
+                raise GraceFormatError(f"grace_qat: {self.prefix}: no {t.leaf} was loaded for {missing}; "
+                                       f"the checkpoint and the model's layer names do not match")
         from sglang.srt.layers.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
-        weight = layer.weight.data
-        steps = layer.grace_scales.data
+        ckpt = self.config.checkpoint
+        self.feed_from_checkpoint(layer)
+        loaded = {t.leaf: getattr(layer, t.leaf).data for t in self.tensors}
+        device = next(iter(loaded.values())).device
         label = self.names[0] if len(self.names) == 1 else f"{self.prefix} ({', '.join(self.names)})"
         # grace_qat's helpers create small tensors (bit shifts, ...) with factory functions:
         # make them land on the weight's device (the GPU when SGLang serves), whatever the default.
-        with torch.device(weight.device):
-            codes, _ = self.config.checkpoint.kind.rank_codes(
-                {"weight": weight, "steps": steps}, self.bits, self.group, name=label,
-                inferred=getattr(self, "bits_inferred", False))
+        with torch.device(device):
+            try:
+                codes, steps = ckpt.kind.rank_codes(loaded, self.bits, self.group, name=label,
+                                                    inferred=getattr(self, "bits_inferred", False))
+            except GraceFormatError as e:
+                raise GraceFormatError(f"{ckpt.path}: SGLang layer {self.prefix} on this rank: {e}") from None
             packed = pack_gptq(codes, steps, self.bits, self.group, scale_dtype=self.params_dtype)
         self._check_scale_dtype(steps, packed["scales"])
-        del codes
-        for name in ("weight", "grace_scales", "log_scale"):
-            if name in layer._parameters:
-                delattr(layer, name)
-        qweight = PackedvLLMParameter(data=packed["qweight"].to(weight.device), input_dim=0,
+        del loaded
+        for t in self.tensors:
+            delattr(layer, t.leaf)
+        qweight = PackedvLLMParameter(data=packed["qweight"].to(device), input_dim=0,
                                       output_dim=1, packed_dim=0, packed_factor=pack_factor(self.bits),
                                       weight_loader=_refuse_loading)
-        scales = GroupQuantScaleParameter(data=packed["scales"].to(weight.device), input_dim=0,
+        scales = GroupQuantScaleParameter(data=packed["scales"].to(device), input_dim=0,
                                           output_dim=1, weight_loader=_refuse_loading)
         layer.register_parameter("qweight", qweight)
         layer.register_parameter("scales", scales)
+        return codes, steps
 
     def _check_scale_dtype(self, steps: torch.Tensor, cast: torch.Tensor) -> None:
         global _warned_fp16_scales

@@ -201,10 +201,8 @@ class GraceLinearMethod(LinearMethodBase):
         except GraceFormatError as e:
             raise GraceFormatError(f"grace_qat: layer {layer.prefix}: {e}") from None
         for t in self.tensors:
-            data = (torch.full(t.shape, float("nan"), dtype=t.dtype) if t.nan_fill
-                    else torch.empty(t.shape, dtype=t.dtype))
-            loader = (_reshaping_loader(weight_loader, input_size // self.geo.group) if t.flat_in_checkpoint
-                      else weight_loader)
+            data = t.blank()
+            loader = layers.loader_for(t, weight_loader, input_size // self.geo.group)
             dims = dict(input_dim=1 - t.output_dim, output_dim=t.output_dim, weight_loader=loader)
             if t.packed > 1:
                 param = PackedvLLMParameter(data=data, packed_dim=t.output_dim, packed_factor=t.packed, **dims)
@@ -217,15 +215,12 @@ class GraceLinearMethod(LinearMethodBase):
 
     def _feed_from_checkpoint(self, layer) -> None:
         """Tensors the weight stream does not carry, per checkpoint module through the same loader."""
-        fed = [t for t in self.tensors if t.source == "checkpoint"]
-        if not fed:
+        if not any(t.source == "checkpoint" for t in self.tensors):
             return
-        ckpt = self.qcfg.checkpoint()
-        for hf_name, shard_id in zip(self.hf_names, _shard_ids(layer, self.hf_names)):
-            args = () if shard_id is None else (shard_id,)
-            for t in fed:
-                param = getattr(layer, t.leaf)
-                param.weight_loader(param, self.format.fed_tensor(ckpt, hf_name, t.leaf).to(param.device), *args)
+        shards = _module_shards(layer, self.hf_names)
+        for leaf, full, args in layers.checkpoint_feeds(self.format, self.qcfg.checkpoint(), self.tensors, shards):
+            param = getattr(layer, leaf)
+            param.weight_loader(param, full.to(param.device), *args)
 
     def _rows(self, t: formats.RankTensor, data: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         rows = slice(r0 // t.packed, r1 // t.packed)
@@ -330,22 +325,10 @@ class GraceLinearMethod(LinearMethodBase):
         return self._unquantized.apply(layer, x, bias)
 
 
-def _reshaping_loader(loader, groups_per_row: int):
-    """Checkpoint log_scale tensors are flat (out*in/G,); vLLM's loaders shard (out, in/G)."""
-    def load_log_scale(param, loaded_weight, *args, **kwargs):
-        if loaded_weight.dim() == 1:
-            loaded_weight = loaded_weight.reshape(-1, groups_per_row)
-        return loader(param, loaded_weight, *args, **kwargs)
-    return load_log_scale
-
-
-def _shard_ids(layer, hf_names: list[str]) -> list:
-    n = len(hf_names)
-    qkv = isinstance(layer, QKVParallelLinear) and n == len(layers.QKV_SHARD_IDS)
-    if n == 1 or qkv or isinstance(layer, MergedColumnParallelLinear):
-        return layers.shard_ids(n, qkv)
-    raise ValueError(f"grace_qat: layer {layer.prefix} ({type(layer).__name__}) fuses checkpoint modules "
-                     f"{hf_names}; no rule to load their scales shard by shard")
+def _module_shards(layer, hf_names: list[str]) -> list[tuple[str, object]]:
+    return layers.module_shards(layer.prefix, type(layer).__name__, hf_names,
+                                qkv=isinstance(layer, QKVParallelLinear),
+                                merged=isinstance(layer, MergedColumnParallelLinear))
 
 
 @register_weight_loader_v2_supported_method

@@ -107,12 +107,28 @@ def test_rank_codes_refuse_what_the_files_would_refuse(tiny):
         awq.kind.rank_codes(loaded, 4, g, M)
 
 
-def test_module_steps_stored_or_derived(tiny):
+def test_layer_feeds_per_module_and_shard_id(tiny):
+    """What an engine adapter feeds after loading (grace_qat.layers): the sidecar's log-steps of
+    each module behind a layer, with that module's loader shard id; nothing for formats whose
+    stream carries them. Against tests/reference.py."""
+    from grace_qat import layers
+    p = "model.language_model.layers.1."
+    qkv = [p + f"self_attn.{x}_proj" for x in "qkv"]
+    gate_up = [p + "mlp.gate_proj", p + "mlp.up_proj"]
+    assert layers.module_shards("l", "QKV", qkv, qkv=True, merged=False) == list(zip(qkv, "qkv"))
+    assert layers.module_shards("l", "Merged", gate_up, qkv=False, merged=True) == list(zip(gate_up, (0, 1)))
+    assert layers.module_shards("l", "Row", [M], qkv=False, merged=False) == [(M, None)]
+    with pytest.raises(ValueError, match=r"layer l \(Column\) fuses checkpoint modules"):
+        layers.module_shards("l", "Column", gate_up, qkv=False, merged=False)
     for fmt in QUANTIZED:
         ckpt = GraceCheckpoint.open(tiny[fmt])
-        if not ckpt.kind.grid_weights:
+        specs = ckpt.kind.rank_tensors(8, 256, 2, torch.bfloat16)
+        fed = list(layers.checkpoint_feeds(ckpt.kind, ckpt, specs, list(zip(qkv, "qkv"))))
+        if fmt != "qat-sidecar":
+            assert fed == [], fmt
             continue
-        w = ckpt.tensors.get(M + ".weight")
-        assert torch.equal(ckpt.module_steps(M, w), ckpt.quantized(M).scales), fmt
-        with pytest.raises(GraceFormatError, match="has shape"):
-            ckpt.module_steps(M, w[:-1])
+        files, side = reference.tensors(tiny[fmt]), reference.sidecar(tiny[fmt])
+        assert [(leaf, args) for leaf, _, args in fed] == [("log_scale", (x,)) for x in "qkv"]
+        for (_, full, _), name in zip(fed, qkv):
+            steps = reference.module(tiny[fmt], name, fmt, ckpt.bits, files=files, side=side)["steps"]
+            assert torch.equal(torch.exp(full), steps), name

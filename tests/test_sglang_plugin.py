@@ -330,7 +330,10 @@ def _build_layer0(qc, path, rank, size, dtype=torch.bfloat16):
             layer = layers[key]
             params = dict(layer.named_parameters())
             for mod, shard in parts:
-                leaves = ["weight"] if ckpt.format != "awq" else ["qweight", "qzeros", "scales"]
+                # what the model's load_weights hands this layer: every tensor of the module in the files
+                leaves = [leaf for leaf in ("weight", "log_scale", "qweight", "qzeros", "scales")
+                          if f"{p}{mod}.{leaf}" in ckpt.tensors]
+                assert leaves, (path, mod)
                 for leaf in leaves:
                     param = params[leaf]
                     args = () if shard is None else (shard,)
@@ -394,20 +397,25 @@ def test_layers_shard_weights_and_steps(plugins_loaded, ckpts, fmt, tp, rank):
     for key, layer in layers.items():
         w_exp, s_exp, c_exp = _expected(ckpt, key, rank, tp, nkv)
         assert torch.equal(layer.weight.data, w_exp), (fmt, tp, rank, key, "weight")
-        steps = layer.grace_scales.data
+        # the log-steps this rank holds (inline: from the weight stream; sidecar: fed after loading)
+        layer.quant_method.feed_from_checkpoint(layer)
+        assert hasattr(layer, "log_scale") == (s_exp is not None), (fmt, key)
+        if s_exp is not None:
+            assert torch.equal(torch.exp(layer.log_scale.data), s_exp), (fmt, tp, rank, key, "log_scale")
+        # recover + verify + GPTQ layout; decoded by plain code (tests/reference.py), not grace_qat
+        codes, steps = layer.quant_method.pack_gptq_layout(layer)
         if s_exp is None:                    # qat-grid: derived from the grid, close to the learned steps
             s_learned = _expected(GraceCheckpoint.open(os.path.join(os.path.dirname(path), "qat-sidecar")),
                                   key, rank, tp, nkv)[1]
             assert bool(((steps - s_learned).abs() <= 2 ** -7 * s_learned).all()), (fmt, tp, rank, key, "steps")
         else:
             assert torch.equal(steps, s_exp), (fmt, tp, rank, key, "steps")
-        # recover + verify + GPTQ layout; decoded by plain code (tests/reference.py), not grace_qat
-        layer.quant_method.pack_gptq_layout(layer)
+        assert torch.equal(codes.to(c_exp.dtype), c_exp), (fmt, tp, rank, key, "codes")
         assert torch.equal(reference.gptq_codes(layer.qweight.data, ckpt.bits), c_exp), (fmt, tp, rank, key, "qweight")
         assert torch.equal(layer.qweight.data, reference.gptq_qweight(c_exp, ckpt.bits)), (fmt, tp, rank, key)
         assert torch.equal(layer.scales.data, steps.t().to(torch.bfloat16)), (fmt, tp, rank, key, "scales")
         params = dict(layer.named_parameters())
-        assert "weight" not in params and "grace_scales" not in params and "log_scale" not in params
+        assert "weight" not in params and "log_scale" not in params
 
 
 @pytest.mark.parametrize("fmt", FORMATS_A + ["w8"])
@@ -452,9 +460,13 @@ def test_kv_head_replication_tp4(plugins_loaded, ckpts):
                                       params_dtype=torch.bfloat16, prefix=p + "qkv_proj", **kw)
             for x in "qkv":
                 layer.weight.weight_loader(layer.weight, ckpt.tensors.get(f"{p}{x}_proj.weight"), x)
-        w_exp, s_exp, _ = _expected(ckpt, "qkv", rank, 4, tc["num_key_value_heads"])
+        w_exp, s_exp, c_exp = _expected(ckpt, "qkv", rank, 4, tc["num_key_value_heads"])
         assert torch.equal(layer.weight.data, w_exp), rank
-        assert torch.equal(layer.grace_scales.data, s_exp), rank
+        layer.quant_method.feed_from_checkpoint(layer)      # the sidecar's log-steps, shard by shard
+        assert torch.equal(torch.exp(layer.log_scale.data), s_exp), rank
+        codes, steps = layer.quant_method.pack_gptq_layout(layer)
+        assert torch.equal(steps, s_exp), rank
+        assert torch.equal(codes.to(c_exp.dtype), c_exp), rank
 
 
 def test_tp_that_splits_groups_is_refused(plugins_loaded, ckpts):
@@ -554,6 +566,17 @@ def test_unloaded_weights_are_reported(plugins_loaded, ckpts):
                                   prefix="model.language_model.layers.3.mlp.down_proj", **kw)
     with pytest.raises(GraceFormatError, match="no weight was loaded"):
         layer.quant_method.pack_gptq_layout(layer)
+    # qat-inline: the log-steps come with the weight stream too; a weight alone is not enough
+    qc = GraceQATConfig(ckpts["qat-inline"])
+    name = "model.language_model.layers.3.mlp.down_proj"
+    with tp_partition(0, 1) as kw:
+        layer = RowParallelLinear(tc["intermediate_size"], tc["hidden_size"], bias=False, quant_config=qc,
+                                  params_dtype=torch.bfloat16, prefix=name, **kw)
+    layer.weight.weight_loader(layer.weight, qc.checkpoint.tensors.get(name + ".weight"))
+    with pytest.raises(GraceFormatError) as e:
+        layer.quant_method.pack_gptq_layout(layer)
+    assert str(e.value) == (f"grace_qat: {name}: no log_scale was loaded for ['{name}']; the checkpoint "
+                            f"and the model's layer names do not match"), str(e.value)
 
 
 @pytest.mark.parametrize("tp,rank", [(1, 0), (2, 1)])
@@ -833,12 +856,15 @@ def _full_model_worker(spec_path: str) -> int:
                 s = torch.cat([ckpt.quantized(m).scales for m in qm.names])
                 if not torch.equal(mod.weight.data, w):
                     errors.append(f"{name}: staged weight differs from the checkpoint")
-                if not torch.equal(mod.grace_scales.data, s):
-                    errors.append(f"{name}: staged steps differ from the checkpoint")
+                qm.feed_from_checkpoint(mod)
+                if hasattr(mod, "log_scale") and not torch.equal(torch.exp(mod.log_scale.data), s):
+                    errors.append(f"{name}: loaded log-steps differ from the checkpoint")
                 steps32[name] = s
-                qm.pack_gptq_layout(mod)
-                if {"weight", "grace_scales"} & set(dict(mod.named_parameters())):
-                    errors.append(f"{name}: staging tensors not freed")
+                _, steps = qm.pack_gptq_layout(mod)
+                if not torch.equal(steps, s):
+                    errors.append(f"{name}: recovered steps differ from the checkpoint")
+                if {"weight", "log_scale"} & set(dict(mod.named_parameters())):
+                    errors.append(f"{name}: loaded tensors not freed")
             elif type(qm).__name__ == "AWQLinearMethod":
                 names = qc.checkpoint_modules(name)
                 for leaf in ("qweight", "qzeros", "scales"):

@@ -51,6 +51,12 @@ class RankTensor:
     nan_fill: bool = False           # NaN until loaded: a tensor that never arrives fails verification
     flat_in_checkpoint: bool = False  # stored 1-D (out * groups,) in the files: reshape before sharding
 
+    def blank(self) -> torch.Tensor:
+        """The tensor an engine registers before loading (NaN where ``nan_fill``)."""
+        if self.nan_fill:
+            return torch.full(self.shape, float("nan"), dtype=self.dtype)
+        return torch.empty(self.shape, dtype=self.dtype)
+
 
 @dataclass
 class Opening:
