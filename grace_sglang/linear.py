@@ -123,6 +123,13 @@ class GraceQATLinearMethod(LinearMethodBase):
                 raise GraceFormatError(f"grace_qat: {self.prefix}: multi-index shard ids are not "
                                        f"supported (got {loaded_shard_id!r})")
             names = self._names_for_shard(loaded_shard_id)
+            if leaf == "weight":   # SGLang hands the whole module's tensor; its loader only asserts
+                ckpt = self.config.checkpoint
+                shapes = [ckpt.module_shape(m) for m in names]
+                want = (sum(s[0] for s in shapes), shapes[0][1])
+                if tuple(loaded_weight.shape) != want:
+                    raise GraceFormatError(f"{ckpt.path}: the weight loaded for {' + '.join(names)} has "
+                                           f"shape {tuple(loaded_weight.shape)}, the checkpoint says {want}")
             loader(param, loaded_weight, *(() if loaded_shard_id is None else (loaded_shard_id,)))
             self._loaded.update((leaf, m) for m in names)
         return load_and_record

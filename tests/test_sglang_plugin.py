@@ -577,6 +577,13 @@ def test_unloaded_weights_are_reported(plugins_loaded, ckpts):
         layer.quant_method.pack_gptq_layout(layer)
     assert str(e.value) == (f"grace_qat: {name}: no log_scale was loaded for ['{name}']; the checkpoint "
                             f"and the model's layer names do not match"), str(e.value)
+    # a weight of another shape than the checkpoint's: one line naming the checkpoint and module,
+    # not the assertion inside SGLang's loader
+    w = qc.checkpoint.tensors.get(name + ".weight")
+    with pytest.raises(GraceFormatError) as e:
+        layer.weight.weight_loader(layer.weight, w[:, :-128])
+    assert str(e.value) == (f"{qc.checkpoint.path}: the weight loaded for {name} has shape "
+                            f"{(w.shape[0], w.shape[1] - 128)}, the checkpoint says {tuple(w.shape)}"), str(e.value)
 
 
 @pytest.mark.parametrize("tp,rank", [(1, 0), (2, 1)])
