@@ -74,6 +74,26 @@ def vllm_command() -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
 
 
+def wait_healthy(server, what: str, t0: float, poll_s: float, on_tick=None) -> float:
+    """Poll ``server.url``/health until it answers 200 (seconds since ``t0``); the server process
+    exiting, or ``server.startup_timeout`` passing (the server is then stopped), raises with the
+    log's tail. Shared by the vLLM and SGLang servers of the demo and the GPU scripts."""
+    while time.perf_counter() - t0 < server.startup_timeout:
+        if on_tick is not None:
+            on_tick()
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:      # SGLang answers 503 while starting
+            with urllib.request.urlopen(server.url + "/health", timeout=max(2, 2 * poll_s)) as r:
+                if r.status == 200:
+                    return time.perf_counter() - t0
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(poll_s)
+    server.__exit__(None, None, None)
+    raise TimeoutError(f"{what} not healthy after {server.startup_timeout}s:\n{server.log_tail()}")
+
+
 class VLLMServer:
     """``vllm serve`` in a subprocess on a loopback port; always stopped on exit (context manager).
 
@@ -117,20 +137,8 @@ class VLLMServer:
         self._last_step = ("starting vllm serve", t0)
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
-        while time.perf_counter() - t0 < self.startup_timeout:
-            self._report(seen, t0)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        self.startup_s = time.perf_counter() - t0
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(1)
-        self.__exit__(None, None, None)
-        raise TimeoutError(f"vllm serve not healthy after {self.startup_timeout}s:\n{self.log_tail()}")
+        self.startup_s = wait_healthy(self, "vllm serve", t0, poll_s=1, on_tick=lambda: self._report(seen, t0))
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:

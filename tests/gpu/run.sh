@@ -334,7 +334,7 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     tail -25 $OUT/gpu-tests.log; echo "pytest rc=$rc"; exit $rc ;;
   workflow-vllm|sglang-workflow)
     # A published image has no bundle marker: hide it, keep the engine importable through PYTHONPATH
-    export GRACE_GPU_SITES=/tmp/no-bundle GRACE_GPU_BUNDLE_WAIT=0 PYTHONPATH=$PYTHONPATH:$SITE
+    export GRACE_GPU_SITES=/tmp/no-bundle GRACE_GPU_BUNDLE_WAIT=0   # PYTHONPATH already holds $SITE (use_engine)
     job=$ENGINE
     timeout 1500 python3 tests/gpu/workflow_steps.py $job --offline --out $OUT/workflow-$job.jsonl \
       --artifacts $OUT/artifacts > $OUT/workflow-$job.log 2>&1; rc=$?

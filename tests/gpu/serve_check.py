@@ -42,7 +42,7 @@ for p in (ROOT, HERE, os.path.join(ROOT, "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from grace_qat.demo import VLLMServer, kernels_in_log  # noqa: E402  (plain HTTP helpers, no vLLM import)
+from grace_qat.demo import VLLMServer, kernels_in_log, wait_healthy  # noqa: E402  (plain HTTP helpers, no vLLM import)
 
 QUESTION = "Describe the image in one sentence."
 TEXT_QUESTION = "Write one sentence about the sea."
@@ -74,19 +74,8 @@ class SGLangServer(VLLMServer):
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
-        while time.perf_counter() - t0 < self.startup_timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sglang.launch_server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:      # 503 while starting, 200 once the scheduler is up
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        self.startup_s = time.perf_counter() - t0
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(2)
-        self.__exit__(None, None, None)
-        raise TimeoutError(f"sglang.launch_server not healthy after {self.startup_timeout}s:\n{self.log_tail()}")
+        self.startup_s = wait_healthy(self, "sglang.launch_server", t0, poll_s=2)
+        return self
 
 
 def image_data_url() -> str:
