@@ -112,7 +112,7 @@ def _make_bundle(tmp_path, engine, files):
     out = tmp_path / "bundle"
     parts = bundle.split_file(src, out, part_bytes=700)
     bundle.write_install(out / parts[-1]["dir"], label, engine, parts, whole,
-                         "export BUNDLE_TEST_VAR=1\n", "import pkg_in_bundle; print('smoke', pkg_in_bundle.X)")
+                         "export BUNDLE_TEST_VAR=1\n", "import sys, pkg_in_bundle\nprint('smoke', pkg_in_bundle.X, sys.argv[1:])\n")
     return label, out, parts, bundle.call_sequence(engine, label, ".devbundle-" + label, parts)
 
 
@@ -123,7 +123,7 @@ def test_the_printed_calls_reassemble_verify_and_install_the_bundle(tmp_path, en
     res = _device(tmp_path / "repo", calls, out)
     for r in res:
         assert r.returncode == 0, r.stdout + r.stderr
-    assert "smoke 42" in res[-1].stdout
+    assert "smoke 42 [%r]" % engine in res[-1].stdout   # the smoke test is told which engine
     site = Path("/tmp/site-" + engine)
     assert (site / "pkg_in_bundle" / "blob.bin").read_bytes() == files["pkg_in_bundle/blob.bin"]
     assert Path("/tmp/site-%s.done" % engine).exists()
@@ -200,3 +200,38 @@ def test_the_install_names_a_part_that_changed_after_its_call(tmp_path, engine):
     last = _device(tmp_path / "repo", calls[-1:], out)[0]
     assert last.returncode != 0 and "%s: FAILED" % parts[1]["file"] in last.stdout + last.stderr
     assert not Path("/tmp/site-%s.done" % engine).exists()
+
+
+def test_a_pin_the_index_lacks_takes_the_nearest_release_of_its_series():
+    """vLLM 0.34 pins flashinfer-python==0.7.3, which the index lacks (0.7.2.post1 and 0.7.4 exist):
+    the rule names the pin and the release it takes instead; a series with no release is refused."""
+    avail = "0.6.8, 0.7.0, 0.7.1, 0.7.2.post1, 0.7.4, 0.7.5rc1, 0.8.0".split(",")
+    version, rule = bundle.substitute_pin("flashinfer-python", "0.7.3", avail)
+    assert version == "0.7.4" and "flashinfer-python==0.7.3 is not on the package index" in rule
+    assert bundle.substitute_pin("x", "0.7.9", avail)[0] == "0.7.4"      # no newer one: the newest older
+    version, rule = bundle.substitute_pin("cuda-tile", "1.6.0rc5", ["1.5.0", "1.6.0rc4", "1.7.0"])
+    assert version is None and "skip list" in rule
+    err = ("ERROR: Could not find a version that satisfies the requirement flashinfer-python==0.7.3 "
+           "(from versions: 0.7.2.post1, 0.7.4)\nERROR: No matching distribution found")
+    assert bundle.MISSING_PIN.search(err).groups() == ("flashinfer-python", "0.7.3", "0.7.2.post1, 0.7.4")
+
+
+def test_a_reused_image_package_ships_when_its_own_requirements_exclude_what_ships_beside_it(monkeypatch):
+    """The image's transformers 5.17 requires huggingface-hub<2.0; vLLM 0.34 ships hub 2.x: transformers
+    must ship too (at the resolved version), and so must whatever that change excludes in turn."""
+    monkeypatch.setitem(bundle.IMAGE, "transformers", "5.17.0")
+    monkeypatch.setitem(bundle.IMAGE, "huggingface-hub", "1.33.0")
+    monkeypatch.setitem(bundle.IMAGE, "tokenizers", "0.23.2")
+    monkeypatch.setitem(bundle.IMAGE, "accelerate", "1.15.0")
+    pkgs = [dict(name="huggingface-hub", version="2.4.0", requires=[]),
+            dict(name="transformers", version="5.22.2", requires=["huggingface-hub>=2.0", "tokenizers>=0.23"]),
+            dict(name="tokenizers", version="0.23.2", requires=["huggingface-hub>=1.0"]),
+            dict(name="accelerate", version="1.16.0", requires=["transformers>=5.20"])]
+    image_requires = {("transformers", "5.17.0"): ["huggingface-hub>=1.5.0,<2.0", "tokenizers>=0.22"],
+                      ("accelerate", "1.15.0"): ["transformers<5.18", "numpy"]}
+    dec = {"huggingface-hub": ("ship", "x"), "transformers": ("reuse", "x"), "tokenizers": ("reuse", "x"),
+           "accelerate": ("reuse", "x")}
+    bundle.reused_must_fit(pkgs, dec, None, requires_of=lambda n, v: image_requires[(n, v)])
+    assert dec["transformers"][0] == "ship" and "requires huggingface-hub<2.0,>=1.5.0" in dec["transformers"][1]
+    assert dec["accelerate"][0] == "ship"           # its transformers<5.18 no longer holds once 5.22.2 ships
+    assert dec["tokenizers"] == ("reuse", "x")      # same version as resolved: its requirements hold

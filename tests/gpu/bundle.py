@@ -112,10 +112,9 @@ COMMON_SKIP = {
     "fastapi-cloud-cli": "fastapi's cloud deploy command", "rignore": "fastapi-cloud-cli",
     "sentry-sdk": "fastapi-cloud-cli", "agent-detector": "fastapi-cloud-cli", "detect-installer": "fastapi-cloud-cli",
     "pyjwt": "mcp auth", "cryptography": "mcp auth", "cffi": "cryptography", "pycparser": "cryptography",
-    "truststore": "fastapi-cloud-cli", "supervisor": "process supervision in containers",
+    "supervisor": "process supervision in containers",
     "z3-solver": "tilelang's solver", "tilelang": "TileLang kernels (DeepSeek sparse attention)",
     "tokenspeed-mla": "MLA kernels (DeepSeek)", "tokenspeed-triton": "tokenspeed-mla's Triton fork",
-    "humming-kernels": "kernels for other quantization formats (sm100)",
     "nccl4py": "NCCL from Python for multi-GPU paths", "nccl-extensions": "NCCL extensions (multi-GPU)",
     "instanttensor": "alternative weight loader", "fastsafetensors": "alternative weight loader (GDS)",
 }
@@ -123,18 +122,18 @@ COMMON_SKIP = {
 PROFILES = {
     "vllm": dict(
         skip=dict(COMMON_SKIP, **{
-            "quack-kernels": "CuTe-DSL kernels for Blackwell and GDN layers", "nvidia-cutlass-dsl":
-            "CuTe DSL (FA4, sm100 kernels, GDN)", "nvidia-cutlass-dsl-libs-base": "CuTe DSL",
-            "nvidia-cutlass-dsl-libs-cu12": "CuTe DSL", "nvidia-cutlass-dsl-libs-cu13": "CuTe DSL",
-            "nvidia-cutlass-dsl-libs-core": "CuTe DSL", "cuda-tile": "cuTile kernels (Blackwell)",
+            "quack-kernels": "CuTe-DSL kernels for Blackwell and GDN layers",
+            "nvidia-cutlass-dsl-libs-cu12": "CuTe DSL for CUDA 12 (the machine is CUDA 13)",
+            "cuda-tile": "cuTile kernels (Blackwell)",
+            # vLLM 0.34 pins flashinfer-python==0.7.3, which the index lacks; the engines start and serve
+            # without FlashInfer (FA3 attention, VLLM_USE_FLASHINFER_SAMPLER=0): the smoke test proves it
+            "flashinfer-python": "FlashInfer (the tests use FA3 and VLLM_USE_FLASHINFER_SAMPLER=0)",
             "flashinfer-cubin": "prebuilt FlashInfer kernels; the tests use FA3 and VLLM_USE_FLASHINFER_SAMPLER=0",
             "flashinfer-jit-cache": "prebuilt FlashInfer JIT cache",
         }),
         drop=[r"vllm/vllm_flash_attn/_vllm_fa2_C\.abi3\.so$", r"vllm/vllm-rs$", r"vllm/_flashmla.*\.so$",
               r"vllm/_flashkda_C\.abi3\.so$", r"vllm/third_party/fmha_sm100/", r"vllm/_qutlass_C\.abi3\.so$",
               r"vllm/_deepselect_C\.abi3\.so$", r"vllm/third_party/deep_gemm/_C\.cpython-3(?!12)"],
-        smoke="import torch, vllm; from vllm import LLM; import vllm.entrypoints.openai.api_server; "
-              "print('vllm', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())",
     ),
     "sglang": dict(
         skip=dict(COMMON_SKIP, **{
@@ -159,10 +158,10 @@ PROFILES = {
               r"sgl_kernel/.*cpython-3(?!12)\d+-x86_64-linux-gnu\.so$"],
         # imported but not declared by the engine (reached here only through skipped packages)
         need={"dill": "sglang.srt.sampling.custom_logit_processor imports it; only datasets declares it"},
-        smoke="import torch, sglang; from sglang.srt.server_args import ServerArgs; import sgl_kernel; "
-              "print('sglang', sglang.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())",
     ),
 }
+# install.sh's smoke test: start the engine with its defaults and generate (not only import it)
+SMOKE = pathlib.Path(__file__).with_name("engine_smoke.py")
 # SGLang JIT-compiles its Marlin kernels with nvcc + tvm-ffi: keep torch's headers for it.
 SGLANG_KEEP = [r"torch/include/"]
 
@@ -237,7 +236,7 @@ cat > "$SITE.env" <<EOF
 export PYTHONPATH=$SITE\${{PYTHONPATH:+:\$PYTHONPATH}}
 {env_lines}EOF
 . "$SITE.env"
-cd /tmp && python3 "${{BUNDLE_SMOKE:-$here/smoke.py}}"
+cd /tmp && python3 "${{BUNDLE_SMOKE:-$here/smoke.py}}" {engine}
 touch "$SITE.done"
 echo "installed {label} into $SITE ($(du -sh "$SITE" | cut -f1)); later calls: source $SITE.env"
 """
@@ -257,10 +256,11 @@ UNPACK = {
 
 def write_install(last: pathlib.Path, label: str, engine: str, parts: list[dict], whole_sha: str,
                   env_lines: str, smoke: str, fmt: str = "xz") -> None:
-    """Put SHA256SUMS.parts and install.sh (reassemble, verify, unpack, smoke-import) beside the last part."""
+    """Put SHA256SUMS.parts, install.sh (reassemble, verify, unpack, smoke test) and the smoke test
+    (``smoke``: a Python script's text, run with the engine name as its argument) beside the last part."""
     archive = label + (".tar.xz" if fmt == "xz" else ".tar")
     (last / "SHA256SUMS.parts").write_text("".join("%s  %s\n" % (p["sha256"], p["file"]) for p in parts))
-    (last / "smoke.py").write_text("# run by install.sh once the bundle is unpacked\n" + smoke.replace("; ", "\n") + "\n")
+    (last / "smoke.py").write_text(smoke)
     (last / "install.sh").write_text(INSTALL_SH.format(
         label=label, engine=engine, last_file=parts[-1]["file"], part_glob=archive + ".part[0-9][0-9]",
         archive=archive, whole_sha=whole_sha, env_lines=env_lines,
@@ -295,8 +295,47 @@ def format_calls(label: str, calls: list[dict], total: int) -> str:
 
 
 # ---------------------------------------------------------------- resolution and decisions
+MISSING_PIN = re.compile(r"Could not find a version that satisfies the requirement ([A-Za-z0-9_.\-]+)"
+                         r"(?:\[[^\]]*\])?==([^\s;,)]+) \(from versions: ([^)]*)\)")
+
+
+def substitute_pin(name: str, pinned: str, available: list[str]) -> tuple[str | None, str]:
+    """The rule for a pin the package index lacks: the nearest release of the same major.minor, the
+    next newer one first (a patch release the engine's authors would have taken), else the newest
+    older one; None where that series has no release. Returns (version, the rule as printed)."""
+    from packaging.version import InvalidVersion, Version
+    want = Version(pinned)
+    same = []
+    for v in available:
+        try:
+            ver = Version(v.strip())
+        except InvalidVersion:
+            continue
+        if not ver.is_prerelease and ver.release[:2] == want.release[:2]:
+            same.append(ver)
+    newer = sorted(v for v in same if v > want)
+    older = sorted(v for v in same if v < want)
+    pick = newer[0] if newer else (older[-1] if older else None)
+    rule = ("%s==%s is not on the package index; rule: the nearest release of %d.%d, a newer one first -> %s"
+            % (name, pinned, want.release[0], want.release[1] if len(want.release) > 1 else 0,
+               pick if pick else "none: add it to the profile's skip list with the reason, or ship a wheel"))
+    return (str(pick) if pick else None), rule
+
+
+def _pip_resolve(cmd: list[str], reqs: list[str]) -> str | None:
+    """Run pip's dry-run resolution; None when it succeeded, else its error output."""
+    print("+ pip resolve " + " ".join(reqs[:6]) + (" ..." if len(reqs) > 6 else ""), file=sys.stderr)
+    r = subprocess.run([str(c) for c in cmd + reqs], capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr + r.stdout)
+
+
 def resolve(spec: str, cache: pathlib.Path) -> list[dict]:
-    """pip's resolution of spec for the GPU machine (cp312, manylinux x86_64), cached per spec."""
+    """pip's resolution of spec for the GPU machine (cp312, manylinux x86_64), cached per spec.
+
+    When pip cannot resolve the engine as published (a pinned dependency the index lacks: vLLM 0.34's
+    flashinfer-python==0.7.3, SGLang 0.5.21's cuda-tile==1.6.0rc5), its requirements are resolved
+    instead, without the ones the profile skips and with each missing pin replaced by
+    ``substitute_pin``'s choice, printed and kept in the report; the engine itself is added after."""
     report = cache / ("report-%s.json" % spec.replace("==", "-"))
     if not report.exists():
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
@@ -304,11 +343,9 @@ def resolve(spec: str, cache: pathlib.Path) -> list[dict]:
                "--implementation", "cp", "--report", str(report)]
         for p in PLATFORMS:
             cmd += ["--platform", p]
-        try:
-            run(cmd + [spec])
-        except subprocess.CalledProcessError:
-            # e.g. SGLang 0.5.21 pins cuda-tile==1.6.0rc5, which the index no longer has: resolve the
-            # engine's requirements without the ones the profile skips, then add the engine itself
+        err = _pip_resolve(cmd, [spec])
+        substituted = {}
+        if err is not None:
             skip = PROFILES[norm(spec.split("==")[0])]["skip"]
             name, version = spec.split("==")
             download(cache, [dict(name=name, version=version)])
@@ -316,10 +353,28 @@ def resolve(spec: str, cache: pathlib.Path) -> list[dict]:
                 meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
             reqs = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
             keep = [r for r in reqs if norm(re.split(r"[\s;<>=!~\[(]", r, 1)[0]) not in skip and "extra ==" not in r]
-            run(cmd + keep)
+            for _ in range(8):
+                err = _pip_resolve(cmd, keep)
+                if err is None:
+                    break
+                m = MISSING_PIN.search(err)
+                if not m:
+                    raise SystemExit("pip cannot resolve %s's requirements for the GPU machine:\n%s"
+                                     % (spec, err.strip()[-2000:]))
+                missing, pinned = m.group(1), m.group(2)
+                new, rule = substitute_pin(missing, pinned, m.group(3).split(","))
+                print(rule, file=sys.stderr)
+                if new is None:
+                    raise SystemExit(rule)
+                substituted[norm(missing)] = dict(pinned=pinned, shipped=new, rule=rule)
+                keep = [re.sub(r"==\s*%s\b" % re.escape(pinned), "==" + new, r)
+                        if norm(re.split(r"[\s;<>=!~\[(]", r, 1)[0]) == norm(missing) else r for r in keep]
+            else:
+                raise SystemExit("pip cannot resolve %s's requirements after 8 substitutions" % spec)
             data = json.loads(report.read_text())
             data["install"].insert(0, dict(metadata=dict(name=name, version=version, requires_dist=reqs),
                                            download_info=dict(url="file:///" + spec), requested=True))
+            data["substituted"] = substituted
             report.write_text(json.dumps(data))
     out = []
     for item in json.loads(report.read_text())["install"]:
@@ -519,7 +574,51 @@ def plan(spec: str, cache: pathlib.Path):
                     "%s by %s" % (s, f) for s, f in constrained))
         else:
             dec[n] = ("ship", "not in the image")
+    reused_must_fit(pkgs, dec, cache)
     return pkgs, dec
+
+
+def image_requires(cache: pathlib.Path, name: str, version: str) -> list[str]:
+    """Requires-Dist of the image's copy of a package (read from its published wheel)."""
+    download(cache, [dict(name=name, version=version)])
+    with zipfile.ZipFile(wheel_of(cache, dict(name=name, version=version))) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    return [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+
+
+def reused_must_fit(pkgs: list[dict], dec: dict, cache: pathlib.Path, requires_of=None) -> None:
+    """A reused image package must accept what ships beside it: where its own requirements exclude the
+    version chosen for a dependency (the image's transformers 5.17 wants huggingface-hub<2.0, vLLM 0.34
+    ships hub 2.x), it ships at the resolved version instead. Repeated until nothing changes, since a
+    package that ships changes the versions the others see. ``requires_of(name, version)`` reads a
+    package's requirements (default: the published wheel's metadata)."""
+    from packaging.requirements import Requirement
+    requires_of = requires_of or functools.partial(image_requires, cache)
+    resolved = {p["name"]: p for p in pkgs}
+
+    def chosen(n):
+        d = dec.get(n, ("ship",))[0]
+        if d == "skip" or n not in resolved:
+            return None
+        return IMAGE.get(n) if d == "reuse" else resolved[n]["version"]
+
+    changed = True
+    while changed:
+        changed = False
+        for n, (d, _) in sorted(dec.items()):
+            if d != "reuse" or n not in IMAGE or n in NEVER_SHIP or n.startswith("nvidia-") or n not in resolved:
+                continue
+            own = resolved[n]["requires"] if IMAGE[n] == resolved[n]["version"] else requires_of(n, IMAGE[n])
+            for r in own:
+                req = Requirement(r)
+                if req.marker is not None and not req.marker.evaluate(dict(TARGET_ENV, extra="")):
+                    continue
+                v = chosen(norm(req.name))
+                if v is not None and str(req.specifier) and not req.specifier.contains(v, prereleases=True):
+                    dec[n] = ("ship", "the image's %s %s requires %s%s, but %s %s is chosen" % (
+                        n, IMAGE[n], norm(req.name), req.specifier, norm(req.name), v))
+                    changed = True
+                    break
 
 
 def strip_tree(site: pathlib.Path, patterns: list[str], keep: list[str]) -> tuple[int, list[str]]:
@@ -708,7 +807,7 @@ def build(args) -> None:
     if cd and cd[0] == "reuse" and pinned_cudnn and pinned_cudnn != IMAGE["nvidia-cudnn-cu13"]:
         # torch.backends.cudnn refuses a runtime cuDNN of a lower minor than it was built with
         cudnn_env = "export PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1\n"
-    write_install(last, label, engine, parts, whole, cudnn_env, prof["smoke"], args.format)
+    write_install(last, label, engine, parts, whole, cudnn_env, SMOKE.read_text(), args.format)
     if out.is_relative_to(repo):
         ensure_excluded(repo, out)
     rel = out.relative_to(repo).as_posix() if out.is_relative_to(repo) else str(out)
@@ -718,6 +817,7 @@ def build(args) -> None:
     manifest = dict(spec=spec, parts=parts, sha256=whole, compressed=total, pack_seconds=round(secs, 1),
                     format=args.format, xz_level=args.level if args.format == "xz" else None, tree_bytes=tb, part_bytes=part_bytes,
                     versions={p["name"]: p["version"] for p in pkgs},
+                    substituted=json.loads((cache / ("report-%s.json" % label)).read_text()).get("substituted", {}),
                     **{k: v for k, v in saved.items() if k != "pkgs"})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if args.calls:

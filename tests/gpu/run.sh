@@ -18,10 +18,12 @@
 #   chain STAGE..- run stages one after another in the background, each with OUT=/tmp/res/STAGE
 #   poll SECONDS - wait for the chain (at most SECONDS), then bring /tmp/res back as $OUT/res.tgz and
 #                  the background logs as $OUT/bg/; exits 1 when a finished stage failed
-#   crossover    - Marlin vs Machete per layer shape -> /tmp/xover/crossover.json (used by later stages)
+#   crossover    - every mixed-precision kernel per layer shape and M -> /tmp/xover/kernel_table.json (this
+#                  device and vLLM version; used by later stages)
 #   marlin-variants - Marlin's atomic-add / bf16-reduce options at small M, per layer shape
 #   bench-llava  - LLaVA-1.5-7B shape: grace_qat vs stock GPTQ (original and llava-hf layout) vs BF16
-#   bench-qwen   - Qwen3-VL-2B: grace_qat vs stock GPTQ vs BF16 (other systems: bench-qwen --systems ..)
+#   bench-qwen   - Qwen3-VL-2B: grace_qat vs stock GPTQ with each one-flag kernel (default, humming,
+#                  marlin) vs BF16 (GRACE_BENCH_SYSTEMS / GRACE_BENCH_BATCHES narrow it)
 #   bench-w8     - Qwen3-VL-2B W8: grace_qat vs stock GPTQ int8
 #   bench-hf     - Qwen3-VL-2B: plain Transformers generate on the BF16-on-grid checkpoint
 #   suite        - (vLLM) the engine test suite on tiny fixtures + the LLaVA original-layout checks
@@ -62,10 +64,9 @@ SITE=$SITES/site-$ENGINE
 BG=${GRACE_GPU_BG:-/tmp/grace-run}   # background jobs: tree copies, logs, pids
 RES=${GRACE_GPU_RES:-/tmp/res}      # the chain's results
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}   # an engine reachable through PYTHONPATH counts as installed
-# FlashInfer's sampler JIT costs ~110 s per start; vLLM 0.26's V2 runner stalled >200 s pinning
-# host buffers for the 151936-token vocabulary on this VM, so the (default before 0.26) V1 runner is used.
-export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-[ -f /tmp/xover/crossover.json ] && export GRACE_QAT_CROSSOVER_FILE=/tmp/xover/crossover.json  # measured in this lease
+# FlashInfer's sampler JIT costs ~110 s per start.
+export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+[ -f /tmp/xover/kernel_table.json ] && export GRACE_QAT_CROSSOVER_FILE=/tmp/xover/kernel_table.json  # measured in this lease
 [ -f /tmp/engine-env ] && source /tmp/engine-env
 mkdir -p "$OUT"
 WORK=/tmp/grace-bench
@@ -86,6 +87,23 @@ use_engine() {   # use_engine WAIT_S: the bundle once unpacked, else the install
   done
   echo "no $ENGINE for stage $stage: no bundle ($SITE.done) and no $ENGINE importable by $(command -v python3)"
   return 1
+}
+v1_runner_exists() {   # vLLM's model runner V1 (gone in 0.34): its file, found without importing vLLM
+  python3 - <<'PY' 2>/dev/null
+import importlib.util, os, sys
+spec = importlib.util.find_spec("vllm")
+sys.exit(not (spec and any(os.path.exists(os.path.join(d, "v1", "worker", "gpu_model_runner.py"))
+                           for d in spec.submodule_search_locations or ())))
+PY
+}
+cuda_visible() {   # GPU stages fail, not skip everything, where no CUDA device is visible
+  python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null && return 0
+  echo "no CUDA device visible to $(command -v python3): every GPU test would skip"; return 1
+}
+engine_env() {   # variables only some engine versions accept: set by feature, never by version number
+  # vLLM 0.26's V2 runner stalled >200 s pinning host buffers for the 151936-token vocabulary on this
+  # VM, so the V1 runner is chosen where it exists; vLLM 0.34 removed it and refuses the variable.
+  if [ "$ENGINE" = vllm ] && v1_runner_exists; then export VLLM_USE_V2_MODEL_RUNNER=0; else unset VLLM_USE_V2_MODEL_RUNNER; fi
 }
 snapshot() {   # snapshot NAME: a fresh copy of the tree in $BG/NAME for a background job; prints its path
   local d=$BG/$1
@@ -141,6 +159,7 @@ case "$stage" in   # the engine a stage runs on (bundle or installed; see the to
     use_engine "${GRACE_GPU_BUNDLE_WAIT:-900}" || exit 1 ;;
   *) echo "unknown stage '$stage' (stages: the comment at the top of $0)"; exit 2 ;;
 esac
+[ -n "${ENGINE_FROM:-}" ] && engine_env
 
 case "$stage" in
   engine|sglang-engine)
@@ -227,9 +246,10 @@ EOF
     [ -n "$last" ] && grep -h -E "^\[bench\]|passed|failed|FAILED|rror|rc=" $RES/$last.log 2>/dev/null | cut -c1-300 | tail -15
     tar -czf $OUT/res.tgz -C "$(dirname $RES)" "$(basename $RES)" 2>/dev/null
     mkdir -p $OUT/bg && cp $BG/*.log $OUT/bg/ 2>/dev/null; ls -la $OUT
-    ! grep -E " rc=[1-9]" $RES/chain.status ;;
+    grep -E " rc=[1-9]" $RES/chain.status && exit 1
+    [ -f $RES/chain.done ] || { echo "poll: the chain has not finished (waited ${1:-540} s); poll again"; exit 3; } ;;
   crossover)
-    python3 benchmarks/kernel_crossover.py --out /tmp/xover > $OUT/crossover.log 2>&1; rc=$?
+    python3 benchmarks/kernel_crossover.py --out /tmp/xover "$@" > $OUT/crossover.log 2>&1; rc=$?
     cat $OUT/crossover.log; cp /tmp/xover/* $OUT/ 2>/dev/null; exit $rc ;;
   marlin-variants)   # issue 9: can a Marlin setting make batch 1 faster still? (7B shapes, ~1 min)
     wait_gpu || exit 1
@@ -243,8 +263,10 @@ EOF
       --out $OUT/llava7b "$@" ;;
   bench-qwen)
     wait_prep || exit 1
-    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --image-batches 1,8 \
-      --systems gptq,gptq-marlin,grace-a,bf16-grid --timeout 240 --out $OUT/qwen2b "$@" ;;
+    # GRACE_BENCH_SYSTEMS / _BATCHES / _IMAGE_BATCHES narrow a run to what a lease has time for
+    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches "${GRACE_BENCH_BATCHES:-$BATCHES}" \
+      --image-batches "${GRACE_BENCH_IMAGE_BATCHES-1,8}" --timeout 300 --out $OUT/qwen2b \
+      --systems "${GRACE_BENCH_SYSTEMS:-gptq,gptq-humming,gptq-marlin,grace-a,grace-a-single,grace-a-humming,bf16-grid}" "$@" ;;
   bench-w8)
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --systems gptq-w8,grace-a-w8 \
@@ -280,6 +302,9 @@ EOF
       extra=(--tokenizer-path $WORK/$dir-proc)
     fi
     [ "$model" = llava ] && export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
+    # vLLM >= 0.34 (a fixed KV cache size, --kv-cache-memory-bytes): both servers start at once
+    [ "$ENGINE" = vllm ] && python3 -c "import vllm.engine.arg_utils as a, sys; sys.exit('kv_cache_memory_bytes' not in a.EngineArgs.__dataclass_fields__)" 2>/dev/null \
+      && extra+=(--side-by-side)
     timeout 1500 python3 tests/gpu/serve_check.py --engine $ENGINE --model $WORK/$dir --reference $WORK/$dir-gptq \
       --out "$OUT/${stage%-$fmt}-$fmt.json" --startup-timeout 600 ${extra[@]+"${extra[@]}"} "$@" ;;
   sglang-jit-bg)   # (after the SGLang bundle) build SGLang's JIT Marlin kernels in the background:
@@ -322,6 +347,7 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --timeout 420 \
       --systems sglang-gptq,sglang-grace-a,sglang-grace-b --out $OUT/qwen2b-sglang "$@" ;;
   suite)
+    cuda_visible || exit 1
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH
     wait_gpu || exit 1
     timeout 450 python3 -m pytest -q -x -p no:cacheprovider tests/test_vllm_plugin.py > $OUT/suite.log 2>&1; rc=$?
@@ -329,6 +355,7 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     llava_check 400 || rc=1
     exit $rc ;;
   gpu-tests)
+    cuda_visible || exit 1
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH
     timeout 400 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_vllm_plugin.py > $OUT/gpu-tests.log 2>&1; rc=$?
     tail -25 $OUT/gpu-tests.log; echo "pytest rc=$rc"; exit $rc ;;

@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-path", help="SGLang: tokenizer/processor directory (original-layout LLaVA)")
     p.add_argument("--chat-template", help="SGLang: chat template name")
     p.add_argument("--engine-arg", action="append", default=[], help="one more server argument")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="vLLM: start the plugin's and the stock server at once on one GPU (each a fixed "
+                        "KV cache, --kv-cache-memory-bytes, and 0.4 of the memory), halving the wall time")
     return p.parse_args(argv)
 
 
@@ -87,7 +90,9 @@ def server_setup(args, model: str, plugin: bool, work: str) -> tuple[type, list[
     """(server class, server arguments, environment) of one side of the comparison."""
     extra = list(args.engine_arg)
     if args.engine == "vllm":
-        srv = ["--max-model-len", "4096", "--seed", "0", "--gpu-memory-utilization", "0.85"] + extra
+        share = ["--gpu-memory-utilization", "0.4", "--kv-cache-memory-bytes", str(8 * 2 ** 30)] \
+            if args.side_by_side else ["--gpu-memory-utilization", "0.85"]
+        srv = ["--max-model-len", "4096", "--seed", "0"] + share + extra
         env = {}
         if plugin:
             srv = ["--quantization", "grace_qat"] + srv
@@ -121,14 +126,15 @@ def chat_tokens(reply: dict) -> list | None:
     return None if content is None else [c.get("token") for c in content]
 
 
-def serve_once(args, model: str, plugin: bool, work: str, log_path: str) -> dict:
+def serve_once(args, model: str, plugin: bool, work: str, log_path: str, port: int | None = None) -> dict:
     cls, srv_args, env = server_setup(args, model, plugin, work)
     res = {"model": model, "server_args": srv_args, "env": env, "log": log_path, "requests": {}}
     extra = {"ignore_eos": True, "logprobs": True, "top_logprobs": 1, "seed": 0}
     if args.engine == "vllm":
         extra["return_tokens_as_token_ids"] = True
     try:
-        with cls(model, srv_args, log_path=log_path, env=env, startup_timeout=args.startup_timeout) as server:
+        with cls(model, srv_args, port=port, log_path=log_path, env=env,
+                 startup_timeout=args.startup_timeout) as server:
             res["startup_s"] = round(server.startup_s, 1)
             for name, question, image in (("image_text", QUESTION, image_data_url()),
                                           ("text", TEXT_QUESTION, None)):
@@ -190,6 +196,10 @@ def failures(result: dict) -> list[str]:
         r = result.get(side) or {}
         if "exception" in r or not r:
             bad.append(f"{side} server failed: {r.get('exception', 'did not run')} (log {r.get('log')})")
+    kernels = (result.get("plugin") or {}).get("kernels")
+    if result.get("gpu") and "exception" not in (result.get("plugin") or {"exception": 1}) and (
+            not kernels or any("fallback" in k for k in kernels)):
+        bad.append(f"plugin served no quantized kernel on the GPU ({kernels or 'none reported'})")
     for name, c in (result.get("comparison") or {}).items():
         if c.get("identical") is None:
             bad.append(f"{name}: no tokens to compare")
@@ -232,9 +242,30 @@ def main(argv=None) -> int:
         convert(args.model, ref, to="gptq", force=True)
         result["reference_conversion_s"] = round(time.perf_counter() - t, 1)
     result["reference"] = os.path.abspath(ref)
-    result["plugin"] = serve_once(args, args.model, True, work, os.path.join(logs, "plugin.log"))
-    save()
-    result["stock"] = serve_once(args, os.path.abspath(ref), False, work, os.path.join(logs, "stock.log"))
+    try:
+        import torch
+        result["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        result["gpu"] = None
+    sides = (("plugin", args.model, True), ("stock", os.path.abspath(ref), False))
+    if args.side_by_side and args.engine == "vllm":
+        from concurrent.futures import ThreadPoolExecutor
+
+        from grace_qat.demo import free_port
+        ports = [free_port() for _ in sides]
+        while ports[0] == ports[1]:
+            ports[1] = free_port()
+        t = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            futs = {name: pool.submit(serve_once, args, m, plugin, work, os.path.join(logs, f"{name}.log"), port)
+                    for (name, m, plugin), port in zip(sides, ports)}
+            for name, fut in futs.items():
+                result[name] = fut.result()
+        result["side_by_side_s"] = round(time.perf_counter() - t, 1)
+    else:
+        result["plugin"] = serve_once(args, args.model, True, work, os.path.join(logs, "plugin.log"))
+        save()
+        result["stock"] = serve_once(args, os.path.abspath(ref), False, work, os.path.join(logs, "stock.log"))
     result["comparison"] = compare(result["plugin"], result["stock"])
     bad = failures(result)
     result["failures"], result["passed"] = bad, not bad
