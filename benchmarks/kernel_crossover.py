@@ -1,8 +1,12 @@
-"""Measure, per layer shape, up to which token count M Marlin beats Machete (CUDA, Hopper).
+"""Measure, per layer shape, every mixed-precision kernel this vLLM can run on it, at each token count M.
 
-Writes under --out: ``crossover.json`` (the table ``grace_vllm/dispatch.py`` reads: copy it over
-``grace_vllm/kernel_crossover.json`` or point ``GRACE_QAT_CROSSOVER_FILE`` at it), ``timings.json``
-(microseconds per GEMM, both kernels, every M) and ``timings.png``.
+The kernels: vLLM's own choice for the layer (``choose_mp_linear_kernel``: Machete on Hopper by
+default) and the others a user can pick with one flag (Humming, Marlin), plus grace_qat's Triton
+kernel. Writes under --out: ``kernel_table.json`` (what ``grace_qat.kernels.table`` reads, keyed by
+this device name and vLLM version: copy it to ``grace_qat/kernels/table-<gpu>-vllm<version>.json``
+or point ``GRACE_QAT_CROSSOVER_FILE`` at it; a second kernel only where it is >= 1.05x vLLM's
+choice at every M it serves), ``timings.json`` (microseconds per GEMM, every kernel, every M) and
+``timings.png``.
 
 Each GEMM is timed inside a CUDA graph (as vLLM runs decode), cycling through enough copies of the
 weights that they do not stay in L2, so the numbers are HBM-bound like a real decode step.
@@ -16,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -51,29 +56,64 @@ def layer_shapes(model: str, tp: int) -> list[tuple[str, int, int]]:
             ("gate_up_proj", 2 * inter // tp, h), ("down_proj", h, inter // tp)]
 
 
-def _kernels(bits: int, group: int, n: int, k: int, copies: int):
-    """``copies`` independent (Marlin module, Machete module) pairs on random codes of one shape."""
-    from vllm.model_executor.kernels.linear.mixed_precision.machete import MacheteLinearKernel
-    from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel
+KERNELS = ("MarlinLinearKernel", "MacheteLinearKernel", "HummingLinearKernel", "TritonWNA16Kernel")
 
+
+def _kernels(bits: int, group: int, n: int, k: int, copies: int,
+             names=("MarlinLinearKernel", "MacheteLinearKernel")):
+    """``copies`` lists of (kernel, module) on random codes of one shape, one per name in ``names``
+    (in that order), each module holding its own repacked copy."""
     from grace_qat.packing import pack_int32
-    from grace_vllm.linear import mp_layer_config, new_kernel
+    from grace_vllm.dispatch import TritonWNA16Kernel, kernel_class
+    from grace_vllm.linear import kernel_holder, mp_layer_config, new_kernel
     cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
-    for cls in (MarlinLinearKernel, MacheteLinearKernel):
-        ok, why = cls.can_implement(cfg)
+    classes = []
+    for name in names:
+        cls = kernel_class(name)
+        ok, why = cls.can_implement(cfg) if cls is not None else (False, "not in this vLLM")
         if not ok:
-            raise RuntimeError(f"{cls.__name__} cannot run w{bits}g{group} n{n} k{k}: {why}")
-    pairs = []
+            raise RuntimeError(f"{name} cannot run w{bits}g{group} n{n} k{k}: {why}")
+        classes.append(cls)
+    sets = []
     for _ in range(copies):
         codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
         packed = pack_int32(codes, bits, dim=1)
         scales = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
-        pair = []
-        for cls in (MarlinLinearKernel, MacheteLinearKernel):
-            mod = torch.nn.Module()
-            pair.append((new_kernel(cls, cfg, mod, packed.clone(), scales.clone()), mod))
-        pairs.append(pair)
-    return pairs
+        row = []
+        for cls in classes:
+            mod = kernel_holder(input_size=k, input_size_per_partition=k, output_size=n,
+                                output_partition_sizes=[n], params_dtype=torch.bfloat16, has_bias=False)
+            if cls is TritonWNA16Kernel:
+                mod.weight_packed = torch.nn.Parameter(packed.clone(), requires_grad=False)
+                mod.weight_scale = torch.nn.Parameter(scales.clone(), requires_grad=False)
+                row.append((TritonWNA16Kernel(bits, group), mod))
+            else:
+                row.append((new_kernel(cls, cfg, mod, packed.clone(), scales.clone()), mod))
+        sets.append(row)
+    return sets
+
+
+def usable_kernels(bits: int, group: int, n: int, k: int) -> tuple[str, list[str], dict]:
+    """(vLLM's choice for this layer, the kernels that can run it, why the others cannot)."""
+    from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+
+    from grace_vllm.dispatch import kernel_class
+    from grace_vllm.linear import mp_layer_config
+    cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
+    large = choose_mp_linear_kernel(cfg).__name__
+    names, skipped = [], {}
+    for name in dict.fromkeys((large,) + KERNELS):
+        cls = kernel_class(name)
+        ok, why = cls.can_implement(cfg) if cls is not None else (False, "not in this vLLM")
+        if ok and getattr(cls, "get_min_capability", lambda: 0)() > _capability():
+            ok, why = False, "needs a newer GPU"
+        (names.append(name) if ok else skipped.__setitem__(name, str(why)))
+    return large, names, skipped
+
+
+def _capability() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
 
 
 def _time_us(fns, replays: int = 20) -> float:
@@ -103,22 +143,42 @@ def _time_us(fns, replays: int = 20) -> float:
 
 
 def measure(bits: int, group: int, n: int, k: int, ladder=LADDER) -> dict:
+    """Microseconds per GEMM of every usable kernel at every M, checked against each other."""
+    from grace_qat.kernels.table import entry_from_timings
+    large, names, skipped = usable_kernels(bits, group, n, k)
     weight_bytes = n * k * bits // 8
     copies = max(1, -(-3 * L2_BYTES // weight_bytes))
-    pairs = _kernels(bits, group, n, k, copies)
-    out = {"marlin_us": {}, "machete_us": {}, "copies": copies}
+    sets, failed = None, {}
+    while sets is None:
+        try:
+            sets = _kernels(bits, group, n, k, copies, names)
+        except Exception as e:            # a kernel that fails to build here: time the others
+            bad = next((nm for nm in names if nm in str(e)), names[-1])
+            if bad == large:
+                raise
+            failed[bad] = str(e)[:300]
+            names = [nm for nm in names if nm != bad]
+    us = {name: {} for name in names}
     for m in ladder:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        for idx, name in ((0, "marlin_us"), (1, "machete_us")):
-            fns = [lambda kern=p[idx][0], mod=p[idx][1]: kern.apply_weights(mod, x) for p in pairs]
-            out[name][m] = _time_us(fns)
-        # both kernels compute the same product: a wrong layout would show here, not only in speed
-        y0 = pairs[0][0][0].apply_weights(pairs[0][0][1], x).float()
-        y1 = pairs[0][1][0].apply_weights(pairs[0][1][1], x).float()
-        rel = ((y0 - y1).norm() / y1.norm().clamp_min(1e-6)).item()
-        if rel > 1e-2:
-            raise RuntimeError(f"Marlin and Machete disagree on w{bits}g{group} n{n} k{k} M={m}: rel {rel:.3g}")
-    out["max_m"] = crossover_from(out["marlin_us"], out["machete_us"])
+        for idx, name in enumerate(names):
+            fns = [lambda kern=row[idx][0], mod=row[idx][1]: kern.apply_weights(mod, x) for row in sets]
+            us[name][m] = _time_us(fns)
+        # every kernel computes the same product: a wrong layout would show here, not only in speed
+        ref = sets[0][names.index(large)][0].apply_weights(sets[0][names.index(large)][1], x).float()
+        for idx, name in enumerate(names):
+            y = sets[0][idx][0].apply_weights(sets[0][idx][1], x).float()
+            rel = ((y - ref).norm() / ref.norm().clamp_min(1e-6)).item()
+            if rel > 1e-2:
+                raise RuntimeError(f"{name} and {large} disagree on w{bits}g{group} n{n} k{k} M={m}: rel {rel:.3g}")
+    del sets
+    torch.cuda.empty_cache()
+    out = {"large": large, "us": us, "copies": copies, "skipped": skipped, "failed": failed,
+           "entry": entry_from_timings(large, us)}
+    # the two-kernel view older tables and small_m_kernel.py read
+    if "MarlinLinearKernel" in us and "MacheteLinearKernel" in us:
+        out["marlin_us"], out["machete_us"] = us["MarlinLinearKernel"], us["MacheteLinearKernel"]
+        out["max_m"] = crossover_from(out["marlin_us"], out["machete_us"])
     return out
 
 
@@ -195,11 +255,12 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name()
-    timings, table = [], {}
-    from grace_vllm.dispatch import shape_key
+    import vllm
+    timings, shapes = [], {}
+    from grace_qat.kernels.table import shape_key
     for model, tp, bits, layer, n, k in bench_shapes(args.models, args.tp, args.bits):
         key = shape_key(bits, args.group, n, k)
-        if key in table:
+        if key in shapes:
             continue
         r = measure(bits, args.group, n, k)
         if args.marlin_variants:
@@ -207,37 +268,46 @@ def main() -> None:
             for name, row in r["marlin_variants"].items():
                 print(f"    {name:34s} us {row['us']}  max rel diff {row['max_rel_diff']:.2e}",
                       flush=True)
-        table[key] = r["max_m"]
+        shapes[key] = r["entry"]
         timings.append({"model": model, "tp": tp, "layer": layer, "key": key, **r})
-        speed = {m: round(r["machete_us"][m] / r["marlin_us"][m], 2) for m in (1, 16, 64, 128)}
-        print(f"{model} tp{tp} {layer:13s} {key:24s} marlin<=M {r['max_m']:4d}  "
-              f"machete/marlin time {speed}", flush=True)
-    default = int(statistics.median(table.values()))
-    with open(os.path.join(args.out, "crossover.json"), "w") as f:
-        json.dump({"note": "largest token count M at which Marlin is at least as fast as Machete; "
-                           "written by benchmarks/kernel_crossover.py",
-                   "devices": {device: {"default": default, "shapes": table}}}, f, indent=1, sort_keys=True)
+        speed = {name: {m: round(r["us"][r["large"]][m] / t[m], 2) for m in (1, 16, 64, 128) if m in t}
+                 for name, t in r["us"].items() if name != r["large"]}
+        e = r["entry"]
+        print(f"{model} tp{tp} {layer:13s} {key:24s} {r['large']} alone" if not e["small"] else
+              f"{model} tp{tp} {layer:13s} {key:24s} {e['small']} <= M {e['max_m']} (>= {e['gain']}x)",
+              f"| {r['large']} time / other's: {speed}" + (f" | failed: {list(r['failed'])}" if r["failed"] else ""),
+              flush=True)
+    table = {"device": device, "engine": "vllm", "engine_version": vllm.__version__,
+             "measured": f"benchmarks/kernel_crossover.py, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+                         "bf16 activations, CUDA-graph timing, weights rotated out of L2",
+             "shapes": shapes}
+    with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
     with open(os.path.join(args.out, "timings.json"), "w") as f:
-        json.dump({"device": device, "torch": torch.__version__, "ladder": list(LADDER), "timings": timings},
-                  f, indent=1)
+        json.dump({"device": device, "vllm": vllm.__version__, "torch": torch.__version__,
+                   "ladder": list(LADDER), "timings": timings}, f, indent=1)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(9, 5))
         for t in timings:
-            ms = sorted(t["marlin_us"])
-            ax.plot(ms, [t["machete_us"][m] / t["marlin_us"][m] for m in ms], marker=".",
-                    label=f"{t['model']} tp{t['tp']} {t['layer']} w{t['key'][1]}")
+            for name, us in t["us"].items():
+                if name == t["large"]:
+                    continue
+                ms = sorted(us)
+                ax.plot(ms, [t["us"][t["large"]][m] / us[m] for m in ms], marker=".",
+                        label=f"{t['model']} tp{t['tp']} {t['layer']} {t['key'].split()[0]} {name[:-12]}")
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set(xscale="log", xlabel="tokens in the GEMM (M)", ylabel="Machete time / Marlin time",
-               title=f"Marlin vs Machete per layer shape ({device})")
-        ax.legend(fontsize=6, ncol=2)
+        ax.set(xscale="log", xlabel="tokens in the GEMM (M)", ylabel="vLLM's choice time / kernel's time",
+               title=f"Mixed-precision kernels per layer shape ({device}, vLLM {vllm.__version__})")
+        ax.legend(fontsize=5, ncol=2)
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "timings.png"), dpi=110)
     except ImportError:
         pass
-    print(f"default (median) marlin max M: {default}")
+    print(f"kernel table: {sum(1 for e in shapes.values() if e['small'])} of {len(shapes)} shapes keep a "
+          f"second kernel; {os.path.join(args.out, 'kernel_table.json')}")
 
 
 if __name__ == "__main__":

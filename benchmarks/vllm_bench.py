@@ -31,6 +31,9 @@ SYSTEMS = {
     "grace-b": ("awq", 4, None, "grace_qat"),
     "gptq": ("qat-sidecar", 4, "gptq", None),
     "gptq-marlin": ("qat-sidecar", 4, "gptq", None),
+    "gptq-humming": ("qat-sidecar", 4, "gptq", None),
+    "grace-a-marlin": ("qat-sidecar", 4, None, "grace_qat"),
+    "grace-a-humming": ("qat-sidecar", 4, None, "grace_qat"),
     "gptq-w8": ("qat-sidecar", 8, "gptq", None),
     "awq-stock": ("qat-sidecar", 4, "awq", None),
     "gptq-from-b": ("awq", 4, "gptq", None),
@@ -52,13 +55,19 @@ SYSTEMS = {
 # Environment per system (the engine reads it at start-up)
 SYSTEM_ENV = {
     "grace-a-single": {"GRACE_QAT_DUAL_KERNEL": "0"},
-    "gptq-marlin": {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"},
 }
+# The one flag a user gives to pick another kernel (vLLM >= 0.34: --linear-backend); the kernel that
+# actually ran is read from each system's log and recorded
+SYSTEM_BACKEND = {"gptq-marlin": "marlin", "gptq-humming": "humming",
+                  "grace-a-marlin": "marlin", "grace-a-humming": "humming"}
+# stock systems a user reaches with one flag on the same GPTQ weights: "best stock" per batch
+STOCK_CHOICES = ("gptq", "gptq-humming", "gptq-marlin")
 # grace_qat system -> stock system on the same codes and scales. Where both ran one kernel the tokens
 # must match (a mismatch fails the run); where the plugin ran its dual kernel (its log's "... for <= N
 # tokens" line: Marlin at small batches on Hopper, where stock vLLM runs Machete) they are close to,
 # not identical with, the stock run: reported, and checked against BF16 instead.
-PEERS = {"grace-a-single": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8", "grace-b": "gptq-from-b",
+PEERS = {"grace-a": "gptq", "grace-a-single": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8",
+         "grace-b": "gptq-from-b", "grace-a-marlin": "gptq-marlin", "grace-a-humming": "gptq-humming",
          "sglang-grace-a": "sglang-gptq"}
 BF16_REFS = ("bf16", "bf16-hf", "bf16-grid")
 
@@ -126,6 +135,8 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
         cmd += ["--no-image"]
     if args.image_batches and runner == "vllm_run.py":
         cmd += ["--image-batches", args.image_batches]
+    if name in SYSTEM_BACKEND:
+        cmd += ["--linear-backend", SYSTEM_BACKEND[name]]
     log_path = os.path.join(log_dir, f"{name}.log")
     t = time.perf_counter()
     env = dict(os.environ, **SYSTEM_ENV.get(name, {}))
@@ -139,7 +150,8 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
     with open(log_path, errors="replace") as log:
         text = log.read()
     result = {"name": name, "model": model_dir, "quantization": quantization, "ok": False,
-              "env": SYSTEM_ENV.get(name, {}), "wall_s": time.perf_counter() - t}
+              "env": SYSTEM_ENV.get(name, {}), "linear_backend": SYSTEM_BACKEND.get(name),
+              "wall_s": time.perf_counter() - t}
     for line in text.splitlines():
         if line.startswith("RESULT "):
             result.update(json.loads(line[len("RESULT "):]))
@@ -263,6 +275,16 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         if 1 in runs and bw and r.get("bytes_per_token"):
             sec_per_tok = 1.0 / runs[1]["decode_tok_s"]
             r["bandwidth_efficiency_b1"] = r["bytes_per_token"] / sec_per_tok / 1e9 / bw
+        stock = [b for b in STOCK_CHOICES if b in base and same_run(r, b)]
+        if stock and r["name"] not in STOCK_CHOICES:
+            best = {}
+            for b in runs:
+                rates = {ref: {x["batch"]: x["decode_tok_s"] for x in base[ref]["runs"]}.get(b) for ref in stock}
+                rates = {ref: v for ref, v in rates.items() if v}
+                if rates:
+                    ref = max(rates, key=rates.get)
+                    best[b] = {"ratio": runs[b]["decode_tok_s"] / rates[ref], "stock": ref}
+            r["vs_best_stock"] = best
         ref16 = next((b for b in BF16_REFS if b in base and b != r["name"]), None)
         if ref16:
             r["max_logprob_diff_bf16"] = _max_logprob_diff(r, base[ref16])
@@ -270,7 +292,8 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         peer = PEERS.get(r["name"])
         if peer in base:
             r["peer"] = peer
-            r["tokens_equal_peer"] = r.get("tokens") == base[peer].get("tokens")
+            # no tokens on either side is no evidence: only two non-empty equal lists count
+            r["tokens_equal_peer"] = bool(r.get("tokens")) and r.get("tokens") == base[peer].get("tokens")
             # one kernel on both sides: the same codes and scales must give the same greedy tokens
             r["peer_must_match"] = not r.get("dual_kernel") and not base[peer].get("dual_kernel")
             lp, lq = r.get("logprobs") or [], base[peer].get("logprobs") or []
@@ -322,6 +345,15 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
                     f"{r['vs_gptq'][b]:.2f}" if b in r["vs_gptq"] else "" for b in batches)
                     + f" | {'' if gap is None else f'{gap:.4f}'}"
                     + " | " + ("" if seq is None else f"{seq['max']:.4f} / {seq['mean']:.4f}") + " |")
+    best_rows = [r for r in results if r.get("ok") and r.get("vs_best_stock")]
+    if best_rows:
+        lines += ["", "Decode tokens/s relative to the best stock kernel a user can pick with one flag, per batch "
+                  f"(the best of {', '.join(STOCK_CHOICES)} in this run; which one in brackets):", "",
+                  "| system | " + " | ".join(f"b={b}" for b in batches) + " |", "|---" * (1 + len(batches)) + "|"]
+        for r in best_rows:
+            v = r["vs_best_stock"]
+            lines.append(f"| {r['name']} | " + " | ".join(
+                f"{v[b]['ratio']:.2f} ({v[b]['stock']})" if b in v else "" for b in batches) + " |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -370,6 +402,9 @@ def failures(results: list[dict]) -> list[str]:
     for r in results:
         if not r.get("ok"):
             bad.append(f"{r['name']} did not run (see {r['name']}.log)")
+        elif r.get("gpu") and (r.get("quantization") or "").endswith("grace_qat") and (
+                r.get("fallback") or not r.get("kernels")):
+            bad.append(f"{r['name']}: no quantized kernel on the GPU ({r.get('kernels') or 'none reported'})")
         elif r.get("peer") and r.get("peer_must_match") and not r.get("tokens_equal_peer"):
             a, b = r.get("tokens") or [], next((p.get("tokens") or [] for p in results
                                                 if p["name"] == r["peer"]), [])

@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--no-image", action="store_true")
     ap.add_argument("--image-batches", default="", help="batch sizes to also time with image+text prompts")
     ap.add_argument("--out", default=None, help="append the JSON line here too")
+    ap.add_argument("--linear-backend", default=None,
+                    help="vLLM's --linear-backend (machete, humming, marlin, ...): the one-flag kernel choice")
     args = ap.parse_args()
 
     # A forked engine core inherits the parent's OpenMP pool and hung in its first big CPU tensor
@@ -115,9 +117,10 @@ def main() -> None:
     t0 = time.perf_counter()
     # no prefix caching: the timed runs repeat the same prompts, which would otherwise be cached
     # (a cached prefill makes TTFT meaningless and shifts the 1-token baseline of steady_decode)
+    extra = {"linear_backend": args.linear_backend} if args.linear_backend else {}
     llm = LLM(args.model, quantization=args.quantization, dtype=args.dtype, tensor_parallel_size=args.tp,
               max_model_len=args.max_model_len, enforce_eager=args.eager, max_num_seqs=args.max_num_seqs, gpu_memory_utilization=0.85,
-              limit_mm_per_prompt={"image": 0 if args.no_image else 1}, seed=0, enable_prefix_caching=False)
+              limit_mm_per_prompt={"image": 0 if args.no_image else 1}, seed=0, enable_prefix_caching=False, **extra)
     load_s = time.perf_counter() - t0
 
     sp = SamplingParams(temperature=0.0, max_tokens=args.gen_tokens, ignore_eos=True, logprobs=1)
@@ -144,7 +147,8 @@ def main() -> None:
     result = {"name": args.name or os.path.basename(args.model.rstrip("/")), "model": args.model,
               "engine": f"vllm {vllm.__version__}", "torch": torch.__version__, "prefix_caching": False,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-              "quantization": args.quantization, "tp": args.tp, "load_s": load_s, "tokens": tokens,
+              "quantization": args.quantization, "linear_backend": args.linear_backend, "tp": args.tp,
+              "load_s": load_s, "tokens": tokens,
               "text": out.text, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "runs": runs,
               "image_runs": image_runs}
     emit_result(result, args.out)

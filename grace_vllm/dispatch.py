@@ -1,57 +1,50 @@
-"""Two int4/int8 kernels for one layer, chosen per call by the number of tokens M.
+"""A second int4/int8 kernel for small batches, only where this GPU and engine version measured it faster.
 
-Why: on Hopper vLLM hands every mixed-precision layer to Machete. Machete wins at large M (prefill,
-big decode batches), smaller kernels at small M: stock vLLM 0.26 decodes a 7B GPTQ model on an H100
-at 230 tokens/s at batch 1 with Machete and 316 with Marlin, but 7561 vs 6314 at batch 64.
-grace_qat owns its linear method, so it keeps a second packed copy for small M and picks per call:
-the small-M kernel for M <= the layer shape's ``max_m``, vLLM's kernel above. The small-M kernel is
-Marlin or grace_qat's own Triton kernel (``grace_qat.kernels.triton_wna16``, reading the plain
-compressed-tensors packing), whichever mix the table says is faster for that shape on this GPU.
+Stock vLLM hands every mixed-precision layer to one kernel (``choose_mp_linear_kernel``: on Hopper
+Machete, or what ``--linear-backend``, ``--kernel-config``'s ``linear_backend_per_quant`` and
+``VLLM_DISABLED_KERNELS`` select). grace_qat's layers take exactly that kernel, with one packed copy:
+on the same weights they run what stock vLLM runs. A second copy for another kernel (any vLLM
+mixed-precision kernel that can implement the layer, or grace_qat's own Triton kernel) is kept only
+where the kernel table measured on this device, engine version and engine kernel says it is faster
+(``grace_qat.kernels.table``); the per-call choice by token count M happens inside one custom op.
 
-Tables are measured per GPU (``benchmarks/kernel_crossover.py``, ``benchmarks/small_m_kernel.py``)
-and shipped per GPU (``kernel_crossover.json``: H100; ``kernel_table_h200.json``: H200); the one
-used is the one whose device name equals this GPU's. A GPU no table was measured on keeps one copy
-and vLLM's own choice: crossovers move between GPUs (the H100 table misroutes on an H200: 0.88x
-stock at batch 64).
+The list of kernels is open: a kernel is known by its class name, looked up among vLLM's registered
+mixed-precision kernels and grace_qat's own (``OWN_KERNELS``), and used only where its
+``can_implement`` accepts the layer, as vLLM does. Adding one is a class plus its table entries.
 
-Cost: a second packed copy of every quantized weight (W4: +0.5 byte per weight, +25% of the layer's
-BF16 size); never a third. ``GRACE_QAT_DUAL_KERNEL=0`` keeps one copy and vLLM's own choice;
-``GRACE_QAT_MARLIN_MAX_M=<int>`` forces Marlin below that M on every shape and GPU;
-``GRACE_QAT_CROSSOVER_FILE`` adds a table measured elsewhere (same format, keyed by device name).
+``GRACE_QAT_DUAL_KERNEL=0`` keeps one copy everywhere; ``GRACE_QAT_MARLIN_MAX_M=<int>`` forces Marlin
+for M <= that number next to any other kernel; ``GRACE_QAT_CROSSOVER_FILE`` adds a table measured on
+your GPU (``benchmarks/kernel_crossover.py``).
 
-The choice happens inside one custom op, ``torch.ops.grace_qat.mixed_mm``, which torch.compile treats
-as opaque: Dynamo never sees the branch (no specialisation on M, no recompilation), and each CUDA
-graph vLLM captures records the kernel for its own batch size.
+Every CUDA layer calls through the custom op ``torch.ops.grace_qat.mixed_mm``, one copy or two, so the
+graph torch.compile traces (and vLLM caches on disk, keyed without grace_qat's settings) is the same
+either way: switching a setting never reuses a compiled graph of the other mode. The op is opaque
+to Dynamo (no specialisation on M, no recompilation); each captured CUDA graph records the kernel
+for its own batch size.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
-import functools
-import json
 import logging
 import os
 import weakref
 
 import torch
 
+from grace_qat.kernels import table as kernel_table
+
 ENV_DUAL = "GRACE_QAT_DUAL_KERNEL"
 ENV_MAX_M = "GRACE_QAT_MARLIN_MAX_M"
 ENV_TABLE = "GRACE_QAT_CROSSOVER_FILE"
-_HERE = os.path.dirname(os.path.abspath(__file__))
-TABLE_PATH = os.path.join(_HERE, "kernel_crossover.json")                  # H100
-TABLE_PATHS = (TABLE_PATH, os.path.join(_HERE, "kernel_table_h200.json"))   # one file per GPU
-
-SMALL_M_KERNEL = "MarlinLinearKernel"
-LARGE_M_KERNEL = "MacheteLinearKernel"
-TRITON_KERNEL = "TritonWNA16Kernel"
-MARLIN, TRITON = "marlin", "triton"
+ENGINE = "vllm"
+MARLIN = "MarlinLinearKernel"
 
 # data_ptr of a layer's packed weight -> layer. The custom op receives that weight tensor (a graph
 # input, as for any kernel op) and finds its layer here; no per-layer constant enters the graph, so
 # the decoder layers' pieces stay identical and torch.compile compiles them once, not once per layer.
 _LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 CALLS: collections.Counter = collections.Counter()   # kernel name -> eager calls (tests, logs)
+_WARNED: set[str] = set()
 
 
 def enabled() -> bool:
@@ -62,110 +55,95 @@ def enabled() -> bool:
     except ValueError as e:
         if ENV_DUAL not in _WARNED:
             _WARNED.add(ENV_DUAL)
-            logging.getLogger("vllm.grace_qat").warning("grace_qat: %s; two kernels stay on", e)
+            logging.getLogger("vllm.grace_qat").warning("grace_qat: %s; two kernels stay allowed", e)
         return True
 
 
-_WARNED: set[str] = set()
+def forced_marlin_max_m() -> int | None:
+    """``GRACE_QAT_MARLIN_MAX_M``: a whole number >= 0, or unset."""
+    raw = os.environ.get(ENV_MAX_M, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{ENV_MAX_M}={raw!r}: expected a whole number of tokens (0 or more)")
+    return int(raw)
 
 
 def shape_key(bits: int, group: int, n: int, k: int) -> str:
-    """Table key of one layer shape on one rank: n = output features, k = input features."""
-    return f"w{bits}g{group} n{n} k{k}"
+    return kernel_table.shape_key(bits, group, n, k)
 
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-@functools.lru_cache(maxsize=None)
-def _table(path: str | None) -> dict:
-    tables = {}
-    for p in (*TABLE_PATHS, path):
-        if p and os.path.exists(p):
-            with open(p) as f:
-                for device, entry in json.load(f).get("devices", {}).items():
-                    tables.setdefault(device, {"shapes": {}}).update(
-                        {k: v for k, v in entry.items() if k != "shapes"})
-                    tables[device]["shapes"].update(entry.get("shapes", {}))
-    return tables
+def engine_version() -> str:
+    import vllm
+    return vllm.__version__
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """The second kernel of one layer shape: ``small`` (MARLIN, TRITON or None: one copy, vLLM's
-    choice) for M <= ``max_m``; ``configs`` are the Triton kernel's measured launch configs."""
-    small: str | None
-    max_m: int
-    source: str
-    configs: tuple = ()
+def plan(large: str, bits: int, group: int, n: int, k: int) -> kernel_table.Plan:
+    """The small-M partner of ``large`` (the kernel vLLM chose) for one layer shape on this rank."""
+    forced = forced_marlin_max_m()
+    if forced is not None:
+        if large == MARLIN or forced == 0:
+            return kernel_table.Plan(None, 0, f"{ENV_MAX_M}={forced}: {large} alone")
+        return kernel_table.Plan(MARLIN, forced, f"{ENV_MAX_M}={forced}")
+    return kernel_table.plan(device_name(), ENGINE, engine_version(), large, bits, group, n, k,
+                             extra=os.environ.get(ENV_TABLE) or None)
 
 
-def plan(large: str, bits: int, group: int, n: int, k: int, triton_ok: bool = True) -> Plan:
-    """Which small-M kernel pairs with vLLM's ``large`` kernel on this shape, from this GPU's table
-    (``triton_ok``: the Triton kernel can run this layer here)."""
-    forced = os.environ.get(ENV_MAX_M)
-    if forced not in (None, ""):
-        return Plan(MARLIN if large == LARGE_M_KERNEL else None, int(forced), ENV_MAX_M)
-    device = device_name()
-    tables = _table(os.environ.get(ENV_TABLE))
-    if device not in tables:
-        return Plan(None, 0, f"no kernel table measured on {device!r}: vLLM's own choice")
-    entry = tables[device]["shapes"].get(shape_key(bits, group, n, k))
-    where = f"measured on {device}"
-    if entry is None:
-        if "default" in tables[device] and large == LARGE_M_KERNEL:
-            return Plan(MARLIN, int(tables[device]["default"]), f"median of the shapes {where}")
-        return Plan(None, 0, f"shape not in the table of {device}: vLLM's own choice")
-    if isinstance(entry, int):                          # a Marlin-vs-Machete crossover alone
-        entry = {"marlin_max_m": entry}
-    configs = tuple(tuple(c) for c in entry.get("triton_configs", ())) if triton_ok else ()
-    if large == LARGE_M_KERNEL:
-        if entry.get("small") == TRITON and configs:
-            return Plan(TRITON, int(entry["triton_max_m"]), where, configs)
-        return Plan(MARLIN, int(entry["marlin_max_m"]), where)
-    if large == SMALL_M_KERNEL and configs and int(entry.get("triton_vs_marlin_max_m", 0)) > 0:
-        return Plan(TRITON, int(entry["triton_vs_marlin_max_m"]), where, configs)
-    return Plan(None, 0, f"{large}: no faster small-M kernel {where}")
+def kernel_class(name: str) -> type | None:
+    """A kernel by class name: grace_qat's own, or any mixed-precision kernel vLLM registers."""
+    if name in OWN_KERNELS:
+        return OWN_KERNELS[name]
+    from vllm.model_executor.kernels import linear as vllm_kernels
+    for kernels in vllm_kernels._POSSIBLE_KERNELS.values():
+        for cls in kernels:
+            if cls.__name__ == name:
+                return cls
+    return None
 
 
-def crossover(bits: int, group: int, n: int, k: int) -> tuple[int, str]:
-    """(largest M that runs on Marlin next to Machete, where that number comes from); 0 where
-    this GPU has no table."""
-    p = plan(LARGE_M_KERNEL, bits, group, n, k, triton_ok=False)
-    return (p.max_m if p.small == MARLIN else 0), p.source
-
-
-def triton_available(bits: int, group: int, k: int, act_dtype: torch.dtype | None) -> bool:
-    if act_dtype not in (torch.bfloat16, torch.float16):
-        return False
-    try:
-        from grace_qat.kernels import triton_wna16
-    except ImportError:
-        return False
-    return triton_wna16.supports(bits, group, k)
-
-
-def small_m_partner(kernel_cls: type, mp_config, bits: int, group: int, n: int, k: int,
-                    act_dtype: torch.dtype | None) -> tuple[type | None, Plan | None]:
+def small_m_partner(kernel_cls: type, mp_config, bits: int, group: int, n: int, k: int
+                    ) -> tuple[type | None, kernel_table.Plan | None]:
     """(second kernel class, plan) for a layer of shape (n, k) on this rank that vLLM gave to
-    ``kernel_cls``; (None, None) keeps one copy. ``group`` is the kernel's (-1: whole rows)."""
-    if not enabled() or kernel_cls.__name__ not in (LARGE_M_KERNEL, SMALL_M_KERNEL):
-        return None, None
-    p = plan(kernel_cls.__name__, bits, group, n, k, triton_available(bits, group, k, act_dtype))
-    if p.small == TRITON:
-        return TritonWNA16Kernel, p
-    if p.small == MARLIN:
-        from vllm.model_executor.kernels.linear.mixed_precision.marlin import MarlinLinearKernel
-        ok, _ = MarlinLinearKernel.can_implement(mp_config)
-        return (MarlinLinearKernel, p) if ok else (None, None)
-    return None, None
+    ``kernel_cls``; (None, plan) keeps one copy, the plan saying why. ``group``: the kernel's."""
+    if not enabled():
+        return None, kernel_table.Plan(None, 0, f"{ENV_DUAL}=0: one copy, {kernel_cls.__name__}")
+    p = plan(kernel_cls.__name__, bits, group, n, k)
+    if p.small is None:
+        return None, p
+    cls = kernel_class(p.small)
+    if cls is None:
+        return None, kernel_table.Plan(None, 0, f"{p.small} is not a kernel this vLLM has: "
+                                                f"{kernel_cls.__name__} alone")
+    ok, why = cls.can_implement(mp_config)
+    if not ok:
+        return None, kernel_table.Plan(None, 0, f"{p.small} cannot run this layer ({why}): "
+                                                f"{kernel_cls.__name__} alone")
+    return cls, p
 
 
 class TritonWNA16Kernel:
     """grace_qat's Triton small-M kernel with the vLLM kernel's calling convention: the packed
     codes (N, K/pf) int32 and steps (N, K/G) as registered by ``grace_vllm.linear.new_kernel`` (the
     compressed-tensors layout, not repacked), launch configs from this GPU's table."""
+
+    @classmethod
+    def can_implement(cls, c) -> tuple[bool, str | None]:
+        """As vLLM's kernels answer: symmetric int4/int8, 16-bit activations, whole packed groups."""
+        if c.act_type not in (torch.bfloat16, torch.float16):
+            return False, f"activations {c.act_type}"
+        if getattr(c, "zero_points", False):
+            return False, "zero points"
+        try:
+            from grace_qat.kernels import triton_wna16
+        except ImportError as e:
+            return False, f"Triton unavailable ({e})"
+        bits, k = c.weight_type.size_bits, c.partition_weight_shape[0]
+        group = k if c.group_size == -1 else c.group_size
+        return (True, None) if triton_wna16.supports(bits, group, k) else (False, f"W{bits} g{group} k{k}")
 
     def __init__(self, bits: int, group: int, configs: tuple = ()):
         from grace_qat.kernels import triton_wna16
@@ -192,18 +170,23 @@ class KernelDispatch:
 
     HOLDER = "grace_qat_small_m"
 
-    def __init__(self, layer: torch.nn.Module, large, small=None, max_m: int = 0):
+    KEY = "grace_qat_key"
+
+    def __init__(self, layer: torch.nn.Module, large, out_features: int, small=None, max_m: int = 0):
         self.large, self.small, self.max_m = large, small, max_m
-        self.weight_name = large.w_q_name           # the large kernel's packed weight: the op's key
-        self.out_features = large.config.partition_weight_shape[1]
-        _LAYERS[getattr(layer, self.weight_name).data_ptr()] = layer
+        self.out_features = out_features
+        # The op's key: a one-element buffer of the layer's own. Not the packed weight: kernels rename
+        # or replace their parameters when they repack (Humming moves weight_packed to weight).
+        key = torch.zeros(1, dtype=torch.int8, device=next(layer.parameters()).device)
+        layer.register_buffer(self.KEY, key, persistent=False)
+        _LAYERS[key.data_ptr()] = layer
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.ops.grace_qat.mixed_mm(x, bias, getattr(layer, self.weight_name), self.out_features)
+        return torch.ops.grace_qat.mixed_mm(x, bias, getattr(layer, self.KEY), self.out_features)
 
 
 def _mixed_mm(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor, out_features: int) -> torch.Tensor:
-    layer = _LAYERS.get(weight.data_ptr())
+    layer = _LAYERS.get(weight.data_ptr())     # ``weight``: the layer's key buffer
     if layer is None:
         raise RuntimeError("grace_qat: mixed_mm called with a weight no grace_qat layer owns (was it "
                            "moved or replaced after loading?)")
@@ -222,6 +205,8 @@ def _mixed_mm_fake(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Ten
                    out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
+
+OWN_KERNELS: dict[str, type] = {TritonWNA16Kernel.__name__: TritonWNA16Kernel}
 
 _lib = torch.library.Library("grace_qat", "FRAGMENT")
 _lib.define("mixed_mm(Tensor x, Tensor? bias, Tensor weight, int out_features) -> Tensor")

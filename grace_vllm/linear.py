@@ -9,10 +9,10 @@ vLLM plumbing only; every format question goes to the core (:mod:`grace_qat.form
   * ``process_weights_after_loading`` hands what this rank loaded to ``Format.rank_codes`` (verified
     codes and fp32 steps, chunk by chunk), packs the codes in the compressed-tensors layout (out,
     in/pf) int32 as uint4b8 / uint8b128, frees the loaded tensors and hands the layer to the kernel
-    ``choose_mp_linear_kernel`` picks (Machete / Marlin on CUDA, CPUWNA16 on CPU). Where vLLM picks
-    Machete (Hopper), a second packed copy goes to a small-M kernel (Marlin, or grace_qat's Triton
-    kernel on the plain packing, as this GPU's table says) for small batches (``dispatch.py``:
-    per-call choice by token count, inside one custom op).
+    ``choose_mp_linear_kernel`` picks, exactly as for stock vLLM's GPTQ layers (Machete, Humming or
+    Marlin on CUDA as ``--linear-backend`` and ``VLLM_DISABLED_KERNELS`` say; CPUWNA16 on CPU). A second
+    packed copy for a small-M kernel is kept only where this GPU and vLLM version measured it faster
+    (``dispatch.py``: per-call choice by token count, inside one custom op).
 
 Where no kernel exists for a layer (8-bit on CPU; x86 CPUs without AVX-512, whose vLLM build lacks
 ``cpu_gemm_wna16``) the layer runs vLLM's unquantized GEMM on the exact dequantized weight (grid
@@ -110,6 +110,29 @@ def new_kernel(kernel_cls: type, mp_config, module: torch.nn.Module, packed: tor
     return kernel
 
 
+# What vLLM's kernels read off the layer they repack besides its parameters (Humming reads the
+# partition sizes, dtype and has_bias): a second kernel's holder module carries the same.
+_LAYER_ATTRS = ("input_size", "input_size_per_partition", "output_size", "output_partition_sizes",
+                "params_dtype", "has_bias", "tp_rank", "tp_size", "prefix")
+
+
+def kernel_holder(layer: torch.nn.Module | None = None, **attrs) -> torch.nn.Module:
+    """A module for a second packed copy: the layer's shape attributes (or ``attrs``) and a copy of its
+    bias (the holder's kernel may permute it)."""
+    holder = torch.nn.Module()
+    for name in _LAYER_ATTRS:
+        if layer is not None and hasattr(layer, name):
+            setattr(holder, name, getattr(layer, name))
+    for name, value in attrs.items():
+        setattr(holder, name, value)
+    bias = getattr(layer, "bias", None) if layer is not None else None
+    if bias is not None:
+        holder.bias = torch.nn.Parameter(bias.data.clone(), requires_grad=False)
+    elif layer is not None or "has_bias" in attrs:
+        holder.bias = None
+    return holder
+
+
 class GraceLinearMethod(LinearMethodBase):
     """One quantized layer: the format's tensors in, verified codes out, onto vLLM's kernel."""
 
@@ -144,14 +167,20 @@ class GraceLinearMethod(LinearMethodBase):
             kernel, reason = None, _one_line(e)
         if reason is None:
             self.kernel_cls = kernel
-            self.small_m_kernel_cls, self.small_m_plan = dispatch.small_m_partner(
-                kernel, self.mp_config, self.bits, self.geo.kernel_group, out_pp, in_pp, params_dtype)
             key = (kernel.__name__, self.bits, self.geo.kernel_group, params_dtype)
             if key not in _announced:
                 _announced.add(key)
                 logger.info("grace_qat: using %s for W%d g%d (%s activations, weights %s)",
                             kernel.__name__, self.bits, self.geo.group, str(params_dtype).split(".")[-1],
                             _WEIGHT_TYPES[self.bits])
+            if torch.cuda.is_available():
+                self.small_m_kernel_cls, self.small_m_plan = dispatch.small_m_partner(
+                    kernel, self.mp_config, self.bits, self.geo.kernel_group, out_pp, in_pp)
+                shape = ("plan", self.bits, self.geo.kernel_group, out_pp, in_pp)
+                if shape not in _announced and self.small_m_kernel_cls is None:
+                    _announced.add(shape)
+                    logger.info("grace_qat: W%d g%d %dx%d layers: one packed copy (%s)", self.bits,
+                                self.geo.group, out_pp, in_pp, self.small_m_plan.reason)
             return
         global _fallback_warned
         if not _fallback_warned:
@@ -264,7 +293,7 @@ class GraceLinearMethod(LinearMethodBase):
 
     def _attach_kernel(self, layer, codes: torch.Tensor, scales: torch.Tensor) -> None:
         """Pack codes (out, in) as uint4b8/uint8b128 in the compressed-tensors layout and hand the
-        layer to the chosen kernel (and, on Hopper, a second copy to Marlin for small batches).
+        layer to the chosen kernel (and, where this GPU's table says so, a second copy to a small-M kernel).
         Scales: fp32 steps cast once to the activation dtype."""
         g = self.geo
         offset = -code_range(self.bits)[0]
@@ -276,10 +305,7 @@ class GraceLinearMethod(LinearMethodBase):
         scales = scales.to(self.act_dtype).contiguous()
         small = None
         if self.small_m_kernel_cls is not None:
-            holder = torch.nn.Module()
-            bias = getattr(layer, "bias", None)
-            if bias is not None:
-                holder.bias = torch.nn.Parameter(bias.data.clone(), requires_grad=False)
+            holder = kernel_holder(layer)
             if self.small_m_kernel_cls is dispatch.TritonWNA16Kernel:
                 # the plain compressed-tensors packing, as it is: no repack
                 holder.weight_packed = torch.nn.Parameter(packed.clone(), requires_grad=False)
@@ -288,21 +314,22 @@ class GraceLinearMethod(LinearMethodBase):
             else:
                 small = new_kernel(self.small_m_kernel_cls, self.mp_config, holder, packed.clone(),
                                    scales.clone())
-            setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
         self.kernel = new_kernel(self.kernel_cls, self.mp_config, layer, packed, scales)
+        if small is not None:   # after the layer's own repack, which may rename the layer's parameters
+            setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
         if small is None:
             if packed.is_cuda:
-                self.dispatch = dispatch.KernelDispatch(layer, self.kernel)
+                self.dispatch = dispatch.KernelDispatch(layer, self.kernel, g.out_pp)
             return
-        max_m, source = self.small_m_plan.max_m, self.small_m_plan.source
-        self.dispatch = dispatch.KernelDispatch(layer, self.kernel, small, max_m)
+        max_m, why = self.small_m_plan.max_m, self.small_m_plan.reason
+        self.dispatch = dispatch.KernelDispatch(layer, self.kernel, g.out_pp, small, max_m)
         key = ("dual", self.bits, g.kernel_group, g.out_pp, g.in_pp)
         if key not in _announced:
             _announced.add(key)
             logger.info("grace_qat: W%d g%d %dx%d layers: %s for <= %d tokens, %s above (%s); "
                         "second packed copy kept (%s=0 keeps one)", self.bits, g.group, g.out_pp,
                         g.in_pp, self.small_m_kernel_cls.__name__, max_m, self.kernel_cls.__name__,
-                        source, dispatch.ENV_DUAL)
+                        why, dispatch.ENV_DUAL)
 
     def _finish_unquantized(self, layer) -> None:
         """Fallback: vLLM's unquantized GEMM on layer.weight, in the model dtype (what a stock

@@ -406,6 +406,30 @@ def _sm90() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Marlin and Machete are CUDA kernels")
+@pytest.mark.parametrize("key", ["w4_sidecar", "w4_awq", "w8_sidecar"])
+def test_gpu_layers_take_the_kernel_vllm_picks_under_its_own_flags(ckpts, opened, key, monkeypatch):
+    """With Machete (and Marlin) disabled as a user would (VLLM_DISABLED_KERNELS), grace_qat's layers
+    run the kernel stock vLLM then picks (Humming where this vLLM has it and ranks it next) with the
+    exact codes and steps, one packed copy."""
+    from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+
+    from grace_vllm import dispatch, linear as gl
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "MacheteLinearKernel")
+    monkeypatch.setenv(dispatch.ENV_DUAL, "0")
+    cfg, ckpt = _config(ckpts[key]), opened[key]
+    name = "mlp.gate_up_proj"
+    layer = _make(name, cfg, ckpt)
+    method = layer.quant_method
+    stock = choose_mp_linear_kernel(method.mp_config).__name__     # what a GPTQ layer gets under these flags
+    assert type(method.kernel).__name__ == stock != "MacheteLinearKernel", (type(method.kernel).__name__, stock)
+    k = layer.input_size_per_partition
+    eye = torch.eye(k, dtype=torch.bfloat16, device=DEVICE)
+    y = method.apply(layer, eye, None)                              # through the plugin's own op
+    _assert_served_weight(y.t().float().cpu(), _expected_shard(ckpt, name, 0, 1), True, f"{key} {stock}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Marlin and Machete are CUDA kernels")
 @pytest.mark.parametrize("dual", [False, True])
 @pytest.mark.parametrize("key", ["w4_sidecar", "w4_inline", "w4_grid", "w4_awq", "w8_sidecar"])
 def test_gpu_kernels_hold_exact_codes_and_steps(ckpts, opened, key, dual, monkeypatch):
