@@ -163,6 +163,42 @@ def _fixture(args) -> int:
     return 0
 
 
+def _kernels(args) -> int:
+    """The second-kernel table the plugin would use on a device and engine version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .kernels import table
+    device, engine = args.device, args.engine
+    if device is None:
+        try:
+            import torch
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        except ImportError:
+            device = None
+    version_ = args.engine_version
+    if version_ is None:
+        try:
+            version_ = version(engine)
+        except PackageNotFoundError:
+            version_ = None
+    if device is None or version_ is None:
+        raise GraceFormatError("kernels: give --device and --engine-version (no CUDA device or no "
+                               f"{engine} installed here to read them from)")
+    t = table.table_for(device, engine, version_, extra=args.table)
+    where = f"{device}, {engine} {version_}"
+    if t is None:
+        print(f"{where}: no kernel table measured: every layer keeps one packed copy and the engine's own "
+              f"kernel. Tables: " + "; ".join(f"{x['device']} / {x['engine']} {x['engine_version']}"
+                                              for x in table.tables(args.table)))
+        return 0
+    print(f"{where}: {t['measured']}")
+    for key, e in sorted(t["shapes"].items()):
+        second = (f"{e['small']} for M <= {e['max_m']}" + (f" (>= {e['gain']}x)" if e.get("gain") else "")
+                  if e.get("small") and e.get("max_m") else "one copy")
+        print(f"  {key:24s} next to {e['large']}: {second}")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import main as demo_main     # starts `vllm serve` in a subprocess; imports no engine
     return demo_main(args.demo_args)
@@ -213,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_fixture)
+
+    s = sub.add_parser("kernels", help="print the kernel table (second kernel per layer shape) the vLLM "
+                       "plugin uses on a device and engine version")
+    s.add_argument("--device", help="device name as torch reports it (default: this machine's GPU)")
+    s.add_argument("--engine", default="vllm")
+    s.add_argument("--engine-version", help="default: the installed engine's")
+    s.add_argument("--table", help="an extra table file (as GRACE_QAT_CROSSOVER_FILE)")
+    s.set_defaults(func=_kernels)
 
     s = sub.add_parser("demo", help="serve a checkpoint (default: a generated tiny one) with vLLM and ask "
                                     "an image+text question over the OpenAI API", add_help=False)

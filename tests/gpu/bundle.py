@@ -346,6 +346,9 @@ def resolve(spec: str, cache: pathlib.Path) -> list[dict]:
         err = _pip_resolve(cmd, [spec])
         substituted = {}
         if err is not None:
+            why = next((line for line in err.splitlines() if line.startswith("ERROR")), err.strip()[-300:])
+            print("pip cannot resolve %s as published (%s): resolving its requirements without the ones "
+                  "the profile skips" % (spec, why), file=sys.stderr)
             skip = PROFILES[norm(spec.split("==")[0])]["skip"]
             name, version = spec.split("==")
             download(cache, [dict(name=name, version=version)])
