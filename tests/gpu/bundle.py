@@ -122,7 +122,6 @@ COMMON_SKIP = {
 PROFILES = {
     "vllm": dict(
         skip=dict(COMMON_SKIP, **{
-            "quack-kernels": "CuTe-DSL kernels for Blackwell and GDN layers",
             "nvidia-cutlass-dsl-libs-cu12": "CuTe DSL for CUDA 12 (the machine is CUDA 13)",
             "cuda-tile": "cuTile kernels (Blackwell)",
             # vLLM 0.34 pins flashinfer-python==0.7.3, which the index lacks; the engines start and serve
@@ -232,6 +231,9 @@ rm -f {archive} {part_glob}
 # RPATH ($ORIGIN/../../nvidia/...) and its sys.path preload find them next to the shipped ones.
 IMG=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")
 if [ -d "$IMG/nvidia" ]; then mkdir -p "$SITE/nvidia"; cp -rsn "$IMG/nvidia/." "$SITE/nvidia/"; fi
+# A --target install leaves .pth files unprocessed (PYTHONPATH is no site directory), and vLLM 0.34's
+# CuTe-DSL warm-up imports `cutlass`, which nvidia-cutlass-dsl's .pth puts on sys.path: process them.
+printf 'import os, site\nsite.addsitedir(os.path.dirname(os.path.abspath(__file__)))\n' > "$SITE/sitecustomize.py"
 cat > "$SITE.env" <<EOF
 export PYTHONPATH=$SITE\${{PYTHONPATH:+:\$PYTHONPATH}}
 {env_lines}EOF
@@ -805,11 +807,14 @@ def build(args) -> None:
         parts = split_file(archive, out, part_bytes, tb)
     last = out / parts[-1]["dir"]
     cudnn_env = ""
+    if engine == "vllm" and dec.get("flashinfer-python", ("skip",))[0] == "skip":
+        # vLLM 0.34 imports FlashInfer when its sampler is on; the bundle carries no FlashInfer
+        cudnn_env += "export VLLM_USE_FLASHINFER_SAMPLER=0\n"
     cd = dec.get("nvidia-cudnn-cu13")
     pinned_cudnn = next((p["version"] for p in pkgs if p["name"] == "nvidia-cudnn-cu13"), None)
     if cd and cd[0] == "reuse" and pinned_cudnn and pinned_cudnn != IMAGE["nvidia-cudnn-cu13"]:
         # torch.backends.cudnn refuses a runtime cuDNN of a lower minor than it was built with
-        cudnn_env = "export PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1\n"
+        cudnn_env += "export PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1\n"
     write_install(last, label, engine, parts, whole, cudnn_env, SMOKE.read_text(), args.format)
     if out.is_relative_to(repo):
         ensure_excluded(repo, out)
