@@ -210,7 +210,8 @@ def test_sglang_serve_check_fails_on_a_token_mismatch():
     assert sglang_serve_check.check_failures(crashed) == [
         "plugin engine failed: RuntimeError: boom (log p.log)", "image_text: no tokens to compare",
         "text: no tokens to compare"]
-    assert sglang_serve_check.check_failures({"plugin": plugin}) == []    # --skip-reference
+    assert sglang_serve_check.check_failures({"plugin": plugin}) == [      # --skip-reference: nothing compared
+        "stock SGLang did not run (--skip-reference): the plugin's tokens were compared with nothing"]
 
 
 def test_http_serve_check_fails_on_a_token_mismatch():
@@ -296,3 +297,86 @@ def test_every_documented_engine_stage_resolves_its_engine(tmp_path):
                     GRACE_GPU_ENGINE="bundle", GRACE_GPU_BUNDLE_WAIT="0", timeout=30)
         engine = "sglang" if stage.startswith("sglang") or stage == "bench-sglang" else "vllm"
         assert (r.returncode, r.stdout.split(":")[0]) == (1, f"no {engine} for stage {stage}"), (stage, r.stdout)
+
+
+# -- the GPU scripts fail when they should (issue 24) ----------------------------------------------
+
+def test_bench_counts_no_tokens_on_both_sides_as_no_evidence(tmp_path):
+    pair = [_result("gptq", None), _result("grace-a-single", None)]
+    vllm_bench.write_report(pair, {"model": "qwen3vl", "size": "tiny"}, str(tmp_path))
+    assert pair[1]["tokens_equal_peer"] is False
+    assert vllm_bench.failures(pair) == [
+        "grace-a-single: greedy tokens differ from stock gptq (same kernel) from position 0 (0 vs 0 tokens)"]
+
+
+def test_bench_fails_a_plugin_system_that_ran_no_quantized_kernel_on_a_gpu(tmp_path):
+    base = dict(quantization="grace_qat", gpu="NVIDIA H100 80GB HBM3")
+    fell_back = _result("grace-a", [1], fallback=True, **base)
+    fell_back["kernels"] = ["exact BF16 fallback (no kernel)"]
+    nothing = dict(_result("grace-b", [1], **base), kernels=[])
+    ok = _result("grace-a-w8", [1], **base)
+    assert vllm_bench.failures([fell_back, nothing, ok]) == [
+        "grace-a: no quantized kernel on the GPU (['exact BF16 fallback (no kernel)'])",
+        "grace-b: no quantized kernel on the GPU (none reported)"]
+    on_cpu = dict(fell_back, gpu=None)                   # the CPU fallback is the documented CPU path
+    assert vllm_bench.failures([on_cpu]) == []
+
+
+def test_bench_reports_each_system_against_the_best_one_flag_stock_kernel_per_batch(tmp_path):
+    res = [_result("gptq", [1], runs=((1, 400.0), (16, 6000.0))),
+           _result("gptq-humming", [1], runs=((1, 500.0), (16, 7000.0))),
+           _result("gptq-marlin", [1], runs=((1, 520.0), (16, 6500.0))),
+           _result("grace-a", [1], runs=((1, 510.0), (16, 7000.0)))]
+    vllm_bench.write_report(res, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    best = res[3]["vs_best_stock"]
+    assert best[1] == {"ratio": 510.0 / 520.0, "stock": "gptq-marlin"}
+    assert best[16] == {"ratio": 1.0, "stock": "gptq-humming"}
+    assert "0.98 (gptq-marlin)" in (tmp_path / "results.md").read_text()
+
+
+def test_http_serve_check_fails_a_plugin_that_served_no_quantized_kernel_on_a_gpu():
+    def side(kernels):
+        return {"requests": {"image_text": {"tokens": ["t:1"]}, "text": {"tokens": ["t:2"]}}, "kernels": kernels}
+
+    res = {"gpu": "NVIDIA H100 80GB HBM3", "plugin": side(["exact BF16 fallback (no kernel)"]), "stock": side([])}
+    res["comparison"] = serve_check.compare(res["plugin"], res["stock"])
+    assert serve_check.failures(res) == [
+        "plugin served no quantized kernel on the GPU (['exact BF16 fallback (no kernel)'])"]
+    assert serve_check.failures(dict(res, plugin=side(["MacheteLinearKernel"]))) == []
+    assert serve_check.failures(dict(res, gpu=None)) == []          # CPU: the fallback is expected
+
+
+def test_gpu_stages_fail_where_no_cuda_device_is_visible(tmp_path):
+    if _engine_of_this_python() != "vllm":
+        pytest.skip("the gpu-tests stage needs vLLM in this Python")
+    r = _run_sh("gpu-tests", cwd=tmp_path, OUT=str(tmp_path / "o"), GRACE_GPU_SITES=str(tmp_path / "s"),
+                CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 1 and "no CUDA device visible" in r.stdout, r.stdout + r.stderr
+
+
+def test_poll_fails_while_the_chain_is_unfinished(tmp_path):
+    bg, res = tmp_path / "bg", tmp_path / "res"
+    env = dict(GRACE_GPU_BG=str(bg), GRACE_GPU_RES=str(res), GRACE_GPU_SITES=str(tmp_path),
+               GRACE_GPU_ENGINE="bundle", GRACE_GPU_BUNDLE_WAIT="20")   # the stage waits 20 s for a bundle
+    r = _run_sh("chain", "crossover", cwd=tmp_path, OUT=str(tmp_path / "o"), **env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    p = _run_sh("poll", "1", cwd=tmp_path, OUT=str(tmp_path / "o2"), **env)
+    assert p.returncode == 3 and "has not finished" in p.stdout, p.stdout
+    p = _run_sh("poll", "60", cwd=tmp_path, OUT=str(tmp_path / "o3"), **env)
+    assert p.returncode == 1 and "crossover rc=1" in p.stdout     # finished, the stage failed
+
+
+def test_v1_runner_variable_is_set_only_where_the_v1_runner_exists(tmp_path):
+    """vLLM 0.34 refuses VLLM_USE_V2_MODEL_RUNNER=0 (its V1 runner is gone): run.sh sets it by
+    feature, from the engine's files, never by version."""
+    import importlib.util
+    spec = importlib.util.find_spec("vllm")
+    if spec is None:
+        pytest.skip("no vLLM in this Python")
+    has_v1 = any((Path(d) / "v1" / "worker" / "gpu_model_runner.py").exists()
+                 for d in spec.submodule_search_locations)
+    r = _run_sh("engine", cwd=tmp_path, OUT=str(tmp_path / "o"), GRACE_GPU_SITES=str(tmp_path / "s"),
+                VLLM_USE_V2_MODEL_RUNNER="0")       # set by the caller: still only where it is accepted
+    assert r.returncode == 0, r.stdout + r.stderr
+    want = "VLLM_USE_V2_MODEL_RUNNER=0" if has_v1 else "VLLM_USE_V2_MODEL_RUNNER=unset"
+    assert f"engine env: {want}" in r.stdout, r.stdout

@@ -172,6 +172,7 @@ mod = importlib.import_module(engine)
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 print(f"engine: {engine} {mod.__version__} ({where}); torch {torch.__version__}; {gpu}")
 PY
+    echo "engine env: VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER-unset}"
     ;;
   prepare-bg)
     rm -rf /tmp/prep*.done /tmp/prep.failed && mkdir -p $WORK

@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", help="GPTQ copy to serve with stock SGLang (default: convert into "
                                        "a temporary directory)")
     p.add_argument("--keep-reference", help="write the converted GPTQ copy here and keep it")
-    p.add_argument("--skip-reference", action="store_true", help="do not run stock SGLang")
+    p.add_argument("--skip-reference", action="store_true",
+                   help="do not run stock SGLang (a debugging aid: the check then fails, having compared nothing)")
     p.add_argument("--skip-layer-check", action="store_true")
     p.add_argument("--image", help="image file (default: a synthetic 448x448 picture)")
     p.add_argument("--question", default="Describe this picture in one sentence.")
@@ -416,7 +417,9 @@ def check_failures(result: dict) -> list[str]:
         if r is not None and (r.get("returncode") != 0 or "exception" in r):
             why = r.get("exception") or f"return code {r.get('returncode')}"
             bad.append(f"{side} engine failed: {str(why).splitlines()[0][:200]} (log {r.get('log')})")
-    if result.get("stock") is not None:
+    if result.get("stock") is None:
+        bad.append("stock SGLang did not run (--skip-reference): the plugin's tokens were compared with nothing")
+    else:
         for name, c in (result.get("comparison") or {}).items():
             if c.get("identical") is None:
                 bad.append(f"{name}: no tokens to compare")
