@@ -331,6 +331,13 @@ def _pip_resolve(cmd: list[str], reqs: list[str]) -> str | None:
     return None if r.returncode == 0 else (r.stderr + r.stdout)
 
 
+def report_path(spec: str, cache: pathlib.Path) -> pathlib.Path:
+    """The cached resolution of spec; keyed by the profile's skip list too, since a resolution made
+    without the skipped requirements (the fallback below) is stale once that list changes."""
+    skip = hashlib.sha256(" ".join(sorted(PROFILES[norm(spec.split("==")[0])]["skip"])).encode()).hexdigest()[:10]
+    return cache / ("report-%s-%s.json" % (spec.replace("==", "-"), skip))
+
+
 def resolve(spec: str, cache: pathlib.Path) -> list[dict]:
     """pip's resolution of spec for the GPU machine (cp312, manylinux x86_64), cached per spec.
 
@@ -338,7 +345,7 @@ def resolve(spec: str, cache: pathlib.Path) -> list[dict]:
     flashinfer-python==0.7.3, SGLang 0.5.21's cuda-tile==1.6.0rc5), its requirements are resolved
     instead, without the ones the profile skips and with each missing pin replaced by
     ``substitute_pin``'s choice, printed and kept in the report; the engine itself is added after."""
-    report = cache / ("report-%s.json" % spec.replace("==", "-"))
+    report = report_path(spec, cache)
     if not report.exists():
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
                "--target", str(cache / "dry-target"), "--only-binary=:all:", "--python-version", "3.12",
@@ -825,7 +832,7 @@ def build(args) -> None:
     manifest = dict(spec=spec, parts=parts, sha256=whole, compressed=total, pack_seconds=round(secs, 1),
                     format=args.format, xz_level=args.level if args.format == "xz" else None, tree_bytes=tb, part_bytes=part_bytes,
                     versions={p["name"]: p["version"] for p in pkgs},
-                    substituted=json.loads((cache / ("report-%s.json" % label)).read_text()).get("substituted", {}),
+                    substituted=json.loads(report_path(spec, cache).read_text()).get("substituted", {}),
                     **{k: v for k, v in saved.items() if k != "pkgs"})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if args.calls:
