@@ -39,7 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--name", default=None)
-    ap.add_argument("--quantization", default=None, help="grace_qat, or none for stock SGLang")
+    ap.add_argument("--quantization", default=None,
+                    help="grace_qat; none for stock SGLang; humming for stock SGLang's --quantization humming")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--batches", default="1")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--image-batches", default="", help="(accepted for the harness; not timed here)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.quantization == "none":
+    if args.quantization in ("none", "humming"):             # stock SGLang: the plugin stays out
         os.environ["SGLANG_PLUGINS"] = DISABLED_PLUGINS     # inherited by SGLang's scheduler processes
     import sglang
     import torch

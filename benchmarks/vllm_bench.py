@@ -49,6 +49,8 @@ SYSTEMS = {
     "sglang-grace-a": ("qat-sidecar", 4, None, "sglang:grace_qat"),
     "sglang-grace-b": ("awq", 4, None, "sglang:grace_qat"),
     "sglang-gptq": ("qat-sidecar", 4, "gptq", "sglang:none"),
+    # stock SGLang's one-flag alternative on the same GPTQ export: its Humming kernels
+    "sglang-gptq-humming": ("qat-sidecar", 4, "gptq", "sglang:humming"),
     # what users have today: Transformers generate on the BF16-on-grid checkpoint (the card's path)
     "hf-generate": ("qat-sidecar", 4, None, "transformers"),
 }
@@ -62,6 +64,7 @@ SYSTEM_BACKEND = {"gptq-marlin": "marlin", "gptq-humming": "humming",
                   "grace-a-marlin": "marlin", "grace-a-humming": "humming"}
 # stock systems a user reaches with one flag on the same GPTQ weights: "best stock" per batch
 STOCK_CHOICES = ("gptq", "gptq-humming", "gptq-marlin")
+SGLANG_STOCK_CHOICES = ("sglang-gptq", "sglang-gptq-humming")
 # grace_qat system -> stock system on the same codes and scales. Where both ran one kernel the tokens
 # must match (a mismatch fails the run); where the plugin ran its dual kernel (its log's "... for <= N
 # tokens" line: Marlin at small batches on Hopper, where stock vLLM runs Machete) they are close to,
@@ -275,8 +278,9 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         if 1 in runs and bw and r.get("bytes_per_token"):
             sec_per_tok = 1.0 / runs[1]["decode_tok_s"]
             r["bandwidth_efficiency_b1"] = r["bytes_per_token"] / sec_per_tok / 1e9 / bw
-        stock = [b for b in STOCK_CHOICES if b in base and same_run(r, b)]
-        if stock and r["name"] not in STOCK_CHOICES:
+        choices = SGLANG_STOCK_CHOICES if r["name"].startswith("sglang-") else STOCK_CHOICES
+        stock = [b for b in choices if b in base and same_run(r, b)]
+        if stock and r["name"] not in choices:
             best = {}
             for b in runs:
                 rates = {ref: {x["batch"]: x["decode_tok_s"] for x in base[ref]["runs"]}.get(b) for ref in stock}
@@ -348,7 +352,8 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
     best_rows = [r for r in results if r.get("ok") and r.get("vs_best_stock")]
     if best_rows:
         lines += ["", "Decode tokens/s relative to the best stock kernel a user can pick with one flag, per batch "
-                  f"(the best of {', '.join(STOCK_CHOICES)} in this run; which one in brackets):", "",
+                  f"(the best of {', '.join(STOCK_CHOICES)} on vLLM, of {', '.join(SGLANG_STOCK_CHOICES)} on SGLang, "
+                  "in this run; which one in brackets):", "",
                   "| system | " + " | ".join(f"b={b}" for b in batches) + " |", "|---" * (1 + len(batches)) + "|"]
         for r in best_rows:
             v = r["vs_best_stock"]

@@ -332,6 +332,10 @@ def test_bench_reports_each_system_against_the_best_one_flag_stock_kernel_per_ba
     assert best[1] == {"ratio": 510.0 / 520.0, "stock": "gptq-marlin"}
     assert best[16] == {"ratio": 1.0, "stock": "gptq-humming"}
     assert "0.98 (gptq-marlin)" in (tmp_path / "results.md").read_text()
+    sg = [_result("sglang-gptq", [1], runs=((1, 300.0),)), _result("sglang-gptq-humming", [1], runs=((1, 350.0),)),
+          _result("sglang-grace-a", [1], runs=((1, 340.0),))]
+    vllm_bench.write_report(sg, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))  # SGLang rows: SGLang's stock
+    assert sg[2]["vs_best_stock"][1] == {"ratio": 340.0 / 350.0, "stock": "sglang-gptq-humming"}
 
 
 def test_http_serve_check_fails_a_plugin_that_served_no_quantized_kernel_on_a_gpu():
