@@ -355,7 +355,9 @@ def resolve(spec: str, cache: pathlib.Path) -> list[dict]:
         err = _pip_resolve(cmd, [spec])
         substituted = {}
         if err is not None:
-            why = next((line for line in err.splitlines() if line.startswith("ERROR")), err.strip()[-300:])
+            errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+            why = next((line for line in errors if "Could not find a version that satisfies" in line),
+                       errors[-1] if errors else err.strip()[-300:])
             print("pip cannot resolve %s as published (%s): resolving its requirements without the ones "
                   "the profile skips" % (spec, why), file=sys.stderr)
             skip = PROFILES[norm(spec.split("==")[0])]["skip"]
