@@ -79,8 +79,10 @@ def bases(tiny_checkpoint):
 
 
 def load_all(path: str, bits: int | None = None) -> GraceCheckpoint:
-    """What a server does before serving: open, then read and verify every quantized module."""
+    """What a server does before serving: open and check (first process), then read and verify
+    every quantized module (workers)."""
     ckpt = GraceCheckpoint.open(path, bits=bits)
+    ckpt.check_served()
     for m in ckpt.modules:
         ckpt.quantized(m)
     return ckpt
@@ -252,6 +254,20 @@ def _awq_meta(fn):
     return lambda d: edit_json(d, AWQ_JSON, fn)
 
 
+def _spare_log_scales(d, differ=None):
+    """Copy the sidecar's log-steps into the safetensors (a real export can leave them there); the
+    copy of module ``differ`` off by one step's log in one group."""
+    side = torch.load(os.path.join(d, SIDECAR), weights_only=True)
+
+    def edit(raw):
+        for k, v in side.items():
+            if k.endswith(".log_scale"):
+                raw[k] = v.clone()
+        if differ:
+            raw[differ + ".log_scale"][1] += 0.5
+    edit_st(d, edit)
+
+
 def _config(fn):
     return lambda d: edit_json(d, "config.json", fn)
 
@@ -401,6 +417,12 @@ CORPUS = [
          "int32, expected"),
     Case("awq-missing-scales", "a4", lambda d: edit_st(d, lambda r: r.pop(M + ".scales")), "DIR", M + ".scales",
          "missing for AWQ module"),
+    # --- tensors a format does not read (issue 27: they broke vLLM's loaders) ----------------------
+    Case("sidecar-spare-inline-log-scale-differs", "s4", lambda d: _spare_log_scales(d, differ=M),
+         ST, M + ".log_scale", "differs from the one in .*qat_quantized_weights.bin"),
+    Case("awq-extra-weight-tensor", "a4",
+         lambda d: edit_st(d, lambda r: r.update({M + ".weight": torch.zeros(256, 512, dtype=torch.bfloat16)})),
+         ST, M + ".weight", "format awq does not use a 'weight' tensor"),
     Case("awq-json-module-not-packed", "a4",
          _awq_meta(lambda m: m["modules"].append(f"{LM}.9.mlp.up_proj")), AWQ_JSON, f"{LM}.9.mlp.up_proj",
          "disagree"),

@@ -32,6 +32,7 @@ class AWQ(Format):
     fixture_bits = (4,)
     side_files = (AWQ_MODULES_NAME,)
     grid_weights = False
+    module_leaves = ("qweight", "qzeros", "scales", "bias")
 
     def marked(self, path, config, tensor_names):
         return os.path.isfile(os.path.join(path, AWQ_MODULES_NAME)) or bool(config.get("awq_packing"))
