@@ -58,6 +58,7 @@ def _inspect(args) -> int:
     if exports.standard_method(read_config(path)):
         return _inspect_standard(args, path)
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
+    ckpt.check_served()          # the engines' first-process checks, in the same words
     report = ckpt.describe()
     if not ckpt.kind.quantized:
         report.update(exports.describe_plain(path))

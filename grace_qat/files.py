@@ -22,6 +22,8 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 
 # safetensors dtype names -> torch dtypes (the storage dtypes of 16/32-bit tensors)
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_OTHER_DTYPES = {"F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                 "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 # The linears GRACE quantizes: attention and MLP projections of every language-model decoder layer.
 _QUANTIZABLE = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
@@ -155,6 +157,15 @@ class SafetensorsDir:
 
     def dtype(self, key: str) -> str:
         return self._handles[self._file_of[key]].get_slice(key).get_dtype()
+
+    def meta(self, key: str) -> torch.Tensor:
+        """Shape and dtype of a tensor without reading it (a tensor on the meta device)."""
+        name = self.dtype(key)
+        dtype = SAFETENSORS_DTYPES.get(name) or _OTHER_DTYPES.get(name)
+        if dtype is None:
+            raise GraceFormatError(f"{self.file_of(key)}: tensor {key} has dtype {name}, which no GRACE "
+                                   f"format stores")
+        return torch.empty(self.shape(key), dtype=dtype, device="meta")
 
 
 def read_config(path: str) -> dict:

@@ -423,6 +423,8 @@ CORPUS = [
     Case("awq-extra-weight-tensor", "a4",
          lambda d: edit_st(d, lambda r: r.update({M + ".weight": torch.zeros(256, 512, dtype=torch.bfloat16)})),
          ST, M + ".weight", "format awq does not use a 'weight' tensor"),
+    Case("awq-json-group-size-64-for-128", "a4", _awq_meta(lambda m: m.update(group_size=64)), ST,
+         f"{LM}.0.mlp.down_proj.qzeros", r"has shape \(4, 32\), expected \(8, 32\) .* group size 64"),
     Case("awq-json-module-not-packed", "a4",
          _awq_meta(lambda m: m["modules"].append(f"{LM}.9.mlp.up_proj")), AWQ_JSON, f"{LM}.9.mlp.up_proj",
          "disagree"),
@@ -497,6 +499,38 @@ def test_corpus_refused_at_load_naming_file_and_tensor(case, bases, tmp_path):
     assert d in msg, f"checkpoint path not named: {msg}"
     if case.file != "DIR":
         assert re.search(case.file, msg), f"file {case.file!r} not named: {msg}"
+    if case.tensor:
+        assert case.tensor in msg, f"tensor {case.tensor!r} not named: {msg}"
+    assert re.search(case.match, msg), f"expected /{case.match}/ in: {msg}"
+
+
+def first_process(path: str, bits: int | None = None) -> None:
+    """What both engine adapters run in the first process, before any engine process starts
+    (grace_vllm.config.maybe_update_config, grace_sglang.config._open)."""
+    GraceCheckpoint.open(path, bits=bits).require_quantized().check_served()
+
+
+# Refused only once the weights' values are read: each rank verifies its own shard as it loads it
+# (reading every weight in the first process would read the whole checkpoint twice).
+NEEDS_WEIGHT_VALUES = {"off-grid-weight-mid-module", "off-grid-weight-8bit", "off-grid-weight-inline",
+                       "off-grid-weight-grid-only", "code-9-in-4bit", "code-minus-9-in-4bit",
+                       "code-200-in-8bit", "weight-nan", "weight-inf"}
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
+def test_corpus_refused_in_the_first_process(case, bases, tmp_path):
+    """Every refusal `inspect` makes that does not need the weights' values (shapes against the
+    group size, bits, zero points, steps, files) comes in the first process, in the same one line
+    (issue 27: an AWQ group size the tensors contradict passed it and killed the worker)."""
+    if case.id in NEEDS_WEIGHT_VALUES:
+        pytest.skip("needs the weights' values: verified by each rank as it loads")
+    d = str(tmp_path / "broken")
+    shutil.copytree(bases[case.base], d)
+    case.mutate(d)
+    with pytest.raises(GraceFormatError) as ei:
+        first_process(d, bits=case.bits)
+    msg = str(ei.value)
+    assert "\n" not in msg.strip() and d in msg, msg
     if case.tensor:
         assert case.tensor in msg, f"tensor {case.tensor!r} not named: {msg}"
     assert re.search(case.match, msg), f"expected /{case.match}/ in: {msg}"

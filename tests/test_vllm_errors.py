@@ -57,21 +57,35 @@ def _nan_step_checkpoint(path, module):
     return sidecar, key
 
 
-@pytest.mark.parametrize("module", [
-    "model.language_model.layers.0.mlp.down_proj",     # read while vLLM validates its config (pydantic)
-    "model.language_model.layers.1.self_attn.q_proj",  # used to surface only in the worker
+def _awq_group_size_checkpoint(path, module):
+    """A tiny GRACE AWQ checkpoint whose awq_quantized_modules.json says group size 64 for tensors
+    packed with 128 (issue 27: it passed the first process and killed the worker after 37 s)."""
+    import json
+    from grace_qat.fixtures import write_qwen3vl
+    write_qwen3vl(str(path), fmt="awq", bits=4, seed=0)
+    meta = path / "awq_quantized_modules.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "group_size": 64}))
+    return path / "model.safetensors", module + ".qzeros"
+
+
+@pytest.mark.parametrize("module,make,says", [
+    # read while vLLM validates its config (pydantic)
+    ("model.language_model.layers.0.mlp.down_proj", _nan_step_checkpoint, "finite"),
+    ("model.language_model.layers.1.self_attn.q_proj", _nan_step_checkpoint, "finite"),  # was: worker
+    ("model.language_model.layers.0.mlp.down_proj", _awq_group_size_checkpoint, "group size 64"),
 ])
-def test_vllm_serve_nan_step_is_our_first_and_last_line(tmp_path, module):
-    """`vllm serve DIR` on a checkpoint with a NaN log-step exits non-zero, before any engine starts,
-    and what it says about the failure is one line of ours (file, tensor, expectation): no
-    traceback, no pydantic ValidationError, no "Engine core initialization failed"."""
+def test_vllm_serve_bad_checkpoint_is_our_first_and_last_line(tmp_path, module, make, says):
+    """`vllm serve DIR` on a checkpoint with a NaN log-step, or an AWQ group size its tensors
+    contradict, exits non-zero before any engine starts, and what it says about the failure is one
+    line of ours (file, tensor, expectation): no traceback, no pydantic ValidationError, no
+    "Engine core initialization failed"."""
     import os
 
     import re
 
     from grace_qat.demo import free_port, vllm_command
-    ckpt = tmp_path / "nan"
-    sidecar, key = _nan_step_checkpoint(ckpt, module)
+    ckpt = tmp_path / "bad"
+    sidecar, key = make(ckpt, module)
     cmd = vllm_command() + [str(ckpt), "--max-model-len", "1024", "--port", str(free_port())]
     assert os.path.basename(cmd[0]) == "vllm" and cmd[1] == "serve", cmd   # the documented command
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -81,7 +95,7 @@ def test_vllm_serve_nan_step_is_our_first_and_last_line(tmp_path, module):
     errors = [line for line in out.splitlines()
               if re.search(r"Traceback|ValidationError|RuntimeError|GraceFormatError|^ERROR| ERROR ", line)]
     assert len(errors) == 1, "\n".join(errors)[-6000:]
-    assert errors[0].startswith(f"ERROR: {sidecar}: {key}: ") and "finite" in errors[0], errors[0]
+    assert errors[0].startswith(f"ERROR: {sidecar}: {key}") and says in errors[0], errors[0]
     assert out.rstrip().splitlines()[-1] == errors[0]
     assert "Engine core" not in out and "ValidationError" not in out
 

@@ -32,9 +32,10 @@ class QATFormat(Format):
         return 4 if float(codes.min()) >= lo and float(codes.max()) <= hi else 8
 
     @staticmethod
-    def checked_weight(ckpt, name: str) -> torch.Tensor:
-        """The stored weight of a QAT module, refused unless 2-D and bf16/fp16/fp32."""
-        weight = ckpt.tensors.get(name + ".weight")
+    def checked_weight(ckpt, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored weight of a QAT module, refused unless 2-D and bf16/fp16/fp32 (``weight``:
+        a meta tensor of it, to check without reading)."""
+        weight = ckpt.tensors.get(name + ".weight") if weight is None else weight
         if weight.dim() != 2:
             raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.weight')}: {name}.weight has shape "
                                    f"{tuple(weight.shape)}, expected a 2-D linear weight")
@@ -82,8 +83,13 @@ class QATFormat(Format):
         return self._stored_scales(ckpt, name, self.module_shape(ckpt, name))
 
     def check_served(self, ckpt) -> None:
+        """What ``quantized`` checks short of reading the weights: dtypes and shapes (the sidecar's
+        copy included), and the stored steps against the group size."""
         for name in ckpt.modules:
-            self.scales(ckpt, name)
+            weight = self.checked_weight(ckpt, name, ckpt.tensors.meta(name + ".weight"))
+            self._check_copy(ckpt, name, weight, ckpt.tensors.file_of(name + ".weight"))
+            if self.stored_steps:
+                self._stored_scales(ckpt, name, weight.shape)
 
     def _module_scales(self, ckpt, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self._stored_scales(ckpt, name, weight.shape)   # its errors name the file holding log_scale
