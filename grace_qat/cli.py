@@ -154,13 +154,15 @@ def _llava_processor(args) -> int:
 def _fixture(args) -> int:
     from . import fixtures
 
+    from .output import write_dir
+
     writer = fixtures.write_llava if args.model == "llava" else fixtures.write_qwen3vl
     kwargs = dict(size=args.size, fmt=args.format, bits=args.bits, seed=args.seed)
     try:
-        path = writer(args.output, **kwargs)
+        write_dir(args.output, lambda tmp: writer(tmp, **kwargs), force=args.force)
     except ValueError as e:      # the fixture writer's argument checks (e.g. AWQ is 4-bit only)
         raise GraceFormatError(f"fixture {args.output}: {e}") from None
-    print(f"wrote {path}")
+    print(f"wrote {os.path.abspath(args.output)}")
     return 0
 
 
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="qat-sidecar", choices=formats.names())
     s.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     s.set_defaults(func=_fixture)
 
     s = sub.add_parser("demo", help="serve a checkpoint (default: a generated tiny one) with vLLM and ask "
@@ -237,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as e:
         print(f"grace-qat: error: {e.filename or e}: not found", file=sys.stderr)
+        return 2
+    except OSError as e:           # e.g. an output the llava-processor cannot write
+        print(f"grace-qat: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
 
 
