@@ -63,11 +63,12 @@ def _inspect(args) -> int:
     if not ckpt.kind.quantized:
         report.update(exports.describe_plain(path))
         report["serve"] = exports.serve_commands(path)
+    serve = [("(stock engine, no plugin needed)", report.get("serve", []))]
     if ckpt.modules:
         report.update(_histogram(((q.codes, q.scales) for q in
                                   ckpt.iter_quantized(progress=not args.json and sys.stderr.isatty())), ckpt.bits))
-        report["serve"] = [f"vllm serve {path} --quantization grace_qat",
-                           f"python -m sglang.launch_server --model-path {path} --quantization grace_qat"]
+        serve = _grace_serve(ckpt, path)
+        report["serve"] = [c for _, cmds in serve for c in cmds]
         report["description"] = _description(ckpt.format)
     if _report_done(report, args, path):
         return 0
@@ -83,10 +84,30 @@ def _inspect(args) -> int:
     if ckpt.modules:
         _print_codes(report)
         print("  verified    all codes on the grid and in range")
-    _print_serve(report["serve"], plugin=bool(ckpt.modules))
+    for i, (note, cmds) in enumerate(serve):
+        _print_serve(cmds, note, first=i == 0)
     if args.against:
         print(f"  against     {report['against']['source']}: {report['against']['result']}")
     return 0
+
+
+def _grace_serve(ckpt, path: str) -> list[tuple[str, list[str]]]:
+    """(note, commands) that serve a GRACE checkpoint, best first. The flag only where detection
+    cannot tell the format (a bare grid: no declared quant_method, no marker); such a grid (what
+    ``convert --to bf16`` writes) is served by a stock engine as BF16, as it is."""
+    from . import formats
+    from .hub import AUTODETECT_ENV
+    declared = (ckpt.config.get("quantization_config") or {}).get("quant_method") == "grace_qat"
+    needs_flag = not declared and formats.marked(path, ckpt.config, ckpt.tensors.keys) is None
+    flag = " --quantization grace_qat" if needs_flag else ""
+    plugin = [f"vllm serve {path}{flag}", f"python -m sglang.launch_server --model-path {path}{flag}"]
+    if not needs_flag:
+        note = "(with the grace_qat plugin installed; detected without a flag" + \
+            ("" if declared else f", unless {AUTODETECT_ENV}=0") + ")"
+        return [(note, plugin)]
+    from . import exports
+    return [("(stock engine, no plugin needed: BF16 weights as stored)", exports.serve_commands(path)),
+            (f"(with the grace_qat plugin installed: packed {ckpt.bits}-bit)", plugin)]
 
 
 def _report_done(report: dict, args, path: str) -> bool:
@@ -100,9 +121,8 @@ def _report_done(report: dict, args, path: str) -> bool:
     return bool(args.json)
 
 
-def _print_serve(commands: list[str], plugin: bool) -> None:
-    note = "(with the grace_qat plugin installed)" if plugin else "(stock engine, no plugin needed)"
-    print(f"  serve       {note}")
+def _print_serve(commands: list[str], note: str = "(stock engine, no plugin needed)", first: bool = True) -> None:
+    print(f"  {'serve' if first else '':12}{note}")
     for c in commands:
         print(f"              {c}")
 
@@ -126,7 +146,7 @@ def _inspect_standard(args, path: str) -> int:
           f"  modules     {report['modules']}\n  scales      {report['scale_dtype']}")
     _print_codes(report)
     print("  verified    zero points symmetric, codes unpacked in range, scales finite and > 0")
-    _print_serve(report["serve"], plugin=False)
+    _print_serve(report["serve"])
     if args.against:
         print(f"  against     {report['against']['source']}: {report['against']['result']}")
     return 0
