@@ -47,15 +47,13 @@ def _print_codes(report: dict) -> None:
 def _inspect(args) -> int:
     import os
 
-    from .checkpoint import GraceCheckpoint, read_config
+    from .checkpoint import GraceCheckpoint
     from . import exports
 
+    from .files import check_model_dir
+
     path = os.path.abspath(args.checkpoint)
-    if not os.path.exists(path):
-        raise GraceFormatError(f"{path}: does not exist")
-    if not os.path.isdir(path):
-        raise GraceFormatError(f"{path}: not a directory")
-    if exports.standard_method(read_config(path)):
+    if exports.standard_method(check_model_dir(path)):
         return _inspect_standard(args, path)
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
     ckpt.check_served()          # the engines' first-process checks, in the same words

@@ -184,6 +184,20 @@ def read_config(path: str) -> dict:
     return config
 
 
+def check_model_dir(path: str) -> dict:
+    """config.json of a model directory, or one line saying why ``path`` is not one (the errors a
+    user meets first: no such path, a file, an empty directory, no or broken config.json)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise GraceFormatError(f"{path}: does not exist")
+    if not os.path.isdir(path):
+        raise GraceFormatError(f"{path}: not a directory (a model is a directory holding {CONFIG_NAME} and "
+                               f"*.safetensors, or a Hub id)")
+    if not os.listdir(path):
+        raise GraceFormatError(f"{path}: empty directory (a model holds {CONFIG_NAME} and *.safetensors)")
+    return read_config(path)
+
+
 def config_or_none(path: str) -> dict | None:
     """config.json of a directory when it is a readable JSON object, else None (never raises): for
     the cheap looks (detection, LLaVA layout checks) that must not break loading an ordinary model."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 
+from grace_qat.files import check_model_dir
 from grace_qat.hub import AUTODETECT_ENV, env_flag, find_grace_checkpoint
 
 from . import QUANT_METHOD
@@ -35,8 +36,13 @@ def _grace_parser(base: type) -> type:
         _grace_base = base
 
         def parse(self, model, trust_remote_code, revision=None, code_revision=None, **kwargs):
-            config_dict, config = super().parse(model, trust_remote_code, revision=revision,
-                                                code_revision=code_revision, **kwargs)
+            try:
+                config_dict, config = super().parse(model, trust_remote_code, revision=revision,
+                                                    code_revision=code_revision, **kwargs)
+            except Exception:
+                if os.path.isdir(str(model)):    # a broken config.json: one line instead of a traceback
+                    check_model_dir(str(model))
+                raise
             if (config_dict.get("quantization_config") is None
                     and getattr(config, "quantization_config", None) is None
                     and env_flag(AUTODETECT_ENV, True)):

@@ -68,11 +68,19 @@ def _awq_group_size_checkpoint(path, module):
     return path / "model.safetensors", module + ".qzeros"
 
 
+def _bad_json_config(path, module):
+    """A config.json that is no JSON: vLLM reads it before anything of the plugin sees the model."""
+    path.mkdir()
+    (path / "config.json").write_text('{"architectures": [')
+    return path / "config.json", ""
+
+
 @pytest.mark.parametrize("module,make,says", [
     # read while vLLM validates its config (pydantic)
     ("model.language_model.layers.0.mlp.down_proj", _nan_step_checkpoint, "finite"),
     ("model.language_model.layers.1.self_attn.q_proj", _nan_step_checkpoint, "finite"),  # was: worker
     ("model.language_model.layers.0.mlp.down_proj", _awq_group_size_checkpoint, "group size 64"),
+    (None, _bad_json_config, "not valid JSON"),          # before the plugin's checks (issue 27)
 ])
 def test_vllm_serve_bad_checkpoint_is_our_first_and_last_line(tmp_path, module, make, says):
     """`vllm serve DIR` on a checkpoint with a NaN log-step, or an AWQ group size its tensors
@@ -110,3 +118,46 @@ def test_vllm_command_runs_in_the_set_up_venv():
     r = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1].startswith(vllm.__version__), r.stdout
+
+
+# -- a model path that is no model: the first errors, before any check of the plugin's ------------------
+
+PATH_SCRIPT = r"""
+import json, sys
+import grace_vllm
+grace_vllm.register()
+from vllm.engine.arg_utils import EngineArgs
+for path, quant in json.loads(sys.argv[1]):
+    try:
+        EngineArgs(model=path, quantization=quant, max_model_len=1024).create_engine_config()
+        print("RESULT", json.dumps([path, quant, None]))
+    except BaseException as e:          # what reaches vllm serve's top level (and our excepthook)
+        err = grace_vllm.grace_error(e)
+        print("RESULT", json.dumps([path, quant, None if err is None else str(err)]))
+"""
+
+
+def test_model_path_errors_are_one_line(tmp_path):
+    """A path that does not exist, a file, an empty directory, a directory without config.json, a
+    config.json that is no JSON: vLLM refuses each before the plugin's hooks see the model (issue 27:
+    60-74 lines of traceback); the excepthook's line says what is wrong, with or without the flag.
+    The vLLM code is the real `vllm serve` path (EngineArgs.create_engine_config)."""
+    import json
+    import os
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noconf").mkdir()
+    (tmp_path / "noconf" / "model.safetensors").write_bytes(b"\0" * 8)
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text('{"architectures": [')
+    want = {"nope": f"{tmp_path}/nope: does not exist", "afile": f"{tmp_path}/afile: not a directory",
+            "empty": f"{tmp_path}/empty: empty directory", "noconf": f"{tmp_path}/noconf/config.json: missing",
+            "badjson": f"{tmp_path}/badjson/config.json: not valid JSON"}
+    cases = [[str(tmp_path / name), quant] for name in want for quant in (None, "grace_qat")]
+    r = subprocess.run([sys.executable, "-c", PATH_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    got = [json.loads(line[len("RESULT "):]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(got) == len(cases), r.stdout[-3000:] + r.stderr[-6000:]
+    for path, quant, line in got:
+        expect = want[os.path.basename(path)]
+        assert line is not None and line.startswith(expect) and "\n" not in line, (path, quant, line)
