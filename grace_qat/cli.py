@@ -44,15 +44,18 @@ def _print_codes(report: dict) -> None:
         print(f"    {int(code):5d} {count:14,d} {'#' * int(40 * count / peak)}")
 
 
-def _inspect(args) -> int:
-    import os
+def _model_dir(model: str) -> str:
+    """A directory, or a Hub id's snapshot in the local Hugging Face cache (as the engines resolve it)."""
+    from .hub import is_hub_id, local_checkpoint_dir
+    return local_checkpoint_dir(model) if is_hub_id(model) else os.path.abspath(model)
 
+
+def _inspect(args) -> int:
     from .checkpoint import GraceCheckpoint
     from . import exports
-
     from .files import check_model_dir
 
-    path = os.path.abspath(args.checkpoint)
+    path = _model_dir(args.checkpoint)
     if exports.standard_method(check_model_dir(path)):
         return _inspect_standard(args, path)
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
@@ -112,8 +115,8 @@ def _report_done(report: dict, args, path: str) -> bool:
     """Adds the --against comparison; prints the report and says so when --json asked for it."""
     if args.against:
         from . import exports
-        report["against"] = {"source": os.path.abspath(args.against),
-                             "result": exports.compare(path, args.against, bits=args.bits)}
+        source = _model_dir(args.against)
+        report["against"] = {"source": source, "result": exports.compare(path, source, bits=args.bits)}
     if args.json:
         print(json.dumps(report, indent=2))
     return bool(args.json)
@@ -153,7 +156,7 @@ def _inspect_standard(args, path: str) -> int:
 def _convert(args) -> int:
     from .convert import convert, exactness
 
-    ckpt = convert(args.checkpoint, args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty(),
+    ckpt = convert(_model_dir(args.checkpoint), args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty(),
                    layout=args.layout, clip_dir=args.clip_dir, force=args.force)
     print(f"wrote {args.output} ({args.to}, {ckpt.bits}-bit, group {ckpt.group_size}, "
           f"{len(ckpt.modules)} modules: {exactness(args.to, ckpt)})")
@@ -253,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except GraceFormatError as e:
-        print(f"grace-qat: error: {e}", file=sys.stderr)
+    except GraceFormatError as e:     # the engines' messages start "grace_qat: "; say it once
+        print(f"grace-qat: error: {str(e).removeprefix('grace_qat: ')}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"grace-qat: error: {e.filename or e}: not found", file=sys.stderr)
