@@ -192,15 +192,38 @@ def _demo(args) -> int:
     return demo_main(args.demo_args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import formats
-    from .convert import LAYOUTS, TARGETS
-    from .quantizer import SUPPORTED_BITS
+DESCRIPTION = "inspect, verify, convert and generate GRACE checkpoints; serve one with the demo"
 
-    p = argparse.ArgumentParser(prog="grace-qat", description=__doc__.splitlines()[0])
+
+class _Lean:
+    """A subparser that takes no arguments: what ``grace-qat --help`` builds, without torch."""
+    def __init__(self, parser):
+        self.parser = parser
+
+    def add_argument(self, *args, **kwargs):
+        pass
+
+    def set_defaults(self, **kwargs):
+        self.parser.set_defaults(**kwargs)
+
+
+def build_parser(full: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; ``full=False`` lists the commands only (no torch import: fast --help)."""
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="grace-qat", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"grace-qat {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    if full:
+        from . import formats
+        from .convert import LAYOUTS, TARGETS
+        from .quantizer import SUPPORTED_BITS
+        add = sub.add_parser
+    else:
+        formats, LAYOUTS, TARGETS, SUPPORTED_BITS = None, (), (), ()
+        add = lambda *a, **k: _Lean(sub.add_parser(*a, **k))   # noqa: E731
 
-    s = sub.add_parser("inspect", help="format, bits, codes histogram, sizes; verifies every module "
+    s = add("inspect", help="format, bits, codes histogram, sizes; verifies every module "
                        "(GRACE formats and the standard gptq / awq / compressed-tensors exports)")
     s.add_argument("checkpoint")
     s.add_argument("--against", metavar="SRC", help="also check that this export of SRC (grace-qat convert) "
@@ -209,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_inspect)
 
-    s = sub.add_parser("convert", help="write a standard checkpoint stock engines load without the plugin")
+    s = add("convert", help="write a standard checkpoint stock engines load without the plugin")
     s.add_argument("checkpoint")
     s.add_argument("output")
     s.add_argument("--to", required=True, choices=TARGETS,
@@ -221,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     s.set_defaults(func=_convert)
 
-    s = sub.add_parser("llava-processor", help="write the llava-hf tokenizer/processor files of an "
+    s = add("llava-processor", help="write the llava-hf tokenizer/processor files of an "
                        "original-layout LLaVA-1.5 checkpoint (SGLang's --tokenizer-path)")
     s.add_argument("checkpoint")
     s.add_argument("output")
@@ -229,17 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: $GRACE_CLIP_PATH, mm_vision_tower, the HF cache)")
     s.set_defaults(func=_llava_processor)
 
-    s = sub.add_parser("fixture", help="generate a synthetic GRACE checkpoint (random weights)")
+    s = add("fixture", help="generate a synthetic GRACE checkpoint (random weights)")
     s.add_argument("output")
     s.add_argument("--model", choices=("qwen3vl", "llava"), default="qwen3vl")
     s.add_argument("--size", default="tiny", help="tiny, or full size: 2b (qwen3vl) / 7b (llava)")
-    s.add_argument("--format", default="qat-sidecar", choices=formats.names())
+    s.add_argument("--format", default="qat-sidecar", choices=formats.names() if formats else None)
     s.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     s.set_defaults(func=_fixture)
 
-    s = sub.add_parser("demo", help="serve a checkpoint (default: a generated tiny one) with vLLM and ask "
+    s = add("demo", help="serve a checkpoint (default: a generated tiny one) with vLLM and ask "
                                     "an image+text question over the OpenAI API", add_help=False)
     s.add_argument("demo_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=_demo)
@@ -253,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         # REMAINDER would take "--help" as grace-qat's own (unknown) option
         args = argparse.Namespace(func=_demo, demo_args=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        lean = not argv or argv[0] in ("-h", "--help", "--version")
+        args = build_parser(full=not lean).parse_args(argv)
     try:
         return args.func(args)
     except GraceFormatError as e:     # the engines' messages start "grace_qat: "; say it once

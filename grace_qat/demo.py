@@ -182,8 +182,12 @@ def kernels_in_log(log: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="grace-qat demo", description=__doc__.splitlines()[0])
-    ap.add_argument("model", nargs="?", help="GRACE checkpoint directory (default: generate a tiny one)")
+    ap = argparse.ArgumentParser(prog="grace-qat demo", description=(
+        "Serve a GRACE checkpoint with vllm serve and answer one image+text chat request over the "
+        "OpenAI-compatible HTTP API; prints the command, the server log, the start-up steps, the "
+        "answer, the kernel that ran and the bytes the packed weights save."))
+    ap.add_argument("model", nargs="?", help="GRACE checkpoint: a directory or a Hub id (Owner/Name); "
+                    "default: generate a tiny one with random weights")
     ap.add_argument("--question", default="What is in this image?")
     ap.add_argument("--image", help="path of an image file (default: a generated gradient)")
     ap.add_argument("--max-tokens", type=int, default=32)

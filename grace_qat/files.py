@@ -60,6 +60,14 @@ def load_sidecar(path: str) -> dict[str, torch.Tensor]:
     tensors and plain containers, so a pickle carrying code is rejected without running it.
     """
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = None                     # a directory, unreadable...: torch.load says what it is
+    if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):
+        what = "it is empty" if not head else f"it starts with {head!r}, neither a zip archive nor a pickle"
+        raise GraceFormatError(f"{path}: not a readable torch.save file ({what})")
+    try:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:       # legacy (non-zip) torch.save files cannot be memory-mapped

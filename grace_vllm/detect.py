@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from grace_qat.files import check_model_dir
 from grace_qat.hub import AUTODETECT_ENV, env_flag, find_grace_checkpoint
@@ -25,6 +26,12 @@ logger = logging.getLogger("vllm.grace_qat")
 
 _PARSERS: dict[type, type] = {}
 _LOGGED_ENV = "_GRACE_QAT_DETECTED_LOGGED"
+
+
+def _flag_given() -> bool:
+    """``vllm serve ... --quantization X`` on this process's command line: then the variable that
+    turns detection off changes nothing, and the detection line does not offer it."""
+    return any(a in ("-q", "--quantization") or a.startswith("--quantization=") for a in sys.argv[1:])
 
 
 def _grace_parser(base: type) -> type:
@@ -53,9 +60,10 @@ def _grace_parser(base: type) -> type:
                     # workers parse the config again and inherit this environment)
                     if os.environ.get(_LOGGED_ENV) != path:
                         os.environ[_LOGGED_ENV] = path
-                        logger.info("grace_qat: %s is a GRACE %s checkpoint (%s); serving it with "
-                                    "quantization grace_qat (%s=0 turns this off)",
-                                    model, fmt, path, AUTODETECT_ENV)
+                        where = path if os.path.abspath(str(model)) == path else f"{model} ({path})"
+                        hint = "" if _flag_given() else f" ({AUTODETECT_ENV}=0 turns this off)"
+                        logger.info("grace_qat: %s is a GRACE %s checkpoint; serving it with quantization "
+                                    "grace_qat%s", where, fmt, hint)
                     injected = {"quant_method": QUANT_METHOD, "format": fmt}
                     config_dict["quantization_config"] = injected
                     config.quantization_config = dict(injected)

@@ -2,11 +2,13 @@
 group either stored (log-steps in the sidecar or inline) or derived from the grid."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import GraceFormatError
-from ..files import SAFETENSORS_DTYPES, check_architecture
-from ..quantizer import code_range, derive_scales, recover_codes, scales_from_log_scale
+from ..files import CONFIG_NAME, SAFETENSORS_DTYPES, check_architecture
+from ..quantizer import code_range, derive_scales, effective_group_size, recover_codes, scales_from_log_scale
 from .base import Format, Opening, QuantizedLinear, RankTensor
 
 
@@ -70,6 +72,13 @@ class QATFormat(Format):
         try:
             return scales_from_log_scale(log_scale, out_f, in_f, ckpt.group_size, name)
         except GraceFormatError as e:
+            declared = ckpt.config.get("quantization_config") or {}
+            if (log_scale.dim() == 1 and declared.get("quant_method") == "grace_qat"
+                    and declared.get("group_size") == ckpt.group_size
+                    and log_scale.numel() != out_f * (in_f // effective_group_size(in_f, ckpt.group_size))):
+                # the group size is config.json's: name it as the source of the mismatch
+                raise GraceFormatError(f"{os.path.join(ckpt.path, CONFIG_NAME)}: quantization_config.group_size "
+                                       f"{ckpt.group_size} does not fit {where}: {e}") from None
             raise GraceFormatError(f"{where}: {e}") from None
 
     @staticmethod
