@@ -166,6 +166,13 @@ class SafetensorsDir:
     def dtype(self, key: str) -> str:
         return self._handles[self._file_of[key]].get_slice(key).get_dtype()
 
+    def rows(self, key: str, n: int) -> torch.Tensor:
+        """The first ``n`` rows of a tensor, reading only them."""
+        try:
+            return self._handles[self._file_of[key]].get_slice(key)[:n]
+        except Exception as e:
+            raise GraceFormatError(f"{self.file_of(key)}: cannot read tensor {key} ({e})") from None
+
     def meta(self, key: str) -> torch.Tensor:
         """Shape and dtype of a tensor without reading it (a tensor on the meta device)."""
         name = self.dtype(key)

@@ -18,7 +18,7 @@ import os
 import sys
 
 from grace_qat.files import check_model_dir
-from grace_qat.hub import AUTODETECT_ENV, env_flag, find_grace_checkpoint
+from grace_qat.hub import AUTODETECT_ENV, bare_grid_bits, env_flag, find_grace_checkpoint
 
 from . import QUANT_METHOD
 
@@ -32,6 +32,19 @@ def _flag_given() -> bool:
     """``vllm serve ... --quantization X`` on this process's command line: then the variable that
     turns detection off changes nothing, and the detection line does not offer it."""
     return any(a in ("-q", "--quantization") or a.startswith("--quantization=") for a in sys.argv[1:])
+
+
+def _hint_bare_grid(path: str) -> None:
+    """A bare grid (no marker) is served as BF16 without the flag: say so, once, where its weights
+    show it (grace_qat.hub.bare_grid_bits: 64 rows of one tensor)."""
+    if os.environ.get(_LOGGED_ENV) == path:
+        return
+    bits = bare_grid_bits(path)
+    if bits is not None:
+        os.environ[_LOGGED_ENV] = path
+        logger.info("grace_qat: %s: the weights lie on a %d-bit grid (a GRACE checkpoint without sidecar "
+                    "or log-steps?); served as BF16 as stored, --quantization %s serves them packed",
+                    path, bits, QUANT_METHOD)
 
 
 def _grace_parser(base: type) -> type:
@@ -67,6 +80,8 @@ def _grace_parser(base: type) -> type:
                     injected = {"quant_method": QUANT_METHOD, "format": fmt}
                     config_dict["quantization_config"] = injected
                     config.quantization_config = dict(injected)
+                elif os.path.isdir(str(model)) and not _flag_given():
+                    _hint_bare_grid(os.path.abspath(str(model)))
             return config_dict, config
 
     GraceHFConfigParser.__qualname__ = GraceHFConfigParser.__name__

@@ -172,3 +172,43 @@ def test_detection_line_names_the_path_once_and_offers_the_switch_only_without_t
     assert len(plain) == len(flagged) == 1, out
     assert plain[0].count(s4) == 1 and "GRACE_QAT_AUTODETECT=0 turns this off" in plain[0], plain
     assert flagged[0].count(s4) == 1 and "GRACE_QAT_AUTODETECT" not in flagged[0], flagged
+
+
+GRID_HINT = r"""
+import json, logging, os, sys
+import vllm.logger
+import grace_vllm
+grace_vllm.register()
+from vllm.transformers_utils.config import get_config
+lines = []
+class H(logging.Handler):
+    def emit(self, r): lines.append(r.getMessage())
+log = logging.getLogger("vllm.grace_qat")
+log.addHandler(H())
+log.setLevel(logging.INFO)
+out = {}
+for name, path, flag in json.loads(sys.argv[1]):
+    sys.argv[1:] = ["serve", path] + (["--quantization", "grace_qat"] if flag else [])
+    del lines[:]
+    cfg = get_config(path, trust_remote_code=False)
+    out[name] = {"lines": [x for x in lines if "grid" in x], "qc": getattr(cfg, "quantization_config", None)}
+print(json.dumps(out))
+"""
+
+
+def test_bare_grid_served_without_the_flag_says_it_could_be_packed(tiny):
+    """A bare grid (no sidecar, no log-steps) without the flag is served as BF16 (documented); the
+    detection hook now says so in one line when the weights it probes lie on a 4/8-bit grid
+    (issue 27: it happened with no word), and says nothing for a plain model or with the flag."""
+    pytest.importorskip("vllm")
+    cases = [["grid", tiny["qat-grid"], False], ["plain", tiny["plain"], False],
+             ["grid-flag", tiny["qat-grid"], True]]
+    r = subprocess.run([sys.executable, "-c", GRID_HINT, json.dumps(cases)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "VLLM_PLUGINS": ""})
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["grid"]["qc"] is None and len(out["grid"]["lines"]) == 1, out
+    assert out["grid"]["lines"][0] == (f"grace_qat: {tiny['qat-grid']}: the weights lie on a 4-bit grid (a GRACE "
+                                       "checkpoint without sidecar or log-steps?); served as BF16 as stored, "
+                                       "--quantization grace_qat serves them packed"), out
+    assert out["plain"]["lines"] == [] and out["grid-flag"]["lines"] == [], out
