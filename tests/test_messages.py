@@ -92,7 +92,7 @@ def test_missing_path_says_does_not_exist(tmp_path, s4):
 def test_top_level_help_and_version_are_plain_and_import_no_torch():
     """`grace-qat --help` took 3 s (torch imported to build the parser) and showed ``markup``;
     there was no --version."""
-    import tomllib
+    import re
     probe = ("import sys\nfrom grace_qat.cli import main\n"
              "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print('TORCH', 'torch' in sys.modules)\n")
@@ -100,8 +100,8 @@ def test_top_level_help_and_version_are_plain_and_import_no_torch():
         r = subprocess.run([sys.executable, "-c", probe, flag], capture_output=True, text=True, timeout=120)
         assert r.stdout.rstrip().endswith("TORCH False"), (flag, r.stdout, r.stderr)
         assert "``" not in r.stdout, r.stdout
-    version = tomllib.load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"),
-                                "rb"))["project"]["version"]
+    pyproject = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")).read()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
     r = run("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"grace-qat {version}", r.stdout + r.stderr
 
@@ -212,3 +212,11 @@ def test_bare_grid_served_without_the_flag_says_it_could_be_packed(tiny):
                                        "checkpoint without sidecar or log-steps?); served as BF16 as stored, "
                                        "--quantization grace_qat serves them packed"), out
     assert out["plain"]["lines"] == [] and out["grid-flag"]["lines"] == [], out
+
+
+def test_demo_serves_without_the_flag_where_the_plugin_detects(tiny):
+    """The README leads with the flagless command; the demo passed --quantization grace_qat anyway."""
+    from grace_qat.demo import serve_flags
+    assert serve_flags(tiny["qat-sidecar"]) == [] and serve_flags(tiny["awq"]) == []
+    assert serve_flags(tiny["qat-inline"]) == []
+    assert serve_flags(tiny["qat-grid"]) == ["--quantization", "grace_qat"]     # no marker: the flag
