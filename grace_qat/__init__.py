@@ -5,7 +5,14 @@ layouts (packing), conversion to standard formats (convert), synthetic checkpoin
 and the ``grace-qat`` CLI (cli). No engine is imported here.
 """
 from .errors import GraceFormatError
-from .checkpoint import GraceCheckpoint, QuantizedLinear, load_sidecar
 
 __all__ = ["GraceFormatError", "GraceCheckpoint", "QuantizedLinear", "load_sidecar"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The checkpoint reader on first use: importing the package (the CLI's --help) needs no torch."""
+    if name in ("GraceCheckpoint", "QuantizedLinear", "load_sidecar"):
+        from . import checkpoint
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'grace_qat' has no attribute {name!r}")

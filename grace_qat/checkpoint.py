@@ -20,8 +20,8 @@ import torch
 
 from . import formats
 from .errors import GraceFormatError
-from .files import (CONFIG_NAME, SIDECAR_NAME, SafetensorsDir, declared_int, is_quantizable_module,
-                    load_sidecar, natural_key, read_config)
+from .files import (CONFIG_NAME, SIDECAR_NAME, SafetensorsDir, check_model_dir, declared_int,
+                    is_quantizable_module, load_sidecar, natural_key, read_config)
 from .formats import QuantizedLinear
 from .quantizer import check_bits, effective_group_size
 
@@ -59,11 +59,7 @@ class GraceCheckpoint:
     @classmethod
     def _detect(cls, path: str, bits: int | None, group_size: int | None) -> "GraceCheckpoint":
         path = os.path.abspath(path)
-        if not os.path.exists(path):
-            raise GraceFormatError(f"{path}: does not exist")
-        if not os.path.isdir(path):
-            raise GraceFormatError(f"{path}: not a directory")
-        config = read_config(path)
+        config = check_model_dir(path)
         cfg_path = os.path.join(path, CONFIG_NAME)
         declared = config.get("quantization_config") or {}
         if not isinstance(declared, dict):

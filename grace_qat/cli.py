@@ -44,29 +44,32 @@ def _print_codes(report: dict) -> None:
         print(f"    {int(code):5d} {count:14,d} {'#' * int(40 * count / peak)}")
 
 
+def _model_dir(model: str) -> str:
+    """A directory, or a Hub id's snapshot in the local Hugging Face cache (as the engines resolve it)."""
+    from .hub import is_hub_id, local_checkpoint_dir
+    return local_checkpoint_dir(model) if is_hub_id(model) else os.path.abspath(model)
+
+
 def _inspect(args) -> int:
-    import os
-
-    from .checkpoint import GraceCheckpoint, read_config
+    from .checkpoint import GraceCheckpoint
     from . import exports
+    from .files import check_model_dir
 
-    path = os.path.abspath(args.checkpoint)
-    if not os.path.exists(path):
-        raise GraceFormatError(f"{path}: does not exist")
-    if not os.path.isdir(path):
-        raise GraceFormatError(f"{path}: not a directory")
-    if exports.standard_method(read_config(path)):
+    path = _model_dir(args.checkpoint)
+    if exports.standard_method(check_model_dir(path)):
         return _inspect_standard(args, path)
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
+    ckpt.check_served()          # the engines' first-process checks, in the same words
     report = ckpt.describe()
     if not ckpt.kind.quantized:
         report.update(exports.describe_plain(path))
         report["serve"] = exports.serve_commands(path)
+    serve = [("(stock engine, no plugin needed)", report.get("serve", []))]
     if ckpt.modules:
         report.update(_histogram(((q.codes, q.scales) for q in
                                   ckpt.iter_quantized(progress=not args.json and sys.stderr.isatty())), ckpt.bits))
-        report["serve"] = [f"vllm serve {path} --quantization grace_qat",
-                           f"python -m sglang.launch_server --model-path {path} --quantization grace_qat"]
+        serve = _grace_serve(ckpt, path)
+        report["serve"] = [c for _, cmds in serve for c in cmds]
         report["description"] = _description(ckpt.format)
     if _report_done(report, args, path):
         return 0
@@ -82,26 +85,45 @@ def _inspect(args) -> int:
     if ckpt.modules:
         _print_codes(report)
         print("  verified    all codes on the grid and in range")
-    _print_serve(report["serve"], plugin=bool(ckpt.modules))
+    for i, (note, cmds) in enumerate(serve):
+        _print_serve(cmds, note, first=i == 0)
     if args.against:
         print(f"  against     {report['against']['source']}: {report['against']['result']}")
     return 0
+
+
+def _grace_serve(ckpt, path: str) -> list[tuple[str, list[str]]]:
+    """(note, commands) that serve a GRACE checkpoint, best first. The flag only where detection
+    cannot tell the format (a bare grid: no declared quant_method, no marker); such a grid (what
+    ``convert --to bf16`` writes) is served by a stock engine as BF16, as it is."""
+    from . import formats
+    from .hub import AUTODETECT_ENV
+    declared = (ckpt.config.get("quantization_config") or {}).get("quant_method") == "grace_qat"
+    needs_flag = not declared and formats.marked(path, ckpt.config, ckpt.tensors.keys) is None
+    flag = " --quantization grace_qat" if needs_flag else ""
+    plugin = [f"vllm serve {path}{flag}", f"python -m sglang.launch_server --model-path {path}{flag}"]
+    if not needs_flag:
+        note = "(with the grace_qat plugin installed; detected without a flag" + \
+            ("" if declared else f", unless {AUTODETECT_ENV}=0") + ")"
+        return [(note, plugin)]
+    from . import exports
+    return [("(stock engine, no plugin needed: BF16 weights as stored)", exports.serve_commands(path)),
+            (f"(with the grace_qat plugin installed: packed {ckpt.bits}-bit)", plugin)]
 
 
 def _report_done(report: dict, args, path: str) -> bool:
     """Adds the --against comparison; prints the report and says so when --json asked for it."""
     if args.against:
         from . import exports
-        report["against"] = {"source": os.path.abspath(args.against),
-                             "result": exports.compare(path, args.against, bits=args.bits)}
+        source = _model_dir(args.against)
+        report["against"] = {"source": source, "result": exports.compare(path, source, bits=args.bits)}
     if args.json:
         print(json.dumps(report, indent=2))
     return bool(args.json)
 
 
-def _print_serve(commands: list[str], plugin: bool) -> None:
-    note = "(with the grace_qat plugin installed)" if plugin else "(stock engine, no plugin needed)"
-    print(f"  serve       {note}")
+def _print_serve(commands: list[str], note: str = "(stock engine, no plugin needed)", first: bool = True) -> None:
+    print(f"  {'serve' if first else '':12}{note}")
     for c in commands:
         print(f"              {c}")
 
@@ -125,7 +147,7 @@ def _inspect_standard(args, path: str) -> int:
           f"  modules     {report['modules']}\n  scales      {report['scale_dtype']}")
     _print_codes(report)
     print("  verified    zero points symmetric, codes unpacked in range, scales finite and > 0")
-    _print_serve(report["serve"], plugin=False)
+    _print_serve(report["serve"])
     if args.against:
         print(f"  against     {report['against']['source']}: {report['against']['result']}")
     return 0
@@ -134,7 +156,7 @@ def _inspect_standard(args, path: str) -> int:
 def _convert(args) -> int:
     from .convert import convert, exactness
 
-    ckpt = convert(args.checkpoint, args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty(),
+    ckpt = convert(_model_dir(args.checkpoint), args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty(),
                    layout=args.layout, clip_dir=args.clip_dir, force=args.force)
     print(f"wrote {args.output} ({args.to}, {ckpt.bits}-bit, group {ckpt.group_size}, "
           f"{len(ckpt.modules)} modules: {exactness(args.to, ckpt)})")
@@ -153,13 +175,15 @@ def _llava_processor(args) -> int:
 def _fixture(args) -> int:
     from . import fixtures
 
+    from .output import write_dir
+
     writer = fixtures.write_llava if args.model == "llava" else fixtures.write_qwen3vl
     kwargs = dict(size=args.size, fmt=args.format, bits=args.bits, seed=args.seed)
     try:
-        path = writer(args.output, **kwargs)
+        write_dir(args.output, lambda tmp: writer(tmp, **kwargs), force=args.force)
     except ValueError as e:      # the fixture writer's argument checks (e.g. AWQ is 4-bit only)
         raise GraceFormatError(f"fixture {args.output}: {e}") from None
-    print(f"wrote {path}")
+    print(f"wrote {os.path.abspath(args.output)}")
     return 0
 
 
@@ -204,15 +228,38 @@ def _demo(args) -> int:
     return demo_main(args.demo_args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import formats
-    from .convert import LAYOUTS, TARGETS
-    from .quantizer import SUPPORTED_BITS
+DESCRIPTION = "inspect, verify, convert and generate GRACE checkpoints; serve one with the demo"
 
-    p = argparse.ArgumentParser(prog="grace-qat", description=__doc__.splitlines()[0])
+
+class _Lean:
+    """A subparser that takes no arguments: what ``grace-qat --help`` builds, without torch."""
+    def __init__(self, parser):
+        self.parser = parser
+
+    def add_argument(self, *args, **kwargs):
+        pass
+
+    def set_defaults(self, **kwargs):
+        self.parser.set_defaults(**kwargs)
+
+
+def build_parser(full: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; ``full=False`` lists the commands only (no torch import: fast --help)."""
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="grace-qat", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"grace-qat {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    if full:
+        from . import formats
+        from .convert import LAYOUTS, TARGETS
+        from .quantizer import SUPPORTED_BITS
+        add = sub.add_parser
+    else:
+        formats, LAYOUTS, TARGETS, SUPPORTED_BITS = None, (), (), ()
+        add = lambda *a, **k: _Lean(sub.add_parser(*a, **k))   # noqa: E731
 
-    s = sub.add_parser("inspect", help="format, bits, codes histogram, sizes; verifies every module "
+    s = add("inspect", help="format, bits, codes histogram, sizes; verifies every module "
                        "(GRACE formats and the standard gptq / awq / compressed-tensors exports)")
     s.add_argument("checkpoint")
     s.add_argument("--against", metavar="SRC", help="also check that this export of SRC (grace-qat convert) "
@@ -221,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_inspect)
 
-    s = sub.add_parser("convert", help="write a standard checkpoint stock engines load without the plugin")
+    s = add("convert", help="write a standard checkpoint stock engines load without the plugin")
     s.add_argument("checkpoint")
     s.add_argument("output")
     s.add_argument("--to", required=True, choices=TARGETS,
@@ -233,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     s.set_defaults(func=_convert)
 
-    s = sub.add_parser("llava-processor", help="write the llava-hf tokenizer/processor files of an "
+    s = add("llava-processor", help="write the llava-hf tokenizer/processor files of an "
                        "original-layout LLaVA-1.5 checkpoint (SGLang's --tokenizer-path)")
     s.add_argument("checkpoint")
     s.add_argument("output")
@@ -241,16 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: $GRACE_CLIP_PATH, mm_vision_tower, the HF cache)")
     s.set_defaults(func=_llava_processor)
 
-    s = sub.add_parser("fixture", help="generate a synthetic GRACE checkpoint (random weights)")
+    s = add("fixture", help="generate a synthetic GRACE checkpoint (random weights)")
     s.add_argument("output")
     s.add_argument("--model", choices=("qwen3vl", "llava"), default="qwen3vl")
     s.add_argument("--size", default="tiny", help="tiny, or full size: 2b (qwen3vl) / 7b (llava)")
-    s.add_argument("--format", default="qat-sidecar", choices=formats.names())
+    s.add_argument("--format", default="qat-sidecar", choices=formats.names() if formats else None)
     s.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     s.set_defaults(func=_fixture)
 
-    s = sub.add_parser("kernels", help="print the kernel table (second kernel per layer shape) the vLLM "
+    s = add("kernels", help="print the kernel table (second kernel per layer shape) the vLLM "
                        "plugin uses on a device and engine version")
     s.add_argument("--device", help="device name as torch reports it (default: this machine's GPU)")
     s.add_argument("--engine", default="vllm")
@@ -258,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table", help="an extra table file (as GRACE_QAT_CROSSOVER_FILE)")
     s.set_defaults(func=_kernels)
 
-    s = sub.add_parser("demo", help="serve a checkpoint (default: a generated tiny one) with vLLM and ask "
+    s = add("demo", help="serve a checkpoint (default: a generated tiny one) with vLLM and ask "
                                     "an image+text question over the OpenAI API", add_help=False)
     s.add_argument("demo_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=_demo)
@@ -272,14 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         # REMAINDER would take "--help" as grace-qat's own (unknown) option
         args = argparse.Namespace(func=_demo, demo_args=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        lean = not argv or argv[0] in ("-h", "--help", "--version")
+        args = build_parser(full=not lean).parse_args(argv)
     try:
         return args.func(args)
-    except GraceFormatError as e:
-        print(f"grace-qat: error: {e}", file=sys.stderr)
+    except GraceFormatError as e:     # the engines' messages start "grace_qat: "; say it once
+        print(f"grace-qat: error: {str(e).removeprefix('grace_qat: ')}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"grace-qat: error: {e.filename or e}: not found", file=sys.stderr)
+        return 2
+    except OSError as e:           # e.g. an output the llava-processor cannot write
+        print(f"grace-qat: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -22,7 +22,6 @@ import filecmp
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +32,7 @@ from .checkpoint import GraceCheckpoint, QuantizedLinear
 from .files import AWQ_MODULES_NAME, CONFIG_NAME, SAFETENSORS_INDEX_NAME
 from . import llava_hf
 from .errors import GraceFormatError
+from .output import write_dir
 from .packing import (pack_awq, pack_compressed_tensors, pack_gptq, unpack_awq,
                       unpack_compressed_tensors, unpack_gptq)
 from .quantizer import dequantize
@@ -197,35 +197,12 @@ def convert(src: str, dst: str, to: str, bits: int | None = None, progress: bool
     vLLM's shim finds it: ``$GRACE_CLIP_PATH``, a local ``mm_vision_tower``, the HF cache).
 
     Nothing is lost: the output is written into a temporary directory next to ``dst``, read back and
-    compared with what was meant to be written, and only then renamed to ``dst``; an existing ``dst``
-    is refused unless ``force`` (then replaced only after the new one is complete)."""
-    if os.path.exists(dst) and not force:
-        raise GraceFormatError(f"{dst} already exists; choose another output or pass --force to replace it")
+    compared with what was meant to be written, and only then renamed to ``dst``; an existing non-empty
+    ``dst`` is refused unless ``force`` (then replaced only after the new one is complete; see
+    :func:`grace_qat.output.write_dir`)."""
     if os.path.abspath(src) == os.path.abspath(dst):
         raise GraceFormatError("destination must differ from the source")
-    parent, base = os.path.split(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)   # same filesystem: rename is atomic
-    try:
-        ckpt = _convert_into(src, tmp, to, bits, progress, layout, clip_dir)
-        os.chmod(tmp, 0o777 & ~_umask())                 # mkdtemp makes it 0700
-        if os.path.exists(dst):                          # --force: swap, then drop the old one
-            old = tmp + ".old"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ckpt
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return write_dir(dst, lambda tmp: _convert_into(src, tmp, to, bits, progress, layout, clip_dir), force=force)
 
 
 def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool, layout: str,

@@ -1,5 +1,6 @@
-"""The main job: serve a GRACE checkpoint with ``vllm serve --quantization grace_qat`` and answer an
-image+text chat request over the OpenAI-compatible HTTP API.
+"""The demo: serve a GRACE checkpoint with ``vllm serve`` (the flag ``--quantization grace_qat`` only
+where the plugin cannot detect the format) and answer an image+text chat request over the
+OpenAI-compatible HTTP API.
 
 With no checkpoint given it generates the embedded default (a tiny GRACE W4 checkpoint with random
 weights: the answer is noise by design, every step of the serving path is real) and serves it. It
@@ -181,9 +182,21 @@ def kernels_in_log(log: str) -> list[str]:
     return found
 
 
+def serve_flags(path: str) -> list[str]:
+    """No flag where the plugin detects the checkpoint (the model cards' command), else the flag."""
+    from grace_qat.files import config_or_none
+    from grace_qat.hub import detect_grace_format
+    declared = ((config_or_none(path) or {}).get("quantization_config") or {}).get("quant_method") == "grace_qat"
+    return [] if declared or detect_grace_format(path) else ["--quantization", "grace_qat"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="grace-qat demo", description=__doc__.splitlines()[0])
-    ap.add_argument("model", nargs="?", help="GRACE checkpoint directory (default: generate a tiny one)")
+    ap = argparse.ArgumentParser(prog="grace-qat demo", description=(
+        "Serve a GRACE checkpoint with vllm serve and answer one image+text chat request over the "
+        "OpenAI-compatible HTTP API; prints the command, the server log, the start-up steps, the "
+        "answer, the kernel that ran and the bytes the packed weights save."))
+    ap.add_argument("model", nargs="?", help="GRACE checkpoint: a directory or a Hub id (Owner/Name); "
+                    "default: generate a tiny one with random weights")
     ap.add_argument("--question", default="What is in this image?")
     ap.add_argument("--image", help="path of an image file (default: a generated gradient)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.image, "rb") as f:
             mime = "png" if args.image.lower().endswith(".png") else "jpeg"
             image_url = f"data:image/{mime};base64," + base64.b64encode(f.read()).decode()
-    serve_args = ["--quantization", "grace_qat", "--max-model-len", "2048", "--dtype", "bfloat16"] + args.vllm_arg
+    serve_args = serve_flags(ckpt.path) + ["--max-model-len", "2048", "--dtype", "bfloat16"] + args.vllm_arg
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "VLLM_CPU_INT4_W4A8": os.environ.get("VLLM_CPU_INT4_W4A8", "0")}
     log_path = os.path.join(tempfile.gettempdir(), f"grace-qat-demo-vllm-{os.getpid()}.log")

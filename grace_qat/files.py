@@ -22,6 +22,8 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 
 # safetensors dtype names -> torch dtypes (the storage dtypes of 16/32-bit tensors)
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_OTHER_DTYPES = {"F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                 "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 # The linears GRACE quantizes: attention and MLP projections of every language-model decoder layer.
 _QUANTIZABLE = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
@@ -57,6 +59,14 @@ def load_sidecar(path: str) -> dict[str, torch.Tensor]:
     ``weights_only=True`` uses PyTorch's restricted unpickler, which refuses any object other than
     tensors and plain containers, so a pickle carrying code is rejected without running it.
     """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = None                     # a directory, unreadable...: torch.load says what it is
+    if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):
+        what = "it is empty" if not head else f"it starts with {head!r}, neither a zip archive nor a pickle"
+        raise GraceFormatError(f"{path}: not a readable torch.save file ({what})")
     try:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -156,6 +166,22 @@ class SafetensorsDir:
     def dtype(self, key: str) -> str:
         return self._handles[self._file_of[key]].get_slice(key).get_dtype()
 
+    def rows(self, key: str, n: int) -> torch.Tensor:
+        """The first ``n`` rows of a tensor, reading only them."""
+        try:
+            return self._handles[self._file_of[key]].get_slice(key)[:n]
+        except Exception as e:
+            raise GraceFormatError(f"{self.file_of(key)}: cannot read tensor {key} ({e})") from None
+
+    def meta(self, key: str) -> torch.Tensor:
+        """Shape and dtype of a tensor without reading it (a tensor on the meta device)."""
+        name = self.dtype(key)
+        dtype = SAFETENSORS_DTYPES.get(name) or _OTHER_DTYPES.get(name)
+        if dtype is None:
+            raise GraceFormatError(f"{self.file_of(key)}: tensor {key} has dtype {name}, which no GRACE "
+                                   f"format stores")
+        return torch.empty(self.shape(key), dtype=dtype, device="meta")
+
 
 def read_config(path: str) -> dict:
     cfg = os.path.join(path, CONFIG_NAME)
@@ -171,6 +197,20 @@ def read_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise GraceFormatError(f"{cfg}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def check_model_dir(path: str) -> dict:
+    """config.json of a model directory, or one line saying why ``path`` is not one (the errors a
+    user meets first: no such path, a file, an empty directory, no or broken config.json)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise GraceFormatError(f"{path}: does not exist")
+    if not os.path.isdir(path):
+        raise GraceFormatError(f"{path}: not a directory (a model is a directory holding {CONFIG_NAME} and "
+                               f"*.safetensors, or a Hub id)")
+    if not os.listdir(path):
+        raise GraceFormatError(f"{path}: empty directory (a model holds {CONFIG_NAME} and *.safetensors)")
+    return read_config(path)
 
 
 def config_or_none(path: str) -> dict | None:

@@ -112,6 +112,35 @@ def detect_grace_format(path: str) -> str | None:
         return None
 
 
+GRID_PROBE_ROWS = 64
+
+
+def bare_grid_bits(path: str) -> int | None:
+    """The bit width (4 or 8) on whose grid the first rows of the first language-model linear lie,
+    else None: a GRACE checkpoint without sidecar or log-steps (no marker), which an engine serves
+    as BF16 unless ``--quantization grace_qat``. Reads 64 rows of one tensor; never raises."""
+    try:
+        from .files import SafetensorsDir, is_quantizable_module, natural_key
+        from .quantizer import DEFAULT_GROUP_SIZE, SUPPORTED_BITS, derive_scales
+        tensors = SafetensorsDir(path)
+        names = sorted((k for k in tensors.keys() if k.endswith(".weight")
+                        and is_quantizable_module(k[: -len(".weight")])), key=natural_key)
+        if not names:
+            return None
+        w = tensors.rows(names[0], GRID_PROBE_ROWS)
+        if w.dim() != 2 or not w.is_floating_point():
+            return None
+        for bits in SUPPORTED_BITS:
+            try:
+                derive_scales(w, bits, DEFAULT_GROUP_SIZE, names[0])
+                return bits
+            except GraceFormatError:
+                continue
+    except Exception:  # a hint must never break loading an ordinary model
+        return None
+    return None
+
+
 def find_grace_checkpoint(model: object, revision: str | None = None) -> tuple[str, str] | None:
     """``(directory, format)`` when ``model`` (a directory or a Hub id) is a GRACE checkpoint, else None.
 
@@ -136,4 +165,4 @@ def find_grace_checkpoint(model: object, revision: str | None = None) -> tuple[s
 
 
 __all__ = ["AUTODETECT_ENV", "env_flag", "hub_offline", "is_hub_id", "local_checkpoint_dir",
-           "detect_grace_format", "find_grace_checkpoint"]
+           "detect_grace_format", "find_grace_checkpoint", "bare_grid_bits"]

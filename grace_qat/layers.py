@@ -78,7 +78,14 @@ def checkpoint_feeds(fmt, ckpt, tensors, shards):
 
 def loader_for(t, loader, groups_per_row: int):
     """The engine loader for RankTensor ``t``: a tensor stored flat (out*groups,) in the files
-    (``flat_in_checkpoint``) is reshaped first, since the engines' loaders shard (out, groups)."""
+    (``flat_in_checkpoint``) is reshaped first, since the engines' loaders shard (out, groups).
+    A "checkpoint"-source tensor is fed by the adapter (:func:`feed_loader`); a copy of it in the
+    weight stream (a format's spare tensor, cross-checked when the checkpoint was opened) is skipped."""
+    if t.source == "checkpoint":
+        def skip_stream_copy(param, loaded_weight, *args, **kwargs):
+            return None
+        skip_stream_copy.feed = loader
+        return skip_stream_copy
     if not t.flat_in_checkpoint:
         return loader
 
@@ -87,6 +94,11 @@ def loader_for(t, loader, groups_per_row: int):
             loaded_weight = loaded_weight.reshape(-1, groups_per_row)
         return loader(param, loaded_weight, *args, **kwargs)
     return load_flat
+
+
+def feed_loader(param):
+    """The loader an adapter feeds a "checkpoint"-source tensor through (see :func:`loader_for`)."""
+    return getattr(param.weight_loader, "feed", param.weight_loader)
 
 
 @dataclass(frozen=True)
@@ -118,4 +130,4 @@ class Geometry:
 
 
 __all__ = ["FUSED_MODULES", "QKV_SHARD_IDS", "fused_parts", "shard_ids", "shard_index", "module_shards",
-           "checkpoint_feeds", "loader_for", "Geometry"]
+           "checkpoint_feeds", "loader_for", "feed_loader", "Geometry"]

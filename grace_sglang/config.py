@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from grace_qat import layers
+from grace_qat import formats, layers
 from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
 from grace_qat.hub import local_checkpoint_dir
@@ -161,6 +161,9 @@ class GraceQATConfig(QuantizationConfig):
                                        f"cannot map them onto SGLang's layers")
             index[key] = name
         ckpt.check_served()     # steps and zero points, before anything is loaded
+        spare = formats.spare_note(ckpt)
+        if spare:
+            logger.info("grace_qat: %s", spare)
         st = _scalar_types()
         if ckpt.kind.stock_config(ckpt) is not None:
             self.quant_type = st.uint4          # what AWQ-Marlin runs (zero points as a tensor)

@@ -147,7 +147,7 @@ class GraceQATLinearMethod(LinearMethodBase):
             with torch.device(getattr(layer, self.tensors[0].leaf).device):
                 for leaf, full, args in layers.checkpoint_feeds(ckpt.kind, ckpt, self.tensors, shards):
                     param = getattr(layer, leaf)
-                    param.weight_loader(param, full.to(param.device), *args)
+                    layers.feed_loader(param)(param, full.to(param.device), *args)
         except GraceFormatError as e:        # names the file and tensor already
             raise GraceFormatError(f"grace_qat: {self.prefix}: {e}") from None
         self._fed = True

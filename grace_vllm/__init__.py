@@ -8,6 +8,8 @@ workers when they build layers).
 """
 from __future__ import annotations
 
+import re
+
 QUANT_METHOD = "grace_qat"
 
 _registered = False
@@ -61,9 +63,11 @@ TRACEBACK_ENV = "GRACE_QAT_TRACEBACK"
 def grace_error(exc: BaseException | None):
     """The GraceFormatError behind an exception: itself, its cause/context, or one that pydantic
     wrapped (vLLM builds its configs as pydantic dataclasses, and maybe_update_config runs inside
-    their validation, so a bad checkpoint reaches the top as a ValidationError)."""
+    their validation, so a bad checkpoint reaches the top as a ValidationError). Failing that, for
+    vLLM's own refusal of a local model path (its config-format detection runs before anything of
+    the plugin sees the path), the one line saying what is wrong with that path."""
     from grace_qat.errors import GraceFormatError
-    seen = set()
+    seen, texts = set(), []
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, GraceFormatError):
@@ -72,7 +76,36 @@ def grace_error(exc: BaseException | None):
             inner = (err.get("ctx") or {}).get("error")
             if isinstance(inner, GraceFormatError):
                 return inner
+        texts.append(str(exc))
         exc = exc.__cause__ or exc.__context__
+    return _model_path_error("\n".join(texts))
+
+
+# vLLM's refusal of a model it finds no config file for (get_config, 0.26-0.33); the Hub client's of a
+# path that does not exist, and Transformers' of a config file that is no JSON (vLLM's speculators
+# check reads config.json first; a file given as the model is read as one): (pattern, model of match)
+_BAD_MODEL = ((re.compile(r"Invalid repository ID or local directory specified: '([^'\n]+)'"), lambda m: m),
+              (re.compile(r"Repo id must be in the form '[^\n]*': '([^'\n]+)'"), lambda m: m),
+              (re.compile(r"config file at '([^'\n]+)' is not a valid JSON file"),
+               lambda m: m.rpartition("/")[0] if m.endswith("/config.json") else m))
+
+
+def _model_path_error(text: str):
+    """One line for a local model path vLLM refused (a Hub id that is no path is left to vLLM)."""
+    import os
+
+    from grace_qat.errors import GraceFormatError
+    from grace_qat.files import check_model_dir
+    hits = [(m, to_dir) for pattern, to_dir in _BAD_MODEL for m in [pattern.search(text)] if m]
+    if not hits:
+        return None
+    model = hits[0][1](hits[0][0].group(1))
+    if not (os.path.exists(model) or model.startswith(("/", ".", "~")) or model.count("/") != 1):
+        return None
+    try:
+        check_model_dir(model)
+    except GraceFormatError as e:
+        return e
     return None
 
 

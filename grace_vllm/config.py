@@ -19,7 +19,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from grace_qat import layers
+from grace_qat import formats, layers
 from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
 from grace_qat.hub import local_checkpoint_dir
@@ -96,6 +96,9 @@ class GraceQATConfig(QuantizationConfig):
         # an error in a worker reaches the user only as vLLM's "Engine core initialization failed".
         # These tensors are small (one per 128 weights); the workers still verify every code.
         ckpt.check_served()
+        spare = formats.spare_note(ckpt)
+        if spare:
+            logger.info("grace_qat: %s", spare)
         self._remap()
         logger.info("grace_qat: %s checkpoint, W%d g%d, %d quantized linear modules",
                     self.format, self.bits, self.group_size, len(self.modules))

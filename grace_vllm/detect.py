@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
-from grace_qat.hub import AUTODETECT_ENV, env_flag, find_grace_checkpoint
+from grace_qat.files import check_model_dir
+from grace_qat.hub import AUTODETECT_ENV, bare_grid_bits, env_flag, find_grace_checkpoint
 
 from . import QUANT_METHOD
 
@@ -24,6 +26,25 @@ logger = logging.getLogger("vllm.grace_qat")
 
 _PARSERS: dict[type, type] = {}
 _LOGGED_ENV = "_GRACE_QAT_DETECTED_LOGGED"
+
+
+def _flag_given() -> bool:
+    """``vllm serve ... --quantization X`` on this process's command line: then the variable that
+    turns detection off changes nothing, and the detection line does not offer it."""
+    return any(a in ("-q", "--quantization") or a.startswith("--quantization=") for a in sys.argv[1:])
+
+
+def _hint_bare_grid(path: str) -> None:
+    """A bare grid (no marker) is served as BF16 without the flag: say so, once, where its weights
+    show it (grace_qat.hub.bare_grid_bits: 64 rows of one tensor)."""
+    if os.environ.get(_LOGGED_ENV) == path:
+        return
+    bits = bare_grid_bits(path)
+    if bits is not None:
+        os.environ[_LOGGED_ENV] = path
+        logger.info("grace_qat: %s: the weights lie on a %d-bit grid (a GRACE checkpoint without sidecar "
+                    "or log-steps?); served as BF16 as stored, --quantization %s serves them packed",
+                    path, bits, QUANT_METHOD)
 
 
 def _grace_parser(base: type) -> type:
@@ -35,8 +56,13 @@ def _grace_parser(base: type) -> type:
         _grace_base = base
 
         def parse(self, model, trust_remote_code, revision=None, code_revision=None, **kwargs):
-            config_dict, config = super().parse(model, trust_remote_code, revision=revision,
-                                                code_revision=code_revision, **kwargs)
+            try:
+                config_dict, config = super().parse(model, trust_remote_code, revision=revision,
+                                                    code_revision=code_revision, **kwargs)
+            except Exception:
+                if os.path.isdir(str(model)):    # a broken config.json: one line instead of a traceback
+                    check_model_dir(str(model))
+                raise
             if (config_dict.get("quantization_config") is None
                     and getattr(config, "quantization_config", None) is None
                     and env_flag(AUTODETECT_ENV, True)):
@@ -47,12 +73,15 @@ def _grace_parser(base: type) -> type:
                     # workers parse the config again and inherit this environment)
                     if os.environ.get(_LOGGED_ENV) != path:
                         os.environ[_LOGGED_ENV] = path
-                        logger.info("grace_qat: %s is a GRACE %s checkpoint (%s); serving it with "
-                                    "quantization grace_qat (%s=0 turns this off)",
-                                    model, fmt, path, AUTODETECT_ENV)
+                        where = path if os.path.abspath(str(model)) == path else f"{model} ({path})"
+                        hint = "" if _flag_given() else f" ({AUTODETECT_ENV}=0 turns this off)"
+                        logger.info("grace_qat: %s is a GRACE %s checkpoint; serving it with quantization "
+                                    "grace_qat%s", where, fmt, hint)
                     injected = {"quant_method": QUANT_METHOD, "format": fmt}
                     config_dict["quantization_config"] = injected
                     config.quantization_config = dict(injected)
+                elif os.path.isdir(str(model)) and not _flag_given():
+                    _hint_bare_grid(os.path.abspath(str(model)))
             return config_dict, config
 
     GraceHFConfigParser.__qualname__ = GraceHFConfigParser.__name__

@@ -249,7 +249,7 @@ class GraceLinearMethod(LinearMethodBase):
         shards = _module_shards(layer, self.hf_names)
         for leaf, full, args in layers.checkpoint_feeds(self.format, self.qcfg.checkpoint(), self.tensors, shards):
             param = getattr(layer, leaf)
-            param.weight_loader(param, full.to(param.device), *args)
+            layers.feed_loader(param)(param, full.to(param.device), *args)
 
     def _rows(self, t: formats.RankTensor, data: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         rows = slice(r0 // t.packed, r1 // t.packed)

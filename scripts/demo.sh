@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: set up (if needed), then serve a GRACE checkpoint with vLLM + grace_qat and answer an
+# The demo: set up (if needed), then serve a GRACE checkpoint with vLLM + grace_qat and answer an
 # image+text chat request. No argument: a tiny GRACE checkpoint is generated and served on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -20,3 +20,7 @@ pip_install() {
   kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
   if [ "$rc" -ne 0 ]; then say "FAILED (pip exit $rc): pip install $*" >&2; exit "$rc"; fi
 }
+# The checkout grace_qat is installed from in venv $1 when the modules $2 import there too, else nothing.
+installed_checkout() {
+  "$1/bin/python" -c "import $2; import grace_qat, os; print(os.path.dirname(os.path.dirname(os.path.abspath(grace_qat.__file__))))" 2>/dev/null || true
+}

@@ -17,10 +17,14 @@ if ! "$VENV/bin/python" -c "import sglang.srt.server_args" >/dev/null 2>&1; then
   pip_install --no-deps sglang==0.5.23
   "$VENV/bin/python" -c "import sglang.srt.server_args" || { echo "[setup-sglang] SGLang install failed" >&2; exit 1; }
 fi
-pip_install --no-deps --no-build-isolation -e .
-# what the SGLang suite imports beyond SGLang's own dependencies (also on a venv made earlier)
-pip_install "pytest>=8" "hypothesis>=6" pillow pyyaml sentencepiece==0.2.1 numpy
-echo "[setup-sglang] ready: $VENV ($("$VENV/bin/python" -c 'import sglang; print("sglang", sglang.__version__)'))"
+if [ "$(installed_checkout "$VENV" "pytest, hypothesis, PIL, yaml, sentencepiece, numpy")" = "$PWD" ]; then
+  say "grace-qat (this checkout) and the test suite's dependencies already installed"
+else
+  pip_install --no-deps --no-build-isolation -e .
+  # what the SGLang suite imports beyond SGLang's own dependencies (also on a venv made earlier)
+  pip_install "pytest>=8" "hypothesis>=6" pillow pyyaml sentencepiece==0.2.1 numpy
+fi
+say "ready: $VENV ($("$VENV/bin/python" -c 'import sglang; print("sglang", sglang.__version__)'))"
 
 # The oldest supported SGLang as an overlay on the same venv (PYTHONPATH=$OLD), with the Transformers,
 # tokenizers and xgrammar it pins, so the suite runs against both ends of the range (0.5.17 and 0.5.23).

@@ -56,10 +56,16 @@ EOF
   rm -rf "$ALIAS"
 fi
 
-say "installing grace-qat (editable) and the test suite's dependencies"
-pip_install --no-deps --no-build-isolation -e .
-# Everything tests/ imports beyond the engine (tests/test_deps.py checks that they import).
-pip_install "pytest>=8" "hypothesis>=6" requests pillow pyyaml sentencepiece compressed-tensors
+# Skipped when this checkout is installed already and the test dependencies import (a later demo
+# or test run): a reinstall took 15-22 s each time.
+if [ "$(installed_checkout "$VENV" "pytest, hypothesis, requests, PIL, yaml, sentencepiece, compressed_tensors")" = "$PWD" ]; then
+  say "grace-qat (this checkout) and the test suite's dependencies already installed"
+else
+  say "installing grace-qat (editable) and the test suite's dependencies"
+  pip_install --no-deps --no-build-isolation -e .
+  # Everything tests/ imports beyond the engine (tests/test_deps.py checks that they import).
+  pip_install "pytest>=8" "hypothesis>=6" requests pillow pyyaml sentencepiece compressed-tensors
+fi
 "$VENV/bin/python" -c "import importlib.metadata as m; m.version('vllm')" \
   || { say "no distribution named vllm in $VENV: the vllm command would not start" >&2; exit 1; }
 say "ready: $VENV ($("$VENV/bin/python" -c 'import vllm; print("vllm", vllm.__version__)'))"

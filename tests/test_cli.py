@@ -124,3 +124,69 @@ def test_llava_processor_cli(tmp_path, ckpt):
     r = run("llava-processor", ckpt, str(tmp_path / "proc2"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "original-layout" in r.stderr
     assert not os.path.exists(tmp_path / "proc2")
+
+
+def _one_line_error(r, *words):
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == "", out[-3000:]
+    assert r.stderr.startswith("grace-qat: error: ") and "Traceback" not in out, out[-3000:]
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+
+
+def test_fixture_refuses_an_existing_output_without_force(tmp_path, tiny):
+    """`fixture DIR` onto an existing checkpoint used to overwrite it silently (rc 0, a GPTQ export
+    became a qat-sidecar fixture): refused as `convert` refuses, replaced with --force."""
+    out = tmp_path / "export"
+    shutil.copytree(tiny["awq"], out)
+    before = sorted(os.listdir(out))
+    _one_line_error(run("fixture", str(out)), "already exists", "--force")
+    assert sorted(os.listdir(out)) == before and "awq_quantized_modules.json" in before
+    r = run("fixture", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert "qat_quantized_weights.bin" in os.listdir(out) and "awq_quantized_modules.json" not in os.listdir(out)
+    (tmp_path / "empty").mkdir()                     # an empty directory is no checkpoint to lose
+    assert run("fixture", str(tmp_path / "empty")).returncode == 0
+    assert sorted(os.listdir(tmp_path)) == ["empty", "export"]     # no temporary or old directory left
+
+
+@contextlib.contextmanager
+def _read_only(path):
+    """``path`` (a directory) made unwritable even for root (chattr +i), or by its mode for others."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("root without chattr +i here: no way to make a directory read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_unwritable_output_is_one_line_and_leaves_nothing(tmp_path, ckpt):
+    """An output that cannot be written: one line, rc 2, nothing left behind (it used to be a
+    Python traceback with rc 1): into a path under a file, into a read-only directory, and
+    `--force` onto a directory that cannot be replaced."""
+    (tmp_path / "afile").write_text("x")
+    for cmd in (("convert", ckpt, str(tmp_path / "afile" / "out"), "--to", "gptq"),
+                ("fixture", str(tmp_path / "afile" / "out"))):
+        _one_line_error(run(*cmd), "cannot write the output", "nothing was written")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "config.json").write_text("{}")
+    with _read_only(ro):
+        for cmd in (("convert", ckpt, str(ro / "out"), "--to", "gptq"), ("fixture", str(ro / "out"))):
+            _one_line_error(run(*cmd), f"{ro / 'out'}: cannot write the output")
+        assert os.listdir(ro) == []
+    if os.geteuid() == 0:     # an immutable directory cannot be renamed; a mode of 555 does not stop that
+        with _read_only(keep):
+            _one_line_error(run("convert", ckpt, str(keep), "--to", "bf16", "--force"), f"{keep}: cannot write")
+            assert os.listdir(keep) == ["config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["afile", "keep", "ro"]

@@ -145,3 +145,25 @@ def test_vllm_serve_hub_id_without_flag(hub, repo, fmt, tmp_path):
     assert f"grace_qat: {fmt} checkpoint, W4 g128, 28 quantized linear modules" in log
     assert "quantization=grace_qat" in log                   # vLLM's own engine config line
     assert ("grace_qat: using " in log) or ("grace_qat: no vLLM W4 kernel" in log), log[-4000:]
+
+
+# -- grace-qat inspect / convert on a Hub id -------------------------------------------------------------
+
+def test_cli_takes_a_hub_id_from_the_cache(hub, tmp_path):
+    """`grace-qat inspect/convert Owner/Name` read the cached snapshot, as `vllm serve` and the demo
+    do (issue 27: "does not exist"); an id not in the cache is one line, its prefix said once."""
+    cli = os.path.join(os.path.dirname(sys.executable), "grace-qat")
+    env = {**os.environ, **hub["env"]}
+    r = subprocess.run([cli, "inspect", REPO_A, "--json"], capture_output=True, text=True, env=env,
+                       cwd=hub["cwd"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert os.path.samefile(rep["path"], hub["snapshots"][REPO_A]) and rep["format"] == "qat-sidecar"
+    out = tmp_path / "gptq"
+    r = subprocess.run([cli, "convert", REPO_B, str(out), "--to", "gptq"], capture_output=True, text=True,
+                       env=env, cwd=hub["cwd"], timeout=300)
+    assert r.returncode == 0 and (out / "config.json").exists(), r.stderr
+    r = subprocess.run([cli, "inspect", "GraceTest/not-in-the-cache"], capture_output=True, text=True, env=env,
+                       cwd=hub["cwd"], timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("grace-qat: error: cannot find the checkpoint 'GraceTest/not-in-the-cache'"), r.stderr

@@ -150,3 +150,21 @@ def test_plain_checkpoint_is_named_plain(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "plain: an unquantized checkpoint" in r.stdout and "no plugin needed" in r.stdout, r.stdout
     assert f"vllm serve {d}" in r.stdout
+
+
+def test_inspect_suggests_the_command_that_serves_it(dirs, tmp_path):
+    """No flag where the plugin detects the checkpoint itself (a sidecar, AWQ, or a `--to grace_qat`
+    export, whose point is "no flag needed"); a `--to bf16` export (a bare grid) is served by the
+    stock command as it is, the flag only for packed serving (issue 27: inspect printed the flag for
+    the grace_qat export, and only the plugin's commands for the BF16 one)."""
+    declared = str(tmp_path / "declared")
+    assert run("convert", dirs["s4"], declared, "--to", "grace_qat").returncode == 0
+    for d in (declared, dirs["s4"], dirs["awq-src"]):
+        rep = json.loads(run("inspect", d, "--json").stdout)
+        assert rep["serve"] == [f"vllm serve {d}", f"python -m sglang.launch_server --model-path {d}"], rep["serve"]
+    rep = json.loads(run("inspect", dirs["bf16"], "--json").stdout)
+    assert rep["serve"][:2] == [f"vllm serve {dirs['bf16']}",
+                                f"python -m sglang.launch_server --model-path {dirs['bf16']}"], rep["serve"]
+    assert rep["serve"][2] == f"vllm serve {dirs['bf16']} --quantization grace_qat", rep["serve"]
+    human = run("inspect", dirs["bf16"]).stdout
+    assert "stock engine, no plugin needed: BF16" in human and "packed 4-bit" in human, human

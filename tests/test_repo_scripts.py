@@ -189,3 +189,33 @@ def test_workflow_step_runner_runs_steps_as_written_and_fails_on_a_failed_step(t
     listed = [json.loads(line)["command"] for line in out.read_text().splitlines()[:-1]
               if "command" in json.loads(line)]
     assert listed == [s["run"] for s in yaml.safe_load(WORKFLOW.read_text())["jobs"]["vllm"]["steps"] if "run" in s]
+
+
+def _installed_venv(tmp_path, name: str) -> Path:
+    """A venv whose python answers every question as a venv with this checkout installed would (it
+    prints the checkout's path and succeeds) and whose pip fails: any install is a failure."""
+    venv = tmp_path / name
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\necho {ROOT}\nexit 0\n")
+    (venv / "bin" / "pip").write_text("#!/bin/sh\necho 'ERROR: pip should not run'\nexit 3\n")
+    for f in ("python", "pip"):
+        (venv / "bin" / f).chmod(0o755)
+    return venv
+
+
+def test_scripts_skip_what_is_installed_and_name_each_test_run(tmp_path):
+    """A second demo or test run reinstalled the package every time (15-22 s); `[setup-sglang] ready:`
+    had no elapsed time; test.sh printed three unlabelled pytest summaries (issue 27, item 12).
+    Runs the real scripts/test.sh (and the set-up scripts it calls) on venvs that have everything."""
+    old = tmp_path / "old"
+    (old / "sglang").mkdir(parents=True)
+    (old / "sglang" / "version.py").write_text("__version__ = '0.5.17'\n")
+    env = {"PATH": "/usr/bin:/bin", "GRACE_VENV": str(_installed_venv(tmp_path, "venv")),
+           "GRACE_SGLANG_VENV": str(_installed_venv(tmp_path, "venv-sg")), "GRACE_SGLANG_OLD_DIR": str(old)}
+    r = subprocess.run(["bash", str(SCRIPTS / "test.sh")], capture_output=True, text=True, env=env, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "pip should not run" not in out, out
+    assert re.search(r"^\[setup \d+:\d\d\] grace-qat \(this checkout\) .* already installed$", out, re.M), out
+    assert re.search(r"^\[setup-sglang \d+:\d\d\] ready: ", out, re.M), out
+    for name in ("vLLM and core", "SGLang 0.5.23", "SGLang 0.5.17"):
+        assert f"[test] run: {name}\n" in out and f"[test] {name}: passed\n" in out, (name, out)

@@ -79,8 +79,10 @@ def bases(tiny_checkpoint):
 
 
 def load_all(path: str, bits: int | None = None) -> GraceCheckpoint:
-    """What a server does before serving: open, then read and verify every quantized module."""
+    """What a server does before serving: open and check (first process), then read and verify
+    every quantized module (workers)."""
     ckpt = GraceCheckpoint.open(path, bits=bits)
+    ckpt.check_served()
     for m in ckpt.modules:
         ckpt.quantized(m)
     return ckpt
@@ -252,6 +254,20 @@ def _awq_meta(fn):
     return lambda d: edit_json(d, AWQ_JSON, fn)
 
 
+def _spare_log_scales(d, differ=None):
+    """Copy the sidecar's log-steps into the safetensors (a real export can leave them there); the
+    copy of module ``differ`` off by one step's log in one group."""
+    side = torch.load(os.path.join(d, SIDECAR), weights_only=True)
+
+    def edit(raw):
+        for k, v in side.items():
+            if k.endswith(".log_scale"):
+                raw[k] = v.clone()
+        if differ:
+            raw[differ + ".log_scale"][1] += 0.5
+    edit_st(d, edit)
+
+
 def _config(fn):
     return lambda d: edit_json(d, "config.json", fn)
 
@@ -401,6 +417,14 @@ CORPUS = [
          "int32, expected"),
     Case("awq-missing-scales", "a4", lambda d: edit_st(d, lambda r: r.pop(M + ".scales")), "DIR", M + ".scales",
          "missing for AWQ module"),
+    # --- tensors a format does not read (issue 27: they broke vLLM's loaders) ----------------------
+    Case("sidecar-spare-inline-log-scale-differs", "s4", lambda d: _spare_log_scales(d, differ=M),
+         ST, M + ".log_scale", "differs from the one in .*qat_quantized_weights.bin"),
+    Case("awq-extra-weight-tensor", "a4",
+         lambda d: edit_st(d, lambda r: r.update({M + ".weight": torch.zeros(256, 512, dtype=torch.bfloat16)})),
+         ST, M + ".weight", "format awq does not use a 'weight' tensor"),
+    Case("awq-json-group-size-64-for-128", "a4", _awq_meta(lambda m: m.update(group_size=64)), ST,
+         f"{LM}.0.mlp.down_proj.qzeros", r"has shape \(4, 32\), expected \(8, 32\) .* group size 64"),
     Case("awq-json-module-not-packed", "a4",
          _awq_meta(lambda m: m["modules"].append(f"{LM}.9.mlp.up_proj")), AWQ_JSON, f"{LM}.9.mlp.up_proj",
          "disagree"),
@@ -475,6 +499,38 @@ def test_corpus_refused_at_load_naming_file_and_tensor(case, bases, tmp_path):
     assert d in msg, f"checkpoint path not named: {msg}"
     if case.file != "DIR":
         assert re.search(case.file, msg), f"file {case.file!r} not named: {msg}"
+    if case.tensor:
+        assert case.tensor in msg, f"tensor {case.tensor!r} not named: {msg}"
+    assert re.search(case.match, msg), f"expected /{case.match}/ in: {msg}"
+
+
+def first_process(path: str, bits: int | None = None) -> None:
+    """What both engine adapters run in the first process, before any engine process starts
+    (grace_vllm.config.maybe_update_config, grace_sglang.config._open)."""
+    GraceCheckpoint.open(path, bits=bits).require_quantized().check_served()
+
+
+# Refused only once the weights' values are read: each rank verifies its own shard as it loads it
+# (reading every weight in the first process would read the whole checkpoint twice).
+NEEDS_WEIGHT_VALUES = {"off-grid-weight-mid-module", "off-grid-weight-8bit", "off-grid-weight-inline",
+                       "off-grid-weight-grid-only", "code-9-in-4bit", "code-minus-9-in-4bit",
+                       "code-200-in-8bit", "weight-nan", "weight-inf"}
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
+def test_corpus_refused_in_the_first_process(case, bases, tmp_path):
+    """Every refusal `inspect` makes that does not need the weights' values (shapes against the
+    group size, bits, zero points, steps, files) comes in the first process, in the same one line
+    (issue 27: an AWQ group size the tensors contradict passed it and killed the worker)."""
+    if case.id in NEEDS_WEIGHT_VALUES:
+        pytest.skip("needs the weights' values: verified by each rank as it loads")
+    d = str(tmp_path / "broken")
+    shutil.copytree(bases[case.base], d)
+    case.mutate(d)
+    with pytest.raises(GraceFormatError) as ei:
+        first_process(d, bits=case.bits)
+    msg = str(ei.value)
+    assert "\n" not in msg.strip() and d in msg, msg
     if case.tensor:
         assert case.tensor in msg, f"tensor {case.tensor!r} not named: {msg}"
     assert re.search(case.match, msg), f"expected /{case.match}/ in: {msg}"

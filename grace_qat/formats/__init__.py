@@ -5,9 +5,9 @@ checkpoint reader, detection, ``convert``, the CLI, the fixtures and both engine
 from the registry.
 """
 from .base import (Format, Opening, QuantizedLinear, RankTensor, all_formats, detect, get, marked, names,
-                   quantized_names, register)
+                   quantized_names, register, spare_note, spare_tensors)
 # each registers its format; this order is the order the CLI and the fixtures list them in
 from . import qat_sidecar, qat_inline, qat_grid, awq, plain  # noqa: E401,F401,I001
 
 __all__ = ["Format", "Opening", "QuantizedLinear", "RankTensor", "all_formats", "detect", "get", "marked",
-           "names", "quantized_names", "register"]
+           "names", "quantized_names", "register", "spare_note", "spare_tensors"]

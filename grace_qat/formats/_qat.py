@@ -2,11 +2,13 @@
 group either stored (log-steps in the sidecar or inline) or derived from the grid."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import GraceFormatError
-from ..files import SAFETENSORS_DTYPES, check_architecture
-from ..quantizer import code_range, derive_scales, recover_codes, scales_from_log_scale
+from ..files import CONFIG_NAME, SAFETENSORS_DTYPES, check_architecture
+from ..quantizer import code_range, derive_scales, effective_group_size, recover_codes, scales_from_log_scale
 from .base import Format, Opening, QuantizedLinear, RankTensor
 
 
@@ -32,9 +34,10 @@ class QATFormat(Format):
         return 4 if float(codes.min()) >= lo and float(codes.max()) <= hi else 8
 
     @staticmethod
-    def checked_weight(ckpt, name: str) -> torch.Tensor:
-        """The stored weight of a QAT module, refused unless 2-D and bf16/fp16/fp32."""
-        weight = ckpt.tensors.get(name + ".weight")
+    def checked_weight(ckpt, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored weight of a QAT module, refused unless 2-D and bf16/fp16/fp32 (``weight``:
+        a meta tensor of it, to check without reading)."""
+        weight = ckpt.tensors.get(name + ".weight") if weight is None else weight
         if weight.dim() != 2:
             raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.weight')}: {name}.weight has shape "
                                    f"{tuple(weight.shape)}, expected a 2-D linear weight")
@@ -69,6 +72,13 @@ class QATFormat(Format):
         try:
             return scales_from_log_scale(log_scale, out_f, in_f, ckpt.group_size, name)
         except GraceFormatError as e:
+            declared = ckpt.config.get("quantization_config") or {}
+            if (log_scale.dim() == 1 and declared.get("quant_method") == "grace_qat"
+                    and declared.get("group_size") == ckpt.group_size
+                    and log_scale.numel() != out_f * (in_f // effective_group_size(in_f, ckpt.group_size))):
+                # the group size is config.json's: name it as the source of the mismatch
+                raise GraceFormatError(f"{os.path.join(ckpt.path, CONFIG_NAME)}: quantization_config.group_size "
+                                       f"{ckpt.group_size} does not fit {where}: {e}") from None
             raise GraceFormatError(f"{where}: {e}") from None
 
     @staticmethod
@@ -82,8 +92,13 @@ class QATFormat(Format):
         return self._stored_scales(ckpt, name, self.module_shape(ckpt, name))
 
     def check_served(self, ckpt) -> None:
+        """What ``quantized`` checks short of reading the weights: dtypes and shapes (the sidecar's
+        copy included), and the stored steps against the group size."""
         for name in ckpt.modules:
-            self.scales(ckpt, name)
+            weight = self.checked_weight(ckpt, name, ckpt.tensors.meta(name + ".weight"))
+            self._check_copy(ckpt, name, weight, ckpt.tensors.file_of(name + ".weight"))
+            if self.stored_steps:
+                self._stored_scales(ckpt, name, weight.shape)
 
     def _module_scales(self, ckpt, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self._stored_scales(ckpt, name, weight.shape)   # its errors name the file holding log_scale

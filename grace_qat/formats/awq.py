@@ -32,6 +32,7 @@ class AWQ(Format):
     fixture_bits = (4,)
     side_files = (AWQ_MODULES_NAME,)
     grid_weights = False
+    module_leaves = ("qweight", "qzeros", "scales", "bias")
 
     def marked(self, path, config, tensor_names):
         return os.path.isfile(os.path.join(path, AWQ_MODULES_NAME)) or bool(config.get("awq_packing"))
@@ -106,10 +107,12 @@ class AWQ(Format):
         return SAFETENSORS_DTYPES.get(ckpt.tensors.dtype(ckpt.modules[0] + ".scales"), torch.float32)
 
     def check_served(self, ckpt):
-        """Every zero point must be 8 (reads only the small qzeros and scales)."""
+        """What ``inspect`` checks short of unpacking the codes: dtypes and shapes against the group
+        size, scales finite and > 0, every zero point 8 (reads only the small qzeros and scales)."""
         t = ckpt.tensors
         for name in ckpt.modules:
-            self.scales(ckpt, name)
+            self._check_tensors(ckpt, name, *(t.meta(name + s) for s in (".qweight", ".qzeros", ".scales")))
+            self._check_scales(ckpt, name, t.get(name + ".scales").to(torch.float32))
             qzeros = t.get(name + ".qzeros")
             try:
                 unpack_awq(torch.zeros(0, qzeros.shape[-1] if qzeros.dim() == 2 else 0, dtype=torch.int32),
@@ -127,13 +130,17 @@ class AWQ(Format):
         except GraceFormatError as e:
             raise GraceFormatError(f"{t.file_of(name + '.qzeros')}: {e}") from None
         scales = scales.to(torch.float32)
-        if not torch.isfinite(scales).all() or not (scales > 0).all():
-            raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales must be finite and > 0")
+        self._check_scales(ckpt, name, scales)
         out_f, in_f = codes.shape
         if in_f % scales.shape[1] or in_f // scales.shape[1] != effective_group_size(in_f, ckpt.group_size):
             raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales has {scales.shape[1]} "
                                    f"groups per row for in_features {in_f} and group size {ckpt.group_size}")
         return QuantizedLinear(name, codes.to(torch.int8), scales, 4, ckpt.group_size, bias)
+
+    @staticmethod
+    def _check_scales(ckpt, name, scales) -> None:
+        if not torch.isfinite(scales).all() or not (scales > 0).all():
+            raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.scales')}: {name}.scales must be finite and > 0")
 
     @staticmethod
     def _check_tensors(ckpt, name, qweight, qzeros, scales) -> None:

@@ -86,6 +86,11 @@ class Format:
     side_files: tuple[str, ...] = ()  # files of the directory that belong to this format only
     stored_steps: bool = True         # steps are in the files (else derived from the weights)
     grid_weights: bool = True         # 16-bit weights on the grid (else packed integer codes)
+    # leaves a quantized module may have in the safetensors: those the format reads, and spare ones
+    # it does not read (a real export can leave them behind); a spare tensor is cross-checked in
+    # ``check_served`` and the adapters' loaders skip it. Any other leaf is refused at open.
+    module_leaves: tuple[str, ...] = ("weight", "bias")
+    spare_leaves: tuple[str, ...] = ()
 
     # -- detection -------------------------------------------------------------------------------
 
@@ -202,8 +207,37 @@ def detect(o: Opening):
     """The checkpoint of the first format (in detection order) that claims the directory."""
     for fmt in all_formats():
         if fmt.claims(o):
-            return fmt.open(o)
+            ckpt = fmt.open(o)
+            check_leaves(ckpt)
+            return ckpt
     raise GraceFormatError(f"{o.path}: no GRACE format claims this directory")  # pragma: no cover
+
+
+def check_leaves(ckpt) -> None:
+    """Every safetensors entry of a quantized module is one its format reads or a spare one it
+    accounts for: an engine's loader would otherwise meet a tensor no layer parameter fits."""
+    fmt, mods = ckpt.kind, set(ckpt.modules)
+    for key in ckpt.tensors.keys():
+        base, _, leaf = key.rpartition(".")
+        if base in mods and leaf not in fmt.module_leaves + fmt.spare_leaves:
+            raise GraceFormatError(
+                f"{ckpt.tensors.file_of(key)}: {key}: format {fmt.name} does not use a {leaf!r} tensor for "
+                f"quantized module {base} (expected {', '.join(fmt.module_leaves)})")
+
+
+def spare_tensors(ckpt) -> list[str]:
+    """The safetensors entries the checkpoint's format accounts for but does not read."""
+    return [f"{m}.{leaf}" for leaf in ckpt.kind.spare_leaves for m in ckpt.modules
+            if f"{m}.{leaf}" in ckpt.tensors]
+
+
+def spare_note(ckpt) -> str | None:
+    """The one log line an adapter prints about spare tensors (after ``check_served``), else None."""
+    spare = spare_tensors(ckpt)
+    if not spare:
+        return None
+    return (f"{ckpt.path}: the safetensors also hold {len(spare)} tensors format {ckpt.format} does not "
+            f"read (first: {spare[0]}); they equal the ones served and are skipped")
 
 
 def marked(path: str, config: dict, tensor_names) -> str | None:

@@ -40,8 +40,5 @@ class QATGrid(QATFormat):
     def scales(self, ckpt, name):
         return self.quantized(ckpt, name).scales
 
-    def check_served(self, ckpt):
-        pass           # nothing stored: every module is derived and verified when a rank loads it
-
 
 FORMAT = register(QATGrid())

@@ -14,6 +14,7 @@ class QATInline(QATFormat):
     description = "GRACE format A: BF16 weights on the grid + <module>.log_scale tensors"
     order = 30
     marker_order = 2
+    module_leaves = ("weight", "log_scale", "bias")
 
     def marked(self, path, config, tensor_names):
         return any(n.endswith(".log_scale") for n in tensor_names())

@@ -9,7 +9,7 @@ import torch
 from ..errors import GraceFormatError
 from ..files import SIDECAR_NAME, is_quantizable_module, load_sidecar, natural_key
 from ._qat import QATFormat
-from .base import RankTensor, register
+from .base import RankTensor, register, spare_tensors
 
 
 class QATSidecar(QATFormat):
@@ -18,6 +18,7 @@ class QATSidecar(QATFormat):
     order = 20
     marker_order = 0
     side_files = (SIDECAR_NAME,)
+    spare_leaves = ("log_scale",)    # an export may leave them in the safetensors: the sidecar's count
 
     def marked(self, path, config, tensor_names):
         return os.path.isfile(os.path.join(path, SIDECAR_NAME))
@@ -60,6 +61,14 @@ class QATSidecar(QATFormat):
         if key not in ckpt.sidecar:
             raise GraceFormatError(f"{ckpt.sidecar_path}: missing {key}")
         return self._checked_log_scale(ckpt.sidecar[key], ckpt.sidecar_path, name)
+
+    def check_served(self, ckpt):
+        super().check_served(ckpt)
+        for key in spare_tensors(ckpt):         # inline copies of the log-steps must agree
+            inline, side = ckpt.tensors.get(key), ckpt.sidecar[key]
+            if inline.numel() != side.numel() or not torch.equal(inline.flatten().float(), side.flatten().float()):
+                raise GraceFormatError(f"{ckpt.tensors.file_of(key)}: {key} differs from the one in "
+                                       f"{ckpt.sidecar_path}, which is served; remove one of them")
 
     def _check_copy(self, ckpt, name, weight, where):
         if name + ".weight" in ckpt.sidecar:
