@@ -399,6 +399,58 @@ def test_layers_on_cpuwna16_kernel_even_without_its_op(ckpts, opened, monkeypatc
     assert "CPUWNA16LinearKernel" in gl.KERNELS_USED
 
 
+KERNEL_KEYS = ["w4_sidecar", "w4_inline", "w4_grid", "w4_awq", "w8_sidecar"]
+
+
+@pytest.mark.parametrize("key", KERNEL_KEYS)
+def test_kernel_inputs_group_bits_and_zero_point(ckpts, opened, key, monkeypatch):
+    """What every layer hands its kernel, whatever this machine's kernels are (the fallback, forced
+    here, reads exactly these inputs): vLLM's layer description names the group size of the
+    files (tests/reference.py: 128, or the whole row), the bit width and the zero point 2^(bits-1)
+    of the format, with no zero-point tensor; the packed codes, decoded with plain bit arithmetic
+    and that zero point, are the checkpoint's; the weight the layer then computes with is the
+    files' W_dq (bit for bit where the steps are stored)."""
+    import grace_vllm.linear as gl
+    cfg, ckpt = _config(ckpts[key]), opened[key]
+    codes_of = opened["w4_sidecar"] if key == "w4_grid" else ckpt     # same seed, same weights
+    handed = []
+    pack = gl.GraceLinearMethod._pack
+
+    def spy(self, layer, codes):
+        packed = pack(self, layer, codes)
+        handed.append((self.mp_config, packed.clone()))
+        return packed
+
+    monkeypatch.setattr(gl.GraceLinearMethod, "_pack", spy)
+    monkeypatch.setattr(gl, "_missing_kernel_op", lambda kernel: "forced by the test: the exact fallback")
+    bits = ckpt.bits
+    lo, _ = reference.code_limits(bits)
+    for size in (1, 2):
+        for name in _tp_layers(size):
+            for rank in range(size):
+                what = f"{key} {name} rank {rank}/{size}"
+                handed.clear()
+                layer = _build(name, cfg, rank, size)
+                mp = layer.quant_method.mp_config          # the kernel's description, made with the layer
+                group = reference.group_of(layer.input_size)
+                assert mp.group_size == (-1 if group == layer.input_size else group), \
+                    f"{what}: kernel told group size {mp.group_size}, the files have {group}"
+                assert mp.weight_type.size_bits == bits and mp.weight_type.bias == -lo, \
+                    f"{what}: kernel told weight type {mp.weight_type}, the files are {bits}-bit zero point {-lo}"
+                assert mp.zero_points is False, what
+                assert mp.partition_weight_shape == (layer.input_size_per_partition, sum(layer.output_partition_sizes))
+                _load(layer, name, ckpt)
+                with _tensor_parallel(rank, size):
+                    layer.quant_method.process_weights_after_loading(layer)
+                assert layer.quant_method.kernel is None and len(handed) == 1, what
+                assert handed[0][0] is mp, what
+                packed = handed[0][1]
+                codes = reference.unpack_bits(packed, bits, dim=1) + lo
+                assert torch.equal(codes, _expected_shard(codes_of, name, rank, size)["codes"]), f"{what}: codes"
+                exp = _expected_shard(ckpt, name, rank, size)
+                _assert_served_weight(_served_weight(layer, layer.quant_method), exp, False, what)
+
+
 def _sm90() -> bool:
     """Hopper, where vLLM picks Machete and grace_qat must add a Marlin partner (dispatch.py)."""
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
