@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from requires import require
 import torch
 
 from grace_qat import fixtures
@@ -54,7 +55,7 @@ def test_convert_cli_writes_loadable_gptq(tmp_path, ckpt):
     """The export is loaded by stock vLLM's own GPTQ method (config from its quantization_config,
     every quantized module's tensors through vLLM's weight loaders) and unpacked with vLLM's own
     helper: the codes are the source checkpoint's (plain-code reference), scales its bf16(steps)."""
-    pytest.importorskip("vllm")
+    require("vllm")
     import reference
     from unittest import mock
 
