@@ -810,6 +810,11 @@ def engines(ckpts, tmp_path_factory):
                         "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None}
     print("\nengine start / generate seconds:", {k: (round(v["start_s"], 1), round(v["generate_s"], 1))
                                                  for k, v in results.items() if not k.startswith("_")})
+    pairs = [("gq_w4_sidecar", "bf16_w4"), ("gq_w4_awq", "bf16_awq"), ("gq_w8_sidecar", "bf16_w8"),
+             ("gq_w4_sidecar", "gptq_w4"), ("gq_w4_awq", "gptq_awq"), ("bf16_w4", "bf16_w8"),
+             ("bf16_awq", "bf16_w4")]
+    print("max |prompt logprob difference| (nats):", {f"{a} vs {b}": round(_max_prompt_logprob_diff(
+        results[a], results[b]), 4) for a, b in pairs if a in results and b in results})
     print("language-model linear methods / kernels:",
           {k: sorted({(x["method"], x["kernel"]) for x in _lm_layers(v["layers"]).values()})
            for k, v in results.items() if not k.startswith("_")})
