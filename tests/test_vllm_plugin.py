@@ -813,8 +813,9 @@ def engines(ckpts, tmp_path_factory):
     pairs = [("gq_w4_sidecar", "bf16_w4"), ("gq_w4_awq", "bf16_awq"), ("gq_w8_sidecar", "bf16_w8"),
              ("gq_w4_sidecar", "gptq_w4"), ("gq_w4_awq", "gptq_awq"), ("bf16_w4", "bf16_w8"),
              ("bf16_awq", "bf16_w4")]
-    print("max |prompt logprob difference| (nats):", {f"{a} vs {b}": round(_max_prompt_logprob_diff(
-        results[a], results[b]), 4) for a, b in pairs if a in results and b in results})
+    print("|prompt logprob difference| (nats), 90th percentile / largest:", {
+        f"{a} vs {b}": (round(_p90(g), 4), round(g[-1], 4)) for a, b in pairs if a in results and b in results
+        for g in [_prompt_logprob_gaps(results[a], results[b])]})
     print("language-model linear methods / kernels:",
           {k: sorted({(x["method"], x["kernel"]) for x in _lm_layers(v["layers"]).values()})
            for k, v in results.items() if not k.startswith("_")})
@@ -830,29 +831,37 @@ def _assert_identical(a: dict, b: dict, what: str):
         assert ra["prompt_logprobs"] == rb["prompt_logprobs"], f"{what}: request {i} prompt logprobs differ"
 
 
-def _max_prompt_logprob_diff(a: dict, b: dict) -> float:
-    return max(abs(x - y) for ra, rb in zip(a["requests"], b["requests"])
-               for x, y in zip(ra["prompt_logprobs"], rb["prompt_logprobs"]) if x is not None)
+def _prompt_logprob_gaps(a: dict, b: dict) -> list[float]:
+    """|difference| of the prompt logprobs of two engines, every position of every request, sorted."""
+    return sorted(abs(x - y) for ra, rb in zip(a["requests"], b["requests"])
+                  for x, y in zip(ra["prompt_logprobs"], rb["prompt_logprobs"]) if x is not None)
 
 
-CLOSE_TOL = 0.05   # nats. Seen: 4-bit Machete vs BF16 0.006-0.008, 8-bit 0.010 (H100, vLLM 0.26);
-                   # the W4 and W8 quantizations of the same weights differ by 0.19.
+def _p90(gaps: list[float]) -> float:
+    return gaps[int(0.9 * len(gaps))]
+
+
+CLOSE_TOL = 0.05   # nats. Tiny fixtures, CPU (AVX-512 EPYC, vLLM 0.32): CPUWNA16 vs BF16 90th percentile
+                   # 0.0075, largest 0.056 (one position); AWQ's fp16-rounded steps vs fp32 steps (both
+                   # BF16) 0.008 / 0.054; W4 vs W8 of the same weights 0.15 / 0.21. Earlier fixture, H100,
+                   # vLLM 0.26: Machete vs BF16 largest 0.006-0.008.
 
 
 def _assert_close(a: dict, b: dict, what: str, tol: float = CLOSE_TOL):
     """4-bit kernel vs BF16 on the same weights: the kernel sees bf16(step) instead of the fp32 step
-    (<= 2^-9 relative per group) and sums in another order. Criterion: every prompt position's
-    log-probability of the actual next token within ``tol`` nats, the same greedy tokens at every
-    generated position (the tiny fixtures' chosen token leads the next by > 0.5 nats), and each
-    chosen token's logprob within ``tol``."""
+    (<= 2^-9 relative per group) and sums in another order. Criterion: the prompt positions'
+    log-probabilities of the actual next token within ``tol`` nats at 90% of the positions and within
+    2 ``tol`` at every one (a rounding-sized change of the weights moves a single position by up to
+    ~0.06 nats on the tiny fixtures; a changed quantization moves most of them: W4 vs W8 has its 90th
+    percentile at 3 ``tol``), the same greedy tokens at every generated position (the tiny
+    fixtures' chosen token leads the next by > 0.5 nats), and each chosen token's logprob within ``tol``."""
     for i, (ra, rb) in enumerate(zip(a["requests"], b["requests"])):
-        pa = [x for x in ra["prompt_logprobs"] if x is not None]
-        pb = [x for x in rb["prompt_logprobs"] if x is not None]
-        assert len(pa) == len(pb) > 10
-        worst = max(abs(x - y) for x, y in zip(pa, pb))
-        print(f"\n{what}: request {i}: max |prompt logprob difference| {worst:.3g} nats, "
-              f"generated ids equal: {ra['ids'] == rb['ids']}")
-        assert worst < tol, f"{what}: request {i} prompt logprob differs by {worst:.4f} nats"
+        gaps = _prompt_logprob_gaps({"requests": [ra]}, {"requests": [rb]})
+        assert len(gaps) > 10
+        print(f"\n{what}: request {i}: |prompt logprob difference| 90th percentile {_p90(gaps):.3g}, "
+              f"largest {gaps[-1]:.3g} nats, generated ids equal: {ra['ids'] == rb['ids']}")
+        assert _p90(gaps) < tol and gaps[-1] < 2 * tol, \
+            f"{what}: request {i} prompt logprobs differ by {_p90(gaps):.4f} (90%) / {gaps[-1]:.4f} nats"
         assert ra["ids"] == rb["ids"], f"{what}: request {i} generated {ra['ids']} vs {rb['ids']}"
         gen = max(abs(x - y) for x, y in zip(ra["logprobs"], rb["logprobs"]))
         assert len(ra["logprobs"]) == len(ra["ids"]) and gen < tol, \
@@ -1001,7 +1010,7 @@ def test_engine_generation_is_not_degenerate_across_requests(engines):
     for name, res in engines.items():
         for r in [] if name.startswith("_") else res["requests"]:
             assert len(r["ids"]) == MAX_TOKENS and len(set(r["ids"])) >= MIN_DISTINCT_TOKENS, (name, r["ids"])
-    assert _max_prompt_logprob_diff(engines["bf16_w4"], engines["bf16_w8"]) > 2 * CLOSE_TOL
+    assert _p90(_prompt_logprob_gaps(engines["bf16_w4"], engines["bf16_w8"])) > 2 * CLOSE_TOL
 
 
 @pytest.mark.engine
