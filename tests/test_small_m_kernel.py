@@ -19,7 +19,7 @@ import pytest
 
 from requires import require
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 require("triton")
