@@ -18,6 +18,8 @@ Formats (``fmt``): ``qat-sidecar`` (A: grid weights + ``qat_quantized_weights.bi
 
 Weights are random (normal, std 0.02; norms 1, norm biases 0), drawn per tensor from a generator
 seeded by (seed, tensor name), so a tensor does not depend on the format or on the other tensors.
+The tiny Qwen3-VL's text head is untied and structured (``_chain_text_head``) so that its greedy
+output is not one repeated token.
 Quantization follows the GRACE recipe bit for bit: ``log_scale = mse_init_log_scale(W)``,
 ``W_dq = fake_quantize(W, exp(log_scale))`` in fp32, cast to BF16. Large checkpoints are generated
 on the GPU when one is present (the numbers then differ from a CPU run with the same seed; the
@@ -134,7 +136,7 @@ def _check_args(fmt: str, bits: int, group_size: int) -> None:
 
 def _write_weights(out_dir: str, specs: list[tuple[str, tuple[int, ...]]], *, fmt: str, bits: int,
                    group_size: int, seed: int, dtype: torch.dtype, device: torch.device,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, init: dict | None = None) -> list[str]:
     """Generate every tensor of ``specs`` (in order), quantize the GRACE linears per ``fmt``, write
     shards (+ sidecar / AWQ module list). Returns the quantized module names (natural order).
 
@@ -147,12 +149,12 @@ def _write_weights(out_dir: str, specs: list[tuple[str, tuple[int, ...]]], *, fm
         torch.set_num_threads(1)
     try:
         return _write_weights_inner(out_dir, specs, fmt=fmt, bits=bits, group_size=group_size, seed=seed,
-                                    dtype=dtype, device=device, max_shard_bytes=max_shard_bytes)
+                                    dtype=dtype, device=device, max_shard_bytes=max_shard_bytes, init=init or {})
     finally:
         torch.set_num_threads(threads)
 
 
-def _write_weights_inner(out_dir, specs, *, fmt, bits, group_size, seed, dtype, device, max_shard_bytes):
+def _write_weights_inner(out_dir, specs, *, fmt, bits, group_size, seed, dtype, device, max_shard_bytes, init):
     kind = formats.get(fmt)
     writer = ShardWriter(out_dir, max_shard_bytes)
     sidecar: dict[str, torch.Tensor] = {}
@@ -170,7 +172,8 @@ def _write_weights_inner(out_dir, specs, *, fmt, bits, group_size, seed, dtype, 
             writer.add(name, b)
             kind.fixture_bias(name, b, sidecar)
             continue
-        writer.add(name, _init_tensor(name, tuple(shape), seed, dtype, device))
+        make = init.get(name, _init_tensor)
+        writer.add(name, make(name, tuple(shape), seed, dtype, device))
     writer.close()
     kind.fixture_files(out_dir, modules, group_size, sidecar)
     for other in formats.all_formats():       # files another format left in a reused directory
@@ -216,8 +219,10 @@ QWEN3VL_SIZES_SPEC = {
                min_pixels=65536, max_pixels=16777216, video_min_pixels=4096, video_max_pixels=25165824),
     # Tiny: every quantized in_features a multiple of 128, and of 256 for the row-parallel ones
     # (o_proj, down_proj) so that TP=2 keeps whole groups; heads and KV heads split by 2.
+    # Its text head is untied and built so that greedy decoding is not one repeated token (see
+    # _chain_text_head).
     "tiny": dict(base_vocab=1024, vocab_size=1152, hidden=256, intermediate=512, layers=4, heads=4,
-                 kv_heads=2, head_dim=64, mrope_section=[12, 10, 10], max_pos=32768,
+                 kv_heads=2, head_dim=64, mrope_section=[12, 10, 10], max_pos=32768, chain_head=True,
                  v_depth=3, v_hidden=128, v_intermediate=512, v_heads=2, deepstack=[0, 1, 2],
                  min_pixels=16384, max_pixels=262144, video_min_pixels=4096, video_max_pixels=262144),
 }
@@ -257,11 +262,11 @@ def qwen3vl_config(size: str = "tiny") -> dict:
             "rope_scaling": {"mrope_interleaved": True, "mrope_section": list(s["mrope_section"]),
                              "rope_type": "default"},
             "rope_theta": 5000000,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": not s.get("chain_head"),
             "use_cache": True,
             "vocab_size": s["vocab_size"],
         },
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": not s.get("chain_head"),
         "transformers_version": "4.57.0.dev0",
         "video_token_id": ids["<|video_pad|>"],
         "vision_config": {
@@ -283,6 +288,36 @@ def qwen3vl_config(size: str = "tiny") -> dict:
         "vision_end_token_id": ids["<|vision_end|>"],
         "vision_start_token_id": ids["<|vision_start|>"],
     }
+
+
+QWEN3VL_EMBED = "model.language_model.embed_tokens.weight"
+CHAIN_EMBED_SCALE = 10.0     # embeddings 10x the usual init (std 0.2): the residual stream carries the token
+CHAIN_HEAD_SCALE = 2.0       # head rows 2x (std 0.04): the chosen token's logit ~10 above the rest
+
+
+def _chain_text_head(embed_name: str) -> dict:
+    """Tensor generators for an untied text head whose greedy output walks a cycle of tokens.
+
+    With every weight N(0, 0.02^2) a tiny model's attention outputs outweigh the token embeddings
+    and its greedy output is one token repeated (e.g. [1109] * 16), which makes comparisons of
+    generated tokens carry almost no signal. Here the embeddings are scaled up (the current token
+    dominates the residual stream) and the head maps token i's direction to token perm[i] for a
+    random permutation perm, so greedy decoding follows perm's cycles (many distinct tokens) while
+    every quantized layer still moves every logit. Both tensors come from the same N(0, 0.02^2)
+    draw of the embedding's name."""
+    def embed(name, shape, seed, dtype, device):
+        return (_init_tensor(embed_name, shape, seed, torch.float32, device) * CHAIN_EMBED_SCALE).to(dtype)
+
+    def head(name, shape, seed, dtype, device):
+        base = _init_tensor(embed_name, shape, seed, torch.float32, device)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(_tensor_seed(seed, name))
+        perm = torch.randperm(shape[0], generator=gen).to(device)
+        out = torch.empty_like(base)
+        out[perm] = base * CHAIN_HEAD_SCALE                 # row perm[i] = token i's direction
+        return out.to(dtype)
+
+    return {embed_name: embed, "lm_head.weight": head}
 
 
 def qwen3vl_tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -439,7 +474,8 @@ def write_qwen3vl(out_dir: str, *, size: str = "tiny", fmt: str = "qat-sidecar",
     specs = qwen3vl_tensor_specs(config)
     dev = _device(device, sum(_numel(sh) for _, sh in specs))
     _write_weights(out_dir, specs, fmt=fmt, bits=bits, group_size=group_size, seed=seed,
-                   dtype=torch.bfloat16, device=dev, max_shard_bytes=max_shard_bytes)
+                   dtype=torch.bfloat16, device=dev, max_shard_bytes=max_shard_bytes,
+                   init=_chain_text_head(QWEN3VL_EMBED) if s.get("chain_head") else None)
     config.update(formats.get(fmt).fixture_config(group_size))
     _write_json(os.path.join(out_dir, "config.json"), config)
     ids = qwen_special_ids(s["base_vocab"])

@@ -15,8 +15,12 @@ vLLM plumbing only; every format question goes to the core (:mod:`grace_qat.form
     (``dispatch.py``: per-call choice by token count, inside one custom op).
 
 Where no kernel exists for a layer (8-bit on CPU; x86 CPUs without AVX-512, whose vLLM build lacks
-``cpu_gemm_wna16``) the layer runs vLLM's unquantized GEMM on the exact dequantized weight (grid
-formats: the loaded BF16 weight itself), with one warning per process.
+``cpu_gemm_wna16``) the layer runs vLLM's unquantized GEMM on the weight dequantized from exactly
+what a kernel would be handed (the packed codes, read back with vLLM's own unpack helper and the
+weight type's zero point, times the fp32 steps over the kernel's group size), with one warning per
+process. Every format goes through code and step recovery there too (never the loaded 16-bit weight
+as it is), so a wrong code, step, zero point or group size changes what the layer computes on any
+machine; where recovery is exact (stored steps) the result equals the checkpoint's W_dq bit for bit.
 """
 from __future__ import annotations
 
@@ -31,13 +35,14 @@ from vllm.model_executor.layers.linear import (LinearMethodBase, MergedColumnPar
                                                register_weight_loader_v2_supported_method)
 from vllm.model_executor.parameter import (GroupQuantScaleParameter, ModelWeightParameter,
                                            PackedvLLMParameter)
+from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.scalar_type import scalar_types
 
 from grace_qat import formats, layers
 from grace_qat.errors import GraceFormatError
 from grace_qat.packing import pack_factor, pack_int32
-from grace_qat.quantizer import code_range, dequantize
+from grace_qat.quantizer import code_range
 
 from . import dispatch
 
@@ -80,6 +85,15 @@ def _missing_kernel_op(kernel: type) -> str | None:
     return None
 
 
+def _allow_amx() -> None:
+    """CPUWNA16 runs AMX tile instructions on CPUs that have them (``isa_hint`` "amx"), and Linux
+    kills a process that uses AMX tile data before asking for it (arch_prctl ARCH_REQ_XCOMP_PERM):
+    "Illegal instruction". An engine usually asks through oneDNN's BF16 GEMMs before the first
+    quantized layer runs; a process whose first AMX user is ``cpu_gemm_wna16`` must ask itself."""
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
+
+
 def mp_layer_config(bits: int, kernel_group: int, full: tuple[int, int], part: tuple[int, int],
                     act_dtype: torch.dtype) -> MPLinearLayerConfig:
     """vLLM's description of one symmetric WNA16 layer: (in, out) full and on this rank."""
@@ -106,6 +120,8 @@ def new_kernel(kernel_cls: type, mp_config, module: torch.nn.Module, packed: tor
         names["w_gidx_param_name"] = "weight_g_idx"   # vLLM <= 0.26
     kernel = kernel_cls(mp_config, **names)
     kernel.process_weights_after_loading(module)
+    if kernel_cls.__name__ == "CPUWNA16LinearKernel":
+        _allow_amx()
     KERNELS_USED.add(kernel_cls.__name__)
     return kernel
 
@@ -259,9 +275,6 @@ class GraceLinearMethod(LinearMethodBase):
         if getattr(layer, "_grace_qat_done", False):
             return
         g, fmt = self.geo, self.format
-        if self.kernel_cls is None and fmt.grid_weights and not fmt.stored_steps:
-            # No stored steps, and the fallback needs none: the loaded weight is the exact W_dq.
-            return self._finish_unquantized(layer)
         self._feed_from_checkpoint(layer)
         loaded = {t.leaf: getattr(layer, t.leaf).data for t in self.tensors}
         device = next(iter(loaded.values())).device
@@ -278,30 +291,49 @@ class GraceLinearMethod(LinearMethodBase):
                     f"on this rank: {e}") from None
             codes[r0:r1], steps[r0:r1] = c, s.to(device)
         del loaded
-        keep = {"weight"} if self.kernel_cls is None and fmt.grid_weights else set()
         for t in self.tensors:
-            if t.leaf not in keep:
-                delattr(layer, t.leaf)
+            delattr(layer, t.leaf)
+        packed = self._pack(layer, codes)
+        del codes
         if self.kernel_cls is None:
-            if not fmt.grid_weights:   # dequantized in fp32 from the stored steps, as `convert --to bf16`
-                layer.register_parameter("weight", ModelWeightParameter(
-                    data=dequantize(codes, steps, g.group, self.act_dtype), input_dim=1, output_dim=0,
-                    weight_loader=_no_reload))
-            return self._finish_unquantized(layer)   # grid formats: the verified weight, as loaded
-        self._attach_kernel(layer, codes, steps)
+            layer.register_parameter("weight", ModelWeightParameter(
+                data=self._dequantized(layer, packed, steps), input_dim=1, output_dim=0,
+                weight_loader=_no_reload))
+            return self._finish_unquantized(layer)
+        self._attach_kernel(layer, packed, steps)
         self._finish(layer)
 
-    def _attach_kernel(self, layer, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        """Pack codes (out, in) as uint4b8/uint8b128 in the compressed-tensors layout and hand the
-        layer to the chosen kernel (and, where this GPU's table says so, a second copy to a small-M kernel).
-        Scales: fp32 steps cast once to the activation dtype."""
+    def _pack(self, layer, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (out, in) as the kernel gets them: uint4b8 / uint8b128 (u = q + 2^(bits-1)) in the
+        compressed-tensors layout (out, in/pf) int32."""
         g = self.geo
         offset = -code_range(self.bits)[0]
         packed = torch.empty(g.out_pp, g.in_pp // pack_factor(self.bits), dtype=torch.int32,
                              device=codes.device)
         for _, _, r0, r1 in self._chunks(layer):
             packed[r0:r1] = pack_int32(codes[r0:r1].to(torch.int32) + offset, self.bits, dim=1)
-        del codes
+        return packed
+
+    def _dequantized(self, layer, packed: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The fallback's weight (out, in) in the activation dtype, read from a kernel's inputs as
+        the kernel reads them: vLLM's unpack of the weight type's fields minus its zero point (bias),
+        times the fp32 step of each group of the kernel's group size (-1: the whole row); chunked."""
+        cfg, g = self.mp_config, self.geo
+        group = g.in_pp if cfg.group_size == -1 else cfg.group_size
+        if steps.shape[1] * group != g.in_pp:
+            raise GraceFormatError(f"grace_qat: layer {layer.prefix}: {steps.shape[1]} steps per row do not "
+                                   f"cover {g.in_pp} inputs in groups of {cfg.group_size}")
+        weight = torch.empty(g.out_pp, g.in_pp, dtype=self.act_dtype, device=packed.device)
+        for _, _, r0, r1 in self._chunks(layer):
+            u = unpack_quantized_values_into_int32(packed[r0:r1], cfg.weight_type, packed_dim=1)
+            q = (u - cfg.weight_type.bias).to(torch.float32)
+            weight[r0:r1] = (q * steps[r0:r1].repeat_interleave(group, dim=1)).to(self.act_dtype)
+        return weight
+
+    def _attach_kernel(self, layer, packed: torch.Tensor, scales: torch.Tensor) -> None:
+        """Hand the packed codes (see ``_pack``) to the chosen kernel (and, where this GPU's table says
+        so, a second copy to a small-M kernel). Scales: fp32 steps cast once to the activation dtype."""
+        g = self.geo
         scales = scales.to(self.act_dtype).contiguous()
         small = None
         if self.small_m_kernel_cls is not None:

@@ -22,7 +22,7 @@ run() {
 run "vLLM and core" "${GRACE_VENV:-.venv}/bin/python" -m pytest -q -rs -m "not sglang" \
   --ignore=tests/test_sglang_plugin.py --ignore=tests/test_sglang_hub.py "$@"
 SGPY="${GRACE_SGLANG_VENV:-.venv-sglang}/bin/python"
-SGLANG_TESTS=(tests/test_sglang_plugin.py tests/test_sglang_hub.py)
+SGLANG_TESTS=(tests/test_sglang_plugin.py tests/test_sglang_hub.py tests/test_gpu_harness.py)
 GRACE_EXPECT_SGLANG=0.5.23 run "SGLang 0.5.23" "$SGPY" -m pytest -q -rs -m sglang "${SGLANG_TESTS[@]}"
 # the oldest supported SGLang, overlaid on the same venv (scripts/setup-sglang.sh)
 GRACE_EXPECT_SGLANG=0.5.17 PYTHONPATH="${GRACE_SGLANG_OLD_DIR:-.sglang-0.5.17}" \

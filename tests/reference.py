@@ -144,3 +144,62 @@ def cpuwna16_codes(weight_packed: torch.Tensor) -> torch.Tensor:
     inp = two_in // 2
     words = weight_packed.view(blocks, inp, 2).permute(1, 0, 2).reshape(inp, blocks * 2)
     return (unpack_bits(words, 4, dim=1) - 8).t().contiguous()
+
+
+# -- standard checkpoints written from the files, for stock engines --------------------------------
+
+def quantized_modules(path: str, fmt: str, files: dict | None = None) -> list[str]:
+    """The quantized linears of a GRACE checkpoint, named by the tensors that only they have."""
+    files = tensors(path) if files is None else files
+    if fmt == "awq":
+        return sorted(k[: -len(".qweight")] for k in files if k.endswith(".qweight"))
+    keys = sidecar(path) if fmt == "qat-sidecar" else files
+    return sorted(k[: -len(".log_scale")] for k in keys if k.endswith(".log_scale"))
+
+
+def write_standard(src: str, dst: str, fmt: str, bits: int, to: str) -> str:
+    """A checkpoint stock engines load without any plugin, written here from ``src``'s files:
+    ``to="bf16"``: every quantized linear's weight W as the format defines it (bf16, the other
+    tensors as they are); ``to="gptq"``: GPTQ v1 (sym, desc_act false) with the files' codes,
+    qzeros 2^(bits-1) - 1, and the steps as scales (format A's fp32 steps rounded to bf16, AWQ's fp16
+    scales as stored). Tokenizer and processor files are copied; the GRACE side files are not."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    files = tensors(src)
+    side = sidecar(src) if fmt == "qat-sidecar" else None
+    modules = quantized_modules(src, fmt, files)
+    out = {k: v for k, v in files.items() if not k.endswith((".log_scale", ".qweight", ".qzeros", ".scales"))}
+    for name in modules:
+        m = module(src, name, fmt, bits, files=files, side=side)
+        out.pop(name + ".weight", None)
+        if to == "bf16":
+            out[name + ".weight"] = m["weight"]
+            continue
+        assert to == "gptq", to
+        out_f, in_f = m["codes"].shape
+        groups = m["steps"].shape[1]
+        out[name + ".qweight"] = gptq_qweight(m["codes"], bits)
+        out[name + ".qzeros"] = pack_bits(torch.full((groups, out_f), (1 << (bits - 1)) - 1), bits, dim=1)
+        stored = files[name + ".scales"].dtype if fmt == "awq" else torch.bfloat16
+        out[name + ".scales"] = m["steps"].t().to(stored).contiguous()
+        out[name + ".g_idx"] = (torch.arange(in_f) // (in_f // groups)).to(torch.int32)
+    os.makedirs(dst)
+    skip = {"config.json", "model.safetensors.index.json", SIDECAR, "awq_quantized_modules.json"}
+    for f in os.listdir(src):
+        if f not in skip and not f.endswith(".safetensors") and os.path.isfile(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(dst, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    config.pop("awq_packing", None)
+    if to == "gptq":
+        config["quantization_config"] = {
+            "quant_method": "gptq", "bits": bits, "group_size": GROUP, "sym": True, "desc_act": False,
+            "lm_head": False, "checkpoint_format": "gptq", "modules_in_block_to_quantize": modules}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return dst

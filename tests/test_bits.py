@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from requires import require
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -159,7 +160,7 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0", "VLLM_NO
 
 @pytest.mark.engine
 def test_vllm_refuses_w4_with_first_module_at_code_9(w4, tmp_path):
-    pytest.importorskip("vllm")
+    require("vllm")
     cases = [("first", _broken(w4, "qat-sidecar", FIRST, tmp_path)),
              ("later", _broken(w4, "qat-sidecar", LATER, tmp_path))]
     script = tmp_path / "engine_bits.py"

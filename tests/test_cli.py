@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from requires import require
 import torch
 
 from grace_qat import fixtures
@@ -54,7 +55,7 @@ def test_convert_cli_writes_loadable_gptq(tmp_path, ckpt):
     """The export is loaded by stock vLLM's own GPTQ method (config from its quantization_config,
     every quantized module's tensors through vLLM's weight loaders) and unpacked with vLLM's own
     helper: the codes are the source checkpoint's (plain-code reference), scales its bf16(steps)."""
-    pytest.importorskip("vllm")
+    require("vllm")
     import reference
     from unittest import mock
 
@@ -92,6 +93,22 @@ def test_convert_cli_writes_loadable_gptq(tmp_path, ckpt):
             assert torch.equal(layer.scales.data, ref["steps"].t().to(torch.bfloat16)), f"{name}: scales"
             zeros = unpack_quantized_values_into_int32(layer.qzeros.data, scalar_types.uint4b8, packed_dim=1)
             assert bool((zeros == 7).all()), f"{name}: GPTQ v1 zero points (8 - 1)"
+
+
+def test_convert_cli_refuses_an_existing_output_unless_force(tmp_path, ckpt):
+    """`convert` never overwrites by accident; `--force` on the command line replaces the output
+    (its old files gone, the new export complete)."""
+    out = tmp_path / "g"
+    assert run("convert", ckpt, str(out), "--to", "bf16").returncode == 0
+    (out / "old-file").write_text("from an earlier run")
+    r = run("convert", ckpt, str(out), "--to", "gptq")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--force" in r.stderr, r.stderr
+    assert (out / "old-file").exists()
+    assert "quantization_config" not in json.load(open(out / "config.json"))    # still the bf16 export
+    r = run("convert", ckpt, str(out), "--to", "gptq", "--force")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "old-file").exists()
+    assert json.load(open(out / "config.json"))["quantization_config"]["quant_method"] == "gptq"
 
 
 def test_fixture_cli(tmp_path):

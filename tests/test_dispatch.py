@@ -241,7 +241,7 @@ def test_compiled_graphs_of_two_layers_are_the_same_graph(dispatch):
 def test_op_routes_small_m_to_the_triton_kernel_on_the_plain_packing(dispatch):
     """The second copy is the compressed-tensors packing, unchanged, run by TritonWNA16Kernel for
     M <= max_m (checked against a dequantized reference written here); the large kernel above."""
-    pytest.importorskip("triton")
+    require("triton")
     if torch.cuda.is_available():
         pytest.skip("CPU tensors: the kernel on CUDA is covered by tests/test_small_m_kernel.py (gpu)")
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -75,8 +75,14 @@ def test_qwen_config_and_layout(qwen_dirs):
             assert meta["bits"] == 4 and meta["group_size"] == 128 and set(meta["modules"]) == QWEN_MODULES
         assert os.path.exists(os.path.join(d, "qat_quantized_weights.bin")) == (fmt == "qat-sidecar")
         t = _tensors(d)
-        assert "lm_head.weight" not in t and cfg["tie_word_embeddings"] is True
+        # tiny: an untied head, row perm[i] along token i's embedding (greedy output walks perm's cycles)
+        assert cfg["tie_word_embeddings"] is False and cfg["text_config"]["tie_word_embeddings"] is False
         vocab = cfg["text_config"]["vocab_size"]
+        emb, head = t["model.language_model.embed_tokens.weight"].float(), t["lm_head.weight"].float()
+        assert head.shape == emb.shape
+        cos = torch.nn.functional.normalize(head, dim=1) @ torch.nn.functional.normalize(emb, dim=1).t()
+        best = cos.max(dim=1)
+        assert bool((best.values > 0.99).all()) and len(set(best.indices.tolist())) == vocab
         assert t["model.language_model.embed_tokens.weight"].shape == (vocab, cfg["text_config"]["hidden_size"])
         assert any(k.startswith("model.visual.deepstack_merger_list.") for k in t)
         assert "model.visual.patch_embed.proj.weight" in t and "model.visual.merger.linear_fc2.weight" in t

@@ -24,7 +24,14 @@ import serve_check  # noqa: E402
 import sglang_serve_check  # noqa: E402
 import vllm_bench  # noqa: E402
 
-SGLANG_SITE = ROOT.parent / "main" / ".venv-sglang" / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+from requires import in_ci, require  # noqa: E402
+
+# The SGLang venv scripts/setup-sglang.sh makes (scripts/test.sh: $GRACE_SGLANG_VENV, else .venv-sglang
+# in this checkout), whatever the checkout's directory is called.
+SGLANG_VENV = Path(os.environ.get("GRACE_SGLANG_VENV") or ROOT / ".venv-sglang")
+if not SGLANG_VENV.is_absolute():
+    SGLANG_VENV = ROOT / SGLANG_VENV
+SGLANG_SITE = next(iter(sorted(SGLANG_VENV.glob("lib/python3*/site-packages"))), SGLANG_VENV / "lib" / "site-packages")
 
 
 def _run_sh(*args, cwd=None, timeout=120, **env):
@@ -72,11 +79,15 @@ def test_forced_bundle_is_waited_for_even_with_an_installed_engine(tmp_path):
     assert r.returncode == 1 and "no bundle" in r.stdout
 
 
-@pytest.mark.skipif(not (SGLANG_SITE / "sglang").is_dir(), reason=f"no SGLang install at {SGLANG_SITE}")
 def test_unpacked_bundle_wins(tmp_path):
-    """A bundle is a --target install plus its marker: the SGLang venv's site-packages is one."""
+    """A bundle is a --target install plus its marker: the SGLang venv's site-packages is one (in
+    CI, where scripts/test.sh made that venv, a missing one fails instead of skipping)."""
     if _engine_of_this_python() == "sglang":
         pytest.skip("this Python has SGLang installed itself")
+    if not (SGLANG_SITE / "sglang").is_dir():
+        if in_ci():
+            pytest.fail(f"no SGLang install at {SGLANG_SITE} (set GRACE_SGLANG_VENV)")
+        pytest.skip(f"no SGLang install at {SGLANG_SITE} (set GRACE_SGLANG_VENV)")
     sites = tmp_path / "sites"
     sites.mkdir()
     (sites / "site-sglang").symlink_to(SGLANG_SITE)
@@ -252,7 +263,8 @@ def test_sglang_kernel_is_read_from_the_plugins_own_log_line():
 
 @pytest.mark.sglang
 def test_sglang_vision_attention_is_a_server_argument_this_sglang_accepts(monkeypatch):
-    pytest.importorskip("sglang")
+    """Runs in the SGLang venv (scripts/test.sh's SGLang runs include this file)."""
+    require("sglang")
     import argparse
 
     from sglang.srt.server_args import ServerArgs

@@ -111,6 +111,32 @@ def test_against_refuses_a_changed_code(dirs, tmp_path, to, leaf):
     assert M in r.stderr and "1 codes differ" in r.stderr, r.stderr
 
 
+def test_against_checks_every_module(dirs, tmp_path, capsys):
+    """One code changed in one module at a time, for every quantized module of the export (listed
+    from its files, first to last): each change fails `inspect --against` naming that module, so a
+    comparison that skips a module cannot print "codes equal bit for bit"."""
+    from grace_qat import cli
+    d = tmp_path / "gptq"
+    shutil.copytree(dirs["gptq"], d)
+    (st,) = [f for f in os.listdir(d) if f.endswith(".safetensors")]
+    original = load_file(str(d / st))
+    modules = sorted((k[: -len(".qweight")] for k in original if k.endswith(".qweight")),
+                     key=lambda m: (int(m.split(".layers.")[1].split(".")[0]), m))
+    assert len(modules) == 7 * 4
+    assert cli.main(["inspect", str(d), "--against", dirs["s4"]]) == 0
+    assert f"{len(modules)} modules: codes equal bit for bit" in capsys.readouterr().out
+    try:
+        for m in modules:
+            t = dict(original)
+            t[m + ".qweight"] = _flip_code(original[m + ".qweight"].clone())
+            save_file(t, str(d / st), metadata={"format": "pt"})
+            assert cli.main(["inspect", str(d), "--against", dirs["s4"]]) == 2, m
+            err = capsys.readouterr().err
+            assert f"{m}: 1 codes differ" in err, (m, err)
+    finally:
+        save_file(original, str(d / st), metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("to,leaf", [("gptq", "scales"), ("compressed-tensors", "weight_scale")])
 def test_against_refuses_a_changed_scale(dirs, tmp_path, to, leaf):
     d, st = _edit(dirs[to], tmp_path, f"{M}.{leaf}", _next_up)

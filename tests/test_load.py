@@ -2,13 +2,14 @@
 loopback only) under concurrent load, with clients that go away and images that are not images.
 
 One server for the whole file (startup dominates: about a minute on 2 CPU cores):
-  1. a greedy image+text request before the load (the reference answer);
+  1. a greedy image+text request before the load (its answer is the baseline for step 3: a check of
+     consistency under load, not of correctness, which tests/test_vllm_plugin.py checks);
   2. 24 requests, 8 at a time: 14 ordinary image+text chats, 3 streaming chats the client abandons
      after the first chunk, 3 non-streaming chats whose client gives up (closes the socket) while the
      server is still generating, and 4 with malformed images (invalid base64, a truncated PNG, a
      non-image data URL, an image URL with a bad scheme), which must get a 4xx answer;
   3. afterwards: the server is healthy, holds no running or waiting request (the abandoned ones were
-     aborted, not left generating), and answers the reference request with the same greedy tokens.
+     aborted, not left generating), and answers the baseline request with the same greedy tokens.
 
 Numbers (requests served, errors, p50/p99 latency, ...) go to ``load_metrics.json`` in the test's tmp
 dir (and ``$GRACE_LOAD_OUT`` if set), to stdout (``pytest -s``) and to the JUnit report.
@@ -256,7 +257,7 @@ def test_server_under_load(server, tmp_path, record_property):
         "server_startup_s": server.startup_s,
         "after_load": {"running": running, "waiting": waiting, "same_greedy_answer": after_text == ref_text
                        and after_ids == ref_ids},
-        "reference": {"text": ref_text, "token_ids": ref_ids},
+        "before_load": {"text": ref_text, "token_ids": ref_ids},
         "server_errors_in_log": len(re.findall(r"Traceback|ERROR", log)),
     }
     path = tmp_path / "load_metrics.json"

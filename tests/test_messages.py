@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from requires import require
 import torch
 
 from grace_qat.checkpoint import GraceCheckpoint, load_sidecar
@@ -72,7 +73,7 @@ def test_fixture_awq_8_bit_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_demo_help_prints_the_demos_help():
-    pytest.importorskip("vllm")
+    require("vllm")
     r = run("demo", "--help")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: grace-qat demo") and "--question" in r.stdout, r.stdout

@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = shutil.ignore_patterns(".git", ".venv*", ".sglang-*", "__pycache__", "build", "dist", "*.egg-info",
-                              ".pytest_cache", ".hypothesis", ".devbundle", ".whl", ".gpu", "*.safetensors")
+                              ".pytest_cache", ".hypothesis", ".devbundle*", ".whl", ".gpu", "*.safetensors")
 CHECK = r"""
 import importlib.metadata as m, json, os
 import grace_qat, grace_vllm, grace_sglang
@@ -29,7 +29,8 @@ print(json.dumps({
     "vllm": [e.value for e in eps.select(group="vllm.general_plugins", name="grace_qat")],
     "sglang": [e.value for e in eps.select(group="sglang.srt.plugins", name="grace_qat")],
     "version": m.version("grace-qat"),
-    "data": sorted(f for f in os.listdir(os.path.dirname(grace_vllm.__file__)) if f.endswith(".json"))
+    "data": sorted(f for f in os.listdir(os.path.join(os.path.dirname(grace_qat.__file__), "kernels"))
+                   if f.endswith(".json"))
             + sorted(f for f in os.listdir(os.path.dirname(grace_qat.__file__)) if f.endswith(".jinja")),
     "where": os.path.dirname(os.path.dirname(grace_qat.__file__)),
 }))
@@ -70,7 +71,7 @@ def test_wheel_installs_in_a_clean_venv_and_registers_both_plugins(dist):
     assert got["where"].startswith(str(venv)), got["where"]         # the installed copy, not the checkout
     assert got["scripts"] == ["grace_qat.cli:main"] and got["vllm"] == ["grace_vllm:register"], got
     assert got["sglang"] == ["grace_sglang:register"] and got["version"] == version, got
-    assert got["data"] == ["kernel_crossover.json", "kernel_table_h200.json", "llava_vicuna_v1.jinja"], got
+    assert got["data"] == ["table-h100-vllm0.26.0.json", "table-h200-vllm0.26.0.json", "llava_vicuna_v1.jinja"], got
     # the console script runs (without torch: the engines' venvs bring it)
     r = subprocess.run([str(venv / "bin" / "grace-qat"), "--version"], capture_output=True, text=True, env=env,
                        timeout=300)

@@ -5,8 +5,12 @@ import torch
 
 from grace_qat.errors import GraceFormatError
 from requires import require
-from grace_qat.packing import (AWQ_ORDER, pack_awq, pack_compressed_tensors, pack_gptq, unpack_awq,
+from grace_qat.packing import (pack_awq, pack_compressed_tensors, pack_gptq, unpack_awq,
                                unpack_compressed_tensors, unpack_gptq)
+
+# AutoAWQ GEMM, written out from the format description (not imported from the code under test):
+# nibble k (bits 4k..4k+3) of packed column c holds output channel c*8 + AWQ_CHANNEL_OF_NIBBLE[k].
+AWQ_CHANNEL_OF_NIBBLE = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def _codes(bits, out_f=16, in_f=256, seed=0):
@@ -44,9 +48,17 @@ def test_awq_layout_interleave_bit_by_bit():
         for c in range(4):
             word = _u32(t["qweight"][i, c])
             for k in range(8):
-                assert (word >> (4 * k)) & 0xF == codes[c * 8 + AWQ_ORDER[k], i] + 8
+                assert (word >> (4 * k)) & 0xF == codes[c * 8 + AWQ_CHANNEL_OF_NIBBLE[k], i] + 8
     assert _u32(t["qzeros"][0, 0]) == 0x88888888
     back, _ = unpack_awq(t["qweight"], t["qzeros"], t["scales"])
+    assert torch.equal(back, codes.to(torch.int32))
+    # and the other way: words built here nibble by nibble unpack to the channels the layout names
+    qweight = torch.zeros(256, 4, dtype=torch.int64)
+    for c in range(4):
+        for k in range(8):
+            qweight[:, c] |= (codes[c * 8 + AWQ_CHANNEL_OF_NIBBLE[k], :].to(torch.int64) + 8) << (4 * k)
+    qweight = torch.where(qweight >= 2 ** 31, qweight - 2 ** 32, qweight).to(torch.int32)
+    back, _ = unpack_awq(qweight, t["qzeros"], t["scales"])
     assert torch.equal(back, codes.to(torch.int32))
 
 

@@ -133,8 +133,9 @@ def _suite_imports() -> set[str]:
                 found |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip"
-                  and node.args and isinstance(node.args[0], ast.Constant)):
+            elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                  and (getattr(node.func, "attr", None) == "importorskip"
+                       or getattr(node.func, "id", None) == "require")):      # tests/requires.py
                 found.add(str(node.args[0].value).split(".")[0])
     local = {p.stem for d in ("tests", "tests/gpu", "benchmarks") for p in (ROOT / d).glob("*.py")} | {"grace_qat", "grace_vllm", "grace_sglang", "tests"}
     return {m for m in found if m not in sys.stdlib_module_names and m not in local}

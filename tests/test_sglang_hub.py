@@ -13,11 +13,12 @@ import subprocess
 import sys
 
 import pytest
+from requires import require
 
 pytestmark = pytest.mark.sglang
 
-pytest.importorskip("sglang", reason="SGLang is not installed in this environment (tests for "
-                                     "grace_sglang need the .venv-sglang environment)")
+require("sglang", reason="SGLang is not installed in this environment (tests for "
+                          "grace_sglang need the .venv-sglang environment)")
 
 from hub_cache import add_to_hub_cache  # noqa: E402
 

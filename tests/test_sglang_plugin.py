@@ -10,7 +10,7 @@ QKV / merged-column / row-parallel layers sharding the BF16 weight and the per-g
 TP 1, 2 and 4 (ranks simulated the way each SGLang version lets layers be built), and the GPTQ
 tensors handed to the Marlin kernel; a whole tiny Qwen3-VL built by SGLang on CPU with a real
 (gloo, world size 1) parallel state, loaded through SGLang's weight loader, compared layer by layer
-with stock SGLang GPTQ-Marlin on the ``grace-qat convert --to gptq`` copy.
+with stock SGLang GPTQ-Marlin on a GPTQ checkpoint tests/reference.py writes from the same files.
 
 Not covered (needs a CUDA GPU, see tests/gpu/sglang_serve_check.py): the Marlin repack and GEMM
 (SGLang compiles them with nvcc at first use and they only run on CUDA), serving, and outputs.
@@ -49,7 +49,9 @@ FORMATS_A = ["qat-sidecar", "qat-inline", "qat-grid"]
 
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
-    """Tiny Qwen3-VL GRACE checkpoints: every format, plus an 8-bit one and GPTQ exports."""
+    """Tiny Qwen3-VL GRACE checkpoints: every format, plus an 8-bit one; `convert --to gptq` exports
+    ("export:", tested against the files on their own) and, as stock SGLang's input, GPTQ checkpoints
+    tests/reference.py writes from the files ("gptq:", plain code, nothing from grace_qat)."""
     from grace_qat.convert import convert
     from grace_qat.fixtures import write_llava, write_qwen3vl
 
@@ -60,13 +62,15 @@ def ckpts(tmp_path_factory):
     out["w8"] = write_qwen3vl(str(base / "w8"), fmt="qat-sidecar", bits=8, seed=1)
     # format A whose safetensors still hold the log-steps next to the sidecar (issue 27)
     out["sidecar-spare"] = with_inline_log_scales(out["qat-sidecar"], str(base / "sidecar-spare"))
-    for fmt in FORMATS_A + ["w8"]:          # each format's own GPTQ export (stock SGLang's input)
-        out["gptq:" + fmt] = str(base / ("gptq-" + fmt))
-        convert(out[fmt], out["gptq:" + fmt], to="gptq")
+    for fmt in FORMATS_A + ["w8"]:          # each format's own GPTQ export
+        out["export:" + fmt] = str(base / ("export-" + fmt))
+        convert(out[fmt], out["export:" + fmt], to="gptq")
     out["llava-sidecar"] = write_llava(str(base / "llava-sidecar"), fmt="qat-sidecar", bits=4, seed=2)
     out["llava-awq"] = write_llava(str(base / "llava-awq"), fmt="awq", seed=3)
-    out["gptq:llava-sidecar"] = str(base / "gptq-llava-sidecar")
-    convert(out["llava-sidecar"], out["gptq:llava-sidecar"], to="gptq")
+    # qat-grid stores no steps: its steps are derived, so no reference GPTQ checkpoint can hold them
+    for key, fmt, bits in (("qat-sidecar", "qat-sidecar", 4), ("qat-inline", "qat-inline", 4),
+                           ("w8", "qat-sidecar", 8), ("llava-sidecar", "qat-sidecar", 4)):
+        out["gptq:" + key] = reference.write_standard(out[key], str(base / ("gptq-" + key)), fmt, bits, "gptq")
     out["declared"] = str(base / "declared")
     convert(out["qat-sidecar"], out["declared"], to="grace_qat")
     return out
@@ -423,13 +427,13 @@ def test_layers_shard_weights_and_steps(plugins_loaded, ckpts, fmt, tp, rank):
 
 @pytest.mark.parametrize("fmt", FORMATS_A + ["w8"])
 def test_gptq_exports_hold_the_source_codes(ckpts, fmt):
-    """The "stock GPTQ" comparisons feed SGLang exports that grace_qat's own packer wrote: anchor
-    them on the files, decoded by plain code (qat-grid: codes of the same weights' sidecar fixture,
-    steps within bf16 rounding of the learned ones)."""
+    """`grace-qat convert --to gptq` (what a user feeds stock SGLang), decoded by plain code, holds
+    the files' codes and steps (qat-grid: codes of the same weights' sidecar fixture, steps within
+    bf16 rounding of the learned ones)."""
     bits = 8 if fmt == "w8" else 4
     src = ckpts["qat-sidecar" if fmt == "qat-grid" else fmt]
     src_fmt = "qat-sidecar" if fmt in ("qat-grid", "w8") else fmt
-    out = reference.tensors(ckpts["gptq:" + fmt])
+    out = reference.tensors(ckpts["export:" + fmt])
     files = reference.tensors(src)
     side = reference.sidecar(src) if src_fmt == "qat-sidecar" else None
     names = sorted(k[:-len(".qweight")] for k in out if k.endswith(".qweight"))
@@ -629,14 +633,15 @@ def test_awq_delegates_to_awq_marlin(plugins_loaded, ckpts, monkeypatch, tp, ran
 def test_full_model_load_matches_stock_gptq(plugins_loaded, ckpts, tmp_path):
     """Qwen3-VL built by SGLang with a real gloo parallel state (world size 1), loaded by SGLang's
     weight loader from each format, packed by the plugin, and compared with stock SGLang GPTQ-Marlin
-    loading the ``convert --to gptq`` copy (same per-layer qweight/scales before the Marlin repack).
+    loading the GPTQ checkpoint tests/reference.py wrote from the same files (same per-layer
+    qweight/scales before the Marlin repack; qat-grid, whose steps are derived, has none).
 
     Runs in a subprocess: it initialises torch.distributed and stubs vllm's rotary op (SGLang imports
     it on non-CUDA machines), neither of which may leak into this test process.
     """
     spec = {"formats": {f: ckpts[f] for f in FORMATS_A + ["w8", "awq", "declared", "llava-sidecar",
                                                           "llava-awq"]},
-            "gptq": {f: ckpts["gptq:" + f] for f in FORMATS_A + ["w8", "llava-sidecar"]},
+            "gptq": {f: ckpts["gptq:" + f] for f in ["qat-sidecar", "qat-inline", "w8", "llava-sidecar"]},
             "grid": ckpts["qat-grid"], "out": str(tmp_path / "result.json")}
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))

@@ -3,7 +3,13 @@
 On a machine without a GPU these run under Triton's interpreter (TRITON_INTERPRET=1 is set below
 before Triton is imported), on small shapes; the `gpu` tests run the compiled kernel on CUDA,
 including CUDA-graph capture and torch.compile. The reference packs and dequantizes with plain
-torch (nothing from grace_qat), so a layout mistake in the kernel cannot cancel out."""
+torch (nothing from grace_qat), so a layout mistake in the kernel cannot cancel out.
+
+Exact, no tolerance: the steps are powers of two and the inputs integers in [-1, 1] (bias: eighths),
+so every product and partial sum the kernel forms in fp32 is exact (|sum| <= K * 128 / 4 < 2^24
+sixteenths for K <= 11008) and the output must be the float64 result rounded once to the output
+dtype. Rounding can still hide one wrong code in a sum, so the codes and steps are also read back
+through the identity (each output element is one code times one step), at the M under test."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +19,7 @@ import pytest
 
 from requires import require
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 require("triton")
@@ -38,9 +44,17 @@ def _case(n: int, k: int, bits: int, group: int, dtype, seed: int):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), generator=g)
     gs = k if group == -1 else group
-    steps = (torch.rand(n, k // gs, generator=g) * 0.02 + 0.002).to(dtype)
+    steps = (2.0 ** -torch.randint(2, 5, (n, k // gs), generator=g)).to(dtype)   # 1/4, 1/8, 1/16
     w_ref = q.double() * steps.double().repeat_interleave(gs, dim=1)        # exact dequantized weight
     return _pack(q + 2 ** (bits - 1), bits), steps, w_ref
+
+
+def _inputs(m: int, k: int, n: int, dtype, seed: int):
+    """Integer activations in [-1, 1] and a bias in eighths: exact in bf16/fp16 and in every fp32 sum."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-1, 2, (m, k), generator=g).to(dtype)
+    b = (torch.randint(-16, 17, (n,), generator=g) / 8).to(dtype)
+    return x, b
 
 
 INTERPRETER_BF16_DOT = ("Triton's CPU interpreter gets bf16 tl.dot wrong (off by ~1e10 on a plain "
@@ -52,22 +66,40 @@ def _check(m, n, k, bits, group, dtype, bias=False, config=None, seed=0):
     if not CUDA and dtype == torch.bfloat16 and config is not None and config.use_dot:
         pytest.skip(INTERPRETER_BF16_DOT)
     packed, steps, w_ref = _case(n, k, bits, group, dtype, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    b = (torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None
+    x, b = _inputs(m, k, n, dtype, seed + 1)
+    b = b if bias else None
     ref = x.double() @ w_ref.t() + (b.double() if bias else 0)
+    assert ref.abs().max() < 2 ** 15                  # fp16's range, far from it
     y = kern.wna16_mm(x.to(DEVICE), packed.to(DEVICE), steps.to(DEVICE), bits, group,
                       None if b is None else b.to(DEVICE), config=config)
     assert y.shape == (m, n) and y.dtype == dtype
-    y = y.double().cpu()
-    assert torch.isfinite(y).all()
-    # fp32 accumulation differs from the float64 reference by ~1e-6; the output's own rounding to
-    # bf16/fp16 dominates: each element within 1.5 ulp of its dtype at the reference's magnitude.
-    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-    tol = 1.5 * ulp * ref.abs() + 1e-6 * ref.abs().max()
-    bad = (y - ref).abs() > tol
-    assert not bad.any(), f"{int(bad.sum())} elements off, max err {(y - ref).abs().max():.3g}"
+    y = y.cpu()
+    bad = y != ref.to(dtype)                          # exact sums, one rounding to the output dtype
+    if not CUDA and dtype == torch.bfloat16:
+        bad &= y != _truncated_bf16(ref)
+    assert not bad.any(), f"{int(bad.sum())} elements off, max err {(y.double() - ref).abs().max():.3g}"
+    _check_codes(m, n, k, bits, group, dtype, config=config, seed=seed)
     return y
+
+
+def _truncated_bf16(ref: torch.Tensor) -> torch.Tensor:
+    """ref (exact in fp32 here) cut to bf16 toward zero: Triton's CPU interpreter casts fp32 to bf16
+    by dropping the low 16 bits instead of rounding to nearest (the compiled kernel rounds)."""
+    bits = ref.to(torch.float32).view(torch.int32) & ~0xFFFF
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def _check_codes(m, n, k, bits, group, dtype, config=None, seed=0):
+    """Every code and step, exactly: the kernel run on the identity, m rows at a time (as many
+    rows per call as the M under test), gives bf16/fp16(code * step) for each weight."""
+    from grace_qat.kernels import triton_wna16 as kern
+    packed, steps, w_ref = _case(n, k, bits, group, dtype, seed)
+    packed, steps = packed.to(DEVICE), steps.to(DEVICE)
+    eye = torch.eye(k, dtype=dtype, device=DEVICE)
+    y = torch.cat([kern.wna16_mm(eye[i:i + m], packed, steps, bits, group, config=config)
+                   for i in range(0, k, m)]).cpu()
+    bad = y != w_ref.t().to(dtype)
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} weights read back wrong, first at {bad.nonzero()[0].tolist()}"
 
 
 def _cfg(**kw):
@@ -108,12 +140,12 @@ def test_whole_row_group_and_k_not_multiple_of_128():
 def test_heuristic_choice_runs_and_leading_dims_are_kept():
     from grace_qat.kernels import triton_wna16 as kern
     packed, steps, w_ref = _case(16, 128, 4, 128, torch.bfloat16, 3)
-    x = torch.randn(2, 3, 128).to(torch.float16)          # M = 6: the tensor-core path
+    x = _inputs(6, 128, 16, torch.float16, 4)[0].reshape(2, 3, 128)   # M = 6: the tensor-core path
     assert kern.choose(6, 16, 128, 4, 128).use_dot
     y = kern.wna16_mm(x.to(DEVICE), packed.to(DEVICE), steps.to(DEVICE).half(), 4, 128)
     assert y.shape == (2, 3, 16)
     ref = x.double().reshape(6, 128) @ w_ref.t()
-    assert torch.allclose(y.double().cpu().reshape(6, 16), ref, rtol=2 ** -9, atol=1e-3)
+    assert torch.equal(y.cpu().reshape(6, 16), ref.to(torch.float16))
 
 
 def test_rejects_what_it_cannot_run():
@@ -176,19 +208,26 @@ def test_gpu_cuda_graph_and_torch_compile_without_recompiles():
     counters.clear()
     f = torch.compile(lambda x: torch.ops.grace_qat_test.mm(x, packed, steps) * 2, fullgraph=True,
                       dynamic=True)
+    eye = torch.eye(2048, device="cuda", dtype=torch.bfloat16)
+    codes = (w_ref.t() * 2).to(torch.bfloat16)       # exact: steps are powers of two
     for m in (1, 3, 8, 32):
-        x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
-        want = (x.double().cpu() @ w_ref.t()) * 2
-        assert torch.allclose(f(x).double().cpu(), want, rtol=2 ** -6, atol=1e-2)
+        x = _inputs(m, 2048, 4096, torch.bfloat16, m)[0].cuda()
+        want = ((x.double().cpu() @ w_ref.t()) * 2).to(torch.bfloat16)     # one rounding, then exact x2
+        assert torch.equal(f(x).cpu(), want)
         xs = x.clone()
         graph = torch.cuda.CUDAGraph()
         f(xs)
         with torch.cuda.graph(graph):
             out = f(xs)
-        xs.copy_(torch.randn_like(xs))
+        for i in range(0, 2048, m):                  # the captured graph, replayed on the identity
+            xs.copy_(eye[i:i + m] if i + m <= 2048 else torch.cat([eye[i:], eye[:i + m - 2048]]))
+            graph.replay()
+            rows = min(m, 2048 - i)
+            assert torch.equal(out[:rows].cpu(), codes[i:i + rows]), f"M={m}: rows {i}..{i + rows - 1}"
+        xs.copy_(_inputs(m, 2048, 4096, torch.bfloat16, 100 + m)[0].cuda())
         graph.replay()
-        want = (xs.double().cpu() @ w_ref.t()) * 2
-        assert torch.allclose(out.double().cpu(), want, rtol=2 ** -6, atol=1e-2)
+        want = ((xs.double().cpu() @ w_ref.t()) * 2).to(torch.bfloat16)
+        assert torch.equal(out.cpu(), want)
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])   # M=1 may specialise once
 
 

@@ -8,15 +8,18 @@ Three levels:
     size 1, 2 and 4 (each rank built in turn): the codes and steps handed to the kernel, the outputs,
     the error paths (off-grid weights, bad AWQ zero points, groups split by tensor parallelism);
   * whole engines (marked ``engine``): one subprocess runs vLLM in-process (``uni`` executor, so one
-    import for all engines) on the tiny Qwen3-VL fixtures in each format and on the stock-format exports
-    of the same weights (``grace-qat convert``), greedy image+text generation compared token by token;
-    and ``vllm serve`` (real multi-process engine) answering an image chat over HTTP.
+    import for all engines) on the tiny Qwen3-VL fixtures in each format and, as references, stock
+    vLLM without the plugin on BF16 and GPTQ checkpoints that tests/reference.py writes from the same
+    files with plain code (never an export of grace_qat's own): greedy image+text generation compared
+    token by token and logprob by logprob at every position; and ``vllm serve`` (real multi-process
+    engine) answering an image chat over HTTP.
 
 What "equal" means depends on whether vLLM has an int4 kernel here. On CPUs whose vLLM build has
 ``cpu_gemm_wna16`` (AVX-512) the 4-bit layers run CPUWNA16, and grace_qat must give exactly the output
-of stock vLLM on the GPTQ export (same kernel, same packed codes, same scales), and close to the BF16
-export. Without it (AVX2-only x86, like the development machine) and for 8-bit on CPU, grace_qat runs
-the exact dequantized weights, and its output must equal stock vLLM on the BF16 export exactly.
+of stock vLLM on the reference GPTQ checkpoint (same kernel, same codes, same scales), and close to
+the reference BF16 one. Without it (AVX2-only x86) and for 8-bit on CPU, grace_qat runs vLLM's
+unquantized GEMM on the weights it dequantizes from the codes and steps it recovered, and its output
+must equal stock vLLM on the reference BF16 checkpoint exactly.
 
 The file doubles as the engine runner: ``python tests/test_vllm_plugin.py JOB.json OUT.json``.
 """
@@ -71,7 +74,8 @@ N_LM_LAYERS = 4                                   # tiny Qwen3-VL: 4 decoder lay
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
           "<|im_start|>assistant\n")
 QUESTIONS = ("Describe this image.", "What colour is the square in the picture?")
-MAX_TOKENS = 16
+MAX_TOKENS = 24
+MIN_DISTINCT_TOKENS = 8     # of MAX_TOKENS greedy tokens per request (the tiny fixtures' chained head)
 ENGINE_MARK = "=== grace_vllm test engine: "
 ENGINE_TIMEOUT_S = 1500
 SERVER_START_TIMEOUT_S = 300
@@ -89,7 +93,10 @@ def _vllm_or_skip():
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory, tiny_checkpoint):
-    """Tiny Qwen3-VL GRACE checkpoints (W4 sidecar / inline / AWQ, W8 sidecar) and their exports."""
+    """Tiny Qwen3-VL GRACE checkpoints (W4 sidecar / inline / grid / AWQ, W8 sidecar), the
+    grace_qat-declaring copy `convert --to grace_qat` writes, and the references stock vLLM serves:
+    BF16 and GPTQ checkpoints written by tests/reference.py from the GRACE files (plain code,
+    nothing from grace_qat, so the plugin is never compared with its own exporter)."""
     _vllm_or_skip()
     from grace_qat.convert import convert
 
@@ -100,11 +107,14 @@ def ckpts(tmp_path_factory, tiny_checkpoint):
         d[key] = tiny_checkpoint(fmt, bits, seed=0)
     # format A whose safetensors still hold the log-steps next to the sidecar (issue 27)
     d["w4_sidecar_spare"] = with_inline_log_scales(d["w4_sidecar"], str(root / "w4_sidecar_spare"))
-    for key, src, to in (("w4_bf16", "w4_sidecar", "bf16"), ("w4_gptq", "w4_sidecar", "gptq"),
-                         ("awq_bf16", "w4_awq", "bf16"), ("awq_gptq", "w4_awq", "gptq"),
-                         ("w8_bf16", "w8_sidecar", "bf16"), ("w4_declared", "w4_sidecar", "grace_qat")):
-        d[key] = str(root / key)
-        convert(d[src], d[key], to=to)
+    for key, src, fmt, bits, to in (("w4_bf16", "w4_sidecar", "qat-sidecar", 4, "bf16"),
+                                    ("w4_gptq", "w4_sidecar", "qat-sidecar", 4, "gptq"),
+                                    ("awq_bf16", "w4_awq", "awq", 4, "bf16"),
+                                    ("awq_gptq", "w4_awq", "awq", 4, "gptq"),
+                                    ("w8_bf16", "w8_sidecar", "qat-sidecar", 8, "bf16")):
+        d[key] = reference.write_standard(d[src], str(root / key), fmt, bits, to)
+    d["w4_declared"] = str(root / "w4_declared")
+    convert(d["w4_sidecar"], d["w4_declared"], to="grace_qat")
     return d
 
 
@@ -292,10 +302,12 @@ def _served_weight(layer, method) -> torch.Tensor:
 
 
 def _assert_served_weight(served, exp, kernel: bool, what: str):
-    """Exact where the weight is defined exactly: with a kernel bf16(code * bf16(step)), without
-    one the stored bf16 weight (format A) or bf16(code * fp16 step) (AWQ). qat-grid with a kernel
-    runs on steps derived from the grid, so there: zeros exact, others within bf16(step) rounding
-    (2^-8 relative; one code off is >= 1/8 relative at 4 bits)."""
+    """Exact where the weight is defined exactly: with a kernel bf16(code * bf16(step)); without
+    one (the fallback rebuilds the weight from the codes and fp32 steps it recovered) the files'
+    W_dq: the stored bf16 weight (format A) or bf16(code * fp16 step) (AWQ). For qat-grid the
+    fallback's derived steps reproduce the tiny fixtures' grid exactly too (recovery only promises
+    one ulp in general). qat-grid with a kernel runs on bf16(derived step), so there: zeros exact,
+    others within bf16(step) rounding (2^-8 relative; one code off is >= 1/8 relative at 4 bits)."""
     if exp["codes"] is None and kernel:
         w = exp["weight"].float()
         assert torch.equal(served == 0, w == 0), f"{what}: zero codes differ"
@@ -402,6 +414,58 @@ def test_layers_on_cpuwna16_kernel_even_without_its_op(ckpts, opened, monkeypatc
         assert torch.equal(codes, _expected_shard(side, name, 0, 1)["codes"]), f"grid {name}: codes"
         assert torch.equal(reference.dequant(codes, steps) == 0, _expected_shard(ckpt, name, 0, 1)["weight"] == 0)
     assert "CPUWNA16LinearKernel" in gl.KERNELS_USED
+
+
+KERNEL_KEYS = ["w4_sidecar", "w4_inline", "w4_grid", "w4_awq", "w8_sidecar"]
+
+
+@pytest.mark.parametrize("key", KERNEL_KEYS)
+def test_kernel_inputs_group_bits_and_zero_point(ckpts, opened, key, monkeypatch):
+    """What every layer hands its kernel, whatever this machine's kernels are (the fallback, forced
+    here, reads exactly these inputs): vLLM's layer description names the group size of the
+    files (tests/reference.py: 128, or the whole row), the bit width and the zero point 2^(bits-1)
+    of the format, with no zero-point tensor; the packed codes, decoded with plain bit arithmetic
+    and that zero point, are the checkpoint's; the weight the layer then computes with is the
+    files' W_dq (bit for bit where the steps are stored)."""
+    import grace_vllm.linear as gl
+    cfg, ckpt = _config(ckpts[key]), opened[key]
+    codes_of = opened["w4_sidecar"] if key == "w4_grid" else ckpt     # same seed, same weights
+    handed = []
+    pack = gl.GraceLinearMethod._pack
+
+    def spy(self, layer, codes):
+        packed = pack(self, layer, codes)
+        handed.append((self.mp_config, packed.clone()))
+        return packed
+
+    monkeypatch.setattr(gl.GraceLinearMethod, "_pack", spy)
+    monkeypatch.setattr(gl, "_missing_kernel_op", lambda kernel: "forced by the test: the exact fallback")
+    bits = ckpt.bits
+    lo, _ = reference.code_limits(bits)
+    for size in (1, 2):
+        for name in _tp_layers(size):
+            for rank in range(size):
+                what = f"{key} {name} rank {rank}/{size}"
+                handed.clear()
+                layer = _build(name, cfg, rank, size)
+                mp = layer.quant_method.mp_config          # the kernel's description, made with the layer
+                group = reference.group_of(layer.input_size)
+                assert mp.group_size == (-1 if group == layer.input_size else group), \
+                    f"{what}: kernel told group size {mp.group_size}, the files have {group}"
+                assert mp.weight_type.size_bits == bits and mp.weight_type.bias == -lo, \
+                    f"{what}: kernel told weight type {mp.weight_type}, the files are {bits}-bit zero point {-lo}"
+                assert mp.zero_points is False, what
+                assert mp.partition_weight_shape == (layer.input_size_per_partition, sum(layer.output_partition_sizes))
+                _load(layer, name, ckpt)
+                with _tensor_parallel(rank, size):
+                    layer.quant_method.process_weights_after_loading(layer)
+                assert layer.quant_method.kernel is None and len(handed) == 1, what
+                assert handed[0][0] is mp, what
+                packed = handed[0][1]
+                codes = reference.unpack_bits(packed, bits, dim=1) + lo
+                assert torch.equal(codes, _expected_shard(codes_of, name, rank, size)["codes"]), f"{what}: codes"
+                exp = _expected_shard(ckpt, name, rank, size)
+                _assert_served_weight(_served_weight(layer, layer.quant_method), exp, False, what)
 
 
 def _sm90() -> bool:
@@ -525,22 +589,25 @@ def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeyp
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-@pytest.mark.parametrize("export,src,fmt", [("w4_gptq", "w4_sidecar", "qat-sidecar"), ("awq_gptq", "w4_awq", "awq")])
-def test_stock_gptq_exports_hold_the_source_codes(ckpts, export, src, fmt):
-    """The engines' "stock GPTQ" side is an export that grace_qat's own packer wrote: decoded with
-    vLLM's own unpack helper it holds the source files' codes (plain-code reference) and steps."""
+@pytest.mark.parametrize("src,fmt", [("w4_sidecar", "qat-sidecar"), ("w4_awq", "awq")])
+def test_gptq_export_holds_the_source_codes(ckpts, tmp_path, src, fmt):
+    """`grace-qat convert --to gptq`, decoded with vLLM's own unpack helper, holds the source
+    files' codes (plain-code reference) and steps."""
+    from grace_qat.convert import convert
     from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
     from vllm.scalar_type import scalar_types
-    out, files = reference.tensors(ckpts[export]), reference.tensors(ckpts[src])
+    export = str(tmp_path / "gptq")
+    convert(ckpts[src], export, to="gptq")
+    out, files = reference.tensors(export), reference.tensors(ckpts[src])
     side = reference.sidecar(ckpts[src]) if fmt == "qat-sidecar" else None
     names = sorted(k[:-len(".qweight")] for k in out if k.endswith(".qweight"))
     assert len(names) == 7 * N_LM_LAYERS
     for name in names:
         ref = reference.module(ckpts[src], name, fmt, 4, files=files, side=side)
         u = unpack_quantized_values_into_int32(out[name + ".qweight"], scalar_types.uint4b8, packed_dim=0)
-        assert torch.equal((u.t() - 8).long(), ref["codes"]), f"{export} {name}: codes"
+        assert torch.equal((u.t() - 8).long(), ref["codes"]), f"{src} {name}: codes"
         scales = out[name + ".scales"]
-        assert torch.equal(scales, ref["steps"].t().to(scales.dtype)), f"{export} {name}: scales"
+        assert torch.equal(scales, ref["steps"].t().to(scales.dtype)), f"{src} {name}: scales"
 
 
 def test_tensor_parallel_split_groups_is_a_clear_error(ckpts):
@@ -744,7 +811,7 @@ def engines(ckpts, tmp_path_factory):
     for e in job["engines"]:
         if e["name"] in SERVED_WEIGHT_ENGINES:
             e["dump"] = str(tmp / (e["name"] + ".safetensors"))
-        # the `vllm serve` test's reference: stock vLLM on a standard export of the same weights
+        # the `vllm serve` test's reference: stock vLLM on a reference checkpoint of the same weights
         e["chat"] = e["name"] == ("gptq_w4" if kernel else "bf16_w4")
     if torch.cuda.is_available():   # Hopper: Marlin for decode (2 tokens), Machete for the prefill
         job["engines"].append({"name": "gq_w4_dual", "model": ckpts["w4_sidecar"], "quantization": "grace_qat",
@@ -772,6 +839,12 @@ def engines(ckpts, tmp_path_factory):
                         "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None}
     print("\nengine start / generate seconds:", {k: (round(v["start_s"], 1), round(v["generate_s"], 1))
                                                  for k, v in results.items() if not k.startswith("_")})
+    pairs = [("gq_w4_sidecar", "bf16_w4"), ("gq_w4_awq", "bf16_awq"), ("gq_w8_sidecar", "bf16_w8"),
+             ("gq_w4_sidecar", "gptq_w4"), ("gq_w4_awq", "gptq_awq"), ("bf16_w4", "bf16_w8"),
+             ("bf16_awq", "bf16_w4")]
+    print("|prompt logprob difference| (nats), 90th percentile / largest:", {
+        f"{a} vs {b}": (round(_p90(g), 4), round(g[-1], 4)) for a, b in pairs if a in results and b in results
+        for g in [_prompt_logprob_gaps(results[a], results[b])]})
     print("language-model linear methods / kernels:",
           {k: sorted({(x["method"], x["kernel"]) for x in _lm_layers(v["layers"]).values()})
            for k, v in results.items() if not k.startswith("_")})
@@ -787,33 +860,41 @@ def _assert_identical(a: dict, b: dict, what: str):
         assert ra["prompt_logprobs"] == rb["prompt_logprobs"], f"{what}: request {i} prompt logprobs differ"
 
 
-def _max_prompt_logprob_diff(a: dict, b: dict) -> float:
-    return max(abs(x - y) for ra, rb in zip(a["requests"], b["requests"])
-               for x, y in zip(ra["prompt_logprobs"], rb["prompt_logprobs"]) if x is not None)
+def _prompt_logprob_gaps(a: dict, b: dict) -> list[float]:
+    """|difference| of the prompt logprobs of two engines, every position of every request, sorted."""
+    return sorted(abs(x - y) for ra, rb in zip(a["requests"], b["requests"])
+                  for x, y in zip(ra["prompt_logprobs"], rb["prompt_logprobs"]) if x is not None)
 
 
-CLOSE_TOL = 0.05   # nats. Seen: 4-bit Machete vs BF16 0.006-0.008, 8-bit 0.010 (H100, vLLM 0.26);
-                   # the W4 and W8 quantizations of the same weights differ by 0.19.
+def _p90(gaps: list[float]) -> float:
+    return gaps[int(0.9 * len(gaps))]
+
+
+CLOSE_TOL = 0.05   # nats. Tiny fixtures, CPU (AVX-512 EPYC, vLLM 0.32): CPUWNA16 vs BF16 90th percentile
+                   # 0.0075, largest 0.056 (one position); AWQ's fp16-rounded steps vs fp32 steps (both
+                   # BF16) 0.008 / 0.054; W4 vs W8 of the same weights 0.15 / 0.21. Earlier fixture, H100,
+                   # vLLM 0.26: Machete vs BF16 largest 0.006-0.008.
 
 
 def _assert_close(a: dict, b: dict, what: str, tol: float = CLOSE_TOL):
     """4-bit kernel vs BF16 on the same weights: the kernel sees bf16(step) instead of the fp32 step
-    (<= 2^-9 relative per group) and sums in another order. Criterion: every prompt position's
-    log-probability of the actual next token within ``tol`` nats, and the first generated token and
-    the logprob of each of the first 4 chosen tokens agreeing too."""
+    (<= 2^-9 relative per group) and sums in another order. Criterion: the prompt positions'
+    log-probabilities of the actual next token within ``tol`` nats at 90% of the positions and within
+    2 ``tol`` at every one (a rounding-sized change of the weights moves a single position by up to
+    ~0.06 nats on the tiny fixtures; a changed quantization moves most of them: W4 vs W8 has its 90th
+    percentile at 3 ``tol``), the same greedy tokens at every generated position (the tiny
+    fixtures' chosen token leads the next by > 0.5 nats), and each chosen token's logprob within ``tol``."""
     for i, (ra, rb) in enumerate(zip(a["requests"], b["requests"])):
-        pa = [x for x in ra["prompt_logprobs"] if x is not None]
-        pb = [x for x in rb["prompt_logprobs"] if x is not None]
-        assert len(pa) == len(pb) > 10
-        worst = max(abs(x - y) for x, y in zip(pa, pb))
-        print(f"\n{what}: request {i}: max |prompt logprob difference| {worst:.3g} nats, "
-              f"generated ids equal: {ra['ids'] == rb['ids']}")
-        assert worst < tol, f"{what}: request {i} prompt logprob differs by {worst:.4f} nats"
-        assert ra["ids"][0] == rb["ids"][0], f"{what}: request {i} first token {ra['ids'][0]} vs {rb['ids'][0]}"
-        for k in range(4):
-            if ra["ids"][k] != rb["ids"][k]:
-                break
-            assert abs(ra["logprobs"][k] - rb["logprobs"][k]) < tol, f"{what}: request {i} step {k}"
+        gaps = _prompt_logprob_gaps({"requests": [ra]}, {"requests": [rb]})
+        assert len(gaps) > 10
+        print(f"\n{what}: request {i}: |prompt logprob difference| 90th percentile {_p90(gaps):.3g}, "
+              f"largest {gaps[-1]:.3g} nats, generated ids equal: {ra['ids'] == rb['ids']}")
+        assert _p90(gaps) < tol and gaps[-1] < 2 * tol, \
+            f"{what}: request {i} prompt logprobs differ by {_p90(gaps):.4f} (90%) / {gaps[-1]:.4f} nats"
+        assert ra["ids"] == rb["ids"], f"{what}: request {i} generated {ra['ids']} vs {rb['ids']}"
+        gen = max(abs(x - y) for x, y in zip(ra["logprobs"], rb["logprobs"]))
+        assert len(ra["logprobs"]) == len(ra["ids"]) and gen < tol, \
+            f"{what}: request {i} generated-token logprob differs by {gen:.4f} nats"
 
 
 SERVED_WEIGHT_ENGINES = {   # engine -> (checkpoint, format, bits) whose served weights are checked
@@ -847,11 +928,11 @@ def check_served_weights(dump: str, layers: dict, ckpt_dir: str, fmt: str, bits:
 @pytest.mark.engine
 @pytest.mark.parametrize("name", sorted(SERVED_WEIGHT_ENGINES))
 def test_engine_serves_exactly_the_checkpoint_weights(engines, ckpts, name):
-    """Independent of the package and of the export: what each quantized layer of the loaded engine
-    computes with (kernel or fallback, run on the identity inside the engine) against a plain-code
-    dequantization of the checkpoint files. A wrong code, step, AWQ nibble order or shard fails here
-    even where the other engine comparisons cannot see it (exact fallback vs an export written by
-    the same package)."""
+    """What each quantized layer of the loaded engine computes with (kernel or fallback, run on the
+    identity inside the engine) against a plain-code dequantization of the checkpoint files. The
+    fallback dequantizes the codes and steps grace_qat recovered, so this is also where the weights
+    rebuilt from them are shown equal to the files' W_dq bit for bit (stored steps, AWQ). A wrong
+    code, step, zero point, group size, AWQ nibble order or shard fails here on any CPU."""
     key, fmt, bits = SERVED_WEIGHT_ENGINES[name]
     res = engines[name]
     assert check_served_weights(res["dump"], res["layers"], ckpts[key], fmt, bits) == 4 * N_LM_LAYERS
@@ -913,7 +994,9 @@ def test_engine_kernel_is_cpuwna16_on_cpu(engines):
 @pytest.mark.engine
 @pytest.mark.parametrize("grace,stock", [("gq_w4_sidecar", "gptq_w4"), ("gq_w4_inline", "gptq_w4"),
                                          ("gq_w4_awq", "gptq_awq"), ("gq_w4_declared", "gptq_w4")])
-def test_engine_w4_equals_stock_gptq_export(engines, grace, stock):
+def test_engine_w4_equals_stock_gptq_reference(engines, grace, stock):
+    """Same kernel (CPUWNA16) on the same codes and scales: stock vLLM's GPTQ method on the GPTQ
+    checkpoint tests/reference.py packed from the files, bit for bit."""
     if not engines["_meta"]["kernel_available"]:
         pytest.skip("no int4 kernel in this machine's vLLM build (needs AVX-512): stock GPTQ cannot run")
     _assert_identical(engines[grace], engines[stock], f"{grace} vs {stock}")
@@ -922,10 +1005,13 @@ def test_engine_w4_equals_stock_gptq_export(engines, grace, stock):
 @pytest.mark.engine
 @pytest.mark.parametrize("grace,stock", [("gq_w4_sidecar", "bf16_w4"), ("gq_w4_inline", "bf16_w4"),
                                          ("gq_w4_grid", "bf16_w4"), ("gq_w4_awq", "bf16_awq")])
-def test_engine_w4_matches_bf16_export(engines, grace, stock):
+def test_engine_w4_matches_bf16_reference(engines, grace, stock):
+    """Stock vLLM on the BF16 weights tests/reference.py wrote from the files: close to it with the
+    int4 kernel (bf16 steps, another summation order); identical without one, where grace_qat runs
+    the same unquantized GEMM on the weights it rebuilt from its recovered codes and steps."""
     if engines["_meta"]["kernel_available"]:
         _assert_close(engines[grace], engines[stock], f"{grace} vs {stock}")
-    else:   # exact fallback: the very same GEMMs on the very same weights
+    else:
         _assert_identical(engines[grace], engines[stock], f"{grace} vs {stock}")
 
 
@@ -954,19 +1040,22 @@ def test_engine_w8_on_cpu_falls_back_to_exact_bf16(engines):
 
 @pytest.mark.engine
 def test_engine_generation_is_not_degenerate_across_requests(engines):
-    """Sanity of the comparisons themselves: the two image prompts differ, and the closeness
-    criterion does tell apart two different quantizations (W4 vs W8) of the same weights."""
+    """Sanity of the comparisons themselves: the two image prompts differ, every engine's greedy
+    output has at least MIN_DISTINCT_TOKENS distinct tokens (token equality carries a signal), and
+    the closeness criterion does tell apart two different quantizations (W4 vs W8) of the same weights."""
     a, b = engines["bf16_w4"]["requests"]
     assert a["prompt_ids"] != b["prompt_ids"]
-    assert len(a["ids"]) == len(b["ids"]) == MAX_TOKENS
-    assert _max_prompt_logprob_diff(engines["bf16_w4"], engines["bf16_w8"]) > 2 * CLOSE_TOL
+    for name, res in engines.items():
+        for r in [] if name.startswith("_") else res["requests"]:
+            assert len(r["ids"]) == MAX_TOKENS and len(set(r["ids"])) >= MIN_DISTINCT_TOKENS, (name, r["ids"])
+    assert _p90(_prompt_logprob_gaps(engines["bf16_w4"], engines["bf16_w8"])) > 2 * CLOSE_TOL
 
 
 @pytest.mark.engine
 @pytest.mark.gpu
 def test_engine_dual_kernel_dispatch(engines):
     """Hopper: Marlin for the 2-token decode steps, Machete for the prefill, one model, and the
-    output as close to the BF16 export as either kernel alone."""
+    output as close to the BF16 reference as either kernel alone."""
     res = engines.get("gq_w4_dual")
     cap = engines["_meta"]["capability"]
     if res is None or cap != [9, 0]:
@@ -1045,8 +1134,9 @@ def _serve_chat(model: str, extra: list[str], env_extra: dict, log_path) -> tupl
 @pytest.mark.engine
 def test_vllm_serve_answers_image_chat(ckpts, engines, tmp_path):
     """`vllm serve` (multi-process engine, HTTP, the chat template, image upload) gives the greedy
-    answer of stock vLLM on a standard export of the same weights (GPTQ where an int4 kernel runs
-    here, else BF16): same prompt ids, same generated ids, logprobs within 1e-3 nats."""
+    answer of stock vLLM on the reference checkpoint tests/reference.py wrote from the same files
+    (GPTQ where an int4 kernel runs here, else BF16): same prompt ids, same generated ids, logprobs
+    within 1e-3 nats at every generated position."""
     out, start_s, _ = _serve_chat(ckpts["w4_sidecar"], [], {}, tmp_path / "server.log")
     choice = out["choices"][0]
     assert isinstance(choice["message"]["content"], str)
