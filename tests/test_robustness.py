@@ -522,11 +522,12 @@ def test_corpus_refused_in_the_first_process(case, bases, tmp_path):
     """Every refusal `inspect` makes that does not need the weights' values (shapes against the
     group size, bits, zero points, steps, files) comes in the first process, in the same one line
     (issue 27: an AWQ group size the tensors contradict passed it and killed the worker)."""
-    if case.id in NEEDS_WEIGHT_VALUES:
-        pytest.skip("needs the weights' values: verified by each rank as it loads")
     d = str(tmp_path / "broken")
     shutil.copytree(bases[case.base], d)
     case.mutate(d)
+    if case.id in NEEDS_WEIGHT_VALUES:       # the list is exact: a case caught earlier moves out of it
+        first_process(d, bits=case.bits)
+        return
     with pytest.raises(GraceFormatError) as ei:
         first_process(d, bits=case.bits)
     msg = str(ei.value)
