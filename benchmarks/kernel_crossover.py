@@ -175,10 +175,6 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER) -> dict:
     torch.cuda.empty_cache()
     out = {"large": large, "us": us, "copies": copies, "skipped": skipped, "failed": failed,
            "entry": entry_from_timings(large, us)}
-    # the two-kernel view older tables and small_m_kernel.py read
-    if "MarlinLinearKernel" in us and "MacheteLinearKernel" in us:
-        out["marlin_us"], out["machete_us"] = us["MarlinLinearKernel"], us["MacheteLinearKernel"]
-        out["max_m"] = crossover_from(out["marlin_us"], out["machete_us"])
     return out
 
 
@@ -223,16 +219,6 @@ def measure_marlin_variants(bits: int, group: int, n: int, k: int, ms=(1, 4, 16,
         mu.should_use_atomic_add_reduce = default_atomic
         marlin_kernel.apply_gptq_marlin_linear = default_apply
     return out
-
-
-def crossover_from(marlin: dict, machete: dict) -> int:
-    """Largest ladder M before the first M where Machete is faster (0: Machete everywhere)."""
-    best = 0
-    for m in sorted(marlin):
-        if marlin[m] > machete[m]:
-            break
-        best = m
-    return best
 
 
 def _single_rank() -> None:

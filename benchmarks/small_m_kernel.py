@@ -1,21 +1,18 @@
 """Time grace_qat's small-M Triton kernel against BF16, the copy bandwidth and (when vLLM is
-importable) vLLM's Marlin and Machete, per layer shape and token count M; write the kernel table.
+importable) vLLM's Marlin and Machete, per layer shape and token count M, sweeping its launch configs.
 
 Writes under --out:
 * ``small_m.json``: ``meta`` (GPU, torch, Triton, vLLM versions), the measured device-to-device
   copy bandwidth, and per shape and M: microseconds of each kernel (every tried launch config of
   ours), the fraction of the copy bandwidth each reaches, and the error of ours and of BF16
   against an fp32 reference;
-* ``kernel_table.json``: per GPU and shape, our launch config per M and, with vLLM, which small-M
-  kernel to keep next to Machete up to which M (``table_entry``), what ``grace_vllm/dispatch.py``
-  reads: copy it to ``grace_vllm/kernel_table_<gpu>.json`` or point ``GRACE_QAT_CROSSOVER_FILE`` at it;
 * ``small_m.png``.
 
 Each GEMM is timed inside a CUDA graph cycling through enough copies of the weights that they do
-not stay in L2 (as decode runs), like ``kernel_crossover.py``.
+not stay in L2 (as decode runs), like ``kernel_crossover.py``, which writes the kernel table the
+plugin reads (every engine kernel and this one, per device and vLLM version).
 
     python benchmarks/small_m_kernel.py --out /tmp/small_m
-    python benchmarks/small_m_kernel.py --out /tmp/t --merge small_m.json timings.json   # no GPU
 """
 from __future__ import annotations
 
@@ -33,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernel_crossover import _time_us, bench_shapes, crossover_from  # noqa: E402
+from kernel_crossover import _time_us, bench_shapes  # noqa: E402
 
 MS = (1, 2, 4, 8, 16, 32)
 L2_BYTES = 60 * 2 ** 20          # H200 (H100: 50 MB); weights rotated over 3x this
@@ -150,78 +147,6 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline) -> dict:
     return row
 
 
-def table_entry(ours: dict, configs: dict, marlin: dict | None = None, machete: dict | None = None,
-                marlin_max_m: int | None = None) -> dict:
-    """What ``grace_vllm/dispatch.py`` reads for one shape, from microseconds per M of each kernel.
-
-    Only two packed copies are allowed, so the small-M partner of Machete is either Marlin or ours:
-    the mix kept is the one whose worst slowdown against the fastest of the three, over the
-    measured M, is smaller (a mix that wins at M=1 but loses 40% at M=16 is not taken)."""
-    entry = {"triton_configs": [[m, configs[m]] for m in sorted(configs)]}
-    if marlin is None or machete is None:
-        return entry
-    ms = sorted(set(ours) & set(marlin) & set(machete))
-    if marlin_max_m is None:
-        marlin_max_m = crossover_from({m: marlin[m] for m in ms}, {m: machete[m] for m in ms})
-    triton_max = crossover_from({m: ours[m] for m in ms}, {m: machete[m] for m in ms})
-    best = {m: min(ours[m], marlin[m], machete[m]) for m in ms}
-    mix_marlin = max((marlin[m] if m <= marlin_max_m else machete[m]) / best[m] for m in ms)
-    mix_triton = max((ours[m] if m <= triton_max else machete[m]) / best[m] for m in ms)
-    entry.update(marlin_max_m=marlin_max_m, triton_max_m=triton_max,
-                 triton_vs_marlin_max_m=crossover_from({m: ours[m] for m in ms}, {m: marlin[m] for m in ms}),
-                 small="triton" if mix_triton < mix_marlin and triton_max > 0 else "marlin",
-                 worst_slowdown={"marlin+machete": round(mix_marlin, 3), "triton+machete": round(mix_triton, 3)})
-    return entry
-
-
-def _row_entry(row: dict) -> dict:
-    ms = sorted(row["m"])
-    get = lambda name: ({m: row["m"][m][name] for m in ms} if all(name in row["m"][m] for m in ms)  # noqa: E731
-                        else None)
-    return table_entry(get("wna16_us"), {m: row["m"][m]["wna16_config"] for m in ms}, get("marlin_us"),
-                       get("machete_us"))
-
-
-def merge_runs(small_m_path: str, crossover_timings_path: str, group: int,
-               triton_max_m: int | None = None) -> dict:
-    """A kernel table from a run of this script without vLLM and a kernel_crossover.py run (its
-    timings.json) on the same GPU kind: Marlin's crossover as that run measured it (full ladder).
-    ``triton_max_m``: ours is not used above this M (e.g. a code path changed since the run)."""
-    from grace_vllm.dispatch import shape_key
-    with open(small_m_path) as f:
-        ours = json.load(f)
-    with open(crossover_timings_path) as f:
-        xo = json.load(f)
-    if xo["device"] != ours["meta"]["device"]:
-        raise SystemExit(f"{crossover_timings_path} was measured on {xo['device']!r}, "
-                         f"{small_m_path} on {ours['meta']['device']!r}: not one GPU kind")
-    by_key = {t["key"]: t for t in xo["timings"]}
-    shapes = {}
-    for r in ours["shapes"]:
-        key = shape_key(r["bits"], group, r["n"], r["k"])
-        ms = {int(m): v for m, v in r["m"].items()}
-        if triton_max_m is not None:
-            ms = {m: (v if m <= triton_max_m else {**v, "wna16_us": float("inf")}) for m, v in ms.items()}
-        t = by_key.get(key)
-        conv = (lambda d: {int(m): v for m, v in d.items()})
-        shapes[key] = table_entry({m: v["wna16_us"] for m, v in ms.items()},
-                                  {m: v["wna16_config"] for m, v in ms.items()
-                                   if triton_max_m is None or m <= triton_max_m},
-                                  conv(t["marlin_us"]) if t else None, conv(t["machete_us"]) if t else None,
-                                  t["max_m"] if t else None)
-    for key, t in by_key.items():
-        shapes.setdefault(key, {"marlin_max_m": t["max_m"]})
-    default = sorted(e["marlin_max_m"] for e in shapes.values() if "marlin_max_m" in e)
-    return {"note": (f"Per layer shape on one rank: the small-M kernel kept next to Machete, up to "
-                     f"which M, and the Triton kernel's launch configs. Built by "
-                     f"benchmarks/small_m_kernel.py --merge from {os.path.basename(small_m_path)} "
-                     f"({ours['meta']['date']}, torch {ours['meta']['torch']}, Triton "
-                     f"{ours['meta']['triton']}) and kernel_crossover.py timings (vLLM Marlin/Machete, "
-                     f"torch {xo['torch']}): two runs on the same GPU kind, bf16 activations."
-                     + (f" The Triton kernel is used up to M={triton_max_m} at most." if triton_max_m else "")),
-            "devices": {ours["meta"]["device"]: {"default": default[len(default) // 2], "shapes": shapes}}}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="qwen3vl-2b,llava-7b")
@@ -232,18 +157,8 @@ def main() -> None:
     ap.add_argument("--sweep-seconds", type=float, default=240.0,
                     help="after this long, time only the heuristic's config")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--merge", nargs=2, metavar=("SMALL_M_JSON", "CROSSOVER_TIMINGS_JSON"),
-                    help="no GPU work: write kernel_table.json from an earlier run of this script and "
-                         "a kernel_crossover.py timings.json of the same GPU kind")
-    ap.add_argument("--merge-triton-max-m", type=int, default=None,
-                    help="with --merge: do not use the Triton kernel above this M")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    if args.merge:
-        with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
-            json.dump(merge_runs(*args.merge, args.group, args.merge_triton_max_m), f, indent=1,
-                      sort_keys=True)
-        return
     import triton
     vllm_version = None
     try:
@@ -269,14 +184,8 @@ def main() -> None:
             seen[key] = measure_shape(bits, args.group, n, k, ms, copy_bw, vllm_version is not None, deadline)
             rows.append(seen[key])
         seen[key].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
-    from grace_vllm.dispatch import shape_key
-    table = {"note": "written by benchmarks/small_m_kernel.py", "meta": meta,
-             "devices": {device: {"shapes": {shape_key(r["bits"], args.group, r["n"], r["k"]): _row_entry(r)
-                                             for r in rows}}}}
     with open(os.path.join(args.out, "small_m.json"), "w") as f:
         json.dump({"meta": meta, "shapes": rows}, f, indent=1)
-    with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
     try:
         import matplotlib
         matplotlib.use("Agg")

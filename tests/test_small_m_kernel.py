@@ -229,21 +229,3 @@ def test_gpu_cuda_graph_and_torch_compile_without_recompiles():
         want = ((xs.double().cpu() @ w_ref.t()) * 2).to(torch.bfloat16)
         assert torch.equal(out.cpu(), want)
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])   # M=1 may specialise once
-
-
-def test_table_entry_keeps_the_mix_with_the_smaller_worst_slowdown():
-    """benchmarks/small_m_kernel.py's choice of the second copy, on made-up timings: a Triton kernel
-    that wins at M=1 but loses 40% to Marlin at M=4 does not replace Marlin; one that wins by 2x at
-    M=1 and loses 10% at M=4 does, up to where Machete takes over."""
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from small_m_kernel import table_entry
-    marlin = {1: 10.0, 2: 10.0, 4: 10.0, 8: 10.0, 16: 11.0}
-    machete = {1: 15.0, 2: 15.0, 4: 15.0, 8: 12.0, 16: 10.5}
-    cfgs = {m: [1, 32, 32, 1, 0, 4, 3] for m in marlin}
-    close = table_entry({1: 9.0, 2: 12.0, 4: 14.0, 8: 16.0, 16: 20.0}, cfgs, marlin, machete)
-    assert close["small"] == "marlin" and close["marlin_max_m"] == 8 and close["triton_max_m"] == 4
-    assert close["triton_vs_marlin_max_m"] == 1
-    clear = table_entry({1: 5.0, 2: 6.0, 4: 11.0, 8: 11.0, 16: 13.0}, cfgs, marlin, machete)
-    assert clear["small"] == "triton" and clear["triton_max_m"] == 8, clear
-    assert table_entry({1: 5.0}, {1: cfgs[1]}) == {"triton_configs": [[1, cfgs[1]]]}   # no vLLM timings
