@@ -45,7 +45,8 @@
 #   bench-sglang - (SGLang) SGLang + grace_qat vs stock SGLang GPTQ, 2B, batch 1..128
 #   llava-check  - only the LLaVA original-layout checks of suite
 #   tiny         - every format on tiny Qwen3-VL through the benchmark harness, eager
-#   gpu-tests    - (vLLM) only the `-m gpu` tests of tests/test_vllm_plugin.py (exact codes after the repack)
+#   gpu-tests    - (vLLM) the `-m gpu` tests of tests/test_vllm_plugin.py (exact codes after the repack) and
+#                  tests/test_small_m_kernel.py (the Triton kernel, exact)
 #   workflow-vllm - the vllm job of .github/workflows/engine-images.yml, step by step as written, with the
 #                  engine seen as installed (the bundle marker hidden; tests/gpu/workflow_steps.py)
 #   sglang-workflow - the same for its sglang job
@@ -359,7 +360,8 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
   gpu-tests)
     cuda_visible || exit 1
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH
-    timeout 400 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_vllm_plugin.py > $OUT/gpu-tests.log 2>&1; rc=$?
+    timeout 500 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_vllm_plugin.py tests/test_small_m_kernel.py \
+      > $OUT/gpu-tests.log 2>&1; rc=$?
     tail -25 $OUT/gpu-tests.log; echo "pytest rc=$rc"; exit $rc ;;
   workflow-vllm|sglang-workflow)
     # A published image has no bundle marker: hide it, keep the engine importable through PYTHONPATH
