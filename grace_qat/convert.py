@@ -97,7 +97,7 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 def source_scale_dtype(ckpt: GraceCheckpoint) -> torch.dtype:
     """The precision the source stores its steps in: AWQ-packed scales as written (fp16), QAT
     log-steps as fp32 exp(log_scale)."""
-    return ckpt.kind.steps_dtype(ckpt)
+    return ckpt.steps_dtype()
 
 
 def scale_dtype(target: str, ckpt: GraceCheckpoint) -> torch.dtype | None:

@@ -165,7 +165,7 @@ class GraceQATConfig(QuantizationConfig):
         if spare:
             logger.info("grace_qat: %s", spare)
         st = _scalar_types()
-        if ckpt.kind.stock_config(ckpt) is not None:
+        if ckpt.stock_config() is not None:
             self.quant_type = st.uint4          # what AWQ-Marlin runs (zero points as a tensor)
         else:
             self.quant_type = st.uint4b8 if ckpt.bits == 4 else st.uint8b128
@@ -219,7 +219,7 @@ class GraceQATConfig(QuantizationConfig):
         names = self.checkpoint_modules(prefix)
         if names is None:
             return UnquantizedLinearMethod()
-        if self.checkpoint.kind.stock_config(self.checkpoint) is not None:
+        if self.checkpoint.stock_config() is not None:
             return self.awq_config().get_quant_method(layer, prefix)
         from .linear import GraceQATLinearMethod
         return GraceQATLinearMethod(self, prefix, names)
@@ -231,7 +231,7 @@ class GraceQATConfig(QuantizationConfig):
         already checked by the format)."""
         if self._stock is None:
             from sglang.srt.layers.quantization.awq import AWQMarlinConfig
-            full = self.checkpoint.kind.stock_config(self.checkpoint)
+            full = self.checkpoint.stock_config()
             try:
                 stock = AWQMarlinConfig.from_config(full)
             except ValueError as e:
