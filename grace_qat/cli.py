@@ -97,14 +97,14 @@ def _grace_serve(ckpt, path: str) -> list[tuple[str, list[str]]]:
     cannot tell the format (a bare grid: no declared quant_method, no marker); such a grid (what
     ``convert --to bf16`` writes) is served by a stock engine as BF16, as it is."""
     from . import formats
-    from .hub import AUTODETECT_ENV
+    from .settings import AUTODETECT
     declared = (ckpt.config.get("quantization_config") or {}).get("quant_method") == "grace_qat"
     needs_flag = not declared and formats.marked(path, ckpt.config, ckpt.tensors.keys) is None
     flag = " --quantization grace_qat" if needs_flag else ""
     plugin = [f"vllm serve {path}{flag}", f"python -m sglang.launch_server --model-path {path}{flag}"]
     if not needs_flag:
         note = "(with the grace_qat plugin installed; detected without a flag" + \
-            ("" if declared else f", unless {AUTODETECT_ENV}=0") + ")"
+            ("" if declared else f", unless {AUTODETECT}=0") + ")"
         return [(note, plugin)]
     from . import exports
     return [("(stock engine, no plugin needed: BF16 weights as stored)", exports.serve_commands(path)),

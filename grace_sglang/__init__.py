@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 QUANT_NAME = "grace_qat"
 PARSER_NAME = "grace_qat"
-AUTODETECT_ENV = "GRACE_QAT_SGLANG_AUTODETECT"
 
 _registered = False
 
@@ -50,18 +49,14 @@ def _add_cli_choice() -> None:
         add_quantization_method_choices([QUANT_NAME])
 
 
-def autodetect_enabled() -> bool:
-    """``GRACE_QAT_SGLANG_AUTODETECT`` if set, else ``GRACE_QAT_AUTODETECT`` (both engines), else on."""
-    from grace_qat.hub import AUTODETECT_ENV as COMMON_ENV, env_flag
-    return env_flag(AUTODETECT_ENV, env_flag(COMMON_ENV, True))
-
-
 def register() -> None:
     """Register the ``grace_qat`` quantization method with SGLang (cheap, idempotent)."""
     global _registered
     if _registered:
         return
     from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+
+    from grace_qat import settings
 
     from .config import GraceQATConfig
     from .parser import install_config_parser
@@ -70,7 +65,7 @@ def register() -> None:
         QUANTIZATION_METHODS[QUANT_NAME] = GraceQATConfig
     _add_cli_choice()
     try:
-        wrap = autodetect_enabled()
+        wrap = settings.sglang_autodetect()
     except ValueError as e:   # a misspelt flag: say so in one line, keep the default
         logger.error("grace_qat: %s; auto-detection stays on", e)
         wrap = True
@@ -81,4 +76,4 @@ def register() -> None:
     logger.debug("grace_qat: registered quantization method and config parser")
 
 
-__all__ = ["register", "QUANT_NAME", "PARSER_NAME", "AUTODETECT_ENV", "autodetect_enabled"]
+__all__ = ["register", "QUANT_NAME", "PARSER_NAME"]
