@@ -52,11 +52,11 @@ def _model_dir(model: str) -> str:
 
 def _inspect(args) -> int:
     from .checkpoint import GraceCheckpoint
-    from . import exports
+    from . import exports, targets
     from .files import check_model_dir
 
     path = _model_dir(args.checkpoint)
-    if exports.standard_method(check_model_dir(path)):
+    if targets.declared(check_model_dir(path)):
         return _inspect_standard(args, path)
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
     ckpt.check_served()          # the engines' first-process checks, in the same words
@@ -130,14 +130,14 @@ def _print_serve(commands: list[str], note: str = "(stock engine, no plugin need
 
 def _inspect_standard(args, path: str) -> int:
     from . import exports
-    from .convert import _DTYPE_NAMES
+    from .files import dtype_name
 
     exp = exports.StandardCheckpoint(path)
     if args.bits is not None and args.bits != exp.bits:
         raise GraceFormatError(f"{exp.cfg_path}: quantization_config says {exp.bits}-bit, --bits says {args.bits}")
-    report = {"path": exp.path, "format": exp.method, "description": exports.DESCRIPTION[exp.method],
+    report = {"path": exp.path, "format": exp.method, "description": exp.target.description,
               "bits": exp.bits, "group_size": exp.group_size, "modules": len(exp.modules),
-              "scale_dtype": _DTYPE_NAMES.get(exp.scale_dtype(), str(exp.scale_dtype()))}
+              "scale_dtype": dtype_name(exp.scale_dtype())}
     report.update(_histogram(((e.codes, e.scales) for e in exp.iter_quantized()), exp.bits))
     report["serve"] = exports.serve_commands(exp.path)
     if _report_done(report, args, path):

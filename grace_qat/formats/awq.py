@@ -24,6 +24,52 @@ def awq_packing(group_size: int) -> dict:
     return {"bits": 4, "group_size": group_size, "zero_point": ZERO_POINT, "version": "gemm"}
 
 
+def read_module(t, name: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verified signed codes (out, in) and the scales (out, in/G) as stored of one AutoAWQ GEMM
+    module of the files ``t`` (zero point 8): GRACE's format B and the ``awq`` export share it."""
+    qweight, qzeros, scales = (t.get(name + s) for s in (".qweight", ".qzeros", ".scales"))
+    _check_tensors(t, name, group_size, qweight, qzeros, scales)
+    try:
+        codes, scales = unpack_awq(qweight, qzeros, scales, name)
+    except GraceFormatError as e:
+        raise GraceFormatError(f"{t.file_of(name + '.qzeros')}: {e}") from None
+    _check_scales(t, name, scales)
+    out_f, in_f = codes.shape
+    if in_f % scales.shape[1] or in_f // scales.shape[1] != effective_group_size(in_f, group_size):
+        raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales has {scales.shape[1]} "
+                               f"groups per row for in_features {in_f} and group size {group_size}")
+    return codes, scales
+
+
+def _check_scales(t, name: str, scales: torch.Tensor) -> None:
+    s32 = scales.to(torch.float32)
+    if not torch.isfinite(s32).all() or not (s32 > 0).all():
+        raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales must be finite and > 0")
+
+
+def _check_tensors(t, name, group_size, qweight, qzeros, scales) -> None:
+    """dtypes and shapes of one AWQ module: qweight (in, out/8) and qzeros (in/G, out/8) int32,
+    scales (in/G, out) floating point, with G the effective group size."""
+    for key, tensor in ((".qweight", qweight), (".qzeros", qzeros)):
+        if tensor.dtype != torch.int32:
+            raise GraceFormatError(f"{t.file_of(name + key)}: {name}{key} is {tensor.dtype}, expected int32")
+    if not scales.is_floating_point():
+        raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales is {scales.dtype}, expected "
+                               f"float16 (a floating-point dtype)")
+    if qweight.dim() != 2:
+        raise GraceFormatError(f"{t.file_of(name + '.qweight')}: {name}.qweight has shape "
+                               f"{tuple(qweight.shape)}, expected 2-D (in, out/8)")
+    in_f, out_f = qweight.shape[0], qweight.shape[1] * PACK
+    groups = in_f // effective_group_size(in_f, group_size) if in_f else 0
+    for key, tensor, expected in ((".qzeros", qzeros, (groups, out_f // PACK)),
+                                  (".scales", scales, (groups, out_f))):
+        if tuple(tensor.shape) != expected:
+            raise GraceFormatError(
+                f"{t.file_of(name + key)}: {name}{key} has shape {tuple(tensor.shape)}, expected {expected} "
+                f"for qweight {tuple(qweight.shape)} ({out_f}x{in_f}) and group size {group_size} "
+                f"({groups} groups per row)")
+
+
 class AWQ(Format):
     name = "awq"
     description = "GRACE format B: AWQ-packed 4-bit, zero point 8, no quantization_config"
@@ -110,8 +156,8 @@ class AWQ(Format):
         size, scales finite and > 0, every zero point 8 (reads only the small qzeros and scales)."""
         t = rec.tensors
         for name in rec.modules:
-            self._check_tensors(rec, name, *(t.meta(name + s) for s in (".qweight", ".qzeros", ".scales")))
-            self._check_scales(rec, name, t.get(name + ".scales").to(torch.float32))
+            _check_tensors(t, name, rec.group_size, *(t.meta(name + s) for s in (".qweight", ".qzeros", ".scales")))
+            _check_scales(t, name, t.get(name + ".scales"))
             qzeros = t.get(name + ".qzeros")
             try:
                 unpack_awq(torch.zeros(0, qzeros.shape[-1] if qzeros.dim() == 2 else 0, dtype=torch.int32),
@@ -122,48 +168,8 @@ class AWQ(Format):
     def quantized(self, rec, name):
         t = rec.tensors
         bias = t.get(name + ".bias") if name + ".bias" in t else None
-        qweight, qzeros, scales = (t.get(name + s) for s in (".qweight", ".qzeros", ".scales"))
-        self._check_tensors(rec, name, qweight, qzeros, scales)
-        try:
-            codes, scales = unpack_awq(qweight, qzeros, scales, name)
-        except GraceFormatError as e:
-            raise GraceFormatError(f"{t.file_of(name + '.qzeros')}: {e}") from None
-        scales = scales.to(torch.float32)
-        self._check_scales(rec, name, scales)
-        out_f, in_f = codes.shape
-        if in_f % scales.shape[1] or in_f // scales.shape[1] != effective_group_size(in_f, rec.group_size):
-            raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales has {scales.shape[1]} "
-                                   f"groups per row for in_features {in_f} and group size {rec.group_size}")
-        return QuantizedLinear(name, codes.to(torch.int8), scales, 4, rec.group_size, bias)
-
-    @staticmethod
-    def _check_scales(rec, name, scales) -> None:
-        if not torch.isfinite(scales).all() or not (scales > 0).all():
-            raise GraceFormatError(f"{rec.tensors.file_of(name + '.scales')}: {name}.scales must be finite and > 0")
-
-    @staticmethod
-    def _check_tensors(rec, name, qweight, qzeros, scales) -> None:
-        """dtypes and shapes of one AWQ module: qweight (in, out/8) and qzeros (in/G, out/8) int32,
-        scales (in/G, out) floating point, with G the effective group size."""
-        t = rec.tensors
-        for key, tensor in ((".qweight", qweight), (".qzeros", qzeros)):
-            if tensor.dtype != torch.int32:
-                raise GraceFormatError(f"{t.file_of(name + key)}: {name}{key} is {tensor.dtype}, expected int32")
-        if not scales.is_floating_point():
-            raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales is {scales.dtype}, expected "
-                                   f"float16 (a floating-point dtype)")
-        if qweight.dim() != 2:
-            raise GraceFormatError(f"{t.file_of(name + '.qweight')}: {name}.qweight has shape "
-                                   f"{tuple(qweight.shape)}, expected 2-D (in, out/8)")
-        in_f, out_f = qweight.shape[0], qweight.shape[1] * PACK
-        groups = in_f // effective_group_size(in_f, rec.group_size) if in_f else 0
-        for key, tensor, expected in ((".qzeros", qzeros, (groups, out_f // PACK)),
-                                      (".scales", scales, (groups, out_f))):
-            if tuple(tensor.shape) != expected:
-                raise GraceFormatError(
-                    f"{t.file_of(name + key)}: {name}{key} has shape {tuple(tensor.shape)}, expected {expected} "
-                    f"for qweight {tuple(qweight.shape)} ({out_f}x{in_f}) and group size {rec.group_size} "
-                    f"({groups} groups per row)")
+        codes, scales = read_module(t, name, rec.group_size)
+        return QuantizedLinear(name, codes.to(torch.int8), scales.to(torch.float32), 4, rec.group_size, bias)
 
     def stock_config(self, rec):
         return {"quant_method": "awq", "bits": 4, "group_size": rec.group_size, "zero_point": True,

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import GraceFormatError
 from ..files import load_sidecar
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -202,35 +203,19 @@ class Format:
         return {}
 
 
-_REGISTRY: dict[str, Format] = {}
-
-
-def register(fmt: Format) -> Format:
-    if fmt.name in _REGISTRY:
-        raise ValueError(f"format {fmt.name!r} is registered twice")
-    _REGISTRY[fmt.name] = fmt
-    return fmt
-
-
-def get(name: str) -> Format:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise GraceFormatError(f"unknown GRACE format {name!r}; known: {names()}") from None
+_REGISTRY = Registry("format", "unknown GRACE format {name!r}; known: {names}")
+register = _REGISTRY.register
+get = _REGISTRY.get
+names = _REGISTRY.names      # in registration order: what the CLI and the fixtures offer
 
 
 def all_formats() -> list[Format]:
     """In detection order."""
-    return sorted(_REGISTRY.values(), key=lambda f: f.order)
-
-
-def names() -> tuple[str, ...]:
-    """Every format's name, in registration order (what the CLI and the fixtures offer)."""
-    return tuple(_REGISTRY)
+    return sorted(_REGISTRY.items(), key=lambda f: f.order)
 
 
 def quantized_names() -> tuple[str, ...]:
-    return tuple(n for n, f in _REGISTRY.items() if f.quantized)
+    return tuple(f.name for f in _REGISTRY.items() if f.quantized)
 
 
 def detect(o: Opening) -> Record:
@@ -273,7 +258,7 @@ def spare_note(rec) -> str | None:
 def marked(path: str, config: dict, tensor_names) -> str | None:
     """The format whose cheap markers the directory carries, else None."""
     names_ = tensor_names if callable(tensor_names) else (lambda: tensor_names)
-    for fmt in sorted(_REGISTRY.values(), key=lambda f: f.marker_order):
+    for fmt in sorted(_REGISTRY.items(), key=lambda f: f.marker_order):
         if fmt.marked(path, config, names_):
             return fmt.name
     return None
