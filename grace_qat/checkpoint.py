@@ -20,7 +20,7 @@ import torch
 
 from . import formats
 from .errors import GraceFormatError
-from .files import (CONFIG_NAME, SIDECAR_NAME, SafetensorsDir, check_model_dir, declared_int,
+from .files import (CONFIG_NAME, QUANT_METHOD, SIDECAR_NAME, SafetensorsDir, check_model_dir, declared_int,
                     is_quantizable_module, load_sidecar, natural_key, read_config)
 from .formats import QuantizedLinear, Record
 from .quantizer import check_bits, effective_group_size
@@ -51,7 +51,7 @@ class GraceCheckpoint:
         ckpt = cls._detect(path, bits, group_size)
         if fmt is None:
             declared = ckpt.config.get("quantization_config") or {}
-            fmt = declared.get("format") if declared.get("quant_method") == "grace_qat" else None
+            fmt = declared.get("format") if declared.get("quant_method") == QUANT_METHOD else None
         if fmt and fmt != ckpt.format:
             raise GraceFormatError(f"{os.path.join(ckpt.path, CONFIG_NAME)}: quantization_config says format "
                                    f"{fmt!r}, but the files are format {ckpt.format!r}")
@@ -66,7 +66,7 @@ class GraceCheckpoint:
         if not isinstance(declared, dict):
             raise GraceFormatError(f"{cfg_path}: quantization_config must be a JSON object, "
                                    f"got {type(declared).__name__}")
-        if declared.get("quant_method") == "grace_qat":   # validated even when the caller states them
+        if declared.get("quant_method") == QUANT_METHOD:   # validated even when the caller states them
             declared_bits = declared_int(declared, "bits", cfg_path, "quantization_config.")
             declared_gs = declared_int(declared, "group_size", cfg_path, "quantization_config.")
             bits, group_size = bits or declared_bits, group_size or declared_gs

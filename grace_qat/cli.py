@@ -97,8 +97,9 @@ def _grace_serve(ckpt, path: str) -> list[tuple[str, list[str]]]:
     cannot tell the format (a bare grid: no declared quant_method, no marker); such a grid (what
     ``convert --to bf16`` writes) is served by a stock engine as BF16, as it is."""
     from . import formats
+    from .files import QUANT_METHOD
     from .settings import AUTODETECT
-    declared = (ckpt.config.get("quantization_config") or {}).get("quant_method") == "grace_qat"
+    declared = (ckpt.config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
     needs_flag = not declared and formats.marked(path, ckpt.config, ckpt.tensors.keys) is None
     flag = " --quantization grace_qat" if needs_flag else ""
     plugin = [f"vllm serve {path}{flag}", f"python -m sglang.launch_server --model-path {path}{flag}"]

@@ -25,21 +25,20 @@ import shutil
 
 from . import formats, targets
 from .checkpoint import GraceCheckpoint
-from .files import CONFIG_NAME, SAFETENSORS_INDEX_NAME, dtype_name, model_dtype
+from .files import CONFIG_NAME, QUANT_METHOD, SAFETENSORS_INDEX_NAME, dtype_name, model_dtype
 from . import llava_hf
 from .errors import GraceFormatError
 from .output import write_dir
 from .shards import ShardWriter
 
 # Every target: the standard layouts (grace_qat.targets), and a copy that only declares grace_qat.
-GRACE_QAT = "grace_qat"
-TARGETS = (*targets.names(), GRACE_QAT)
+TARGETS = (*targets.names(), QUANT_METHOD)
 LAYOUTS = ("same", "llava-hf")
 
 
 def exactness(target: str, ckpt: GraceCheckpoint) -> str:
     """What a conversion keeps exactly, in words, for the CLI's success line."""
-    if target == GRACE_QAT:
+    if target == QUANT_METHOD:
         return "files copied unchanged, only config.json declares quant_method grace_qat"
     src, model = ckpt.steps_dtype(), model_dtype(ckpt.config)
     dst = targets.get(target).written_scale_dtype(src, model)
@@ -54,7 +53,7 @@ def exactness(target: str, ckpt: GraceCheckpoint) -> str:
 
 
 def grace_quantization_config(ckpt: GraceCheckpoint) -> dict:
-    return {"quant_method": "grace_qat", "format": ckpt.format, "bits": ckpt.bits,
+    return {"quant_method": QUANT_METHOD, "format": ckpt.format, "bits": ckpt.bits,
             "group_size": ckpt.group_size}
 
 
@@ -95,7 +94,7 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
         raise GraceFormatError(f"{src}: not a GRACE quantized checkpoint (no quantized modules found)")
     config = dict(ckpt.config)
     to_hf = layout == "llava-hf"
-    if to_hf and (to == GRACE_QAT or not llava_hf.is_original_llava(config)):
+    if to_hf and (to == QUANT_METHOD or not llava_hf.is_original_llava(config)):
         raise GraceFormatError(
             f"{src}: --layout llava-hf converts an original-layout LLaVA-1.5 checkpoint (config.json with "
             f"mm_vision_tower, no text_config) to gptq/compressed-tensors/awq/bf16; got "
@@ -106,7 +105,7 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
     name_of = llava_hf.rename if to_hf else (lambda n: n)
     modules = [name_of(m) for m in ckpt.modules]
 
-    if to == GRACE_QAT:   # same tensors and sidecar; only config.json changes
+    if to == QUANT_METHOD:   # same tensors and sidecar; only config.json changes
         for fname in os.listdir(src):
             full = os.path.join(src, fname)
             if os.path.isfile(full) and fname != CONFIG_NAME:
@@ -148,7 +147,7 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
         config = llava_hf.hf_config(config, config["vocab_size"], clip_dir)
     config.pop("awq_packing", None)
     config.pop("quantization_config", None)
-    qc = grace_quantization_config(ckpt) if to == GRACE_QAT else targets.get(to).quantization_config(
+    qc = grace_quantization_config(ckpt) if to == QUANT_METHOD else targets.get(to).quantization_config(
         ckpt.bits, ckpt.group_size, modules)
     if qc is not None:
         config["quantization_config"] = qc

@@ -15,6 +15,9 @@ from safetensors import safe_open
 from .errors import GraceFormatError
 from .quantizer import SUPPORTED_BITS
 
+# the quant_method of a GRACE quantization_config (what `convert --to grace_qat` declares and the
+# engines' --quantization flag names)
+QUANT_METHOD = "grace_qat"
 SIDECAR_NAME = "qat_quantized_weights.bin"
 AWQ_MODULES_NAME = "awq_quantized_modules.json"
 CONFIG_NAME = "config.json"

@@ -31,7 +31,7 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-QUANT_NAME = "grace_qat"
+QUANT_METHOD = "grace_qat"
 PARSER_NAME = "grace_qat"
 
 _registered = False
@@ -45,8 +45,8 @@ def _add_cli_choice() -> None:
     except ImportError:  # pragma: no cover - layout of versions we have not seen
         from sglang.srt.arg_groups.choices import (  # type: ignore[no-redef]
             QUANTIZATION_CHOICES, add_quantization_method_choices)
-    if QUANT_NAME not in QUANTIZATION_CHOICES:
-        add_quantization_method_choices([QUANT_NAME])
+    if QUANT_METHOD not in QUANTIZATION_CHOICES:
+        add_quantization_method_choices([QUANT_METHOD])
 
 
 def register() -> None:
@@ -61,8 +61,8 @@ def register() -> None:
     from .config import GraceQATConfig
     from .parser import install_config_parser
 
-    if QUANTIZATION_METHODS.get(QUANT_NAME) is not GraceQATConfig:
-        QUANTIZATION_METHODS[QUANT_NAME] = GraceQATConfig
+    if QUANTIZATION_METHODS.get(QUANT_METHOD) is not GraceQATConfig:
+        QUANTIZATION_METHODS[QUANT_METHOD] = GraceQATConfig
     _add_cli_choice()
     try:
         wrap = settings.sglang_autodetect()
@@ -76,4 +76,4 @@ def register() -> None:
     logger.debug("grace_qat: registered quantization method and config parser")
 
 
-__all__ = ["register", "QUANT_NAME", "PARSER_NAME"]
+__all__ = ["register", "QUANT_METHOD", "PARSER_NAME"]

@@ -37,7 +37,7 @@ from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
 from grace_qat.hub import local_checkpoint_dir
 
-from . import QUANT_NAME
+from . import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class GraceQATConfig(QuantizationConfig):
     # -- QuantizationConfig API ----------------------------------------------------------------
 
     def get_name(self) -> str:
-        return QUANT_NAME
+        return QUANT_METHOD
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
         return [torch.bfloat16, torch.float16]
@@ -118,8 +118,8 @@ class GraceQATConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GraceQATConfig":
-        method = str(config.get("quant_method", QUANT_NAME)).lower()
-        if method != QUANT_NAME:
+        method = str(config.get("quant_method", QUANT_METHOD)).lower()
+        if method != QUANT_METHOD:
             raise GraceFormatError(f"grace_qat: quantization_config declares quant_method={method!r}")
         path = config.get("checkpoint_dir")
         if not path:

@@ -36,7 +36,7 @@ from grace_qat.settings import CLIP_PATH, hub_offline
 from grace_qat.llava_hf import (IMAGE_TOKEN, LLAVA_V1_SYSTEM, find_clip_dir, image_token_id,
                                 is_original_llava)
 
-from . import QUANT_NAME
+from . import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def is_grace_llava(model_dir: Any) -> bool:
         return False
     declared = (cfg.get("quantization_config") or {}).get("quant_method")
     if declared is not None:
-        return declared == QUANT_NAME
+        return declared == QUANT_METHOD
     from .detect import detect_grace_quantization
     return detect_grace_quantization(model_dir) is not None
 

@@ -6,7 +6,7 @@ import logging
 
 from grace_qat.settings import SGLANG_AUTODETECT
 
-from . import PARSER_NAME, QUANT_NAME, llava
+from . import PARSER_NAME, QUANT_METHOD, llava
 from .detect import detect_grace_quantization, local_dir_or_none
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _make_parser(base: type) -> type:
                                 injected["checkpoint_dir"], injected["format"], SGLANG_AUTODETECT)
                     config.quantization_config = injected
             qc = getattr(config, "quantization_config", None)
-            if isinstance(qc, dict) and qc.get("quant_method") == QUANT_NAME:
+            if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
                 local = local_dir_or_none(model, revision)
                 if local is not None and llava.original_llava_config(local) is not None:
                     # original-layout LLaVA: CLIP tower, <image> id, tokenizer check

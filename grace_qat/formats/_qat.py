@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import GraceFormatError
-from ..files import CONFIG_NAME, SAFETENSORS_DTYPES, check_architecture
+from ..files import CONFIG_NAME, QUANT_METHOD, SAFETENSORS_DTYPES, check_architecture
 from ..quantizer import code_range, derive_scales, effective_group_size, recover_codes, scales_from_log_scale
 from .base import Format, Opening, QuantizedLinear, RankTensor, Record
 
@@ -73,7 +73,7 @@ class QATFormat(Format):
             return scales_from_log_scale(log_scale, out_f, in_f, rec.group_size, name)
         except GraceFormatError as e:
             declared = rec.config.get("quantization_config") or {}
-            if (log_scale.dim() == 1 and declared.get("quant_method") == "grace_qat"
+            if (log_scale.dim() == 1 and declared.get("quant_method") == QUANT_METHOD
                     and declared.get("group_size") == rec.group_size
                     and log_scale.numel() != out_f * (in_f // effective_group_size(in_f, rec.group_size))):
                 # the group size is config.json's: name it as the source of the mismatch
