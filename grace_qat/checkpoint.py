@@ -7,38 +7,39 @@ The formats (README "Support matrix"; one module each in :mod:`grace_qat.formats
   * ``qat-grid``:    BF16 weights on the grid and nothing else: steps are derived from the grid;
   * ``awq``:         AutoAWQ GEMM packed 4-bit, zero point 8, ``awq_quantized_modules.json``;
   * ``plain``:       an unquantized checkpoint (e.g. the GRACE-BF16 release).
-``GraceCheckpoint`` holds what is common (files, bits, group size, modules) and asks its format
-(``self.kind``) everything else.
+``GraceCheckpoint`` is a thin reader: detection through the registry gives the format's
+:class:`~grace_qat.formats.Record` (files, bits, group size, modules), which the reader holds and
+hands to its format (``self.kind``) for every per-module question. Formats never see the reader.
 """
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from typing import Iterator
 
 import torch
 
 from . import formats
 from .errors import GraceFormatError
-from .files import (CONFIG_NAME, SIDECAR_NAME, SafetensorsDir, check_model_dir, declared_int,
+from .files import (CONFIG_NAME, QUANT_METHOD, SIDECAR_NAME, SafetensorsDir, check_model_dir, declared_int,
                     is_quantizable_module, load_sidecar, natural_key, read_config)
-from .formats import QuantizedLinear
+from .formats import QuantizedLinear, Record
 from .quantizer import check_bits, effective_group_size
 
+
+
+def _field(name: str) -> property:
+    return property(lambda self: getattr(self.record, name), doc=f"``Record.{name}`` (read-only)")
 
 
 class GraceCheckpoint:
     """A GRACE checkpoint directory. ``open`` detects everything; nothing heavy is read until asked."""
 
-    def __init__(self, path: str, fmt: str, bits: int | None, group_size: int, modules: list[str],
-                 config: dict, tensors: SafetensorsDir, sidecar_path: str | None = None):
-        self.path, self.format, self.bits, self.group_size = path, fmt, bits, group_size
-        self.kind: formats.Format = formats.get(fmt)
-        self.modules, self.config, self.tensors = modules, config, tensors
-        self.sidecar_path = sidecar_path
-        # True when nobody stated the bits (caller, config.json) and open() took them from the first
-        # quantized module: every module computed later must then need exactly that width.
-        self.bits_inferred = False
+    def __init__(self, record: Record):
+        self.record = record
+        self.kind: formats.Format = formats.get(record.format)
+
+    path, format, bits, group_size, modules, config, tensors, sidecar_path, bits_inferred = map(_field, (
+        "path", "format", "bits", "group_size", "modules", "config", "tensors", "sidecar_path", "bits_inferred"))
 
     # -- detection ----------------------------------------------------------------------------
 
@@ -50,7 +51,7 @@ class GraceCheckpoint:
         ckpt = cls._detect(path, bits, group_size)
         if fmt is None:
             declared = ckpt.config.get("quantization_config") or {}
-            fmt = declared.get("format") if declared.get("quant_method") == "grace_qat" else None
+            fmt = declared.get("format") if declared.get("quant_method") == QUANT_METHOD else None
         if fmt and fmt != ckpt.format:
             raise GraceFormatError(f"{os.path.join(ckpt.path, CONFIG_NAME)}: quantization_config says format "
                                    f"{fmt!r}, but the files are format {ckpt.format!r}")
@@ -65,7 +66,7 @@ class GraceCheckpoint:
         if not isinstance(declared, dict):
             raise GraceFormatError(f"{cfg_path}: quantization_config must be a JSON object, "
                                    f"got {type(declared).__name__}")
-        if declared.get("quant_method") == "grace_qat":   # validated even when the caller states them
+        if declared.get("quant_method") == QUANT_METHOD:   # validated even when the caller states them
             declared_bits = declared_int(declared, "bits", cfg_path, "quantization_config.")
             declared_gs = declared_int(declared, "group_size", cfg_path, "quantization_config.")
             bits, group_size = bits or declared_bits, group_size or declared_gs
@@ -78,18 +79,7 @@ class GraceCheckpoint:
         candidates = sorted((k[: -len(".weight")] for k in tensors.keys()
                              if k.endswith(".weight") and is_quantizable_module(k[: -len(".weight")])),
                             key=natural_key)
-        return formats.detect(formats.Opening(path, config, tensors, bits, group_size, candidates))
-
-    def _check_module_set(self, candidates: list[str]) -> None:
-        where = self.sidecar_path or self.path
-        extra = [m for m in self.modules if m + ".weight" not in self.tensors]
-        if extra:
-            raise GraceFormatError(f"{where}: scales for {len(extra)} modules that have no weight in the "
-                                   f"safetensors (first: {extra[0]})")
-        missing = [m for m in candidates if m not in set(self.modules)]
-        if missing:
-            raise GraceFormatError(f"{where}: no scales for {len(missing)} quantizable linears "
-                                   f"(first: {missing[0]}); every language-model projection must be quantized")
+        return cls(formats.detect(formats.Opening(path, config, tensors, bits, group_size, candidates)))
 
     def require_quantized(self) -> "GraceCheckpoint":
         """Itself, or the one-line refusal an engine gives a plain checkpoint under grace_qat."""
@@ -102,31 +92,43 @@ class GraceCheckpoint:
 
     # -- per-module access --------------------------------------------------------------------
 
-    @cached_property
-    def sidecar(self) -> dict[str, torch.Tensor]:
-        return load_sidecar(self.sidecar_path)
-
     def module_shape(self, name: str) -> tuple[int, int]:
-        return self.kind.module_shape(self, name)
+        return self.kind.module_shape(self.record, name)
 
     def module_group_size(self, name: str) -> int:
         return effective_group_size(self.module_shape(name)[1], self.group_size)
 
     def log_scale(self, name: str) -> torch.Tensor:
         """The raw learned log-steps of a QAT module (sidecar or inline)."""
-        return self.kind.log_scale(self, name)
+        return self.kind.log_scale(self.record, name)
 
     def scales(self, name: str) -> torch.Tensor:
         """fp32 steps (out, in/G) of one module, without reading or verifying its weight (AWQ: read)."""
-        return self.kind.scales(self, name)
+        return self.kind.scales(self.record, name)
 
     def check_served(self) -> None:
         """Verify every module's small tensors (steps, zero points) now; see Format.check_served."""
-        self.kind.check_served(self)
+        self.kind.check_served(self.record)
 
     def quantized(self, name: str) -> QuantizedLinear:
         """Verified codes and steps of one module; raises GraceFormatError naming file and tensor."""
-        return self.kind.quantized(self, name)
+        return self.kind.quantized(self.record, name)
+
+    def fed_tensor(self, name: str, leaf: str) -> torch.Tensor:
+        """The full tensor ``leaf`` of module ``name`` an adapter feeds; see Format.fed_tensor."""
+        return self.kind.fed_tensor(self.record, name, leaf)
+
+    def steps_dtype(self) -> torch.dtype:
+        """The precision the files store the steps in."""
+        return self.kind.steps_dtype(self.record)
+
+    def weight_dtype(self) -> torch.dtype | None:
+        """The storage dtype of the 16-bit grid weights (None: the files hold packed codes)."""
+        return self.kind.weight_dtype(self.record)
+
+    def stock_config(self) -> dict | None:
+        """A stock quantization_config an engine's own method loads the files under, else None."""
+        return self.kind.stock_config(self.record)
 
     def iter_quantized(self, progress: bool = False) -> Iterator[QuantizedLinear]:
         modules = self.modules

@@ -52,11 +52,11 @@ def _model_dir(model: str) -> str:
 
 def _inspect(args) -> int:
     from .checkpoint import GraceCheckpoint
-    from . import exports
+    from . import exports, targets
     from .files import check_model_dir
 
     path = _model_dir(args.checkpoint)
-    if exports.standard_method(check_model_dir(path)):
+    if targets.declared(check_model_dir(path)):
         return _inspect_standard(args, path)
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
     ckpt.check_served()          # the engines' first-process checks, in the same words
@@ -97,14 +97,15 @@ def _grace_serve(ckpt, path: str) -> list[tuple[str, list[str]]]:
     cannot tell the format (a bare grid: no declared quant_method, no marker); such a grid (what
     ``convert --to bf16`` writes) is served by a stock engine as BF16, as it is."""
     from . import formats
-    from .hub import AUTODETECT_ENV
-    declared = (ckpt.config.get("quantization_config") or {}).get("quant_method") == "grace_qat"
+    from .files import QUANT_METHOD
+    from .settings import AUTODETECT
+    declared = (ckpt.config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
     needs_flag = not declared and formats.marked(path, ckpt.config, ckpt.tensors.keys) is None
     flag = " --quantization grace_qat" if needs_flag else ""
     plugin = [f"vllm serve {path}{flag}", f"python -m sglang.launch_server --model-path {path}{flag}"]
     if not needs_flag:
         note = "(with the grace_qat plugin installed; detected without a flag" + \
-            ("" if declared else f", unless {AUTODETECT_ENV}=0") + ")"
+            ("" if declared else f", unless {AUTODETECT}=0") + ")"
         return [(note, plugin)]
     from . import exports
     return [("(stock engine, no plugin needed: BF16 weights as stored)", exports.serve_commands(path)),
@@ -130,14 +131,14 @@ def _print_serve(commands: list[str], note: str = "(stock engine, no plugin need
 
 def _inspect_standard(args, path: str) -> int:
     from . import exports
-    from .convert import _DTYPE_NAMES
+    from .files import dtype_name
 
     exp = exports.StandardCheckpoint(path)
     if args.bits is not None and args.bits != exp.bits:
         raise GraceFormatError(f"{exp.cfg_path}: quantization_config says {exp.bits}-bit, --bits says {args.bits}")
-    report = {"path": exp.path, "format": exp.method, "description": exports.DESCRIPTION[exp.method],
+    report = {"path": exp.path, "format": exp.method, "description": exp.target.description,
               "bits": exp.bits, "group_size": exp.group_size, "modules": len(exp.modules),
-              "scale_dtype": _DTYPE_NAMES.get(exp.scale_dtype(), str(exp.scale_dtype()))}
+              "scale_dtype": dtype_name(exp.scale_dtype())}
     report.update(_histogram(((e.codes, e.scales) for e in exp.iter_quantized()), exp.bits))
     report["serve"] = exports.serve_commands(exp.path)
     if _report_done(report, args, path):

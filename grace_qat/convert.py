@@ -12,7 +12,7 @@ Layouts: ``same`` (default) keeps the source's tensor names and config; ``llava-
 original-layout LLaVA-1.5 checkpoint into the llava-hf layout (:mod:`grace_qat.llava_hf`).
 
 Every packed module is unpacked again and compared with the verified codes before it is written,
-so a conversion either is bit-exact or fails. Scales (:func:`scale_dtype`): an AWQ-packed source's
+so a conversion either is bit-exact or fails. Scales (``Target.written_scale_dtype``): an AWQ-packed source's
 fp16 scales stay fp16 (exact); a QAT source's fp32 steps are rounded once to the model's dtype, as
 the grace_qat plugin rounds them when it serves (AWQ targets: fp16, which that format fixes).
 """
@@ -22,161 +22,39 @@ import filecmp
 import json
 import os
 import shutil
-from dataclasses import dataclass
-from typing import Callable
 
-import torch
-
-from . import formats
-from .checkpoint import GraceCheckpoint, QuantizedLinear
-from .files import AWQ_MODULES_NAME, CONFIG_NAME, SAFETENSORS_INDEX_NAME
+from . import formats, targets
+from .checkpoint import GraceCheckpoint
+from .files import CONFIG_NAME, QUANT_METHOD, SAFETENSORS_INDEX_NAME, dtype_name, model_dtype
 from . import llava_hf
 from .errors import GraceFormatError
 from .output import write_dir
-from .packing import (pack_awq, pack_compressed_tensors, pack_gptq, unpack_awq,
-                      unpack_compressed_tensors, unpack_gptq)
-from .quantizer import dequantize
 from .shards import ShardWriter
 
-
-
-@dataclass(frozen=True)
-class Packer:
-    """How one packed target lays out a module: ``pack(q, sdtype)`` -> tensors (leaf -> tensor),
-    ``unpack(tensors, q)`` -> (codes, scales), read back before anything is written."""
-    pack: Callable[[QuantizedLinear, torch.dtype], dict]
-    unpack: Callable[[dict, QuantizedLinear], tuple]
-    config: Callable[[GraceCheckpoint, list], dict]       # the export's quantization_config
-    scale_dtype: torch.dtype | None = None                # fixed by the layout (else: see scale_dtype)
-    side_file: Callable[[str, GraceCheckpoint, list], None] | None = None   # (dst, source, module names)
-
-
-def _awq_modules_file(dst: str, ckpt: GraceCheckpoint, modules: list[str]) -> None:
-    with open(os.path.join(dst, AWQ_MODULES_NAME), "w") as f:
-        json.dump({"bits": 4, "group_size": ckpt.group_size, "modules": modules}, f, indent=2)
-
-
-def _awq_pack(q, sdtype):
-    if q.bits != 4:
-        raise GraceFormatError(f"{q.name}: AWQ export is 4-bit only, this checkpoint is {q.bits}-bit")
-    return pack_awq(q.codes, q.scales, q.group_size, scale_dtype=sdtype)
-
-
-PACKERS = {
-    "gptq": Packer(lambda q, sd: pack_gptq(q.codes, q.scales, q.bits, q.group_size, scale_dtype=sd),
-                   lambda t, q: unpack_gptq(t["qweight"], t["qzeros"], t["scales"], q.bits, q.name),
-                   lambda c, m: _gptq_config(c, m)),
-    "compressed-tensors": Packer(
-        lambda q, sd: pack_compressed_tensors(q.codes, q.scales, q.bits, scale_dtype=sd),
-        lambda t, q: unpack_compressed_tensors(t["weight_packed"], t["weight_scale"], q.bits),
-        lambda c, m: _compressed_tensors_config(c, m)),
-    "awq": Packer(_awq_pack, lambda t, q: unpack_awq(t["qweight"], t["qzeros"], t["scales"], q.name),
-                  lambda c, m: _awq_config(c, m), scale_dtype=torch.float16, side_file=_awq_modules_file),
-}
-# Every target: the packed ones, the dequantized model, and a copy that only declares grace_qat.
-TARGETS = (*PACKERS, "bf16", "grace_qat")
+# Every target: the standard layouts (grace_qat.targets), and a copy that only declares grace_qat.
+TARGETS = (*targets.names(), QUANT_METHOD)
 LAYOUTS = ("same", "llava-hf")
-# Linear layers that GRACE never quantizes; stock engines must leave them alone too.
-UNQUANTIZED_PATTERNS = ["lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*mm_projector.*",
-                        "re:.*multi_modal_projector.*"]
-_STRING_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def model_dtype(config: dict) -> torch.dtype:
-    """The dtype the checkpoint's unquantized tensors are meant to run in (bf16 unless stated)."""
-    for cfg in (config, config.get("text_config") or {}):
-        for key in ("dtype", "torch_dtype"):
-            if cfg.get(key) in _STRING_DTYPES:
-                return _STRING_DTYPES[cfg[key]]
-    return torch.bfloat16
-
-
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def source_scale_dtype(ckpt: GraceCheckpoint) -> torch.dtype:
-    """The precision the source stores its steps in: AWQ-packed scales as written (fp16), QAT
-    log-steps as fp32 exp(log_scale)."""
-    return ckpt.kind.steps_dtype(ckpt)
-
-
-def scale_dtype(target: str, ckpt: GraceCheckpoint) -> torch.dtype | None:
-    """The dtype ``target``'s scales are written in (None: no scales, e.g. bf16 weights). The
-    source's own 16-bit precision is kept wherever the target can hold it; fp32 steps are rounded to
-    the model's dtype (what the engines compute with), or to fp16 where the format fixes it (AWQ)."""
-    if target not in PACKERS:
-        return None
-    src = source_scale_dtype(ckpt)
-    if PACKERS[target].scale_dtype is not None:
-        return PACKERS[target].scale_dtype
-    return src if src in (torch.float16, torch.bfloat16) else model_dtype(ckpt.config)
 
 
 def exactness(target: str, ckpt: GraceCheckpoint) -> str:
     """What a conversion keeps exactly, in words, for the CLI's success line."""
-    if target == "grace_qat":
+    if target == QUANT_METHOD:
         return "files copied unchanged, only config.json declares quant_method grace_qat"
-    src = source_scale_dtype(ckpt)
-    if target == "bf16":
-        return (f"codes verified bit-exact, weights = codes x {_DTYPE_NAMES[src]} scales computed in fp32, "
-                f"rounded once to {_DTYPE_NAMES[model_dtype(ckpt.config)]}")
-    dst = scale_dtype(target, ckpt)
+    src, model = ckpt.steps_dtype(), model_dtype(ckpt.config)
+    dst = targets.get(target).written_scale_dtype(src, model)
+    if dst is None:
+        return (f"codes verified bit-exact, weights = codes x {dtype_name(src)} scales computed in fp32, "
+                f"rounded once to {dtype_name(model)}")
     if dst == src:
-        how = f"scales exact ({_DTYPE_NAMES[dst]}, as in the source)"
+        how = f"scales exact ({dtype_name(dst)}, as in the source)"
     else:
-        how = f"scales rounded from {_DTYPE_NAMES[src]} to {_DTYPE_NAMES[dst]}"
+        how = f"scales rounded from {dtype_name(src)} to {dtype_name(dst)}"
     return f"codes bit-exact, {how}"
 
 
 def grace_quantization_config(ckpt: GraceCheckpoint) -> dict:
-    return {"quant_method": "grace_qat", "format": ckpt.format, "bits": ckpt.bits,
+    return {"quant_method": QUANT_METHOD, "format": ckpt.format, "bits": ckpt.bits,
             "group_size": ckpt.group_size}
-
-
-def _gptq_config(ckpt: GraceCheckpoint, modules: list[str]) -> dict:
-    return {"quant_method": "gptq", "bits": ckpt.bits, "group_size": ckpt.group_size, "sym": True,
-            "desc_act": False, "lm_head": False, "checkpoint_format": "gptq",
-            "modules_in_block_to_quantize": modules}
-
-
-def _compressed_tensors_config(ckpt: GraceCheckpoint, modules: list[str]) -> dict:
-    return {"quant_method": "compressed-tensors", "format": "pack-quantized",
-            "quantization_status": "compressed", "ignore": UNQUANTIZED_PATTERNS,
-            "config_groups": {"group_0": {
-                "targets": ["Linear"], "input_activations": None, "output_activations": None,
-                "weights": {"num_bits": ckpt.bits, "type": "int", "symmetric": True,
-                            "strategy": "group", "group_size": ckpt.group_size, "dynamic": False,
-                            "actorder": None, "observer": "minmax"}}}}
-
-
-def _awq_config(ckpt: GraceCheckpoint, modules: list[str]) -> dict:
-    return {"quant_method": "awq", "bits": 4, "group_size": ckpt.group_size, "zero_point": True,
-            "version": "gemm", "modules_to_not_convert": ["visual", "vision_tower", "mm_projector",
-                                                          "multi_modal_projector", "lm_head"]}
-
-
-def _quantization_config(target: str, ckpt: GraceCheckpoint, modules: list[str]) -> dict | None:
-    if target == "grace_qat":
-        return grace_quantization_config(ckpt)
-    return PACKERS[target].config(ckpt, modules) if target in PACKERS else None
-
-
-def _pack_module(target: str, q: QuantizedLinear, dtype: torch.dtype,
-                 sdtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Tensors of one module in the target layout (scales in ``sdtype``), unpacked again and checked
-    against the codes and the scales rounded to ``sdtype``."""
-    name = q.name
-    if target == "bf16":
-        return {f"{name}.weight": dequantize(q.codes, q.scales, q.group_size, dtype)}
-    if target not in PACKERS:
-        raise GraceFormatError(f"unknown target {target!r}; choose one of {TARGETS}")
-    t = PACKERS[target].pack(q, sdtype)
-    back, back_s = PACKERS[target].unpack(t, q)
-    if not torch.equal(back.to(torch.int32), q.codes.to(torch.int32)):
-        raise GraceFormatError(f"{name}: packed {target} tensors do not unpack to the same codes (bug)")
-    if back_s.dtype != sdtype or not torch.equal(back_s, q.scales.to(sdtype)):
-        raise GraceFormatError(f"{name}: packed {target} scales are not the source's rounded to {sdtype} (bug)")
-    return {f"{name}.{k}": v for k, v in t.items()}
 
 
 def _copy_side_files(src: str, dst: str) -> None:
@@ -216,7 +94,7 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
         raise GraceFormatError(f"{src}: not a GRACE quantized checkpoint (no quantized modules found)")
     config = dict(ckpt.config)
     to_hf = layout == "llava-hf"
-    if to_hf and (to == "grace_qat" or not llava_hf.is_original_llava(config)):
+    if to_hf and (to == QUANT_METHOD or not llava_hf.is_original_llava(config)):
         raise GraceFormatError(
             f"{src}: --layout llava-hf converts an original-layout LLaVA-1.5 checkpoint (config.json with "
             f"mm_vision_tower, no text_config) to gptq/compressed-tensors/awq/bf16; got "
@@ -225,8 +103,9 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
         clip_dir, _ = llava_hf.find_clip_dir(config.get("mm_vision_tower"))
     dtype = model_dtype(config)
     name_of = llava_hf.rename if to_hf else (lambda n: n)
+    modules = [name_of(m) for m in ckpt.modules]
 
-    if to == "grace_qat":   # same tensors and sidecar; only config.json changes
+    if to == QUANT_METHOD:   # same tensors and sidecar; only config.json changes
         for fname in os.listdir(src):
             full = os.path.join(src, fname)
             if os.path.isfile(full) and fname != CONFIG_NAME:
@@ -239,9 +118,10 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
         else:
             _copy_side_files(src, dst)
         writer = ShardWriter(dst, verify=True)
-        sdtype = scale_dtype(to, ckpt)
+        target = targets.get(to)
+        sdtype = target.written_scale_dtype(ckpt.steps_dtype(), dtype)
         for q in ckpt.iter_quantized(progress=progress):
-            for k, v in _pack_module(to, q, dtype, sdtype).items():
+            for k, v in target.write_module(q, sdtype, dtype).items():
                 writer.add(name_of(k), v)
             if q.bias is not None:
                 writer.add(name_of(f"{q.name}.bias"), q.bias)
@@ -261,15 +141,14 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
                 writer.add(name, tensor)
         writer.close()
         writer.verify()
-        side_file = PACKERS[to].side_file if to in PACKERS else None
-        if side_file is not None:
-            side_file(dst, ckpt, [name_of(m) for m in ckpt.modules])
+        target.write_side_files(dst, ckpt.group_size, modules)
 
     if to_hf:
         config = llava_hf.hf_config(config, config["vocab_size"], clip_dir)
     config.pop("awq_packing", None)
     config.pop("quantization_config", None)
-    qc = _quantization_config(to, ckpt, [name_of(m) for m in ckpt.modules])
+    qc = grace_quantization_config(ckpt) if to == QUANT_METHOD else targets.get(to).quantization_config(
+        ckpt.bits, ckpt.group_size, modules)
     if qc is not None:
         config["quantization_config"] = qc
     with open(os.path.join(dst, CONFIG_NAME), "w") as f:

@@ -15,6 +15,9 @@ from safetensors import safe_open
 from .errors import GraceFormatError
 from .quantizer import SUPPORTED_BITS
 
+# the quant_method of a GRACE quantization_config (what `convert --to grace_qat` declares and the
+# engines' --quantization flag names)
+QUANT_METHOD = "grace_qat"
 SIDECAR_NAME = "qat_quantized_weights.bin"
 AWQ_MODULES_NAME = "awq_quantized_modules.json"
 CONFIG_NAME = "config.json"
@@ -24,6 +27,22 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _OTHER_DTYPES = {"F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                  "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_SHORT_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def dtype_name(d: torch.dtype) -> str:
+    """fp16 / bf16 / fp32, as the CLI's messages name precisions."""
+    return _SHORT_DTYPE_NAMES.get(d, str(d))
+
+
+def model_dtype(config: dict) -> torch.dtype:
+    """The dtype a checkpoint's unquantized tensors are meant to run in (bf16 unless stated)."""
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if cfg.get(key) in _CONFIG_DTYPES:
+                return _CONFIG_DTYPES[cfg[key]]
+    return torch.bfloat16
 
 # The linears GRACE quantizes: attention and MLP projections of every language-model decoder layer.
 _QUANTIZABLE = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")

@@ -15,34 +15,10 @@ import re
 from . import formats
 from .errors import GraceFormatError
 from .files import SAFETENSORS_INDEX_NAME, SIDECAR_NAME, config_or_none
+from .settings import flag as env_flag, hub_offline  # noqa: F401 - env_flag: until grace_vllm/dispatch.py reads settings
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 # "Owner/Name" as the Hub spells repository ids
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-# Auto-detection of GRACE checkpoints without --quantization grace_qat (both engines); 0 turns it off.
-AUTODETECT_ENV = "GRACE_QAT_AUTODETECT"
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """An on/off environment variable, spelled as huggingface_hub accepts (1/true/yes/on, 0/false/no/off).
-
-    Unset or empty: ``default``. Anything else is an error naming the variable, not a silent guess.
-    """
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise GraceFormatError(f"environment variable {name}={os.environ[name]!r}: expected one of "
-                           f"{'/'.join(_TRUE)} or {'/'.join(_FALSE)}")
-
-
-def hub_offline() -> bool:
-    return env_flag("HF_HUB_OFFLINE", False)
 
 
 def is_hub_id(model: object) -> bool:
@@ -164,5 +140,4 @@ def find_grace_checkpoint(model: object, revision: str | None = None) -> tuple[s
     return (path, fmt) if fmt else None
 
 
-__all__ = ["AUTODETECT_ENV", "env_flag", "hub_offline", "is_hub_id", "local_checkpoint_dir",
-           "detect_grace_format", "find_grace_checkpoint", "bare_grid_bits"]
+__all__ = ["is_hub_id", "local_checkpoint_dir", "detect_grace_format", "find_grace_checkpoint", "bare_grid_bits"]

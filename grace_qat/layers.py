@@ -65,7 +65,7 @@ def module_shards(prefix: str, layer_type: str, names: list[str], qkv: bool, mer
                      f"no rule to load their scales shard by shard")
 
 
-def checkpoint_feeds(fmt, ckpt, tensors, shards):
+def checkpoint_feeds(ckpt, tensors, shards):
     """(leaf, full tensor, loader args) for every "checkpoint"-source RankTensor of every
     (module, shard id) in ``shards``: what an adapter pushes through that leaf's own loader after
     loading, so that the engine shards it exactly like the weight stream's tensors."""
@@ -73,7 +73,7 @@ def checkpoint_feeds(fmt, ckpt, tensors, shards):
         args = () if shard_id is None else (shard_id,)
         for t in tensors:
             if t.source == "checkpoint":
-                yield t.leaf, fmt.fed_tensor(ckpt, name, t.leaf), args
+                yield t.leaf, ckpt.fed_tensor(name, t.leaf), args
 
 
 def loader_for(t, loader, groups_per_row: int):

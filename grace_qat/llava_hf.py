@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import settings
 from .errors import GraceFormatError
 from .files import read_config
 
@@ -54,7 +55,6 @@ _RENAMES = [   # original layout -> llava-hf, first match wins
 VOCAB_TENSORS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
 
 
-CLIP_ENV = "GRACE_CLIP_PATH"
 # The system prompt of LLaVA's "llava_v1" conversation (USER/ASSISTANT turns, " " and "</s>"
 # separators), which GRACE's LLaVA tooling prompts with; the same text is in llava_vicuna_v1.jinja.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
@@ -79,9 +79,9 @@ def find_clip_dir(mm_vision_tower: str | None) -> tuple[str | None, list[str]]:
     ``$GRACE_CLIP_PATH`` when set (it must then be a directory), else ``mm_vision_tower`` as a local
     directory, else ``mm_vision_tower`` as a Hub id in the Hugging Face cache.
     """
-    env = os.environ.get(CLIP_ENV)
+    env = settings.clip_path()
     if env:
-        return (env, []) if os.path.isdir(env) else (None, [f"{CLIP_ENV}={env} (not a directory)"])
+        return (env, []) if os.path.isdir(env) else (None, [f"{settings.CLIP_PATH}={env} (not a directory)"])
     if not mm_vision_tower:
         return None, ["mm_vision_tower (not set)"]
     if os.path.isdir(mm_vision_tower):

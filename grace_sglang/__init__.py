@@ -31,9 +31,8 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-QUANT_NAME = "grace_qat"
+QUANT_METHOD = "grace_qat"
 PARSER_NAME = "grace_qat"
-AUTODETECT_ENV = "GRACE_QAT_SGLANG_AUTODETECT"
 
 _registered = False
 
@@ -46,14 +45,8 @@ def _add_cli_choice() -> None:
     except ImportError:  # pragma: no cover - layout of versions we have not seen
         from sglang.srt.arg_groups.choices import (  # type: ignore[no-redef]
             QUANTIZATION_CHOICES, add_quantization_method_choices)
-    if QUANT_NAME not in QUANTIZATION_CHOICES:
-        add_quantization_method_choices([QUANT_NAME])
-
-
-def autodetect_enabled() -> bool:
-    """``GRACE_QAT_SGLANG_AUTODETECT`` if set, else ``GRACE_QAT_AUTODETECT`` (both engines), else on."""
-    from grace_qat.hub import AUTODETECT_ENV as COMMON_ENV, env_flag
-    return env_flag(AUTODETECT_ENV, env_flag(COMMON_ENV, True))
+    if QUANT_METHOD not in QUANTIZATION_CHOICES:
+        add_quantization_method_choices([QUANT_METHOD])
 
 
 def register() -> None:
@@ -63,14 +56,16 @@ def register() -> None:
         return
     from sglang.srt.layers.quantization import QUANTIZATION_METHODS
 
+    from grace_qat import settings
+
     from .config import GraceQATConfig
     from .parser import install_config_parser
 
-    if QUANTIZATION_METHODS.get(QUANT_NAME) is not GraceQATConfig:
-        QUANTIZATION_METHODS[QUANT_NAME] = GraceQATConfig
+    if QUANTIZATION_METHODS.get(QUANT_METHOD) is not GraceQATConfig:
+        QUANTIZATION_METHODS[QUANT_METHOD] = GraceQATConfig
     _add_cli_choice()
     try:
-        wrap = autodetect_enabled()
+        wrap = settings.sglang_autodetect()
     except ValueError as e:   # a misspelt flag: say so in one line, keep the default
         logger.error("grace_qat: %s; auto-detection stays on", e)
         wrap = True
@@ -81,4 +76,4 @@ def register() -> None:
     logger.debug("grace_qat: registered quantization method and config parser")
 
 
-__all__ = ["register", "QUANT_NAME", "PARSER_NAME", "AUTODETECT_ENV", "autodetect_enabled"]
+__all__ = ["register", "QUANT_METHOD", "PARSER_NAME"]

@@ -37,7 +37,7 @@ from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
 from grace_qat.hub import local_checkpoint_dir
 
-from . import QUANT_NAME
+from . import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class GraceQATConfig(QuantizationConfig):
     # -- QuantizationConfig API ----------------------------------------------------------------
 
     def get_name(self) -> str:
-        return QUANT_NAME
+        return QUANT_METHOD
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
         return [torch.bfloat16, torch.float16]
@@ -118,8 +118,8 @@ class GraceQATConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GraceQATConfig":
-        method = str(config.get("quant_method", QUANT_NAME)).lower()
-        if method != QUANT_NAME:
+        method = str(config.get("quant_method", QUANT_METHOD)).lower()
+        if method != QUANT_METHOD:
             raise GraceFormatError(f"grace_qat: quantization_config declares quant_method={method!r}")
         path = config.get("checkpoint_dir")
         if not path:
@@ -165,7 +165,7 @@ class GraceQATConfig(QuantizationConfig):
         if spare:
             logger.info("grace_qat: %s", spare)
         st = _scalar_types()
-        if ckpt.kind.stock_config(ckpt) is not None:
+        if ckpt.stock_config() is not None:
             self.quant_type = st.uint4          # what AWQ-Marlin runs (zero points as a tensor)
         else:
             self.quant_type = st.uint4b8 if ckpt.bits == 4 else st.uint8b128
@@ -219,7 +219,7 @@ class GraceQATConfig(QuantizationConfig):
         names = self.checkpoint_modules(prefix)
         if names is None:
             return UnquantizedLinearMethod()
-        if self.checkpoint.kind.stock_config(self.checkpoint) is not None:
+        if self.checkpoint.stock_config() is not None:
             return self.awq_config().get_quant_method(layer, prefix)
         from .linear import GraceQATLinearMethod
         return GraceQATLinearMethod(self, prefix, names)
@@ -231,7 +231,7 @@ class GraceQATConfig(QuantizationConfig):
         already checked by the format)."""
         if self._stock is None:
             from sglang.srt.layers.quantization.awq import AWQMarlinConfig
-            full = self.checkpoint.kind.stock_config(self.checkpoint)
+            full = self.checkpoint.stock_config()
             try:
                 stock = AWQMarlinConfig.from_config(full)
             except ValueError as e:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from grace_qat.hub import find_grace_checkpoint, is_hub_id
 
-from . import QUANT_NAME
+from . import QUANT_METHOD
 
 
 def detect_grace_quantization(model: Any, revision: Optional[str] = None) -> Optional[dict]:
@@ -24,7 +24,7 @@ def detect_grace_quantization(model: Any, revision: Optional[str] = None) -> Opt
         return None
     path, fmt = found
     where = model if is_hub_id(model) else path
-    return {"quant_method": QUANT_NAME, "format": fmt, "checkpoint_dir": where}
+    return {"quant_method": QUANT_METHOD, "format": fmt, "checkpoint_dir": where}
 
 
 def local_dir_or_none(model: Any, revision: Optional[str]) -> Optional[str]:

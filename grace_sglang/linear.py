@@ -93,7 +93,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         self.input_size, self.output_size = input_size, output_size
         self.params_dtype = params_dtype
         self.bits, self.bits_inferred = ckpt.bits, ckpt.bits_inferred
-        staging = ckpt.kind.weight_dtype(ckpt)
+        staging = ckpt.weight_dtype()
 
         self.tensors = ckpt.kind.rank_tensors(n, k, geo.groups_pp, staging)
         for t in self.tensors:
@@ -145,7 +145,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         ckpt = self.config.checkpoint
         try:
             with torch.device(getattr(layer, self.tensors[0].leaf).device):
-                for leaf, full, args in layers.checkpoint_feeds(ckpt.kind, ckpt, self.tensors, shards):
+                for leaf, full, args in layers.checkpoint_feeds(ckpt, self.tensors, shards):
                     param = getattr(layer, leaf)
                     layers.feed_loader(param)(param, full.to(param.device), *args)
         except GraceFormatError as e:        # names the file and tensor already

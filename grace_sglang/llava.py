@@ -32,11 +32,11 @@ from typing import Any, Optional
 
 from grace_qat.errors import GraceFormatError
 from grace_qat.files import config_or_none
-from grace_qat.hub import hub_offline
-from grace_qat.llava_hf import (CLIP_ENV, IMAGE_TOKEN, LLAVA_V1_SYSTEM, find_clip_dir, image_token_id,
+from grace_qat.settings import CLIP_PATH, hub_offline
+from grace_qat.llava_hf import (IMAGE_TOKEN, LLAVA_V1_SYSTEM, find_clip_dir, image_token_id,
                                 is_original_llava)
 
-from . import QUANT_NAME
+from . import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def is_grace_llava(model_dir: Any) -> bool:
         return False
     declared = (cfg.get("quantization_config") or {}).get("quant_method")
     if declared is not None:
-        return declared == QUANT_NAME
+        return declared == QUANT_METHOD
     from .detect import detect_grace_quantization
     return detect_grace_quantization(model_dir) is not None
 
@@ -115,7 +115,7 @@ def _resolve_clip(model_dir: str, tower: Optional[str]) -> Optional[str]:
         if hub_offline():
             raise GraceFormatError(
                 f"{model_dir}: LLaVA vision tower not found at {' or '.join(looked)} and the Hub is "
-                f"offline; point {CLIP_ENV} at a local CLIP directory such as a download of "
+                f"offline; point {CLIP_PATH} at a local CLIP directory such as a download of "
                 f"openai/clip-vit-large-patch14-336")
         logger.info("grace_qat: CLIP tower %r is not local; SGLang will fetch it from the Hub", tower)
         return None
@@ -124,7 +124,7 @@ def _resolve_clip(model_dir: str, tower: Optional[str]) -> Optional[str]:
         raise GraceFormatError(
             f"{clip_dir}: SGLang's LLaVA loads the vision tower only from a path containing 'clip' or "
             f"'siglip' (it picks the model class by that name); rename or symlink this CLIP directory "
-            f"(e.g. .../clip-vit-large-patch14-336) and point {CLIP_ENV} at it")
+            f"(e.g. .../clip-vit-large-patch14-336) and point {CLIP_PATH} at it")
     return clip_dir
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from . import AUTODETECT_ENV, PARSER_NAME, QUANT_NAME, llava
+from grace_qat.settings import SGLANG_AUTODETECT
+
+from . import PARSER_NAME, QUANT_METHOD, llava
 from .detect import detect_grace_quantization, local_dir_or_none
 
 logger = logging.getLogger(__name__)
@@ -32,10 +34,10 @@ def _make_parser(base: type) -> type:
                 if injected is not None:
                     logger.info("grace_qat: %s is a GRACE %s checkpoint; serving it with "
                                 "quantization=grace_qat (%s=0 turns this off)",
-                                injected["checkpoint_dir"], injected["format"], AUTODETECT_ENV)
+                                injected["checkpoint_dir"], injected["format"], SGLANG_AUTODETECT)
                     config.quantization_config = injected
             qc = getattr(config, "quantization_config", None)
-            if isinstance(qc, dict) and qc.get("quant_method") == QUANT_NAME:
+            if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
                 local = local_dir_or_none(model, revision)
                 if local is not None and llava.original_llava_config(local) is not None:
                     # original-layout LLaVA: CLIP tower, <image> id, tokenizer check

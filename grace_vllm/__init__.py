@@ -57,9 +57,6 @@ def register() -> None:
     _registered = True
 
 
-TRACEBACK_ENV = "GRACE_QAT_TRACEBACK"
-
-
 def grace_error(exc: BaseException | None):
     """The GraceFormatError behind an exception: itself, its cause/context, or one that pydantic
     wrapped (vLLM builds its configs as pydantic dataclasses, and maybe_update_config runs inside
@@ -127,9 +124,9 @@ def _install_excepthook() -> None:
         err = grace_error(exc)
         if err is None:
             return previous(exc_type, exc, tb)
-        from grace_qat.hub import env_flag
+        from grace_qat import settings
         try:
-            full = env_flag(TRACEBACK_ENV, False)
+            full = settings.traceback()
         except ValueError:
             full = True
         if full:

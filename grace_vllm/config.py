@@ -90,7 +90,7 @@ class GraceQATConfig(QuantizationConfig):
         self.bits_inferred = getattr(self, "bits_inferred", False) or ckpt.bits_inferred  # grace_qat rule
         self.checkpoint_dir = path
         self.modules = list(ckpt.modules)
-        stored = ckpt.kind.weight_dtype(ckpt)
+        stored = ckpt.weight_dtype()
         self.weight_dtype = str(stored).removeprefix("torch.") if stored is not None else None
         # Fail here, in the first process, on bad steps (NaN/inf/zero/out of range) and zero points:
         # an error in a worker reaches the user only as vLLM's "Engine core initialization failed".

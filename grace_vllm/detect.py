@@ -18,7 +18,8 @@ import os
 import sys
 
 from grace_qat.files import check_model_dir
-from grace_qat.hub import AUTODETECT_ENV, bare_grid_bits, env_flag, find_grace_checkpoint
+from grace_qat import settings
+from grace_qat.hub import bare_grid_bits, find_grace_checkpoint
 
 from . import QUANT_METHOD
 
@@ -65,7 +66,7 @@ def _grace_parser(base: type) -> type:
                 raise
             if (config_dict.get("quantization_config") is None
                     and getattr(config, "quantization_config", None) is None
-                    and env_flag(AUTODETECT_ENV, True)):
+                    and settings.autodetect()):
                 found = find_grace_checkpoint(str(model), revision)
                 if found is not None:
                     path, fmt = found
@@ -74,7 +75,7 @@ def _grace_parser(base: type) -> type:
                     if os.environ.get(_LOGGED_ENV) != path:
                         os.environ[_LOGGED_ENV] = path
                         where = path if os.path.abspath(str(model)) == path else f"{model} ({path})"
-                        hint = "" if _flag_given() else f" ({AUTODETECT_ENV}=0 turns this off)"
+                        hint = "" if _flag_given() else f" ({settings.AUTODETECT}=0 turns this off)"
                         logger.info("grace_qat: %s is a GRACE %s checkpoint; serving it with quantization "
                                     "grace_qat%s", where, fmt, hint)
                     injected = {"quant_method": QUANT_METHOD, "format": fmt}

@@ -263,7 +263,7 @@ class GraceLinearMethod(LinearMethodBase):
         if not any(t.source == "checkpoint" for t in self.tensors):
             return
         shards = _module_shards(layer, self.hf_names)
-        for leaf, full, args in layers.checkpoint_feeds(self.format, self.qcfg.checkpoint(), self.tensors, shards):
+        for leaf, full, args in layers.checkpoint_feeds(self.qcfg.checkpoint(), self.tensors, shards):
             param = getattr(layer, leaf)
             layers.feed_loader(param)(param, full.to(param.device), *args)
 

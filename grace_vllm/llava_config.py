@@ -25,7 +25,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from grace_qat.errors import GraceFormatError
 from grace_qat.files import config_or_none
 # LLaVA-1.5's format facts (vicuna_v1 template, what an original-layout config is) live in the core
-from grace_qat.llava_hf import CHAT_TEMPLATE, CLIP_ENV, find_clip_dir, is_original_llava
+from grace_qat.llava_hf import CHAT_TEMPLATE, find_clip_dir, is_original_llava
+from grace_qat.settings import CLIP_PATH
 
 ARCHITECTURE = "LlavaLlamaForCausalLM"
 MODEL_TYPE = "llava_llama"
@@ -173,7 +174,7 @@ def vision_tower_weights_dir(model: str, mm_vision_tower: str | None,
         looked = [f"{clip_dir} (a directory without *.safetensors or *.bin weights)"]
     raise GraceFormatError(
         f"LLaVA vision tower not found: {model} has no {VISION_WEIGHT_PREFIX}* weights and the CLIP "
-        f"tower is not at {' or '.join(looked)}; point {CLIP_ENV} (or --hf-overrides "
+        f"tower is not at {' or '.join(looked)}; point {CLIP_PATH} (or --hf-overrides "
         f"'{{\"mm_vision_tower\": \"/path\"}}') at a local CLIP directory such as a download of "
         f"openai/clip-vit-large-patch14-336")
 

@@ -44,7 +44,7 @@ def _loaded(ckpt, name, files, out_rows=None):
     loaded = {}
     for t in specs:
         if t.source == "checkpoint":
-            v = ckpt.kind.fed_tensor(ckpt, name, t.leaf)
+            v = ckpt.fed_tensor(name, t.leaf)
         else:
             v = files[f"{name}.{t.leaf}"]
             if t.flat_in_checkpoint:
@@ -123,7 +123,7 @@ def test_layer_feeds_per_module_and_shard_id(tiny):
     for fmt in QUANTIZED:
         ckpt = GraceCheckpoint.open(tiny[fmt])
         specs = ckpt.kind.rank_tensors(8, 256, 2, torch.bfloat16)
-        fed = list(layers.checkpoint_feeds(ckpt.kind, ckpt, specs, list(zip(qkv, "qkv"))))
+        fed = list(layers.checkpoint_feeds(ckpt, specs, list(zip(qkv, "qkv"))))
         if fmt != "qat-sidecar":
             assert fed == [], fmt
             continue

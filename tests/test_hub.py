@@ -51,7 +51,7 @@ def _run(code: str, env: dict, cwd: str) -> dict:
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "on", "On", "0", "false", "no", "off", "OFF"])
 def test_env_flag_reads_flags_as_huggingface_hub_does(value, monkeypatch):
     from huggingface_hub.constants import _is_true   # huggingface_hub's own reading of HF_HUB_OFFLINE
-    from grace_qat.hub import env_flag, hub_offline
+    from grace_qat.settings import flag as env_flag, hub_offline
     monkeypatch.setenv("GRACE_QAT_TEST_FLAG", value)
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert env_flag("GRACE_QAT_TEST_FLAG", not _is_true(value)) is _is_true(value)
@@ -60,7 +60,7 @@ def test_env_flag_reads_flags_as_huggingface_hub_does(value, monkeypatch):
 
 def test_env_flag_refuses_a_misspelt_value_in_one_line(monkeypatch):
     from grace_qat.errors import GraceFormatError
-    from grace_qat.hub import env_flag
+    from grace_qat.settings import flag as env_flag
     monkeypatch.setenv("GRACE_QAT_AUTODETECT", "nope")
     with pytest.raises(GraceFormatError) as e:
         env_flag("GRACE_QAT_AUTODETECT", True)

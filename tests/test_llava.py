@@ -91,7 +91,8 @@ def test_clip_lookup(ckpts, registered, monkeypatch):
     from huggingface_hub import constants
     from transformers import AutoConfig
     from grace_qat.errors import GraceFormatError
-    from grace_vllm.llava_config import CLIP_ENV, find_clip_dir, vision_tower_weights_dir
+    from grace_qat.settings import CLIP_PATH as CLIP_ENV
+    from grace_vllm.llava_config import find_clip_dir, vision_tower_weights_dir
     monkeypatch.delenv(CLIP_ENV, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", ckpts["hf_cache"])
     # Hub id through the Hugging Face cache; a local directory as is

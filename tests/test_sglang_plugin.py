@@ -696,7 +696,7 @@ def test_llava_clip_tower_and_chat_template(plugins_loaded, llava_local, monkeyp
     local directory (GRACE_CLIP_PATH), sets the <image> id, and picks LLaVA's llava_v1 conversation."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.parser.conversation import get_conv_template_by_model_path
-    from grace_qat.llava_hf import CLIP_ENV
+    from grace_qat.settings import CLIP_PATH as CLIP_ENV
     with open(os.path.join(llava_local["ckpt"], "config.json")) as f:
         raw = json.load(f)
     assert raw["mm_vision_tower"] == "openai/clip-vit-large-patch14-336"

@@ -4,10 +4,10 @@ Adding a format = one new module here (a ``Format`` subclass, registered) plus i
 checkpoint reader, detection, ``convert``, the CLI, the fixtures and both engine adapters take it
 from the registry.
 """
-from .base import (Format, Opening, QuantizedLinear, RankTensor, all_formats, detect, get, marked, names,
-                   quantized_names, register, spare_note, spare_tensors)
+from .base import (Format, Opening, QuantizedLinear, RankTensor, Record, all_formats, detect, get, marked,
+                   names, quantized_names, register, spare_note, spare_tensors)
 # each registers its format; this order is the order the CLI and the fixtures list them in
 from . import qat_sidecar, qat_inline, qat_grid, awq, plain  # noqa: E401,F401,I001
 
-__all__ = ["Format", "Opening", "QuantizedLinear", "RankTensor", "all_formats", "detect", "get", "marked",
-           "names", "quantized_names", "register", "spare_note", "spare_tensors"]
+__all__ = ["Format", "Opening", "QuantizedLinear", "RankTensor", "Record", "all_formats", "detect", "get",
+           "marked", "names", "quantized_names", "register", "spare_note", "spare_tensors"]

@@ -3,82 +3,82 @@ group either stored (log-steps in the sidecar or inline) or derived from the gri
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from ..errors import GraceFormatError
-from ..files import CONFIG_NAME, SAFETENSORS_DTYPES, check_architecture
+from ..files import CONFIG_NAME, QUANT_METHOD, SAFETENSORS_DTYPES, check_architecture
 from ..quantizer import code_range, derive_scales, effective_group_size, recover_codes, scales_from_log_scale
-from .base import Format, Opening, QuantizedLinear, RankTensor
+from .base import Format, Opening, QuantizedLinear, RankTensor, Record
 
 
 class QATFormat(Format):
     """Format A: grid weights (+ stored log-steps in the subclasses that have them)."""
 
-    def _finish_open(self, ckpt, o: Opening):
+    def _finish_open(self, rec: Record, o: Opening) -> Record:
         """The checks every QAT checkpoint passes once its modules are known."""
-        ckpt._check_module_set(o.candidates)
-        check_architecture(o.path, o.config, ckpt.modules)
-        if ckpt.bits is None:
-            ckpt.bits = self._infer_bits(ckpt)
-            ckpt.bits_inferred = True
-        return ckpt
+        _check_module_set(rec, o.candidates)
+        check_architecture(o.path, o.config, rec.modules)
+        if rec.bits is None:
+            rec = replace(rec, bits=self._infer_bits(rec), bits_inferred=True)
+        return rec
 
-    def _infer_bits(self, ckpt) -> int:
+    def _infer_bits(self, rec) -> int:
         """The codes' range tells the bits: a 4-bit grid never needs a code beyond [-8, 7]."""
-        first = ckpt.modules[0]
-        w = self.checked_weight(ckpt, first)
-        s = self._stored_scales(ckpt, first, w.shape)
+        first = rec.modules[0]
+        w = self.checked_weight(rec, first)
+        s = self._stored_scales(rec, first, w.shape)
         codes = torch.round(w.float().reshape(w.shape[0], s.shape[1], -1) / s.unsqueeze(-1))
         lo, hi = code_range(4)
         return 4 if float(codes.min()) >= lo and float(codes.max()) <= hi else 8
 
     @staticmethod
-    def checked_weight(ckpt, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def checked_weight(rec, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The stored weight of a QAT module, refused unless 2-D and bf16/fp16/fp32 (``weight``:
         a meta tensor of it, to check without reading)."""
-        weight = ckpt.tensors.get(name + ".weight") if weight is None else weight
+        weight = rec.tensors.get(name + ".weight") if weight is None else weight
         if weight.dim() != 2:
-            raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.weight')}: {name}.weight has shape "
+            raise GraceFormatError(f"{rec.tensors.file_of(name + '.weight')}: {name}.weight has shape "
                                    f"{tuple(weight.shape)}, expected a 2-D linear weight")
         if weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.weight')}: {name}.weight is "
+            raise GraceFormatError(f"{rec.tensors.file_of(name + '.weight')}: {name}.weight is "
                                    f"{weight.dtype}, expected bfloat16/float16")
         return weight
 
-    def module_shape(self, ckpt, name: str) -> tuple[int, int]:
-        shape = ckpt.tensors.shape(name + ".weight")
+    def module_shape(self, rec, name: str) -> tuple[int, int]:
+        shape = rec.tensors.shape(name + ".weight")
         if len(shape) != 2:
-            raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.weight')}: {name}.weight has shape "
+            raise GraceFormatError(f"{rec.tensors.file_of(name + '.weight')}: {name}.weight has shape "
                                    f"{shape}, expected a 2-D linear weight")
         return shape
 
-    def weight_dtype(self, ckpt) -> torch.dtype:
-        stored = ckpt.tensors.dtype(ckpt.modules[0] + ".weight")
+    def weight_dtype(self, rec) -> torch.dtype:
+        stored = rec.tensors.dtype(rec.modules[0] + ".weight")
         if stored not in SAFETENSORS_DTYPES:
-            raise GraceFormatError(f"{ckpt.path}: {ckpt.modules[0]}.weight is stored as {stored}, "
+            raise GraceFormatError(f"{rec.path}: {rec.modules[0]}.weight is stored as {stored}, "
                                    f"expected BF16, F16 or F32")
         return SAFETENSORS_DTYPES[stored]
 
     # -- stored steps (sidecar / inline) ----------------------------------------------------------
 
-    def _log_scale_where(self, ckpt, name: str) -> str:
+    def _log_scale_where(self, rec, name: str) -> str:
         raise NotImplementedError
 
-    def _stored_scales(self, ckpt, name: str, shape) -> torch.Tensor:
+    def _stored_scales(self, rec, name: str, shape) -> torch.Tensor:
         out_f, in_f = shape
-        where = self._log_scale_where(ckpt, name)
-        log_scale = self.log_scale(ckpt, name)          # its own errors name the file already
+        where = self._log_scale_where(rec, name)
+        log_scale = self.log_scale(rec, name)          # its own errors name the file already
         try:
-            return scales_from_log_scale(log_scale, out_f, in_f, ckpt.group_size, name)
+            return scales_from_log_scale(log_scale, out_f, in_f, rec.group_size, name)
         except GraceFormatError as e:
-            declared = ckpt.config.get("quantization_config") or {}
-            if (log_scale.dim() == 1 and declared.get("quant_method") == "grace_qat"
-                    and declared.get("group_size") == ckpt.group_size
-                    and log_scale.numel() != out_f * (in_f // effective_group_size(in_f, ckpt.group_size))):
+            declared = rec.config.get("quantization_config") or {}
+            if (log_scale.dim() == 1 and declared.get("quant_method") == QUANT_METHOD
+                    and declared.get("group_size") == rec.group_size
+                    and log_scale.numel() != out_f * (in_f // effective_group_size(in_f, rec.group_size))):
                 # the group size is config.json's: name it as the source of the mismatch
-                raise GraceFormatError(f"{os.path.join(ckpt.path, CONFIG_NAME)}: quantization_config.group_size "
-                                       f"{ckpt.group_size} does not fit {where}: {e}") from None
+                raise GraceFormatError(f"{os.path.join(rec.path, CONFIG_NAME)}: quantization_config.group_size "
+                                       f"{rec.group_size} does not fit {where}: {e}") from None
             raise GraceFormatError(f"{where}: {e}") from None
 
     @staticmethod
@@ -88,36 +88,36 @@ class QATFormat(Format):
                                    f"tensor (fp32 log-steps)")
         return ls
 
-    def scales(self, ckpt, name: str) -> torch.Tensor:
-        return self._stored_scales(ckpt, name, self.module_shape(ckpt, name))
+    def scales(self, rec, name: str) -> torch.Tensor:
+        return self._stored_scales(rec, name, self.module_shape(rec, name))
 
-    def check_served(self, ckpt) -> None:
+    def check_served(self, rec) -> None:
         """What ``quantized`` checks short of reading the weights: dtypes and shapes (the sidecar's
         copy included), and the stored steps against the group size."""
-        for name in ckpt.modules:
-            weight = self.checked_weight(ckpt, name, ckpt.tensors.meta(name + ".weight"))
-            self._check_copy(ckpt, name, weight, ckpt.tensors.file_of(name + ".weight"))
+        for name in rec.modules:
+            weight = self.checked_weight(rec, name, rec.tensors.meta(name + ".weight"))
+            self._check_copy(rec, name, weight, rec.tensors.file_of(name + ".weight"))
             if self.stored_steps:
-                self._stored_scales(ckpt, name, weight.shape)
+                self._stored_scales(rec, name, weight.shape)
 
-    def _module_scales(self, ckpt, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return self._stored_scales(ckpt, name, weight.shape)   # its errors name the file holding log_scale
+    def _module_scales(self, rec, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self._stored_scales(rec, name, weight.shape)   # its errors name the file holding log_scale
 
-    def quantized(self, ckpt, name: str) -> QuantizedLinear:
-        bias = ckpt.tensors.get(name + ".bias") if name + ".bias" in ckpt.tensors else None
-        weight = self.checked_weight(ckpt, name)
-        where = ckpt.tensors.file_of(name + ".weight")
-        self._check_copy(ckpt, name, weight, where)
-        scales = self._module_scales(ckpt, name, weight) if self.stored_steps else None
+    def quantized(self, rec, name: str) -> QuantizedLinear:
+        bias = rec.tensors.get(name + ".bias") if name + ".bias" in rec.tensors else None
+        weight = self.checked_weight(rec, name)
+        where = rec.tensors.file_of(name + ".weight")
+        self._check_copy(rec, name, weight, where)
+        scales = self._module_scales(rec, name, weight) if self.stored_steps else None
         try:
             if scales is None:
-                scales = derive_scales(weight, ckpt.bits, ckpt.group_size, name, ckpt.bits_inferred)
-            codes = recover_codes(weight, scales, ckpt.bits, ckpt.group_size, name, ckpt.bits_inferred)
+                scales = derive_scales(weight, rec.bits, rec.group_size, name, rec.bits_inferred)
+            codes = recover_codes(weight, scales, rec.bits, rec.group_size, name, rec.bits_inferred)
         except GraceFormatError as e:
             raise GraceFormatError(f"{where}: {e}") from None
-        return QuantizedLinear(name, codes, scales, ckpt.bits, ckpt.group_size, bias)
+        return QuantizedLinear(name, codes, scales, rec.bits, rec.group_size, bias)
 
-    def _check_copy(self, ckpt, name: str, weight: torch.Tensor, where: str) -> None:
+    def _check_copy(self, rec, name: str, weight: torch.Tensor, where: str) -> None:
         pass
 
     # -- one rank ----------------------------------------------------------------------------------
@@ -142,3 +142,16 @@ class QATFormat(Format):
         else:
             steps = derive_scales(weight, bits, group, name=name, inferred=inferred)
         return recover_codes(weight, steps, bits, group, name=name, inferred=inferred), steps
+
+
+def _check_module_set(rec: Record, candidates: list[str]) -> None:
+    """Stored steps and quantizable linears must name the same modules."""
+    where = rec.sidecar_path or rec.path
+    extra = [m for m in rec.modules if m + ".weight" not in rec.tensors]
+    if extra:
+        raise GraceFormatError(f"{where}: scales for {len(extra)} modules that have no weight in the "
+                               f"safetensors (first: {extra[0]})")
+    missing = [m for m in candidates if m not in set(rec.modules)]
+    if missing:
+        raise GraceFormatError(f"{where}: no scales for {len(missing)} quantizable linears "
+                               f"(first: {missing[0]}); every language-model projection must be quantized")

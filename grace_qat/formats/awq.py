@@ -13,7 +13,7 @@ from ..files import (AWQ_MODULES_NAME, CONFIG_NAME, SAFETENSORS_DTYPES, check_ar
                      natural_key)
 from ..packing import pack_awq, unpack_awq
 from ..quantizer import DEFAULT_GROUP_SIZE, effective_group_size, recover_codes
-from .base import Format, QuantizedLinear, RankTensor, register
+from .base import Format, QuantizedLinear, RankTensor, Record, register
 
 ZERO_POINT = 8
 PACK = 8          # 4-bit codes per int32
@@ -22,6 +22,52 @@ PACK = 8          # 4-bit codes per int32
 def awq_packing(group_size: int) -> dict:
     """The ``awq_packing`` entry of config.json that GRACE's AWQ releases carry."""
     return {"bits": 4, "group_size": group_size, "zero_point": ZERO_POINT, "version": "gemm"}
+
+
+def read_module(t, name: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verified signed codes (out, in) and the scales (out, in/G) as stored of one AutoAWQ GEMM
+    module of the files ``t`` (zero point 8): GRACE's format B and the ``awq`` export share it."""
+    qweight, qzeros, scales = (t.get(name + s) for s in (".qweight", ".qzeros", ".scales"))
+    _check_tensors(t, name, group_size, qweight, qzeros, scales)
+    try:
+        codes, scales = unpack_awq(qweight, qzeros, scales, name)
+    except GraceFormatError as e:
+        raise GraceFormatError(f"{t.file_of(name + '.qzeros')}: {e}") from None
+    _check_scales(t, name, scales)
+    out_f, in_f = codes.shape
+    if in_f % scales.shape[1] or in_f // scales.shape[1] != effective_group_size(in_f, group_size):
+        raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales has {scales.shape[1]} "
+                               f"groups per row for in_features {in_f} and group size {group_size}")
+    return codes, scales
+
+
+def _check_scales(t, name: str, scales: torch.Tensor) -> None:
+    s32 = scales.to(torch.float32)
+    if not torch.isfinite(s32).all() or not (s32 > 0).all():
+        raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales must be finite and > 0")
+
+
+def _check_tensors(t, name, group_size, qweight, qzeros, scales) -> None:
+    """dtypes and shapes of one AWQ module: qweight (in, out/8) and qzeros (in/G, out/8) int32,
+    scales (in/G, out) floating point, with G the effective group size."""
+    for key, tensor in ((".qweight", qweight), (".qzeros", qzeros)):
+        if tensor.dtype != torch.int32:
+            raise GraceFormatError(f"{t.file_of(name + key)}: {name}{key} is {tensor.dtype}, expected int32")
+    if not scales.is_floating_point():
+        raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales is {scales.dtype}, expected "
+                               f"float16 (a floating-point dtype)")
+    if qweight.dim() != 2:
+        raise GraceFormatError(f"{t.file_of(name + '.qweight')}: {name}.qweight has shape "
+                               f"{tuple(qweight.shape)}, expected 2-D (in, out/8)")
+    in_f, out_f = qweight.shape[0], qweight.shape[1] * PACK
+    groups = in_f // effective_group_size(in_f, group_size) if in_f else 0
+    for key, tensor, expected in ((".qzeros", qzeros, (groups, out_f // PACK)),
+                                  (".scales", scales, (groups, out_f))):
+        if tuple(tensor.shape) != expected:
+            raise GraceFormatError(
+                f"{t.file_of(name + key)}: {name}{key} has shape {tuple(tensor.shape)}, expected {expected} "
+                f"for qweight {tuple(qweight.shape)} ({out_f}x{in_f}) and group size {group_size} "
+                f"({groups} groups per row)")
 
 
 class AWQ(Format):
@@ -42,7 +88,6 @@ class AWQ(Format):
                 or any(k.endswith(".qweight") for k in o.tensors.keys()))
 
     def open(self, o):
-        from ..checkpoint import GraceCheckpoint
         path, config, tensors = o.path, o.config, o.tensors
         awq_json = os.path.join(path, AWQ_MODULES_NAME)
         meta = {}
@@ -90,29 +135,29 @@ class AWQ(Format):
                 if m + suffix not in tensors:
                     raise GraceFormatError(f"{path}: {m}{suffix} missing for AWQ module {m}")
         check_architecture(path, config, modules)
-        return GraceCheckpoint(path, self.name, 4, gs, modules, config, tensors)
+        return Record(path, self.name, 4, gs, modules, config, tensors)
 
     # -- the whole checkpoint ----------------------------------------------------------------------
 
-    def module_shape(self, ckpt, name):
-        in_f, packed_out = ckpt.tensors.shape(name + ".qweight")
+    def module_shape(self, rec, name):
+        in_f, packed_out = rec.tensors.shape(name + ".qweight")
         return packed_out * PACK, in_f
 
-    def scales(self, ckpt, name):
-        return ckpt.tensors.get(name + ".scales").to(torch.float32).t().contiguous()
+    def scales(self, rec, name):
+        return rec.tensors.get(name + ".scales").to(torch.float32).t().contiguous()
 
-    def steps_dtype(self, ckpt):
-        if not ckpt.modules:
+    def steps_dtype(self, rec):
+        if not rec.modules:
             return torch.float32
-        return SAFETENSORS_DTYPES.get(ckpt.tensors.dtype(ckpt.modules[0] + ".scales"), torch.float32)
+        return SAFETENSORS_DTYPES.get(rec.tensors.dtype(rec.modules[0] + ".scales"), torch.float32)
 
-    def check_served(self, ckpt):
+    def check_served(self, rec):
         """What ``inspect`` checks short of unpacking the codes: dtypes and shapes against the group
         size, scales finite and > 0, every zero point 8 (reads only the small qzeros and scales)."""
-        t = ckpt.tensors
-        for name in ckpt.modules:
-            self._check_tensors(ckpt, name, *(t.meta(name + s) for s in (".qweight", ".qzeros", ".scales")))
-            self._check_scales(ckpt, name, t.get(name + ".scales").to(torch.float32))
+        t = rec.tensors
+        for name in rec.modules:
+            _check_tensors(t, name, rec.group_size, *(t.meta(name + s) for s in (".qweight", ".qzeros", ".scales")))
+            _check_scales(t, name, t.get(name + ".scales"))
             qzeros = t.get(name + ".qzeros")
             try:
                 unpack_awq(torch.zeros(0, qzeros.shape[-1] if qzeros.dim() == 2 else 0, dtype=torch.int32),
@@ -120,54 +165,14 @@ class AWQ(Format):
             except GraceFormatError as e:
                 raise GraceFormatError(f"{t.file_of(name + '.qzeros')}: {e}") from None
 
-    def quantized(self, ckpt, name):
-        t = ckpt.tensors
+    def quantized(self, rec, name):
+        t = rec.tensors
         bias = t.get(name + ".bias") if name + ".bias" in t else None
-        qweight, qzeros, scales = (t.get(name + s) for s in (".qweight", ".qzeros", ".scales"))
-        self._check_tensors(ckpt, name, qweight, qzeros, scales)
-        try:
-            codes, scales = unpack_awq(qweight, qzeros, scales, name)
-        except GraceFormatError as e:
-            raise GraceFormatError(f"{t.file_of(name + '.qzeros')}: {e}") from None
-        scales = scales.to(torch.float32)
-        self._check_scales(ckpt, name, scales)
-        out_f, in_f = codes.shape
-        if in_f % scales.shape[1] or in_f // scales.shape[1] != effective_group_size(in_f, ckpt.group_size):
-            raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales has {scales.shape[1]} "
-                                   f"groups per row for in_features {in_f} and group size {ckpt.group_size}")
-        return QuantizedLinear(name, codes.to(torch.int8), scales, 4, ckpt.group_size, bias)
+        codes, scales = read_module(t, name, rec.group_size)
+        return QuantizedLinear(name, codes.to(torch.int8), scales.to(torch.float32), 4, rec.group_size, bias)
 
-    @staticmethod
-    def _check_scales(ckpt, name, scales) -> None:
-        if not torch.isfinite(scales).all() or not (scales > 0).all():
-            raise GraceFormatError(f"{ckpt.tensors.file_of(name + '.scales')}: {name}.scales must be finite and > 0")
-
-    @staticmethod
-    def _check_tensors(ckpt, name, qweight, qzeros, scales) -> None:
-        """dtypes and shapes of one AWQ module: qweight (in, out/8) and qzeros (in/G, out/8) int32,
-        scales (in/G, out) floating point, with G the effective group size."""
-        t = ckpt.tensors
-        for key, tensor in ((".qweight", qweight), (".qzeros", qzeros)):
-            if tensor.dtype != torch.int32:
-                raise GraceFormatError(f"{t.file_of(name + key)}: {name}{key} is {tensor.dtype}, expected int32")
-        if not scales.is_floating_point():
-            raise GraceFormatError(f"{t.file_of(name + '.scales')}: {name}.scales is {scales.dtype}, expected "
-                                   f"float16 (a floating-point dtype)")
-        if qweight.dim() != 2:
-            raise GraceFormatError(f"{t.file_of(name + '.qweight')}: {name}.qweight has shape "
-                                   f"{tuple(qweight.shape)}, expected 2-D (in, out/8)")
-        in_f, out_f = qweight.shape[0], qweight.shape[1] * PACK
-        groups = in_f // effective_group_size(in_f, ckpt.group_size) if in_f else 0
-        for key, tensor, expected in ((".qzeros", qzeros, (groups, out_f // PACK)),
-                                      (".scales", scales, (groups, out_f))):
-            if tuple(tensor.shape) != expected:
-                raise GraceFormatError(
-                    f"{t.file_of(name + key)}: {name}{key} has shape {tuple(tensor.shape)}, expected {expected} "
-                    f"for qweight {tuple(qweight.shape)} ({out_f}x{in_f}) and group size {ckpt.group_size} "
-                    f"({groups} groups per row)")
-
-    def stock_config(self, ckpt):
-        return {"quant_method": "awq", "bits": 4, "group_size": ckpt.group_size, "zero_point": True,
+    def stock_config(self, rec):
+        return {"quant_method": "awq", "bits": 4, "group_size": rec.group_size, "zero_point": True,
                 "modules_to_not_convert": []}
 
     # -- one rank ----------------------------------------------------------------------------------

@@ -2,18 +2,24 @@
 
 A format is one small module in this package with one ``Format`` subclass, registered with
 :func:`register`. Everything else asks the registry: detection (:func:`detect`, :func:`marked`),
-the CLI's and the fixtures' choices (:func:`names`), the checkpoint reader (``GraceCheckpoint``
-delegates every per-format question to its format), and the engine adapters, which only move the
-tensors a format names (:meth:`Format.rank_tensors`) through their loaders and hand what a rank
-loaded to :meth:`Format.rank_codes` for verified codes and steps.
+the CLI's and the fixtures' choices (:func:`names`), the checkpoint reader, and the engine
+adapters, which only move the tensors a format names (:meth:`Format.rank_tensors`) through their
+loaders and hand what a rank loaded to :meth:`Format.rank_codes` for verified codes and steps.
+
+Data flows one way: :meth:`Format.open` validates a directory and returns a :class:`Record`, a
+plain frozen description of it; the reader (``grace_qat.checkpoint.GraceCheckpoint``, a layer above)
+holds that record and passes it back to the format's per-module methods. No format knows the reader.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from ..errors import GraceFormatError
+from ..files import load_sidecar
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,27 @@ class RankTensor:
         return torch.empty(self.shape, dtype=self.dtype)
 
 
+@dataclass(frozen=True)
+class Record:
+    """What a format's ``open`` validated in a checkpoint directory. Frozen: a format returns a new
+    record (``dataclasses.replace``) rather than changing one, and reads the files through it."""
+    path: str
+    format: str
+    bits: int | None
+    group_size: int
+    modules: list[str]
+    config: dict
+    tensors: object                   # files.SafetensorsDir
+    sidecar_path: str | None = None
+    # True when nobody stated the bits (caller, config.json) and open() took them from the first
+    # quantized module: every module computed later must then need exactly that width.
+    bits_inferred: bool = False
+
+    @cached_property
+    def sidecar(self) -> dict[str, torch.Tensor]:
+        return load_sidecar(self.sidecar_path)
+
+
 @dataclass
 class Opening:
     """What detection has read so far, handed to each format's ``claims`` / ``open``."""
@@ -73,6 +100,10 @@ class Opening:
         """The group size stated (caller, config.json), else GRACE's default."""
         from ..quantizer import DEFAULT_GROUP_SIZE
         return int(self.group_size or DEFAULT_GROUP_SIZE)
+
+    def record(self, fmt: str, modules: list[str], sidecar_path: str | None = None) -> Record:
+        """The record of format ``fmt`` with the stated bits and group size."""
+        return Record(self.path, fmt, self.bits, self.gs, modules, self.config, self.tensors, sidecar_path)
 
 
 class Format:
@@ -102,37 +133,37 @@ class Format:
     def claims(self, o: Opening) -> bool:
         raise NotImplementedError
 
-    def open(self, o: Opening):
-        """The ``GraceCheckpoint`` of a directory this format claims (validated)."""
+    def open(self, o: Opening) -> Record:
+        """The record of a directory this format claims (validated)."""
         raise NotImplementedError
 
-    # -- the whole checkpoint ----------------------------------------------------------------------
+    # -- the whole checkpoint (``rec``: the Record open() returned) --------------------------------
 
-    def module_shape(self, ckpt, name: str) -> tuple[int, int]:
+    def module_shape(self, rec, name: str) -> tuple[int, int]:
         raise NotImplementedError
 
-    def scales(self, ckpt, name: str) -> torch.Tensor:
+    def scales(self, rec, name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def quantized(self, ckpt, name: str) -> QuantizedLinear:
-        raise GraceFormatError(f"{ckpt.path}: not a quantized checkpoint (format {self.name})")
+    def quantized(self, rec, name: str) -> QuantizedLinear:
+        raise GraceFormatError(f"{rec.path}: not a quantized checkpoint (format {self.name})")
 
-    def log_scale(self, ckpt, name: str) -> torch.Tensor:
-        raise GraceFormatError(f"{ckpt.path}: format {self.name} has no log_scale tensors")
+    def log_scale(self, rec, name: str) -> torch.Tensor:
+        raise GraceFormatError(f"{rec.path}: format {self.name} has no log_scale tensors")
 
-    def check_served(self, ckpt) -> None:
+    def check_served(self, rec) -> None:
         """Verify the small tensors (steps, zero points) of every module now, before an engine
         builds anything: an error in a worker reaches the user only as "initialization failed"."""
 
-    def steps_dtype(self, ckpt) -> torch.dtype:
+    def steps_dtype(self, rec) -> torch.dtype:
         """The precision the files store the steps in."""
         return torch.float32
 
-    def weight_dtype(self, ckpt) -> torch.dtype | None:
+    def weight_dtype(self, rec) -> torch.dtype | None:
         """The storage dtype of the 16-bit grid weights (None: the files hold packed codes)."""
         return None
 
-    def stock_config(self, ckpt) -> dict | None:
+    def stock_config(self, rec) -> dict | None:
         """A stock ``quantization_config`` under which an engine's own method loads the files as
         they are (used where that engine's method is the right kernel); None when there is none."""
         return None
@@ -143,9 +174,9 @@ class Format:
                      ) -> list[RankTensor]:
         raise NotImplementedError
 
-    def fed_tensor(self, ckpt, name: str, leaf: str) -> torch.Tensor:
+    def fed_tensor(self, rec, name: str, leaf: str) -> torch.Tensor:
         """The full (out, groups) tensor ``leaf`` of module ``name`` for a "checkpoint" RankTensor."""
-        raise GraceFormatError(f"{ckpt.path}: format {self.name} feeds no {leaf} tensors")
+        raise GraceFormatError(f"{rec.path}: format {self.name} feeds no {leaf} tensors")
 
     def rank_codes(self, loaded: dict[str, torch.Tensor], bits: int, group: int, name: str,
                    inferred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,78 +203,62 @@ class Format:
         return {}
 
 
-_REGISTRY: dict[str, Format] = {}
-
-
-def register(fmt: Format) -> Format:
-    if fmt.name in _REGISTRY:
-        raise ValueError(f"format {fmt.name!r} is registered twice")
-    _REGISTRY[fmt.name] = fmt
-    return fmt
-
-
-def get(name: str) -> Format:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise GraceFormatError(f"unknown GRACE format {name!r}; known: {names()}") from None
+_REGISTRY = Registry("format", "unknown GRACE format {name!r}; known: {names}")
+register = _REGISTRY.register
+get = _REGISTRY.get
+names = _REGISTRY.names      # in registration order: what the CLI and the fixtures offer
 
 
 def all_formats() -> list[Format]:
     """In detection order."""
-    return sorted(_REGISTRY.values(), key=lambda f: f.order)
-
-
-def names() -> tuple[str, ...]:
-    """Every format's name, in registration order (what the CLI and the fixtures offer)."""
-    return tuple(_REGISTRY)
+    return sorted(_REGISTRY.items(), key=lambda f: f.order)
 
 
 def quantized_names() -> tuple[str, ...]:
-    return tuple(n for n, f in _REGISTRY.items() if f.quantized)
+    return tuple(f.name for f in _REGISTRY.items() if f.quantized)
 
 
-def detect(o: Opening):
-    """The checkpoint of the first format (in detection order) that claims the directory."""
+def detect(o: Opening) -> Record:
+    """The record of the first format (in detection order) that claims the directory."""
     for fmt in all_formats():
         if fmt.claims(o):
-            ckpt = fmt.open(o)
-            check_leaves(ckpt)
-            return ckpt
+            rec = fmt.open(o)
+            check_leaves(rec)
+            return rec
     raise GraceFormatError(f"{o.path}: no GRACE format claims this directory")  # pragma: no cover
 
 
-def check_leaves(ckpt) -> None:
+def check_leaves(rec) -> None:
     """Every safetensors entry of a quantized module is one its format reads or a spare one it
     accounts for: an engine's loader would otherwise meet a tensor no layer parameter fits."""
-    fmt, mods = ckpt.kind, set(ckpt.modules)
-    for key in ckpt.tensors.keys():
+    fmt, mods = get(rec.format), set(rec.modules)
+    for key in rec.tensors.keys():
         base, _, leaf = key.rpartition(".")
         if base in mods and leaf not in fmt.module_leaves + fmt.spare_leaves:
             raise GraceFormatError(
-                f"{ckpt.tensors.file_of(key)}: {key}: format {fmt.name} does not use a {leaf!r} tensor for "
+                f"{rec.tensors.file_of(key)}: {key}: format {fmt.name} does not use a {leaf!r} tensor for "
                 f"quantized module {base} (expected {', '.join(fmt.module_leaves)})")
 
 
-def spare_tensors(ckpt) -> list[str]:
+def spare_tensors(rec) -> list[str]:
     """The safetensors entries the checkpoint's format accounts for but does not read."""
-    return [f"{m}.{leaf}" for leaf in ckpt.kind.spare_leaves for m in ckpt.modules
-            if f"{m}.{leaf}" in ckpt.tensors]
+    return [f"{m}.{leaf}" for leaf in get(rec.format).spare_leaves for m in rec.modules
+            if f"{m}.{leaf}" in rec.tensors]
 
 
-def spare_note(ckpt) -> str | None:
+def spare_note(rec) -> str | None:
     """The one log line an adapter prints about spare tensors (after ``check_served``), else None."""
-    spare = spare_tensors(ckpt)
+    spare = spare_tensors(rec)
     if not spare:
         return None
-    return (f"{ckpt.path}: the safetensors also hold {len(spare)} tensors format {ckpt.format} does not "
+    return (f"{rec.path}: the safetensors also hold {len(spare)} tensors format {rec.format} does not "
             f"read (first: {spare[0]}); they equal the ones served and are skipped")
 
 
 def marked(path: str, config: dict, tensor_names) -> str | None:
     """The format whose cheap markers the directory carries, else None."""
     names_ = tensor_names if callable(tensor_names) else (lambda: tensor_names)
-    for fmt in sorted(_REGISTRY.values(), key=lambda f: f.marker_order):
+    for fmt in sorted(_REGISTRY.items(), key=lambda f: f.marker_order):
         if fmt.marked(path, config, names_):
             return fmt.name
     return None

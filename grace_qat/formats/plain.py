@@ -1,7 +1,7 @@
 """``plain``: an unquantized checkpoint (e.g. the GRACE-BF16 release); claims what no other does."""
 from __future__ import annotations
 
-from .base import Format, register
+from .base import Format, Record, register
 
 
 class Plain(Format):
@@ -16,8 +16,7 @@ class Plain(Format):
         return True
 
     def open(self, o):
-        from ..checkpoint import GraceCheckpoint
-        return GraceCheckpoint(o.path, self.name, None, o.gs, [], o.config, o.tensors)
+        return Record(o.path, self.name, None, o.gs, [], o.config, o.tensors)
 
 
 FORMAT = register(Plain())

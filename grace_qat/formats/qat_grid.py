@@ -3,6 +3,8 @@
 module's narrowest grid gives them, and a directory on no 4/8-bit grid is a plain checkpoint."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import GraceFormatError
 from ..quantizer import SUPPORTED_BITS, derive_scales
 from ._qat import QATFormat
@@ -20,25 +22,24 @@ class QATGrid(QATFormat):
         return bool(o.candidates)
 
     def open(self, o):
-        from ..checkpoint import GraceCheckpoint
         from .plain import FORMAT as PLAIN
-        ckpt = GraceCheckpoint(o.path, self.name, o.bits, o.gs, o.candidates, o.config, o.tensors)
-        if ckpt.bits is None:
+        rec = o.record(self.name, o.candidates)
+        if rec.bits is None:
             first = o.candidates[0]
-            w = self.checked_weight(ckpt, first)
+            w = self.checked_weight(rec, first)
             for b in SUPPORTED_BITS:
                 try:
-                    derive_scales(w, b, ckpt.group_size, first)
-                    ckpt.bits, ckpt.bits_inferred = b, True
+                    derive_scales(w, b, rec.group_size, first)
+                    rec = replace(rec, bits=b, bits_inferred=True)
                     break
                 except GraceFormatError:
                     continue
             else:
                 return PLAIN.open(o)
-        return self._finish_open(ckpt, o)
+        return self._finish_open(rec, o)
 
-    def scales(self, ckpt, name):
-        return self.quantized(ckpt, name).scales
+    def scales(self, rec, name):
+        return self.quantized(rec, name).scales
 
 
 FORMAT = register(QATGrid())

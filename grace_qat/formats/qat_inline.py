@@ -23,18 +23,16 @@ class QATInline(QATFormat):
         return any(k.endswith(".log_scale") for k in o.tensors.keys())
 
     def open(self, o):
-        from ..checkpoint import GraceCheckpoint
         modules = sorted((k[: -len(".log_scale")] for k in o.tensors.keys() if k.endswith(".log_scale")),
                          key=natural_key)
-        ckpt = GraceCheckpoint(o.path, self.name, o.bits, o.gs, modules, o.config, o.tensors)
-        return self._finish_open(ckpt, o)
+        return self._finish_open(o.record(self.name, modules), o)
 
-    def _log_scale_where(self, ckpt, name):
-        return ckpt.tensors.file_of(name + ".log_scale")
+    def _log_scale_where(self, rec, name):
+        return rec.tensors.file_of(name + ".log_scale")
 
-    def log_scale(self, ckpt, name):
-        ls = ckpt.tensors.get(name + ".log_scale")
-        return self._checked_log_scale(ls, ckpt.tensors.file_of(name + ".log_scale"), name)
+    def log_scale(self, rec, name):
+        ls = rec.tensors.get(name + ".log_scale")
+        return self._checked_log_scale(ls, rec.tensors.file_of(name + ".log_scale"), name)
 
     def _step_tensors(self, out_pp, groups_pp):
         # in the weight stream, flat as stored; the loaders shard it as (out, groups)

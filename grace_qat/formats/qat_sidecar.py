@@ -27,11 +27,9 @@ class QATSidecar(QATFormat):
         return os.path.exists(os.path.join(o.path, SIDECAR_NAME))
 
     def open(self, o):
-        from ..checkpoint import GraceCheckpoint
         sidecar = os.path.join(o.path, SIDECAR_NAME)
         modules = self._sidecar_modules(sidecar)
-        ckpt = GraceCheckpoint(o.path, self.name, o.bits, o.gs, modules, o.config, o.tensors, sidecar)
-        return self._finish_open(ckpt, o)
+        return self._finish_open(o.record(self.name, modules, sidecar), o)
 
     @staticmethod
     def _sidecar_modules(sidecar: str) -> list[str]:
@@ -53,37 +51,37 @@ class QATSidecar(QATFormat):
                                        f".log_scale and .bias for quantized modules only)")
         return modules
 
-    def _log_scale_where(self, ckpt, name):
-        return ckpt.sidecar_path
+    def _log_scale_where(self, rec, name):
+        return rec.sidecar_path
 
-    def log_scale(self, ckpt, name):
+    def log_scale(self, rec, name):
         key = name + ".log_scale"
-        if key not in ckpt.sidecar:
-            raise GraceFormatError(f"{ckpt.sidecar_path}: missing {key}")
-        return self._checked_log_scale(ckpt.sidecar[key], ckpt.sidecar_path, name)
+        if key not in rec.sidecar:
+            raise GraceFormatError(f"{rec.sidecar_path}: missing {key}")
+        return self._checked_log_scale(rec.sidecar[key], rec.sidecar_path, name)
 
-    def check_served(self, ckpt):
-        super().check_served(ckpt)
-        for key in spare_tensors(ckpt):         # inline copies of the log-steps must agree
-            inline, side = ckpt.tensors.get(key), ckpt.sidecar[key]
+    def check_served(self, rec):
+        super().check_served(rec)
+        for key in spare_tensors(rec):         # inline copies of the log-steps must agree
+            inline, side = rec.tensors.get(key), rec.sidecar[key]
             if inline.numel() != side.numel() or not torch.equal(inline.flatten().float(), side.flatten().float()):
-                raise GraceFormatError(f"{ckpt.tensors.file_of(key)}: {key} differs from the one in "
-                                       f"{ckpt.sidecar_path}, which is served; remove one of them")
+                raise GraceFormatError(f"{rec.tensors.file_of(key)}: {key} differs from the one in "
+                                       f"{rec.sidecar_path}, which is served; remove one of them")
 
-    def _check_copy(self, ckpt, name, weight, where):
-        if name + ".weight" in ckpt.sidecar:
-            copy = ckpt.sidecar[name + ".weight"]
+    def _check_copy(self, rec, name, weight, where):
+        if name + ".weight" in rec.sidecar:
+            copy = rec.sidecar[name + ".weight"]
             if tuple(copy.shape) != tuple(weight.shape):
-                raise GraceFormatError(f"{ckpt.sidecar_path}: {name}.weight has shape {tuple(copy.shape)} but "
+                raise GraceFormatError(f"{rec.sidecar_path}: {name}.weight has shape {tuple(copy.shape)} but "
                                        f"{where} holds it as {tuple(weight.shape)}")
 
     def _step_tensors(self, out_pp, groups_pp):
         return [RankTensor("log_scale", (out_pp, groups_pp), torch.float32, grouped=True,
                            source="checkpoint", nan_fill=True)]
 
-    def fed_tensor(self, ckpt, name, leaf):
-        steps = self.scales(ckpt, name)      # validates length, finiteness, range; names file + module
-        return self.log_scale(ckpt, name).to(torch.float32).reshape(steps.shape)
+    def fed_tensor(self, rec, name, leaf):
+        steps = self.scales(rec, name)      # validates length, finiteness, range; names file + module
+        return self.log_scale(rec, name).to(torch.float32).reshape(steps.shape)
 
     def fixture_module(self, base, w_dq, log_scale, bits, group_size, sidecar):
         sidecar[f"{base}.weight"] = w_dq.detach().to("cpu").contiguous()
