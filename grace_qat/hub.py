@@ -15,7 +15,7 @@ import re
 from . import formats
 from .errors import GraceFormatError
 from .files import SAFETENSORS_INDEX_NAME, SIDECAR_NAME, config_or_none
-from .settings import flag as env_flag, hub_offline  # noqa: F401 - env_flag: until grace_vllm/dispatch.py reads settings
+from .settings import hub_offline
 
 # "Owner/Name" as the Hub spells repository ids
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

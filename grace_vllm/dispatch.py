@@ -26,22 +26,21 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import weakref
 
 import torch
 
+from grace_qat import settings
+from grace_qat.errors import GraceFormatError
 from grace_qat.kernels import table as kernel_table
 
-ENV_DUAL = "GRACE_QAT_DUAL_KERNEL"
-ENV_MAX_M = "GRACE_QAT_MARLIN_MAX_M"
-ENV_TABLE = "GRACE_QAT_CROSSOVER_FILE"
+ENV_DUAL, ENV_MAX_M, ENV_TABLE = settings.DUAL_KERNEL, settings.MARLIN_MAX_M, settings.CROSSOVER_FILE
 ENGINE = "vllm"
 MARLIN = "MarlinLinearKernel"
 
-# data_ptr of a layer's packed weight -> layer. The custom op receives that weight tensor (a graph
-# input, as for any kernel op) and finds its layer here; no per-layer constant enters the graph, so
-# the decoder layers' pieces stay identical and torch.compile compiles them once, not once per layer.
+# data_ptr of a layer's key buffer -> layer. The custom op receives that tensor (a graph input, as a
+# kernel's weight is) and finds its layer here; no per-layer constant enters the graph, so the
+# decoder layers' pieces stay identical and torch.compile compiles them once, not once per layer.
 _LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 CALLS: collections.Counter = collections.Counter()   # kernel name -> eager calls (tests, logs)
 _WARNED: set[str] = set()
@@ -49,24 +48,13 @@ _WARNED: set[str] = set()
 
 def enabled() -> bool:
     """``GRACE_QAT_DUAL_KERNEL`` (on unless set off); a misspelt value says so once and stays on."""
-    from grace_qat.hub import env_flag
     try:
-        return env_flag(ENV_DUAL, True)
-    except ValueError as e:
+        return settings.dual_kernel()
+    except GraceFormatError as e:
         if ENV_DUAL not in _WARNED:
             _WARNED.add(ENV_DUAL)
             logging.getLogger("vllm.grace_qat").warning("grace_qat: %s; two kernels stay allowed", e)
         return True
-
-
-def forced_marlin_max_m() -> int | None:
-    """``GRACE_QAT_MARLIN_MAX_M``: a whole number >= 0, or unset."""
-    raw = os.environ.get(ENV_MAX_M, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit():
-        raise ValueError(f"{ENV_MAX_M}={raw!r}: expected a whole number of tokens (0 or more)")
-    return int(raw)
 
 
 def shape_key(bits: int, group: int, n: int, k: int) -> str:
@@ -84,13 +72,13 @@ def engine_version() -> str:
 
 def plan(large: str, bits: int, group: int, n: int, k: int) -> kernel_table.Plan:
     """The small-M partner of ``large`` (the kernel vLLM chose) for one layer shape on this rank."""
-    forced = forced_marlin_max_m()
+    forced = settings.marlin_max_m()
     if forced is not None:
         if large == MARLIN or forced == 0:
             return kernel_table.Plan(None, 0, f"{ENV_MAX_M}={forced}: {large} alone")
         return kernel_table.Plan(MARLIN, forced, f"{ENV_MAX_M}={forced}")
     return kernel_table.plan(device_name(), ENGINE, engine_version(), large, bits, group, n, k,
-                             extra=os.environ.get(ENV_TABLE) or None)
+                             extra=settings.crossover_file())
 
 
 def kernel_class(name: str) -> type | None:
