@@ -21,6 +21,15 @@ pip_install() {
   if [ "$rc" -ne 0 ]; then say "FAILED (pip exit $rc): pip install $*" >&2; exit "$rc"; fi
 }
 # The checkout grace_qat is installed from in venv $1 when the modules $2 import there too, else nothing.
-installed_checkout() {
-  "$1/bin/python" -c "import $2; import grace_qat, os; print(os.path.dirname(os.path.dirname(os.path.abspath(grace_qat.__file__))))" 2>/dev/null || true
+installed_checkout() {   # installed_checkout VENV "MODULES": the checkout an editable grace-qat in VENV
+  # points at, if MODULES import there; empty otherwise. Asked from / and of the installed distribution,
+  # not of `import grace_qat`: run inside a checkout, that import finds the checkout itself, installed
+  # or not (a fresh clone's SGLang venv was taken for set up and its entry point never registered).
+  local venv
+  venv=$(cd "$1" 2>/dev/null && pwd) || return 0
+  (cd / && "$venv/bin/python" -c "import $2
+import importlib.metadata as m, json
+u = json.loads(m.distribution('grace-qat').read_text('direct_url.json') or '{}')
+print(u['url'][len('file://'):] if u.get('dir_info', {}).get('editable') and u.get('url', '').startswith('file://') else '')" \
+    2>/dev/null) || true
 }

@@ -220,3 +220,20 @@ def test_scripts_skip_what_is_installed_and_name_each_test_run(tmp_path):
     assert re.search(r"^\[setup-sglang \d+:\d\d\] ready: ", out, re.M), out
     for name in ("vLLM and core", "SGLang 0.5.23", "SGLang 0.5.17"):
         assert f"[test] run: {name}\n" in out and f"[test] {name}: passed\n" in out, (name, out)
+
+
+def test_a_venv_without_the_package_is_not_taken_for_installed(tmp_path):
+    """Run from inside the checkout, `import grace_qat` succeeds whether or not the package is
+    installed: the set-up must ask the venv's installed distributions (a fresh clone's SGLang venv was
+    once skipped, so its entry point was never registered and the SGLang runs failed)."""
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    r = subprocess.run(["bash", "-c", f'. scripts/pip-steps.sh; installed_checkout "{venv}" os'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "", r.stdout + r.stderr
+    # the project's own venv has this checkout installed editable: it is recognised
+    own = ROOT / ".venv"
+    if (own / "bin" / "python").exists():
+        r = subprocess.run(["bash", "-c", '. scripts/pip-steps.sh; installed_checkout .venv os'], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == str(ROOT), r.stdout + r.stderr
