@@ -141,11 +141,8 @@ def kernel_holder(layer: torch.nn.Module | None = None, **attrs) -> torch.nn.Mod
             setattr(holder, name, getattr(layer, name))
     for name, value in attrs.items():
         setattr(holder, name, value)
-    bias = getattr(layer, "bias", None) if layer is not None else None
-    if bias is not None:
-        holder.bias = torch.nn.Parameter(bias.data.clone(), requires_grad=False)
-    elif layer is not None or "has_bias" in attrs:
-        holder.bias = None
+    bias = getattr(layer, "bias", None)
+    holder.bias = None if bias is None else torch.nn.Parameter(bias.data.clone(), requires_grad=False)
     return holder
 
 
