@@ -401,14 +401,16 @@ def merge_runs(paths: list[str]) -> tuple[list[dict], list[dict]]:
 
 
 def failures(results: list[dict]) -> list[str]:
-    """What makes a benchmark run fail: a system that did not produce its RESULT line, or a
-    grace_qat system whose greedy tokens differ from its stock peer on the same kernel."""
+    """What makes a benchmark run fail: a system that did not produce its RESULT line, a grace_qat
+    system on a GPU that ran no quantized kernel, or one whose greedy tokens differ from its stock
+    peer on the same kernel."""
+    from grace_qat.demo import no_quantized_kernel
     bad = []
     for r in results:
         if not r.get("ok"):
             bad.append(f"{r['name']} did not run (see {r['name']}.log)")
-        elif r.get("gpu") and (r.get("quantization") or "").endswith("grace_qat") and (
-                r.get("fallback") or not r.get("kernels")):
+        elif r.get("gpu") and (r.get("quantization") or "").endswith("grace_qat") and no_quantized_kernel(
+                r.get("kernels")):
             bad.append(f"{r['name']}: no quantized kernel on the GPU ({r.get('kernels') or 'none reported'})")
         elif r.get("peer") and r.get("peer_must_match") and not r.get("tokens_equal_peer"):
             a, b = r.get("tokens") or [], next((p.get("tokens") or [] for p in results

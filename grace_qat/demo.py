@@ -190,6 +190,12 @@ def serve_flags(path: str) -> list[str]:
     return [] if declared or detect_grace_format(path) else ["--quantization", "grace_qat"]
 
 
+def no_quantized_kernel(kernels: list[str] | None) -> bool:
+    """Whether a plugin run's kernels (``kernels_in_log``) name no quantized kernel: nothing reported, or
+    the exact BF16 fallback, which on a GPU means a kernel was expected and did not run."""
+    return not kernels or any("fallback" in k for k in kernels)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="grace-qat demo", description=(
         "Serve a GRACE checkpoint with vllm serve and answer one image+text chat request over the "

@@ -42,7 +42,7 @@ for p in (ROOT, HERE, os.path.join(ROOT, "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from grace_qat.demo import VLLMServer, kernels_in_log, wait_healthy  # noqa: E402  (plain HTTP helpers, no vLLM import)
+from grace_qat.demo import VLLMServer, kernels_in_log, no_quantized_kernel, wait_healthy  # noqa: E402  (plain HTTP helpers, no vLLM import)
 
 QUESTION = "Describe the image in one sentence."
 TEXT_QUESTION = "Write one sentence about the sea."
@@ -197,8 +197,8 @@ def failures(result: dict) -> list[str]:
         if "exception" in r or not r:
             bad.append(f"{side} server failed: {r.get('exception', 'did not run')} (log {r.get('log')})")
     kernels = (result.get("plugin") or {}).get("kernels")
-    if result.get("gpu") and "exception" not in (result.get("plugin") or {"exception": 1}) and (
-            not kernels or any("fallback" in k for k in kernels)):
+    if result.get("gpu") and "exception" not in (result.get("plugin") or {"exception": 1}) and \
+            no_quantized_kernel(kernels):
         bad.append(f"plugin served no quantized kernel on the GPU ({kernels or 'none reported'})")
     for name, c in (result.get("comparison") or {}).items():
         if c.get("identical") is None:
