@@ -41,15 +41,18 @@ def prompt_ids(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
     return [[(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)] for i in range(batch)]
 
 
-def steady_decode(timed, batch: int, out_len: int, warmup_tokens: int = 4) -> dict:
+def steady_decode(timed, batch: int, out_len: int, warmup_tokens: int = 4, repeats: int = 3) -> dict:
     """Decode tokens/s, the one definition every runner uses: (time for out_len tokens - time for 1
-    token) over the extra tokens, best of two each, after a warm-up at this batch size.
+    token) over the extra tokens, the median of ``repeats`` measurements (each its own 1-token and
+    out_len-token run) after a warm-up at this batch size; every repeat is kept in ``repeats``.
     ``timed(n)`` generates n tokens for the whole batch and returns the seconds it took."""
     timed(warmup_tokens)
-    t1 = min(timed(1) for _ in range(2))
-    tn = min(timed(out_len) for _ in range(2))
-    return {"batch": batch, "ttft_s": t1, "total_s": tn,
-            "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)}
+    runs = []
+    for _ in range(repeats):
+        t1, tn = timed(1), timed(out_len)
+        runs.append({"ttft_s": t1, "total_s": tn, "decode_tok_s": batch * (out_len - 1) / max(tn - t1, 1e-9)})
+    median = sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2]
+    return dict(median, batch=batch, repeats=[round(r["decode_tok_s"], 2) for r in runs])
 
 
 def scoring_ids(vocab: int, length: int = 96) -> list[int]:
