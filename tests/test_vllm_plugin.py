@@ -111,7 +111,8 @@ def ckpts(tmp_path_factory, tiny_checkpoint):
                                     ("w4_gptq", "w4_sidecar", "qat-sidecar", 4, "gptq"),
                                     ("awq_bf16", "w4_awq", "awq", 4, "bf16"),
                                     ("awq_gptq", "w4_awq", "awq", 4, "gptq"),
-                                    ("w8_bf16", "w8_sidecar", "qat-sidecar", 8, "bf16")):
+                                    ("w8_bf16", "w8_sidecar", "qat-sidecar", 8, "bf16"),
+                                    ("w8_gptq", "w8_sidecar", "qat-sidecar", 8, "gptq")):
         d[key] = reference.write_standard(d[src], str(root / key), fmt, bits, to)
     d["w4_declared"] = str(root / "w4_declared")
     convert(d["w4_sidecar"], d["w4_declared"], to="grace_qat")
@@ -587,6 +588,75 @@ def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeyp
         x = torch.randn(m, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
         assert torch.equal(compiled(x), method.apply(layer, x, layer.bias)), f"compiled, M={m}"
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def _stock_layer(name, gptq_dir, files):
+    """vLLM's own GPTQ layer for ``name`` (the quantization config stock vLLM builds from the export's
+    config.json, mapped to vLLM's layer names as the engine maps it), loaded with the export's tensors
+    through vLLM's loaders and post-processed: the layer a stock ``vllm serve`` of the export runs."""
+    from vllm.model_executor.layers.quantization import get_quantization_config
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration as Qwen3VL
+    with open(os.path.join(gptq_dir, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    cfg = get_quantization_config(qc["quant_method"]).from_config(qc)
+    mapper = Qwen3VL.hf_to_vllm_mapper
+    cfg.apply_vllm_mapper((getattr(mapper, "get_rename_mapper", None) or mapper.get_unstacked_mapper)())
+    cfg.packed_modules_mapping = Qwen3VL.packed_modules_mapping
+    layer = _build(name, cfg, 0, 1)
+    assert {"qweight", "scales"} <= {n for n, _ in layer.named_parameters()}, \
+        f"{name}: stock vLLM did not quantize this layer ({type(layer.quant_method).__name__})"
+    for module, shard in zip(*LAYERS[name]):
+        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+            if hasattr(layer, suffix) and HF + module + "." + suffix in files:
+                param = getattr(layer, suffix)
+                param.weight_loader(param, files[HF + module + "." + suffix], *(() if shard is None else (shard,)))
+    with _tensor_parallel(0, 1):
+        layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+# The kernel choices a user reaches with VLLM_DISABLED_KERNELS (CUDA; on CPU vLLM has one).
+_STOCK_CHOICES = {"default": "", "no-machete": "MacheteLinearKernel",
+                  "no-machete-humming": "MacheteLinearKernel,HummingLinearKernel"}
+
+
+@pytest.mark.stock_kernels
+@pytest.mark.parametrize("choice", list(_STOCK_CHOICES))
+@pytest.mark.parametrize("key,gptq", [("w4_sidecar", "w4_gptq"), ("w4_awq", "awq_gptq"), ("w8_sidecar", "w8_gptq")])
+def test_layers_equal_stock_gptq_layers_bit_for_bit(ckpts, opened, key, gptq, choice, monkeypatch):
+    """Each grace_qat layer (through its custom op on CUDA) and stock vLLM's GPTQ layer on the export of
+    the same weights (written by tests/reference.py, not by grace_qat) run the same kernel and give
+    identical outputs for M = 1, 5, 64: the layer-level form of "tokens identical to stock". vLLM's
+    GPTQ layer is run twice, so a kernel that is not deterministic shows as that, not as a plugin bug."""
+    from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+
+    from grace_vllm import dispatch
+    if not torch.cuda.is_available() and choice != "default":
+        pytest.skip("CPU: vLLM has one mixed-precision kernel (CPUWNA16)")
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", _STOCK_CHOICES[choice])
+    monkeypatch.setenv(dispatch.ENV_DUAL, "0")
+    cfg, ckpt, files = _config(ckpts[key]), opened[key], reference.tensors(ckpts[gptq])
+    bits = opened[key].bits
+    for name in LAYERS:
+        plugin = _make(name, cfg, ckpt)
+        if plugin.quant_method.kernel is None:
+            assert not cpu_int4_kernel_available() or bits == 8, f"{key} {name}: no kernel"
+            pytest.skip(f"W{bits} on this {DEVICE}: vLLM has no kernel (both sides run BF16 GEMMs)")
+        stock = _stock_layer(name, ckpts[gptq], files)
+        kernel = type(plugin.quant_method.kernel).__name__
+        stock_kernel = type(stock.quant_method.kernel).__name__
+        assert kernel == stock_kernel == choose_mp_linear_kernel(plugin.quant_method.mp_config).__name__, \
+            (name, kernel, stock_kernel)
+        gen = torch.Generator().manual_seed(2)
+        for m in (1, 5, 64):
+            x = torch.randn(m, stock.input_size_per_partition, generator=gen).to(torch.bfloat16).to(DEVICE)
+            want = stock.quant_method.apply(stock, x)
+            again = stock.quant_method.apply(stock, x)
+            assert torch.equal(want, again), f"{key} {name} M={m}: stock {kernel} is not deterministic"
+            got = plugin.quant_method.apply(plugin, x)
+            diff = (got.float() - want.float()).abs()
+            assert torch.equal(got, want), (f"{key} {name} M={m} {kernel}: {int((diff > 0).sum())} of "
+                                            f"{diff.numel()} outputs differ from stock GPTQ, max {diff.max().item():.3g}")
 
 
 @pytest.mark.parametrize("src,fmt", [("w4_sidecar", "qat-sidecar"), ("w4_awq", "awq")])
