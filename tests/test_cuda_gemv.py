@@ -407,3 +407,79 @@ def test_gpu_torch_compile_through_a_custom_op_without_recompiles():
         graph.replay()
         assert torch.equal(out, ((xs.double() @ w_ref.t()).to(torch.bfloat16)) * 2), m
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])   # M=1 may specialise once
+
+
+# --- the plugin's kernel class --------------------------------------------------------------------
+
+def _mp_config(bits=4, group=128, k=4096, n=4096, act=torch.bfloat16):
+    from types import SimpleNamespace
+    return SimpleNamespace(act_type=act, zero_points=False, weight_type=SimpleNamespace(size_bits=bits),
+                           group_size=group, partition_weight_shape=(k, n), full_weight_shape=(k, n))
+
+
+def test_plugin_lists_the_kernel_and_it_says_what_it_can_run():
+    from grace_vllm import dispatch
+    assert dispatch.OWN_KERNELS["CudaGemvKernel"] is dispatch.CudaGemvKernel
+    assert dispatch.kernel_class("CudaGemvKernel") is dispatch.CudaGemvKernel
+    ok, why = dispatch.CudaGemvKernel.can_implement(_mp_config(act=torch.float32))
+    assert not ok and "float32" in why
+    ok, why = dispatch.CudaGemvKernel.can_implement(_mp_config(k=4000))
+    assert not ok
+    ok, why = dispatch.CudaGemvKernel.can_implement(_mp_config())
+    assert ok == (cg.available() is None), why
+
+
+class _Dense:
+    """The large kernel's stand-in: x @ W^T in float64, rounded once (W on the layer)."""
+
+    def apply_weights(self, module, x, bias=None):
+        y = x.double() @ module.w_ref.t()
+        return (y if bias is None else y + bias.double()).to(x.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_plugin_op_routes_small_m_to_the_cuda_kernel_under_compile_and_graphs():
+    """grace_qat::mixed_mm sends M <= max_m to CudaGemvKernel (its layout made by ``attach`` from the
+    compressed-tensors packing, the holder's bias), larger M to the layer's kernel; under
+    torch.compile one graph serves every M, and captured graphs replay exactly."""
+    from types import SimpleNamespace
+
+    from grace_qat.packing import pack_int32
+    from grace_vllm import dispatch
+    n, k, bits = 4096, 2048, 4
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(-8, 8, (n, k), generator=g)
+    steps = (2.0 ** -torch.randint(2, 5, (n, k // 128), generator=g)).to(torch.bfloat16)
+    w_ref = (q.double() * steps.double().repeat_interleave(128, dim=1)).cuda()
+    bias = (torch.randint(-16, 17, (n,), generator=g) / 8).to(torch.bfloat16).cuda()
+    layer = torch.nn.Module()
+    layer.weight_packed = torch.nn.Parameter(torch.zeros(1, device="cuda"), requires_grad=False)
+    layer.w_ref = w_ref
+    holder = torch.nn.Module()
+    holder.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    small = dispatch.CudaGemvKernel.attach(holder, pack_int32((q + 8).to(torch.int32), bits, dim=1).cuda(),
+                                           steps.cuda(), bits, 128)
+    setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
+    d = dispatch.KernelDispatch(layer, _Dense(), n, small, max_m=8)
+    layer.quant_method = SimpleNamespace(dispatch=d)
+    want = lambda x: (x.double() @ w_ref.t() + bias.double()).to(torch.bfloat16)   # noqa: E731
+    for m in (1, 3, 8, 9):
+        x = _inputs(m, k, n, torch.bfloat16, m)[0].cuda()
+        before = dispatch.CALLS["CudaGemvKernel"]
+        assert torch.equal(d.apply(layer, x, bias), want(x)), m
+        assert dispatch.CALLS["CudaGemvKernel"] == before + (m <= 8), m
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda x: d.apply(layer, x, bias), dynamic=True, fullgraph=True)
+    for m in (1, 2, 8, 16):
+        xs = _inputs(m, k, n, torch.bfloat16, 30 + m)[0].cuda()
+        assert torch.equal(f(xs), want(xs)), m
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = f(xs)
+        xs.copy_(_inputs(m, k, n, torch.bfloat16, 60 + m)[0].cuda())
+        graph.replay()
+        assert torch.equal(out, want(xs)), m
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
