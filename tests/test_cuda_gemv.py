@@ -155,8 +155,8 @@ def emulate(x: torch.Tensor, wq: torch.Tensor, st: torch.Tensor, bits: int, n: i
     return y[:, :n]
 
 
-@functools.lru_cache(maxsize=16)
-def _case(n: int, k: int, bits: int, group: int, dtype, seed: int, device: str = "cpu"):
+@functools.lru_cache(maxsize=4)
+def _case(n: int, k: int, bits: int, group: int, dtype, seed: int):
     """Signed codes, power-of-two steps (1/4 .. 1/16), the exact float64 weight, the packed layout."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), generator=g)
@@ -164,8 +164,7 @@ def _case(n: int, k: int, bits: int, group: int, dtype, seed: int, device: str =
     steps = (2.0 ** -torch.randint(2, 5, (n, k // gs), generator=g)).to(dtype)
     w_ref = q.double() * steps.double().repeat_interleave(gs, dim=1)
     u = (q + 2 ** (bits - 1)).to(torch.int32)
-    wq, st = cg.pack_codes(u.to(device), bits), cg.pack_steps(steps.to(device))
-    return wq, st, w_ref
+    return cg.pack_codes(u, bits), cg.pack_steps(steps), w_ref
 
 
 def _inputs(m: int, k: int, n: int, dtype, seed: int):
@@ -275,9 +274,15 @@ def test_source_ships_with_the_package():
 
 # --- GPU ---------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
 def _gpu_case(n, k, bits, dtype, seed=0):
-    wq, st, w_ref = _case(n, k, bits, 128, dtype, seed, "cuda")
-    return wq, st, w_ref.cuda()
+    """As ``_case``, made on the GPU (full-size layers: the float64 weight alone is up to 720 MB)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), generator=g, device="cuda")
+    steps = (2.0 ** -torch.randint(2, 5, (n, k // 128), generator=g, device="cuda")).to(dtype)
+    w_ref = q.double() * steps.double().repeat_interleave(128, dim=1)
+    wq = cg.pack_codes((q + 2 ** (bits - 1)).to(torch.int32), bits)
+    return wq, cg.pack_steps(steps), w_ref
 
 
 @pytest.mark.gpu
