@@ -137,13 +137,16 @@ __device__ __forceinline__ void grid_dependents_launch() {
 // mma (M <= 8 * MT). NT: 16-row output tiles per block. U: chunks per warp per pipeline stage.
 template <int BITS, bool BF, int MT, int NT, int U>
 __global__ void __launch_bounds__(256) grace_gemv(
+    // Only the weights and steps are __restrict__: a load through a restrict pointer may be moved
+    // above griddepcontrol.wait (the compiler may assume no other code touches that memory), and
+    // the activations, workspace, counters and output must not be touched before it.
     const U4* __restrict__ wq,          // (tiles, C, 32 lanes) x 16 bytes
     const u32* __restrict__ steps,      // (tiles, groups, 8) pairs: rows g and g + 8 of the tile
-    const u16* __restrict__ x,          // (M, K), row stride ldx elements, 16-byte aligned rows
-    const u16* __restrict__ bias,       // (N) or null
-    u16* __restrict__ y,                // (M, N), row stride ldy
-    float* __restrict__ ws,             // (split, M, tiles * 16) fp32 when gridDim.y > 1
-    int* __restrict__ counters,         // (gridDim.x) zeros, left zero
+    const u16* x,                       // (M, K), row stride ldx elements, 16-byte aligned rows
+    const u16* bias,                    // (N) or null
+    u16* y,                             // (M, N), row stride ldy
+    float* ws,                          // (split, M, tiles * 16) fp32 when gridDim.y > 1
+    int* counters,                      // (gridDim.x) zeros, left zero
     int M, int N, int tiles, int C, int groups, int group_shift, int ldx, int ldy,
     int chunks_per_split) {
   constexpr int CK = BITS == 4 ? 64 : 32;      // input features per chunk

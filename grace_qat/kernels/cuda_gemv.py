@@ -311,6 +311,7 @@ def compile_cubin(bits: int, bf16: bool, arch: str, instances=INSTANCES,
 _LOCK = threading.Lock()
 _MODULES: dict[tuple, "_Module"] = {}
 _COUNTERS: dict[int, torch.Tensor] = {}
+_CHOSEN: dict[tuple, "Config"] = {}
 
 
 class _Module:
@@ -527,8 +528,13 @@ def gemv(x: torch.Tensor, wq: torch.Tensor, st: torch.Tensor, bits: int, n: int 
         x2 = x2.contiguous() if x2.stride(-1) != 1 or x2.stride(0) % 8 else x2.clone()
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     mod = module(device, bits, x.dtype)
-    cfg = config or choose(m, n, k, bits, table, mod.sms,
-                           lambda mt, nt, u, w: mod.blocks_per_sm((mt, nt, u), w))
+    cfg = config
+    if cfg is None:            # the heuristic's search costs ~0.3 ms of Python: once per (layer shape, M)
+        key = (device, m, n, k, bits, tuple(table))
+        cfg = _CHOSEN.get(key)
+        if cfg is None:
+            cfg = _CHOSEN[key] = choose(m, n, k, bits, table, mod.sms,
+                                        lambda mt, nt, u, w: mod.blocks_per_sm((mt, nt, u), w))
     inst = check_config(cfg, m)
     gx = -(-tiles // cfg.nt)
     per_split = -(-c // max(1, min(cfg.split, c)))
