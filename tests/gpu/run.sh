@@ -48,7 +48,7 @@
 #   gemv         - the CUDA decode GEMV (grace_qat/kernels/cuda_gemv.py): its `-m gpu` tests, its benchmark
 #                  next to BF16, the Triton kernel and (when a vLLM is there) Marlin/Machete/Humming -> $OUT/gemv/
 #                  small_m.json, and one Nsight Compute profile (7B gate_up, M=1) -> $OUT/gemv/ncu.json; no
-#                  engine needed (GRACE_GEMV_BENCH_ARGS adds benchmark flags)
+#                  engine needed (GRACE_GEMV_BENCH_ARGS adds benchmark flags, e.g. "--bits 4,8 --tp 1,2")
 #   gpu-tests    - (vLLM) the `-m gpu` tests of tests/test_vllm_plugin.py (exact codes after the repack) and
 #                  tests/test_small_m_kernel.py (the Triton kernel, exact)
 #   workflow-vllm - the vllm job of .github/workflows/engine-images.yml, step by step as written, with the
@@ -376,12 +376,12 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     timeout 170 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_gemv.py > $OUT/gemv-tests.log 2>&1 \
       || rc=1
     tail -15 $OUT/gemv-tests.log
-    timeout 240 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --ms 1,2,4,8,16 --sweep-seconds 60 \
+    timeout 200 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --bits 4 --ms 1,2,4,8,16 --sweep-seconds 45 \
       ${GRACE_GEMV_BENCH_ARGS:-} > $OUT/gemv-bench.log 2>&1 || { rc=1; echo "benchmark failed"; }
     grep -v "^ *$" $OUT/gemv-bench.log | tail -40
-    timeout 120 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --ncu --ncu-shape llava-7b:gate_up --ncu-m 1 \
-      --ncu-timeout 110 > $OUT/gemv/ncu.log 2>&1 || echo "ncu profile failed (not counted): tail of $OUT/gemv/ncu.log"
-    tail -25 $OUT/gemv/ncu.log; rm -f $OUT/gemv/ncu.csv
+    timeout 100 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --ncu --ncu-shape llava-7b:gate_up --ncu-m 1 \
+      --ncu-timeout 90 > $OUT/gemv/ncu.log 2>&1 || echo "ncu profile failed (not counted): tail of $OUT/gemv/ncu.log"
+    tail -25 $OUT/gemv/ncu.log
     echo "gemv rc=$rc"; exit $rc ;;
   workflow-vllm|sglang-workflow)
     # A published image has no bundle marker: hide it, keep the engine importable through PYTHONPATH
