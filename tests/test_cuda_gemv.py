@@ -129,7 +129,9 @@ def emulate(x: torch.Tensor, wq: torch.Tensor, st: torch.Tensor, bits: int, n: i
     groups = st.shape[1]
     group = k // groups
     words = wq.to(torch.int64) & 0xFFFFFFFF                       # (tiles, C, 32, 4)
-    steps = cg.unpack_steps(st).double().reshape(tiles, 16, groups)
+    # lane g's 32-bit load of group j: the low half scales row g, the high half row g + 8
+    pairs = st.double().reshape(tiles, groups, 8, 2)
+    steps = torch.cat([pairs[..., 0], pairs[..., 1]], dim=2).permute(0, 2, 1)      # (tiles, 16, groups)
     xd = x.double()
     y = torch.zeros(m_rows, tiles * 16, dtype=torch.float64)
     for mt in range(-(-m_rows // 8)):
