@@ -56,7 +56,8 @@ def layer_shapes(model: str, tp: int) -> list[tuple[str, int, int]]:
             ("gate_up_proj", 2 * inter // tp, h), ("down_proj", h, inter // tp)]
 
 
-KERNELS = ("MarlinLinearKernel", "MacheteLinearKernel", "HummingLinearKernel", "TritonWNA16Kernel")
+KERNELS = ("MarlinLinearKernel", "MacheteLinearKernel", "HummingLinearKernel", "TritonWNA16Kernel",
+           "CudaGemvKernel")
 
 
 def _kernels(bits: int, group: int, n: int, k: int, copies: int,
@@ -64,7 +65,7 @@ def _kernels(bits: int, group: int, n: int, k: int, copies: int,
     """``copies`` lists of (kernel, module) on random codes of one shape, one per name in ``names``
     (in that order), each module holding its own repacked copy."""
     from grace_qat.packing import pack_int32
-    from grace_vllm.dispatch import TritonWNA16Kernel, kernel_class
+    from grace_vllm.dispatch import OWN_KERNELS, kernel_class
     from grace_vllm.linear import kernel_holder, mp_layer_config, new_kernel
     cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
     classes = []
@@ -83,10 +84,8 @@ def _kernels(bits: int, group: int, n: int, k: int, copies: int,
         for cls in classes:
             mod = kernel_holder(input_size=k, input_size_per_partition=k, output_size=n,
                                 output_partition_sizes=[n], params_dtype=torch.bfloat16, has_bias=False)
-            if cls is TritonWNA16Kernel:
-                mod.weight_packed = torch.nn.Parameter(packed.clone(), requires_grad=False)
-                mod.weight_scale = torch.nn.Parameter(scales.clone(), requires_grad=False)
-                row.append((TritonWNA16Kernel(bits, group), mod))
+            if cls in OWN_KERNELS.values():          # grace_qat's own: their layout on the holder
+                row.append((cls.attach(mod, packed, scales, bits, group), mod))
             else:
                 row.append((new_kernel(cls, cfg, mod, packed.clone(), scales.clone()), mod))
         sets.append(row)
@@ -162,11 +161,15 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER) -> dict:
     for m in ladder:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for idx, name in enumerate(names):
+            if m > getattr(kernel_class(name), "MAX_M", m):
+                continue                      # a kernel for small M only: its run of M ends here
             fns = [lambda kern=row[idx][0], mod=row[idx][1]: kern.apply_weights(mod, x) for row in sets]
             us[name][m] = _time_us(fns)
         # every kernel computes the same product: a wrong layout would show here, not only in speed
         ref = sets[0][names.index(large)][0].apply_weights(sets[0][names.index(large)][1], x).float()
         for idx, name in enumerate(names):
+            if m not in us[name]:
+                continue
             y = sets[0][idx][0].apply_weights(sets[0][idx][1], x).float()
             rel = ((y - ref).norm() / ref.norm().clamp_min(1e-6)).item()
             if rel > 1e-2:

@@ -1,5 +1,6 @@
-"""Time grace_qat's small-M Triton kernel against BF16, the copy bandwidth and (when vLLM is
-importable) vLLM's Marlin and Machete, per layer shape and token count M, sweeping its launch configs.
+"""Time grace_qat's small-M Triton kernel against BF16, the copy bandwidth, grace_qat's CUDA GEMV
+(its heuristic config; benchmarks/gemv_kernel.py sweeps it) and (when vLLM is importable) vLLM's
+Marlin and Machete, per layer shape and token count M, sweeping the Triton kernel's launch configs.
 
 Writes under --out:
 * ``small_m.json``: ``meta`` (GPU, torch, Triton, vLLM versions), the measured device-to-device
@@ -106,6 +107,10 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline) -> dict:
     bf_copies = max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))
     bf = [w_ref.to(dtype) if i == 0 else torch.randn(n, k, device="cuda", dtype=dtype) * 0.01
           for i in range(bf_copies)]
+    gemv_sets = []
+    from grace_qat.kernels import cuda_gemv
+    if cuda_gemv.available() is None and cuda_gemv.supports(bits, group, k) and max(ms) <= cuda_gemv.MAX_M:
+        gemv_sets = [cuda_gemv.pack(p, s, bits) for p, s in sets]
     vk = None
     if vllm_ok:
         from kernel_crossover import _kernels
@@ -134,6 +139,11 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline) -> dict:
                  wna16_max_abs_err=(y.float() - ref).abs().max().item(),
                  wna16_copy_fraction=wbytes / (best["us"] * 1e-6) / copy_bps,
                  bf16_copy_fraction=n * k * 2 / (r["bf16_us"] * 1e-6) / copy_bps)
+        if gemv_sets:                          # grace_qat's CUDA GEMV (benchmarks/gemv_kernel.py sweeps it)
+            r["cuda_gemv_us"] = _time_us([lambda w=w: cuda_gemv.gemv(x, w[0], w[1], bits, n) for w in gemv_sets])
+            y = cuda_gemv.gemv(x, gemv_sets[0][0], gemv_sets[0][1], bits, n)
+            r.update(cuda_gemv_rel_err=_rel(y, ref), cuda_gemv_max_abs_err=(y.float() - ref).abs().max().item(),
+                     cuda_gemv_copy_fraction=wbytes / (r["cuda_gemv_us"] * 1e-6) / copy_bps)
         if vk is not None:
             for idx, name in ((0, "marlin"), (1, "machete")):
                 r[f"{name}_us"] = _time_us([lambda kern=pr[idx][0], mod=pr[idx][1]: kern.apply_weights(mod, x)
@@ -142,6 +152,7 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline) -> dict:
         row["m"][m] = r
         print(f"  w{bits} n{n} k{k} M={m:3d}: ours {best['us']:7.2f} us ({r['wna16_copy_fraction']:.2f} of copy) "
               f"cfg {best['config']}  bf16 {r['bf16_us']:7.2f} us"
+              + (f"  cuda_gemv {r['cuda_gemv_us']:.2f}" if gemv_sets else "")
               + (f"  marlin {r['marlin_us']:.2f} machete {r['machete_us']:.2f}" if vk else "")
               + f"  rel err ours {r['wna16_rel_err']:.1e} bf16 {r['bf16_rel_err']:.1e}", flush=True)
     return row

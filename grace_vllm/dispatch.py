@@ -4,13 +4,14 @@ Stock vLLM hands every mixed-precision layer to one kernel (``choose_mp_linear_k
 Machete, or what ``--linear-backend``, ``--kernel-config``'s ``linear_backend_per_quant`` and
 ``VLLM_DISABLED_KERNELS`` select). grace_qat's layers take exactly that kernel, with one packed copy:
 on the same weights they run what stock vLLM runs. A second copy for another kernel (any vLLM
-mixed-precision kernel that can implement the layer, or grace_qat's own Triton kernel) is kept only
+mixed-precision kernel that can implement the layer, or grace_qat's own Triton or CUDA kernel) is kept only
 where the kernel table measured on this device, engine version and engine kernel says it is faster
 (``grace_qat.kernels.table``); the per-call choice by token count M happens inside one custom op.
 
 The list of kernels is open: a kernel is known by its class name, looked up among vLLM's registered
 mixed-precision kernels and grace_qat's own (``OWN_KERNELS``), and used only where its
-``can_implement`` accepts the layer, as vLLM does. Adding one is a class plus its table entries.
+``can_implement`` accepts the layer, as vLLM does. Adding one is a class plus its table entries
+(grace_qat's own also ``attach``: its copy on the holder module, in its own layout).
 
 ``GRACE_QAT_DUAL_KERNEL=0`` keeps one copy everywhere; ``GRACE_QAT_MARLIN_MAX_M=<int>`` forces Marlin
 for M <= that number next to any other kernel; ``GRACE_QAT_CROSSOVER_FILE`` adds a table measured on
@@ -140,11 +141,60 @@ class TritonWNA16Kernel:
         self.bits, self.group = bits, group
         self.table = [(int(m), triton_wna16.Config.from_list(c)) for m, c in configs]
 
+    @classmethod
+    def attach(cls, holder: torch.nn.Module, packed: torch.Tensor, scales: torch.Tensor, bits: int,
+               group: int, configs: tuple = ()) -> "TritonWNA16Kernel":
+        """The kernel for one layer, its copy on ``holder``: the plain compressed-tensors packing."""
+        holder.weight_packed = torch.nn.Parameter(packed.clone(), requires_grad=False)
+        holder.weight_scale = torch.nn.Parameter(scales.clone(), requires_grad=False)
+        return cls(bits, group, configs)
+
     def apply_weights(self, module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w = module.weight_packed
         m = x.numel() // x.shape[-1]
         cfg = self._choose(m, w.shape[0], x.shape[-1], self.bits, self.group, self.table)
         return self._mm(x, w, module.weight_scale, self.bits, self.group, bias, config=cfg)
+
+
+class CudaGemvKernel:
+    """grace_qat's NVRTC-compiled decode GEMV (``grace_qat.kernels.cuda_gemv``) for M <= 32, with
+    the vLLM kernel's calling convention. Its copy is its own layout (``cuda_gemv.pack``), made from
+    the compressed-tensors codes once at load time: the layer's only small-M copy. Compiling,
+    loading and the split-K counters happen in ``attach``, before any CUDA-graph capture."""
+
+    MAX_M = 32
+
+    @classmethod
+    def can_implement(cls, c) -> tuple[bool, str | None]:
+        if c.act_type not in (torch.bfloat16, torch.float16):
+            return False, f"activations {c.act_type}"
+        if getattr(c, "zero_points", False):
+            return False, "zero points"
+        from grace_qat.kernels import cuda_gemv
+        why = cuda_gemv.available() or cuda_gemv.why_not(c.weight_type.size_bits, c.group_size,
+                                                         c.partition_weight_shape[0])
+        return (False, why) if why else (True, None)
+
+    def __init__(self, bits: int, group: int, configs: tuple = ()):
+        from grace_qat.kernels import cuda_gemv
+        self._gemv = cuda_gemv.gemv
+        self.bits, self.group = bits, group
+        self.table = [(int(m), cuda_gemv.Config.from_list(c)) for m, c in configs]
+
+    @classmethod
+    def attach(cls, holder: torch.nn.Module, packed: torch.Tensor, scales: torch.Tensor, bits: int,
+               group: int, configs: tuple = ()) -> "CudaGemvKernel":
+        from grace_qat.kernels import cuda_gemv
+        wq, st = cuda_gemv.pack(packed, scales, bits)
+        holder.weight_packed = torch.nn.Parameter(wq, requires_grad=False)
+        holder.weight_scale = torch.nn.Parameter(st, requires_grad=False)
+        holder.gemv_out_features = packed.shape[0]
+        cuda_gemv.prepare(packed.device, bits, scales.dtype)
+        return cls(bits, group, configs)
+
+    def apply_weights(self, module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self._gemv(x, module.weight_packed, module.weight_scale, self.bits, module.gemv_out_features,
+                          bias=bias, table=self.table)
 
 
 class KernelDispatch:
@@ -194,7 +244,7 @@ def _mixed_mm_fake(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Ten
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-OWN_KERNELS: dict[str, type] = {TritonWNA16Kernel.__name__: TritonWNA16Kernel}
+OWN_KERNELS: dict[str, type] = {k.__name__: k for k in (TritonWNA16Kernel, CudaGemvKernel)}
 
 _lib = torch.library.Library("grace_qat", "FRAGMENT")
 _lib.define("mixed_mm(Tensor x, Tensor? bias, Tensor weight, int out_features) -> Tensor")

@@ -335,11 +335,10 @@ class GraceLinearMethod(LinearMethodBase):
         small = None
         if self.small_m_kernel_cls is not None:
             holder = kernel_holder(layer)
-            if self.small_m_kernel_cls is dispatch.TritonWNA16Kernel:
-                # the plain compressed-tensors packing, as it is: no repack
-                holder.weight_packed = torch.nn.Parameter(packed.clone(), requires_grad=False)
-                holder.weight_scale = torch.nn.Parameter(scales.clone(), requires_grad=False)
-                small = dispatch.TritonWNA16Kernel(self.bits, g.kernel_group, self.small_m_plan.configs)
+            if self.small_m_kernel_cls in dispatch.OWN_KERNELS.values():
+                # grace_qat's own kernels lay out their one copy themselves
+                small = self.small_m_kernel_cls.attach(holder, packed, scales, self.bits, g.kernel_group,
+                                                       self.small_m_plan.configs)
             else:
                 small = new_kernel(self.small_m_kernel_cls, self.mp_config, holder, packed.clone(),
                                    scales.clone())

@@ -302,7 +302,7 @@ def test_every_documented_engine_stage_resolves_its_engine(tmp_path):
     """Each documented stage is known to the engine resolution, with the right engine (no stage
     falls through to 'unknown', no SGLang stage waits for the vLLM bundle)."""
     documented = re.findall(r"^#   ([a-z0-9-]+)", RUN_SH.read_text(), flags=re.M)
-    runs_without_engine = {"prepare-bg", "chain", "poll", "bench-hf", "install"}
+    runs_without_engine = {"prepare-bg", "chain", "poll", "bench-hf", "install", "gemv"}
     assert runs_without_engine <= set(documented)
     for stage in sorted(set(documented) - runs_without_engine):
         r = _run_sh(stage, cwd=tmp_path, OUT=str(tmp_path / "o"), GRACE_GPU_SITES=str(tmp_path),
@@ -396,3 +396,13 @@ def test_v1_runner_variable_is_set_only_where_the_v1_runner_exists(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     want = "VLLM_USE_V2_MODEL_RUNNER=0" if has_v1 else "VLLM_USE_V2_MODEL_RUNNER=unset"
     assert f"engine env: {want}" in r.stdout, r.stdout
+
+
+def test_gemv_stage_needs_no_engine_only_a_gpu(tmp_path):
+    """The CUDA GEMV stage uses a vLLM when one is there and runs without one; without a GPU it says so."""
+    torch = require("torch")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the stage runs for minutes (tests/gpu/run.sh gemv)")
+    r = _run_sh("gemv", cwd=tmp_path, OUT=str(tmp_path / "o"), GRACE_GPU_SITES=str(tmp_path),
+                GRACE_GPU_ENGINE="bundle", GRACE_GPU_BUNDLE_WAIT="0", timeout=60)
+    assert r.returncode == 1 and r.stdout.startswith("no CUDA device visible"), r.stdout

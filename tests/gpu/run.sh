@@ -45,6 +45,10 @@
 #   bench-sglang - (SGLang) SGLang + grace_qat vs stock SGLang GPTQ, 2B, batch 1..128
 #   llava-check  - only the LLaVA original-layout checks of suite
 #   tiny         - every format on tiny Qwen3-VL through the benchmark harness, eager
+#   gemv         - the CUDA decode GEMV (grace_qat/kernels/cuda_gemv.py): its `-m gpu` tests, its benchmark
+#                  next to BF16, the Triton kernel and (when a vLLM is there) Marlin/Machete/Humming -> $OUT/gemv/
+#                  small_m.json, and one Nsight Compute profile (7B gate_up, M=1) -> $OUT/gemv/ncu.json; no
+#                  engine needed (GRACE_GEMV_BENCH_ARGS adds benchmark flags, e.g. "--bits 4,8 --tp 1,2")
 #   gpu-tests    - (vLLM) the `-m gpu` tests of tests/test_vllm_plugin.py (exact codes after the repack) and
 #                  tests/test_small_m_kernel.py (the Triton kernel, exact)
 #   workflow-vllm - the vllm job of .github/workflows/engine-images.yml, step by step as written, with the
@@ -151,6 +155,7 @@ serve_fixture() {   # serve_fixture FORMAT: "MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTE
 
 case "$stage" in   # the engine a stage runs on (bundle or installed; see the top)
   prepare-bg|chain|poll|bench-hf) ;;
+  gemv) use_engine 0 > /dev/null || ENGINE_FROM="" ;;
   engine|sglang-engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
   install) use_engine 0 || [ "${GRACE_GPU_SANITY:-1}" = 0 ] || exit 1 ;;
   crossover|marlin-variants|bench-llava|bench-qwen|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
@@ -363,6 +368,21 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     timeout 500 python3 -m pytest -q -rs -m "gpu or stock_kernels" -p no:cacheprovider tests/test_vllm_plugin.py tests/test_small_m_kernel.py \
       > $OUT/gpu-tests.log 2>&1; rc=$?
     tail -25 $OUT/gpu-tests.log; echo "pytest rc=$rc"; exit $rc ;;
+  gemv)
+    cuda_visible || exit 1
+    export PYTHONPATH=/tmp/site-test:$PYTHONPATH
+    mkdir -p $OUT/gemv; rc=0
+    echo "engine: ${ENGINE_FROM:-none, so grace_qat kernels and BF16 only}"
+    timeout 170 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_gemv.py > $OUT/gemv-tests.log 2>&1 \
+      || rc=1
+    tail -15 $OUT/gemv-tests.log
+    timeout 200 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --bits 4 --ms 1,2,4,8,16 --sweep-seconds 45 \
+      ${GRACE_GEMV_BENCH_ARGS:-} > $OUT/gemv-bench.log 2>&1 || { rc=1; echo "benchmark failed"; }
+    grep -v "^ *$" $OUT/gemv-bench.log | tail -40
+    timeout 100 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --ncu --ncu-shape llava-7b:gate_up --ncu-m 1 \
+      --ncu-timeout 90 > $OUT/gemv/ncu.log 2>&1 || echo "ncu profile failed (not counted): tail of $OUT/gemv/ncu.log"
+    tail -25 $OUT/gemv/ncu.log
+    echo "gemv rc=$rc"; exit $rc ;;
   workflow-vllm|sglang-workflow)
     # A published image has no bundle marker: hide it, keep the engine importable through PYTHONPATH
     export GRACE_GPU_SITES=/tmp/no-bundle GRACE_GPU_BUNDLE_WAIT=0   # PYTHONPATH already holds $SITE (use_engine)

@@ -1,0 +1,384 @@
+"""Time grace_qat's CUDA decode GEMV (grace_qat/kernels/cuda_gemv.py) per layer shape and token count
+M, next to the BF16 GEMM, grace_qat's Triton kernel and, when vLLM is importable, the engine's
+mixed-precision kernels (Marlin, Machete, Humming: those that can run the shape here).
+
+Writes under --out:
+* ``small_m.json``: ``meta`` (GPU, versions, the measured device-to-device copy bandwidth) and per
+  shape and M, for every kernel: microseconds, the fraction of the copy bandwidth it reaches (packed
+  weight + step bytes per second), and its max / relative error against a float64 reference on the
+  same dequantized weights; for the CUDA kernel also every launch config tried, with and without
+  programmatic dependent launch, and ``cuda_gemv_table`` per shape ([[M, config], ...], the
+  ``configs`` of a kernel-table entry); ``targets``: the issue's goals checked (M=1 at >= 0.60 of the
+  copy bandwidth on LLaVA-7B's layers, M <= 8 within 1.3x of M=1);
+* ``small_m.png`` when matplotlib is there.
+
+Timing as kernel_crossover.py: each GEMM inside a CUDA graph cycling through enough copies of the
+weights that they do not stay in L2 (as decode runs).
+
+``--ncu``: instead, profile one shape and M (``--ncu-shape``, ``--ncu-m``) under Nsight Compute
+with a few metrics (DRAM and SM throughput, achieved occupancy, issue-slot use, warp stall
+reasons) -> ``ncu.json`` and ``ncu.csv``.
+
+    python benchmarks/gemv_kernel.py --out /tmp/gemv
+    python benchmarks/gemv_kernel.py --out /tmp/gemv --ncu --ncu-shape llava-7b:gate_up --ncu-m 1
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kernel_crossover import _time_us, bench_shapes, layer_shapes  # noqa: E402
+
+from grace_qat.kernels import cuda_gemv as cg  # noqa: E402
+
+MS = (1, 2, 4, 8, 16, 32)
+L2_BYTES = 50 * 2 ** 20
+ENGINE_KERNELS = {"marlin": "MarlinLinearKernel", "machete": "MacheteLinearKernel",
+                  "humming": "HummingLinearKernel"}
+NCU_METRICS = (
+    "gpu__time_duration.sum",
+    "dram__bytes_read.sum",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "sm__warps_active.avg.pct_of_peak_sustained_active",             # achieved occupancy
+    "sm__maximum_warps_per_active_cycle_pct",                        # theoretical occupancy
+    "smsp__issue_active.avg.pct_of_peak_sustained_active",           # issue slots busy
+    "smsp__inst_executed.sum",
+    "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+    "launch__registers_per_thread",
+    "launch__grid_size",
+    "launch__block_size",
+    "launch__waves_per_multiprocessor",
+    "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_not_selected_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_no_instruction_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio",
+)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (bytes read + bytes written), median of 5."""
+    n = 2 ** 30 // 2
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            b.copy_(a)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / 10)
+    del a, b
+    return 2 * 2 ** 30 / sorted(times)[len(times) // 2]
+
+
+def candidates(m: int, n: int, k: int, bits: int, sms: int, occ) -> list[cg.Config]:
+    """The heuristic's config first, then neighbours: tiles per block, warps, split, stage depth."""
+    base = cg.heuristic(m, n, k, bits, sms, occ)
+    mt = cg.m_tiles(m)
+    out = [base]
+    for nt in (1, 2, 4):
+        for u in (1, 2, 4):
+            if (mt, nt, u) not in cg.INSTANCES:
+                continue
+            for warps in (4, 8):
+                for split in sorted({1, base.split, max(1, base.split // 2), base.split * 2}):
+                    cfg = cg.Config(nt, warps, split, u)
+                    near = (nt == base.nt) + (u == base.unroll) + (warps == base.warps) + (split == base.split)
+                    if cfg not in out and near >= 3:
+                        out.append(cfg)
+    return out
+
+
+def _engine_kernels(bits, group, n, k, copies, vllm_ok):
+    """name -> [(kernel, module) per weight copy] for the engine kernels that build here."""
+    if not vllm_ok:
+        return {}, {}
+    from kernel_crossover import _kernels
+    out, failed = {}, {}
+    for short, name in ENGINE_KERNELS.items():
+        try:
+            out[short] = [row[0] for row in _kernels(bits, group, n, k, copies, names=(name,))]
+        except Exception as e:               # not in this vLLM, cannot run the shape, fails to build
+            failed[short] = str(e)[:200]
+    return out, failed
+
+
+def _stats(y: torch.Tensor, ref: torch.Tensor) -> dict:
+    d = (y.double() - ref)
+    return {"max_abs_err": d.abs().max().item(),
+            "rel_err": (d.norm() / ref.norm().clamp_min(1e-30)).item()}
+
+
+def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline, dtype=torch.bfloat16) -> dict:
+    from grace_qat.packing import pack_int32
+    groups = k // group
+    wbytes = n * k * bits // 8 + n * groups * 2
+    copies = max(1, math.ceil(3 * L2_BYTES / wbytes))
+    gen = torch.Generator(device="cuda").manual_seed(n * 31 + k + bits)
+    sets = []
+    for _ in range(copies):
+        u = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda", generator=gen)
+        s = (torch.rand(n, groups, device="cuda", generator=gen) * 0.02 + 0.001).to(dtype)
+        ct = pack_int32(u, bits, dim=1)
+        wq, st = cg.pack(ct, s, bits)
+        sets.append({"ct": ct, "s": s, "wq": wq, "st": st, "u": u if not sets else None})
+    u0, s0 = sets[0].pop("u"), sets[0]["s"]
+    w_ref = (u0 - 2 ** (bits - 1)).double() * s0.double().repeat_interleave(group, dim=1)
+    del u0
+    bf_copies = max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))
+    bf = [w_ref.to(dtype)] + [torch.randn(n, k, device="cuda", dtype=dtype) * 0.01 for _ in range(bf_copies - 1)]
+    engine, failed = _engine_kernels(bits, group, n, k, copies, vllm_ok)
+    try:
+        from grace_qat.kernels import triton_wna16
+    except ImportError:
+        triton_wna16 = None
+    dev = torch.cuda.current_device()
+    mod = cg.module(dev, bits, dtype)
+    occ = lambda mt, nt, u, w: mod.blocks_per_sm((mt, nt, u), w)      # noqa: E731
+    row = {"bits": bits, "group": group, "n": n, "k": k, "weight_bytes": wbytes, "copies": copies,
+           "engine_failed": failed, "m": {}, "cuda_gemv_table": []}
+    frac = lambda us, nbytes=wbytes: nbytes / (us * 1e-6) / copy_bps       # noqa: E731
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        ref = x.double() @ w_ref.t()
+        r = {"kernels": {}, "cuda_gemv_configs": []}
+        tried = candidates(m, n, k, bits, mod.sms, occ)
+        if time.time() > deadline:
+            tried = tried[:1]
+        for cfg in tried:
+            us = _time_us([lambda e=e: cg.gemv(x, e["wq"], e["st"], bits, n, config=cfg) for e in sets])
+            r["cuda_gemv_configs"].append({"config": cfg.as_list(), "us": us})
+        best = min(r["cuda_gemv_configs"], key=lambda c: c["us"])
+        cfg = cg.Config.from_list(best["config"])
+        y = cg.gemv(x, sets[0]["wq"], sets[0]["st"], bits, n, config=cfg)
+        r["kernels"]["cuda_gemv"] = {"us": best["us"], "config": best["config"], **_stats(y, ref)}
+        r["kernels"]["cuda_gemv_heuristic"] = {"us": r["cuda_gemv_configs"][0]["us"],
+                                               "config": r["cuda_gemv_configs"][0]["config"]}
+        us = _time_us([lambda e=e: cg.gemv(x, e["wq"], e["st"], bits, n, config=cfg, pdl=True) for e in sets])
+        y = cg.gemv(x, sets[0]["wq"], sets[0]["st"], bits, n, config=cfg, pdl=True)
+        r["kernels"]["cuda_gemv_pdl"] = {"us": us, "config": best["config"], **_stats(y, ref)}
+        row["cuda_gemv_table"].append([m, best["config"]])
+        if triton_wna16 is not None and triton_wna16.supports(bits, group, k):
+            mm = triton_wna16.wna16_mm
+            us = _time_us([lambda e=e: mm(x, e["ct"], e["s"], bits, group) for e in sets])
+            r["kernels"]["triton"] = {"us": us, **_stats(mm(x, sets[0]["ct"], s0, bits, group), ref)}
+        r["kernels"]["bf16"] = {"us": _time_us([lambda w=w: F.linear(x, w) for w in bf]),
+                                **_stats(F.linear(x, bf[0]), ref)}
+        for name, mods in engine.items():
+            try:
+                us = _time_us([lambda kern=kern, mo=mo: kern.apply_weights(mo, x) for kern, mo in mods])
+                y = mods[0][0].apply_weights(mods[0][1], x)
+            except Exception as e:             # e.g. a kernel with no path for this M
+                r["kernels"][name] = {"error": str(e)[:200]}
+                continue
+            r["kernels"][name] = {"us": us, **_stats(y, ref)}
+        for name, kr in r["kernels"].items():
+            if "us" in kr:
+                kr["copy_fraction"] = frac(kr["us"], n * k * 2 if name == "bf16" else wbytes)
+        row["m"][m] = r
+        line = "  ".join(f"{name} {kr['us']:.2f}" for name, kr in r["kernels"].items()
+                         if "us" in kr and name != "cuda_gemv_heuristic")
+        g = r["kernels"]["cuda_gemv"]
+        print(f"  w{bits} n{n} k{k} M={m:2d}: ours {g['us']:6.2f} us = {g['copy_fraction']:.2f} of copy, "
+              f"cfg {g['config']}, max err {g['max_abs_err']:.2e} | {line}", flush=True)
+    del sets, engine, bf
+    torch.cuda.empty_cache()
+    return row
+
+
+def check_targets(rows: list[dict]) -> dict:
+    """The issue's goals on these results: M=1 at >= 0.60 of the copy bandwidth on each LLaVA-7B TP-1
+    layer, and every M <= 8 within 1.3x of M=1's time (every shape)."""
+    out = {"m1_copy_fraction_0.60_llava7b": {}, "m_le_8_within_1.3x_of_m1": {}}
+    llava = {(n, k) for _, n, k in layer_shapes("llava-7b", 1)}
+    for r in rows:
+        key = f"w{r['bits']} n{r['n']} k{r['k']}"
+        t = {m: v["kernels"]["cuda_gemv"]["us"] for m, v in r["m"].items()}
+        if 1 not in t:
+            continue
+        if (r["n"], r["k"]) in llava and r["bits"] == 4:
+            f = r["m"][1]["kernels"]["cuda_gemv"]["copy_fraction"]
+            out["m1_copy_fraction_0.60_llava7b"][key] = {"fraction": round(f, 3), "ok": f >= 0.60}
+        worst = max((t[m] / t[1] for m in t if m <= 8), default=1.0)
+        out["m_le_8_within_1.3x_of_m1"][key] = {"worst_ratio": round(worst, 3), "ok": worst <= 1.3}
+    return out
+
+
+def _shape(spec: str) -> tuple[int, int]:
+    """'llava-7b:gate_up' (TP 1) or 'N x K' as '22016x4096'."""
+    if "x" in spec and ":" not in spec:
+        n, k = spec.split("x")
+        return int(n), int(k)
+    model, layer = spec.split(":")
+    for name, n, k in layer_shapes(model, 1):
+        if name.startswith(layer):
+            return n, k
+    raise SystemExit(f"no layer {layer} in {model}")
+
+
+def ncu_child(args) -> None:
+    """Run the kernel a few times on one shape (under ncu: it profiles the last launch)."""
+    from grace_qat.packing import pack_int32
+    n, k = _shape(args.ncu_shape)
+    bits, m = args.ncu_bits, args.ncu_m
+    u = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
+    s = (torch.rand(n, k // args.group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
+    wq, st = cg.pack(pack_int32(u, bits, dim=1), s, bits)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    cfg = cg.Config.from_list(json.loads(args.ncu_config)) if args.ncu_config else None
+    for _ in range(4):
+        y = cg.gemv(x, wq, st, bits, n, config=cfg)
+    torch.cuda.synchronize()
+    print(f"ncu child: n{n} k{k} w{bits} M={m} config "
+          f"{(cfg or cg.heuristic(m, n, k, bits)).as_list()} sum {float(y.float().sum()):.3f}", flush=True)
+
+
+def run_ncu(args) -> int:
+    ncu = shutil.which("ncu") or next((p for p in ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/ncu")
+                                       if os.path.exists(p)), None)
+    if ncu is None:
+        print("ncu not found on PATH")
+        return 1
+    child = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--ncu-child",
+             "--ncu-shape", args.ncu_shape, "--ncu-m", str(args.ncu_m), "--ncu-bits", str(args.ncu_bits),
+             "--group", str(args.group)] + (["--ncu-config", args.ncu_config] if args.ncu_config else [])
+    cmd = [ncu, "--kernel-name", "regex:grace_gemv", "--launch-skip", "3", "--launch-count", "1",
+           "--clock-control", "none", "--csv", "--page", "raw", "--metrics", ",".join(NCU_METRICS)] + child
+    print(" ".join(cmd), flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.ncu_timeout)
+    if p.returncode != 0 and "metric" in (p.stdout + p.stderr).lower():
+        # a metric this ncu does not know: the basic ones only
+        i = cmd.index("--metrics") + 1
+        cmd[i] = ",".join(NCU_METRICS[:7])
+        print("retrying with fewer metrics:", cmd[i], flush=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.ncu_timeout)
+    with open(os.path.join(args.out, "ncu.csv"), "w") as f:
+        f.write(p.stdout)
+    print(p.stderr[-3000:])
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith('"')]
+    metrics = {}
+    if len(lines) >= 2:
+        rows = list(csv.reader(io.StringIO("\n".join(lines))))
+        header, units, values = rows[0], rows[1], rows[-1]
+        metrics = {h: (v, u) for h, u, v in zip(header, units, values) if h in NCU_METRICS or h == "Kernel Name"}
+    out = {"shape": args.ncu_shape, "m": args.ncu_m, "bits": args.ncu_bits, "rc": p.returncode,
+           "metrics": {h: {"value": v, "unit": u} for h, (v, u) in metrics.items()},
+           "child_output": [ln for ln in p.stdout.splitlines() if ln.startswith("ncu child")]}
+    with open(os.path.join(args.out, "ncu.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    for h, (v, u) in metrics.items():
+        print(f"  {h:80s} {v} {u}")
+    return 0 if p.returncode == 0 and metrics else 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="llava-7b,qwen3vl-2b")
+    ap.add_argument("--tp", default="1")
+    ap.add_argument("--bits", default="4,8", help="qwen3vl: these; llava (released as W4): 4 only")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--sweep-seconds", type=float, default=120.0,
+                    help="after this long, time only the heuristic's config")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ncu", action="store_true", help="profile one shape under Nsight Compute instead")
+    ap.add_argument("--ncu-shape", default="llava-7b:gate_up", help="MODEL:LAYER (TP 1) or NxK")
+    ap.add_argument("--ncu-m", type=int, default=1)
+    ap.add_argument("--ncu-bits", type=int, default=4)
+    ap.add_argument("--ncu-config", default=None, help="a config as JSON [nt, warps, split, unroll]")
+    ap.add_argument("--ncu-timeout", type=float, default=300)
+    ap.add_argument("--ncu-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.ncu_child:
+        return ncu_child(args)
+    if args.ncu:
+        sys.exit(run_ncu(args))
+    vllm_version = None
+    try:
+        import vllm
+        from kernel_crossover import _single_rank
+        _single_rank()
+        vllm_version = vllm.__version__
+    except ImportError:
+        pass
+    device = torch.cuda.get_device_name()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    meta = {"device": device, "torch": torch.__version__, "vllm": vllm_version,
+            "nvrtc": ".".join(map(str, cg.nvrtc_version())),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+            "timing": "CUDA-graph replay, weights rotated out of L2; error vs float64 on the same "
+                      "dequantized weights; copy_fraction = (packed weight + step bytes) / s / copy bandwidth"}
+    meta["copy_bytes_per_s"] = copy_bw = copy_bandwidth()
+    print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s, vllm {vllm_version}", flush=True)
+    t0 = time.time()
+    for bits in {int(b) for b in args.bits.split(",")}:
+        cg.prepare(torch.cuda.current_device(), bits, torch.bfloat16)
+    print(f"NVRTC build / cache: {time.time() - t0:.1f} s", flush=True)
+    deadline = time.time() + args.sweep_seconds
+    ms = [int(m) for m in args.ms.split(",")]
+    rows, seen = [], {}
+    for model, tp, bits, layer, n, k in bench_shapes(args.models, args.tp, args.bits):
+        if not cg.supports(bits, args.group, k):
+            continue
+        key = (bits, n, k)
+        if key not in seen:
+            seen[key] = measure_shape(bits, args.group, n, k, ms, copy_bw, vllm_version is not None, deadline)
+            rows.append(seen[key])
+        seen[key].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
+    targets = check_targets(rows)
+    with open(os.path.join(args.out, "small_m.json"), "w") as f:
+        json.dump({"meta": meta, "targets": targets, "shapes": rows}, f, indent=1)
+    for goal, per in targets.items():
+        print(goal, json.dumps(per))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        for r in rows:
+            label = f"w{r['bits']} n{r['n']} k{r['k']}"
+            mm = sorted(r["m"])
+            axes[0].plot(mm, [r["m"][m]["kernels"]["cuda_gemv"]["copy_fraction"] for m in mm], marker=".", label=label)
+            best_other = [min(v["us"] for name, v in r["m"][m]["kernels"].items()
+                              if "us" in v and not name.startswith("cuda_gemv")) for m in mm]
+            axes[1].plot(mm, [b / r["m"][m]["kernels"]["cuda_gemv"]["us"] for b, m in zip(best_other, mm)],
+                         marker=".", label=label)
+        axes[0].set(xscale="log", xlabel="M", ylabel="fraction of copy bandwidth (cuda_gemv)",
+                    title=f"{device}, torch {torch.__version__}, vLLM {vllm_version}")
+        axes[1].set(xscale="log", xlabel="M", ylabel="best other kernel's time / cuda_gemv's")
+        axes[1].axhline(1.0, color="k", lw=0.8)
+        axes[0].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "small_m.png"), dpi=110)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
