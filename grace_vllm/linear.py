@@ -12,7 +12,8 @@ vLLM plumbing only; every format question goes to the core (:mod:`grace_qat.form
     ``choose_mp_linear_kernel`` picks, exactly as for stock vLLM's GPTQ layers (Machete, Humming or
     Marlin on CUDA as ``--linear-backend`` and ``VLLM_DISABLED_KERNELS`` say; CPUWNA16 on CPU). A second
     packed copy for a small-M kernel is kept only where this GPU and vLLM version measured it faster
-    (``dispatch.py``: per-call choice by token count, inside one custom op).
+    (``dispatch.py``: per-call choice by token count, inside one custom op; a layer with one kernel
+    calls it as stock vLLM's layer does).
 
 Where no kernel exists for a layer (8-bit on CPU; x86 CPUs without AVX-512, whose vLLM build lacks
 ``cpu_gemm_wna16``) the layer runs vLLM's unquantized GEMM on the weight dequantized from exactly
@@ -161,7 +162,7 @@ class GraceLinearMethod(LinearMethodBase):
         self.kernel = None
         self.small_m_kernel_cls: type | None = None    # Hopper: a small-M kernel next to vLLM's (dispatch.py)
         self.small_m_plan: dispatch.Plan | None = None
-        self.dispatch: dispatch.KernelDispatch | None = None   # CUDA layers: the custom-op route
+        self.dispatch: dispatch.KernelDispatch | None = None   # two kernels: the custom-op route
         self.act_dtype: torch.dtype | None = None
         # Built now, while vLLM's config is current (it reads the linear backend from it).
         self._unquantized = UnquantizedLinearMethod()
@@ -187,6 +188,7 @@ class GraceLinearMethod(LinearMethodBase):
                             kernel.__name__, self.bits, self.geo.group, str(params_dtype).split(".")[-1],
                             _WEIGHT_TYPES[self.bits])
             if torch.cuda.is_available():
+                dispatch.record_compile_factors()
                 self.small_m_kernel_cls, self.small_m_plan = dispatch.small_m_partner(
                     kernel, self.mp_config, self.bits, self.geo.kernel_group, out_pp, in_pp)
                 shape = ("plan", self.bits, self.geo.kernel_group, out_pp, in_pp)
@@ -345,9 +347,7 @@ class GraceLinearMethod(LinearMethodBase):
         self.kernel = new_kernel(self.kernel_cls, self.mp_config, layer, packed, scales)
         if small is not None:   # after the layer's own repack, which may rename the layer's parameters
             setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
-        if small is None:
-            if packed.is_cuda:
-                self.dispatch = dispatch.KernelDispatch(layer, self.kernel, g.out_pp)
+        if small is None:       # one kernel: called as stock vLLM calls it (dispatch.py says why)
             return
         max_m, why = self.small_m_plan.max_m, self.small_m_plan.reason
         self.dispatch = dispatch.KernelDispatch(layer, self.kernel, g.out_pp, small, max_m)

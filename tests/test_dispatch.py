@@ -269,3 +269,30 @@ def test_op_routes_small_m_to_the_triton_kernel_on_the_plain_packing(dispatch):
         assert torch.allclose(y.double(), ref, rtol=2 ** -9, atol=1e-3), m
     x = torch.randn(5, k, generator=g)
     assert torch.allclose(d.apply(layer, x, None), x @ layer.weight_packed.t())   # M=5: large kernel
+
+
+def test_settings_that_decide_the_route_enter_vllms_compile_cache_key(dispatch, monkeypatch, tmp_path):
+    """A layer's route (one kernel traced in, or two behind the custom op) depends on the settings, so
+    a graph vLLM compiled and cached under other settings must not be reused: the settings and the
+    tables' content enter ``additional_config``, which vLLM's own config hash covers."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    def key(**env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        cfg = VllmConfig()
+        with set_current_vllm_config(cfg):
+            dispatch.record_compile_factors()
+        return cfg.compute_hash()
+
+    base = key()
+    assert key() == base                                     # the same settings: the same cache
+    assert key(**{dispatch.ENV_DUAL: "0"}) != base
+    monkeypatch.delenv(dispatch.ENV_DUAL)
+    assert key(**{dispatch.ENV_MAX_M: "8"}) != base
+    monkeypatch.delenv(dispatch.ENV_MAX_M)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"device": "X", "engine": "vllm", "engine_version": "0", "shapes": {
+        "w4g128 n8 k128": {"large": "MacheteLinearKernel", "small": "MarlinLinearKernel", "max_m": 4}}}))
+    dispatch.kernel_table.tables.cache_clear()
+    assert key(**{dispatch.ENV_TABLE: str(table)}) != base

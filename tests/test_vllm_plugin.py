@@ -494,7 +494,7 @@ def test_gpu_layers_take_the_kernel_vllm_picks_under_its_own_flags(ckpts, opened
     assert type(method.kernel).__name__ == stock != "MacheteLinearKernel", (type(method.kernel).__name__, stock)
     k = layer.input_size_per_partition
     eye = torch.eye(k, dtype=torch.bfloat16, device=DEVICE)
-    y = method.apply(layer, eye, None)                              # through the plugin's own op
+    y = method.apply(layer, eye, None)                              # as the layer computes
     _assert_served_weight(y.t().float().cpu(), _expected_shard(ckpt, name, 0, 1), True, f"{key} {stock}")
 
 
