@@ -138,6 +138,8 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
         cmd += ["--no-image"]
     if args.image_batches and runner == "vllm_run.py":
         cmd += ["--image-batches", args.image_batches]
+    if getattr(args, "profile_tokens", 0) and runner == "vllm_run.py":
+        cmd += ["--profile-tokens", str(args.profile_tokens)]
     if name in SYSTEM_BACKEND:
         cmd += ["--linear-backend", SYSTEM_BACKEND[name]]
     log_path = os.path.join(log_dir, f"{name}.log")
@@ -359,6 +361,15 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
             v = r["vs_best_stock"]
             lines.append(f"| {r['name']} | " + " | ".join(
                 f"{v[b]['ratio']:.2f} ({v[b]['stock']})" if b in v else "" for b in batches) + " |")
+    profiled = [r for r in results if r.get("ok") and r.get("profile")]
+    if profiled:
+        lines += ["", "One batch-1 decode step on the GPU (torch profiler, engine in the runner's process): "
+                  "kernel time and launches per step, and the three kernels that take most of it:", "",
+                  "| system | GPU us / step | launches / step | top kernels (us / step, launches) |", "|---|---|---|---|"]
+        for r in profiled:
+            p = r["profile"]
+            top = "; ".join(f"{k[:60]} ({v['us']:.0f}, {v['launches']:.0f})" for k, v in list(p["kernels"].items())[:3])
+            lines.append(f"| {r['name']} | {p['us_per_step']:.0f} | {p['launches_per_step']:.0f} | {top} |")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -463,6 +474,9 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-image", action="store_true")
     ap.add_argument("--image-batches", default="1,8", help="batch sizes also timed with image+text prompts")
+    ap.add_argument("--profile-tokens", type=int, default=0,
+                    help="vLLM runners: also profile this many batch-1 decode steps (the engine then runs "
+                         "in the runner's process, for every system of the run alike)")
     ap.add_argument("--work", default="/tmp/grace-bench")
     ap.add_argument("--timeout", type=int, default=420, help="per system, seconds")
     ap.add_argument("--out", required=True)

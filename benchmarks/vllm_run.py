@@ -88,6 +88,43 @@ def _decode_tps(llm, batch: int, prompt_len: int, out_len: int, vocab: int, imag
     return dict(steady_decode(timed, batch, out_len), prompt="image+text" if image else "text")
 
 
+def decode_profile(llm, prompt_len: int, steps: int, vocab: int, top: int = 25) -> dict:
+    """GPU kernels of ``steps`` decode steps at batch 1 (a 1-token run subtracted, as in
+    steady_decode): per kernel name, launches and microseconds per step; where the time of a step
+    goes when two systems run the same weights at different speeds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vllm import SamplingParams
+
+    prompts = [{"prompt_token_ids": ids} for ids in prompt_ids(1, prompt_len, vocab)]
+
+    import torch
+    cuda = torch.cuda.is_available()      # a CPU engine: its operators instead of kernels
+
+    def kernels(n: int) -> dict:
+        sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        llm.generate(prompts, sp, use_tqdm=False)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            llm.generate(prompts, sp, use_tqdm=False)
+        out = {}
+        for e in prof.key_averages():
+            us = (getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)) if cuda \
+                else e.self_cpu_time_total
+            if us:
+                out[e.key] = (e.count, us)
+        return out
+
+    one, many = kernels(1), kernels(steps + 1)
+    per_step = {}
+    for name, (count, us) in many.items():
+        c0, u0 = one.get(name, (0, 0.0))
+        per_step[name] = {"launches": (count - c0) / steps, "us": (us - u0) / steps}
+    ranked = sorted(per_step.items(), key=lambda kv: -kv[1]["us"])
+    return {"steps": steps, "us_per_step": sum(v["us"] for v in per_step.values()),
+            "launches_per_step": sum(v["launches"] for v in per_step.values()),
+            "kernels": dict(ranked[:top])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -106,6 +143,9 @@ def main() -> None:
     ap.add_argument("--no-image", action="store_true")
     ap.add_argument("--image-batches", default="", help="batch sizes to also time with image+text prompts")
     ap.add_argument("--out", default=None, help="append the JSON line here too")
+    ap.add_argument("--profile-tokens", type=int, default=0,
+                    help="also profile this many decode steps at batch 1 (engine in this process): GPU "
+                         "kernels per step, by name, in the result's 'profile'")
     ap.add_argument("--linear-backend", default=None,
                     help="vLLM's --linear-backend (machete, humming, marlin, ...): the one-flag kernel choice")
     args = ap.parse_args()
@@ -113,6 +153,8 @@ def main() -> None:
     # A forked engine core inherits the parent's OpenMP pool and hung in its first big CPU tensor
     # op on the GPU machine (seen with vLLM 0.26: stuck in InputBatch.__init__); spawn a fresh one.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if args.profile_tokens:     # the engine core in this process, where the profiler sees its kernels
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
     import vllm
     from vllm import LLM, SamplingParams
@@ -154,6 +196,8 @@ def main() -> None:
               "load_s": load_s, "tokens": tokens,
               "text": out.text, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "runs": runs,
               "image_runs": image_runs}
+    if args.profile_tokens:
+        result["profile"] = decode_profile(llm, args.prompt_len, args.profile_tokens, vocab)
     emit_result(result, args.out)
 
 

@@ -406,3 +406,14 @@ def test_gemv_stage_needs_no_engine_only_a_gpu(tmp_path):
     r = _run_sh("gemv", cwd=tmp_path, OUT=str(tmp_path / "o"), GRACE_GPU_SITES=str(tmp_path),
                 GRACE_GPU_ENGINE="bundle", GRACE_GPU_BUNDLE_WAIT="0", timeout=60)
     assert r.returncode == 1 and r.stdout.startswith("no CUDA device visible"), r.stdout
+
+
+def test_bench_report_shows_where_a_decode_step_goes(tmp_path):
+    prof = {"steps": 16, "us_per_step": 1840.0, "launches_per_step": 212.0,
+            "kernels": {"humming_gemm_kernel": {"us": 1200.0, "launches": 112.0},
+                        "triton_poi_fused_add_rms_norm": {"us": 300.0, "launches": 57.0}}}
+    res = [_result("gptq-humming", [1], profile=prof), _result("grace-a-humming", [1])]
+    vllm_bench.write_report(res, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    rows = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| gptq-humming | 1840")]
+    assert rows == ["| gptq-humming | 1840 | 212 | humming_gemm_kernel (1200, 112); "
+                    "triton_poi_fused_add_rms_norm (300, 57) |"], rows

@@ -24,6 +24,8 @@
 #   bench-llava  - LLaVA-1.5-7B shape: grace_qat vs stock GPTQ (original and llava-hf layout) vs BF16
 #   bench-qwen   - Qwen3-VL-2B: grace_qat vs stock GPTQ with each one-flag kernel (default, humming,
 #                  marlin) vs BF16 (GRACE_BENCH_SYSTEMS / GRACE_BENCH_BATCHES narrow it)
+#   profile-qwen - Qwen3-VL-2B batch 1: GPU kernels per decode step (torch profiler) of stock Humming and
+#                  grace_qat with one and two kernels (GRACE_BENCH_SYSTEMS narrows it)
 #   bench-w8     - Qwen3-VL-2B W8: grace_qat vs stock GPTQ int8
 #   bench-hf     - Qwen3-VL-2B: plain Transformers generate on the BF16-on-grid checkpoint
 #   suite        - (vLLM) the engine test suite on tiny fixtures + the LLaVA original-layout checks
@@ -158,7 +160,7 @@ case "$stage" in   # the engine a stage runs on (bundle or installed; see the to
   gemv) use_engine 0 > /dev/null || ENGINE_FROM="" ;;
   engine|sglang-engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
   install) use_engine 0 || [ "${GRACE_GPU_SANITY:-1}" = 0 ] || exit 1 ;;
-  crossover|marlin-variants|bench-llava|bench-qwen|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
+  crossover|marlin-variants|bench-llava|bench-qwen|profile-qwen|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
   workflow-vllm|sglang-workflow|\
   serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|\
   sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang)
@@ -274,6 +276,11 @@ EOF
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches "${GRACE_BENCH_BATCHES:-$BATCHES}" \
       --image-batches "${GRACE_BENCH_IMAGE_BATCHES-1,8}" --timeout 300 --out $OUT/qwen2b \
       --systems "${GRACE_BENCH_SYSTEMS:-gptq,gptq-humming,gptq-marlin,grace-a,grace-a-single,grace-a-humming,bf16-grid}" "$@" ;;
+  profile-qwen)
+    wait_prep || exit 1
+    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches 1 --image-batches "" \
+      --profile-tokens 16 --timeout 300 --out $OUT/qwen2b-profile \
+      --systems "${GRACE_BENCH_SYSTEMS:-gptq-humming,grace-a-humming,grace-a}" "$@" ;;
   bench-w8)
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --systems gptq-w8,grace-a-w8 \
