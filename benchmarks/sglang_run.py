@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--batches", default="1")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--out-len", type=int, default=128)
+    ap.add_argument("--out-len", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=24)
     ap.add_argument("--eager", action="store_true", help="disable CUDA graphs")
     ap.add_argument("--no-image", action="store_true")

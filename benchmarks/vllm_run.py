@@ -41,7 +41,7 @@ def prompt_ids(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
     return [[(17 * i + 31 * j) % (vocab - 10) + 5 for j in range(prompt_len)] for i in range(batch)]
 
 
-def steady_decode(timed, batch: int, out_len: int, warmup_tokens: int = 4, repeats: int = 3) -> dict:
+def steady_decode(timed, batch: int, out_len: int, warmup_tokens: int = 4, repeats: int = 5) -> dict:
     """Decode tokens/s, the one definition every runner uses: (time for out_len tokens - time for 1
     token) over the extra tokens, the median of ``repeats`` measurements (each its own 1-token and
     out_len-token run) after a warm-up at this batch size; every repeat is kept in ``repeats``.
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--batches", default="1")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--out-len", type=int, default=128)
+    ap.add_argument("--out-len", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gen-tokens", type=int, default=24, help="greedy tokens for the equality check")
     ap.add_argument("--max-num-seqs", type=int, default=128,
