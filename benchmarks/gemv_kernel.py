@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernel_crossover import _time_us, bench_shapes, layer_shapes  # noqa: E402
+from kernel_crossover import _time_us, bench_shapes, copy_bandwidth, layer_shapes, measure_each_shape  # noqa: E402
 
 from grace_qat.kernels import cuda_gemv as cg  # noqa: E402
 
@@ -73,26 +73,6 @@ NCU_METRICS = (
     "smsp__average_warps_issue_stalled_no_instruction_per_issue_active.ratio",
     "smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio",
 )
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (bytes read + bytes written), median of 5."""
-    n = 2 ** 30 // 2
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(10):
-            b.copy_(a)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / 10)
-    del a, b
-    return 2 * 2 ** 30 / sorted(times)[len(times) // 2]
 
 
 def candidates(m: int, n: int, k: int, bits: int, sms: int, occ) -> list[cg.Config]:
@@ -342,15 +322,9 @@ def main() -> None:
     print(f"NVRTC build / cache: {time.time() - t0:.1f} s", flush=True)
     deadline = time.time() + args.sweep_seconds
     ms = [int(m) for m in args.ms.split(",")]
-    rows, seen = [], {}
-    for model, tp, bits, layer, n, k in bench_shapes(args.models, args.tp, args.bits):
-        if not cg.supports(bits, args.group, k):
-            continue
-        key = (bits, n, k)
-        if key not in seen:
-            seen[key] = measure_shape(bits, args.group, n, k, ms, copy_bw, vllm_version is not None, deadline)
-            rows.append(seen[key])
-        seen[key].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
+    shapes = [s for s in bench_shapes(args.models, args.tp, args.bits) if cg.supports(s[2], args.group, s[5])]
+    rows = measure_each_shape(shapes, lambda bits, n, k: measure_shape(
+        bits, args.group, n, k, ms, copy_bw, vllm_version is not None, deadline))
     targets = check_targets(rows)
     with open(os.path.join(args.out, "small_m.json"), "w") as f:
         json.dump({"meta": meta, "targets": targets, "shapes": rows}, f, indent=1)

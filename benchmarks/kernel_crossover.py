@@ -110,6 +110,39 @@ def usable_kernels(bits: int, group: int, n: int, k: int) -> tuple[str, list[str
     return large, names, skipped
 
 
+def measure_each_shape(shapes, measure) -> list[dict]:
+    """``measure(bits, n, k)`` once per distinct layer shape of ``shapes`` (bench_shapes' rows); each
+    row lists the model layers of its shape under "layers"."""
+    rows, seen = [], {}
+    for model, tp, bits, layer, n, k in shapes:
+        if (bits, n, k) not in seen:
+            seen[bits, n, k] = measure(bits, n, k)
+            rows.append(seen[bits, n, k])
+        seen[bits, n, k].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
+    return rows
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (bytes read + bytes written), median of 5:
+    the ceiling for a batch-1 decode, which streams the weights once. One definition for every benchmark."""
+    n = 2 ** 30 // 2
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            b.copy_(a)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / 10)
+    del a, b
+    return 2 * 2 ** 30 / sorted(times)[len(times) // 2]
+
+
 def _capability() -> int:
     major, minor = torch.cuda.get_device_capability()
     return major * 10 + minor

@@ -31,30 +31,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernel_crossover import _time_us, bench_shapes  # noqa: E402
+from kernel_crossover import _time_us, bench_shapes, copy_bandwidth, measure_each_shape  # noqa: E402
 
 MS = (1, 2, 4, 8, 16, 32)
 L2_BYTES = 60 * 2 ** 20          # H200 (H100: 50 MB); weights rotated over 3x this
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (bytes read + bytes written)."""
-    n = 2 ** 30 // 2
-    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(10):
-            b.copy_(a)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / 10)
-    del a, b
-    return 2 * 2 ** 30 / sorted(times)[len(times) // 2]
 
 
 def candidates(m: int, n: int, k: int, bits: int, group: int):
@@ -188,13 +168,8 @@ def main() -> None:
     print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s, vllm {vllm_version}", flush=True)
     deadline = time.time() + args.sweep_seconds
     ms = [int(m) for m in args.ms.split(",")]
-    rows, seen = [], {}
-    for model, tp, bits, layer, n, k in bench_shapes(args.models, args.tp, args.bits):
-        key = (bits, n, k)
-        if key not in seen:
-            seen[key] = measure_shape(bits, args.group, n, k, ms, copy_bw, vllm_version is not None, deadline)
-            rows.append(seen[key])
-        seen[key].setdefault("layers", []).append(f"{model} tp{tp} {layer}")
+    rows = measure_each_shape(bench_shapes(args.models, args.tp, args.bits), lambda bits, n, k: measure_shape(
+        bits, args.group, n, k, ms, copy_bw, vllm_version is not None, deadline))
     with open(os.path.join(args.out, "small_m.json"), "w") as f:
         json.dump({"meta": meta, "shapes": rows}, f, indent=1)
     try:

@@ -99,26 +99,15 @@ def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, 
 
 
 def copy_bandwidth_gbs() -> float | None:
-    """Device-to-device copy bandwidth (bytes read + written), the ceiling for batch-1 decode."""
+    """Device-to-device copy bandwidth in GB/s (kernel_crossover.copy_bandwidth), or None without CUDA."""
     try:
         import torch
         if not torch.cuda.is_available():
             return None
-        x = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
-        y = torch.empty_like(x)
-        for _ in range(3):
-            y.copy_(x)
-        torch.cuda.synchronize()
-        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ev0.record()
-        for _ in range(10):
-            y.copy_(x)
-        ev1.record()
-        torch.cuda.synchronize()
-        secs = ev0.elapsed_time(ev1) / 1e3 / 10
-        del x, y
+        from kernel_crossover import copy_bandwidth
+        bw = copy_bandwidth() / 1e9
         torch.cuda.empty_cache()
-        return 2 * 2 * 1024 ** 3 / secs / 1e9
+        return bw
     except Exception as e:  # measuring must never break the benchmark
         print(f"[bench] bandwidth probe failed: {e}", flush=True)
         return None
