@@ -217,6 +217,10 @@ def _kernels(args) -> int:
                                               for x in table.tables(args.table)))
         return 0
     print(f"{where}: {t['measured']}")
+    pick = t.get("engine_default")
+    if pick:
+        print(f"  where the engine picks {pick['instead_of']} by its own ranking: {pick['use']}, one copy "
+              f"({pick.get('measured', 'measured')})")
     for key, e in sorted(t["shapes"].items()):
         second = (f"{e['small']} for M <= {e['max_m']}" + (f" (>= {e['gain']}x)" if e.get("gain") else "")
                   if e.get("small") and e.get("max_m") else "one copy")

@@ -87,6 +87,55 @@ def plan(large: str, bits: int, group: int, n: int, k: int) -> kernel_table.Plan
                              extra=settings.crossover_file())
 
 
+def _current_vllm_config():
+    """The vLLM config the engine is building the model under, or None (tests, tools)."""
+    try:
+        import vllm.config as vc
+    except ImportError:
+        return None
+    get = getattr(vc, "get_current_vllm_config_or_none", None)
+    if get is not None:
+        return get()
+    try:
+        return vc.get_current_vllm_config()
+    except AssertionError:          # vLLM <= 0.32 outside set_current_vllm_config
+        return None
+
+
+def user_chose_kernel() -> str | None:
+    """How the user picked vLLM's mixed-precision kernel (``--linear-backend``, ``--kernel-config``'s
+    ``linear_backend_per_quant``, ``VLLM_DISABLED_KERNELS``), or None where vLLM chose on its own."""
+    import os
+    if os.environ.get("VLLM_DISABLED_KERNELS"):
+        return "VLLM_DISABLED_KERNELS"
+    kc = getattr(_current_vllm_config(), "kernel_config", None)
+    per_quant = getattr(kc, "linear_backend_per_quant", None) or {}
+    if per_quant.get("mixed_precision"):
+        return "linear_backend_per_quant"
+    backend = getattr(kc, "linear_backend", "auto")
+    return None if backend in (None, "auto") else f"--linear-backend {backend}"
+
+
+def engine_default(chosen: type, mp_config) -> tuple[type, str | None]:
+    """The kernel for a layer vLLM gave to ``chosen`` by its own ranking: the table's ``engine_default``
+    kernel where one was measured faster end to end than ``chosen`` on this device and vLLM version
+    (one copy either way); ``chosen`` where the user picked a kernel, two kernels are off, or nothing
+    was measured. The reason, for the log, where the table's kernel is taken or cannot be."""
+    if not enabled() or user_chose_kernel():
+        return chosen, None
+    t = kernel_table.table_for(device_name(), ENGINE, engine_version(), extra=settings.crossover_file())
+    pick = (t or {}).get("engine_default") or {}
+    if pick.get("instead_of") != chosen.__name__:
+        return chosen, None
+    cls = kernel_class(pick["use"])
+    if cls is None or cls in OWN_KERNELS.values():
+        return chosen, f"the table's {pick['use']} is not a vLLM kernel here: {chosen.__name__}"
+    ok, why = cls.can_implement(mp_config)
+    if not ok:
+        return chosen, f"the table's {pick['use']} cannot run this layer ({why}): {chosen.__name__}"
+    return cls, f"{pick['use']} instead of {chosen.__name__}: {pick.get('measured', 'measured')}"
+
+
 def kernel_class(name: str) -> type | None:
     """A kernel by class name: grace_qat's own, or any mixed-precision kernel vLLM registers."""
     if name in OWN_KERNELS:
@@ -130,11 +179,7 @@ def compile_factors() -> dict:
 def record_compile_factors() -> None:
     """Put ``compile_factors()`` in the vLLM config's ``additional_config``, which vLLM hashes into its
     compile cache key (vLLM 0.32 to 0.34); called while vLLM builds the model, before it compiles."""
-    try:
-        from vllm.config import get_current_vllm_config
-        extra = get_current_vllm_config().additional_config
-    except (ImportError, AttributeError):
-        return
+    extra = getattr(_current_vllm_config(), "additional_config", None)
     if isinstance(extra, dict):
         extra["grace_qat"] = compile_factors()
 

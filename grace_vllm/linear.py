@@ -174,8 +174,12 @@ class GraceLinearMethod(LinearMethodBase):
         self.act_dtype = params_dtype
         self.mp_config = mp_layer_config(self.bits, self.geo.kernel_group, (input_size, output_size),
                                          (in_pp, out_pp), params_dtype)
+        why = None
         try:
             kernel = choose_mp_linear_kernel(self.mp_config)
+            if torch.cuda.is_available():
+                dispatch.record_compile_factors()
+                kernel, why = dispatch.engine_default(kernel, self.mp_config)
             reason = _missing_kernel_op(kernel)
         except ValueError as e:
             kernel, reason = None, _one_line(e)
@@ -184,11 +188,10 @@ class GraceLinearMethod(LinearMethodBase):
             key = (kernel.__name__, self.bits, self.geo.kernel_group, params_dtype)
             if key not in _announced:
                 _announced.add(key)
-                logger.info("grace_qat: using %s for W%d g%d (%s activations, weights %s)",
+                logger.info("grace_qat: using %s for W%d g%d (%s activations, weights %s)%s",
                             kernel.__name__, self.bits, self.geo.group, str(params_dtype).split(".")[-1],
-                            _WEIGHT_TYPES[self.bits])
+                            _WEIGHT_TYPES[self.bits], f" ({why})" if why else "")
             if torch.cuda.is_available():
-                dispatch.record_compile_factors()
                 self.small_m_kernel_cls, self.small_m_plan = dispatch.small_m_partner(
                     kernel, self.mp_config, self.bits, self.geo.kernel_group, out_pp, in_pp)
                 shape = ("plan", self.bits, self.geo.kernel_group, out_pp, in_pp)

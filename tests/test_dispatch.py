@@ -72,6 +72,51 @@ def test_an_entry_applies_only_on_its_device_engine_version_and_engine_kernel(di
     assert dispatch.plan(MACHETE, 4, 128, 4096, 2048).small is None
 
 
+def test_engine_default_replaces_vllms_own_ranking_only(dispatch, tmp_path, monkeypatch):
+    """A table's ``engine_default`` swaps the kernel vLLM picked by its own ranking (one copy), never a
+    kernel the user picked, never with two kernels off, never on another device or vLLM version, and
+    never for a kernel that cannot run the layer. On a CPU the swap's target is vLLM's CPUWNA16."""
+    from vllm.config import KernelConfig, VllmConfig, set_current_vllm_config
+
+    from grace_vllm.linear import mp_layer_config
+    table = {"device": "Test GPU", "engine": "vllm", "engine_version": "9.9.1", "measured": "by this test",
+             "shapes": {}}
+    table["engine_default"] = {"instead_of": MACHETE, "use": "CPUWNA16LinearKernel", "measured": "by this test"}
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    monkeypatch.setenv(dispatch.ENV_TABLE, str(tmp_path / "t.json"))
+    monkeypatch.delenv("VLLM_DISABLED_KERNELS", raising=False)
+    monkeypatch.setattr(dispatch, "device_name", lambda: "Test GPU")
+    monkeypatch.setattr(dispatch, "engine_version", lambda: "9.9.1")
+    machete = type(MACHETE, (), {})
+    cfg = mp_layer_config(4, 128, (2048, 4096), (2048, 4096), torch.bfloat16)
+    target = dispatch.kernel_class("CPUWNA16LinearKernel")
+    ok, _ = target.can_implement(cfg)
+    cls, why = dispatch.engine_default(machete, cfg)
+    if ok:
+        assert cls is target and "instead of MacheteLinearKernel: by this test" in why
+    else:
+        assert cls is machete and "cannot run this layer" in why
+    other = type(MARLIN, (), {})
+    assert dispatch.engine_default(other, cfg) == (other, None)            # measured against Machete only
+    with set_current_vllm_config(VllmConfig(kernel_config=KernelConfig(linear_backend="machete"))):
+        assert dispatch.engine_default(machete, cfg) == (machete, None)    # the user's --linear-backend
+    assert dispatch.user_chose_kernel() is None
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "HummingLinearKernel")
+    assert dispatch.engine_default(machete, cfg) == (machete, None)
+    monkeypatch.delenv("VLLM_DISABLED_KERNELS")
+    monkeypatch.setenv(dispatch.ENV_DUAL, "0")
+    assert dispatch.engine_default(machete, cfg) == (machete, None)
+    monkeypatch.delenv(dispatch.ENV_DUAL)
+    monkeypatch.setattr(dispatch, "engine_version", lambda: "9.9.2")
+    assert dispatch.engine_default(machete, cfg) == (machete, None)
+    table["engine_default"]["use"] = "TritonWNA16Kernel"                 # grace_qat's own: not a stand-in
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    dispatch.kernel_table.tables.cache_clear()
+    monkeypatch.setattr(dispatch, "engine_version", lambda: "9.9.1")
+    cls, why = dispatch.engine_default(machete, cfg)
+    assert cls is machete and "not a vLLM kernel" in why
+
+
 def test_forced_marlin_and_its_strict_parse(dispatch, monkeypatch):
     monkeypatch.setattr(dispatch, "device_name", lambda: "Unmeasured GPU")
     monkeypatch.setenv(dispatch.ENV_MAX_M, "5")

@@ -18,6 +18,15 @@ A table file (``table-*.json`` beside this module, or ``GRACE_QAT_CROSSOVER_FILE
 ``small`` runs for M <= ``max_m``; ``gain`` is the smallest measured speed-up of ``small`` over
 ``large`` at those M (``entry_from_timings`` keeps only shapes with gain >= MIN_GAIN). Tables
 written before gains were recorded (vLLM 0.26) carry no ``gain``.
+
+A table may also say which kernel to use, with one copy, where the engine picks a kernel by its own
+ranking (no ``--linear-backend`` or other choice of the user's), because stock vLLM with that kernel
+chosen by a flag decoded faster at every measured batch size on this device and engine version::
+
+    "engine_default": {"instead_of": "MacheteLinearKernel", "use": "HummingLinearKernel",
+                       "measured": "what, where, ratios"}
+
+The shapes' second kernels then apply next to ``use`` (their ``large`` must name it).
 """
 from __future__ import annotations
 
