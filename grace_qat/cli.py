@@ -52,7 +52,7 @@ def _model_dir(model: str) -> str:
 
 def _inspect(args) -> int:
     from .checkpoint import GraceCheckpoint
-    from . import exports, targets
+    from . import exports, formats, targets
     from .files import check_model_dir
 
     path = _model_dir(args.checkpoint)
@@ -61,7 +61,7 @@ def _inspect(args) -> int:
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
     ckpt.check_served()          # the engines' first-process checks, in the same words
     report = ckpt.describe()
-    if not ckpt.kind.quantized:
+    if not formats.get(ckpt.format).quantized:
         report.update(exports.describe_plain(path))
         report["serve"] = exports.serve_commands(path)
     serve = [("(stock engine, no plugin needed)", report.get("serve", []))]
@@ -73,7 +73,7 @@ def _inspect(args) -> int:
         report["description"] = _description(ckpt.format)
     if _report_done(report, args, path):
         return 0
-    if not ckpt.kind.quantized:
+    if not formats.get(ckpt.format).quantized:
         dtypes = ", ".join(f"{n} {d}" for d, n in sorted(report["dtypes"].items()))
         print(f"{report['path']}\n  format      plain: an unquantized checkpoint, no GRACE or standard "
               f"quantization ({report['tensors']} tensors: {dtypes})")

@@ -155,31 +155,31 @@ def _write_weights(out_dir: str, specs: list[tuple[str, tuple[int, ...]]], *, fm
 
 
 def _write_weights_inner(out_dir, specs, *, fmt, bits, group_size, seed, dtype, device, max_shard_bytes, init):
-    kind = formats.get(fmt)
+    rules = formats.get(fmt)          # the registered format of that name
     writer = ShardWriter(out_dir, max_shard_bytes)
     sidecar: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     for name, shape in specs:
         base, _, leaf = name.rpartition(".")
-        if kind.quantized and leaf == "weight" and len(shape) == 2 and is_quantizable_module(base):
+        if rules.quantized and leaf == "weight" and len(shape) == 2 and is_quantizable_module(base):
             w_dq, log_scale = _quantized_linear(name, tuple(shape), seed, bits, group_size, device)
             modules.append(base)
-            for k, v in kind.fixture_module(base, w_dq, log_scale, bits, group_size, sidecar).items():
+            for k, v in rules.fixture_module(base, w_dq, log_scale, bits, group_size, sidecar).items():
                 writer.add(k, v)
             continue
-        if kind.quantized and leaf == "bias" and is_quantizable_module(base):
+        if rules.quantized and leaf == "bias" and is_quantizable_module(base):
             b = _init_tensor(name, tuple(shape), seed, dtype, device)
             writer.add(name, b)
-            kind.fixture_bias(name, b, sidecar)
+            rules.fixture_bias(name, b, sidecar)
             continue
         make = init.get(name, _init_tensor)
         writer.add(name, make(name, tuple(shape), seed, dtype, device))
     writer.close()
-    kind.fixture_files(out_dir, modules, group_size, sidecar)
+    rules.fixture_files(out_dir, modules, group_size, sidecar)
     for other in formats.all_formats():       # files another format left in a reused directory
         for stale in other.side_files:
             p = os.path.join(out_dir, stale)
-            if stale not in kind.side_files and os.path.exists(p):
+            if stale not in rules.side_files and os.path.exists(p):
                 os.remove(p)
     return modules
 

@@ -33,7 +33,7 @@ from torch.nn import Parameter
 from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
-from grace_qat import layers
+from grace_qat import formats, layers
 from grace_qat.errors import GraceFormatError
 from grace_qat.packing import pack_factor, pack_gptq
 
@@ -95,7 +95,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         self.bits, self.bits_inferred = ckpt.bits, ckpt.bits_inferred
         staging = ckpt.weight_dtype()
 
-        self.tensors = ckpt.kind.rank_tensors(n, k, geo.groups_pp, staging)
+        self.tensors = formats.get(ckpt.format).rank_tensors(n, k, geo.groups_pp, staging)
         for t in self.tensors:
             loader = layers.loader_for(t, base_loader, input_size // g)
             if t.source == "stream":
@@ -175,7 +175,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         # make them land on the weight's device (the GPU when SGLang serves), whatever the default.
         with torch.device(device):
             try:
-                codes, steps = ckpt.kind.rank_codes(loaded, self.bits, self.group, name=label,
+                codes, steps = formats.get(ckpt.format).rank_codes(loaded, self.bits, self.group, name=label,
                                                     inferred=getattr(self, "bits_inferred", False))
             except GraceFormatError as e:
                 raise GraceFormatError(f"{ckpt.path}: SGLang layer {self.prefix} on this rank: {e}") from None

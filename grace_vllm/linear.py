@@ -60,9 +60,8 @@ KERNELS_USED: set[str] = set()        # kernel class names this process handed l
 
 def make_linear_method(qcfg, hf_names: list[str]):
     """The method for one quantized vLLM layer backed by checkpoint modules ``hf_names``."""
-    fmt = formats.get(qcfg.format)
-    cls = GraceQATLinearMethod if fmt.grid_weights else GraceAWQLinearMethod
-    return cls(qcfg, hf_names, fmt)
+    cls = GraceQATLinearMethod if formats.get(qcfg.format).grid_weights else GraceAWQLinearMethod
+    return cls(qcfg, hf_names)
 
 
 def _no_reload(param, *args, **kwargs):
@@ -149,10 +148,10 @@ def kernel_holder(layer: torch.nn.Module | None = None, **attrs) -> torch.nn.Mod
 class GraceLinearMethod(LinearMethodBase):
     """One quantized layer: the format's tensors in, verified codes out, onto vLLM's kernel."""
 
-    def __init__(self, qcfg, hf_names: list[str], fmt: formats.Format):
+    def __init__(self, qcfg, hf_names: list[str]):
         self.qcfg = qcfg
         self.hf_names = hf_names
-        self.format = fmt
+        self.format = qcfg.format            # the name; formats.get(self.format) reads it
         self.bits = int(qcfg.bits)
         self.geo: layers.Geometry | None = None
         self.tensors: list[formats.RankTensor] = []
@@ -239,7 +238,7 @@ class GraceLinearMethod(LinearMethodBase):
         # values even when the model runs in another dtype; cast to params_dtype only for the fallback.
         stored = getattr(torch, self.qcfg.weight_dtype or "", None) or params_dtype
         try:
-            self.tensors = self.format.rank_tensors(out_pp, input_size_per_partition, self.geo.groups_pp, stored)
+            self.tensors = formats.get(self.format).rank_tensors(out_pp, input_size_per_partition, self.geo.groups_pp, stored)
         except GraceFormatError as e:
             raise GraceFormatError(f"grace_qat: layer {layer.prefix}: {e}") from None
         for t in self.tensors:
@@ -271,7 +270,7 @@ class GraceLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         if getattr(layer, "_grace_qat_done", False):
             return
-        g, fmt = self.geo, self.format
+        g, fmt = self.geo, formats.get(self.format)
         self._feed_from_checkpoint(layer)
         loaded = {t.leaf: getattr(layer, t.leaf).data for t in self.tensors}
         device = next(iter(loaded.values())).device
