@@ -175,7 +175,7 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
     if runner == "sglang_run.py":
         result["kernels"] = sglang_kernels_in_log(text)
     elif quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
-        from grace_qat.demo import kernels_in_log
+        from grace_qat.vllm_server import kernels_in_log
         result["kernels"] = kernels_in_log(text)
     else:
         result["kernels"] = sorted(set(re.findall(r"Using (\w+LinearKernel)", text)))
@@ -404,7 +404,7 @@ def failures(results: list[dict]) -> list[str]:
     """What makes a benchmark run fail: a system that did not produce its RESULT line, a grace_qat
     system on a GPU that ran no quantized kernel, or one whose greedy tokens differ from its stock
     peer on the same kernel."""
-    from grace_qat.demo import no_quantized_kernel
+    from grace_qat.vllm_server import no_quantized_kernel
     bad = []
     for r in results:
         if not r.get("ok"):

@@ -21,8 +21,9 @@ import torch
 
 from . import formats
 from .errors import GraceFormatError
+from .architectures import is_quantizable_module
 from .files import (CONFIG_NAME, QUANT_METHOD, SIDECAR_NAME, SafetensorsDir, check_model_dir, declared_int,
-                    is_quantizable_module, load_sidecar, natural_key, read_config)
+                    load_sidecar, natural_key, read_config)
 from .formats import QuantizedLinear, Record
 from .quantizer import check_bits, effective_group_size
 
@@ -155,5 +156,4 @@ class GraceCheckpoint:
                 "group_size": self.group_size, "modules": len(self.modules)}
 
 
-__all__ = ["GraceCheckpoint", "QuantizedLinear", "SafetensorsDir", "load_sidecar", "read_config",
-           "is_quantizable_module"]
+__all__ = ["GraceCheckpoint", "QuantizedLinear", "SafetensorsDir", "load_sidecar", "read_config"]

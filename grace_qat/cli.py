@@ -52,7 +52,7 @@ def _model_dir(model: str) -> str:
 
 def _inspect(args) -> int:
     from .checkpoint import GraceCheckpoint
-    from . import exports, formats, targets
+    from . import formats, standard, targets
     from .files import check_model_dir
 
     path = _model_dir(args.checkpoint)
@@ -62,8 +62,8 @@ def _inspect(args) -> int:
     ckpt.check_served()          # the engines' first-process checks, in the same words
     report = ckpt.describe()
     if not formats.get(ckpt.format).quantized:
-        report.update(exports.describe_plain(path))
-        report["serve"] = exports.serve_commands(path)
+        report.update(standard.describe_plain(path))
+        report["serve"] = standard.serve_commands(path)
     serve = [("(stock engine, no plugin needed)", report.get("serve", []))]
     if ckpt.modules:
         report.update(_histogram(((q.codes, q.scales) for q in
@@ -107,17 +107,17 @@ def _grace_serve(ckpt, path: str) -> list[tuple[str, list[str]]]:
         note = "(with the grace_qat plugin installed; detected without a flag" + \
             ("" if declared else f", unless {AUTODETECT}=0") + ")"
         return [(note, plugin)]
-    from . import exports
-    return [("(stock engine, no plugin needed: BF16 weights as stored)", exports.serve_commands(path)),
+    from . import standard
+    return [("(stock engine, no plugin needed: BF16 weights as stored)", standard.serve_commands(path)),
             (f"(with the grace_qat plugin installed: packed {ckpt.bits}-bit)", plugin)]
 
 
 def _report_done(report: dict, args, path: str) -> bool:
     """Adds the --against comparison; prints the report and says so when --json asked for it."""
     if args.against:
-        from . import exports
+        from . import standard
         source = _model_dir(args.against)
-        report["against"] = {"source": source, "result": exports.compare(path, source, bits=args.bits)}
+        report["against"] = {"source": source, "result": standard.compare(path, source, bits=args.bits)}
     if args.json:
         print(json.dumps(report, indent=2))
     return bool(args.json)
@@ -130,17 +130,17 @@ def _print_serve(commands: list[str], note: str = "(stock engine, no plugin need
 
 
 def _inspect_standard(args, path: str) -> int:
-    from . import exports
+    from . import standard
     from .files import dtype_name
 
-    exp = exports.StandardCheckpoint(path)
+    exp = standard.StandardCheckpoint(path)
     if args.bits is not None and args.bits != exp.bits:
         raise GraceFormatError(f"{exp.cfg_path}: quantization_config says {exp.bits}-bit, --bits says {args.bits}")
     report = {"path": exp.path, "format": exp.method, "description": exp.target.description,
               "bits": exp.bits, "group_size": exp.group_size, "modules": len(exp.modules),
               "scale_dtype": dtype_name(exp.scale_dtype())}
     report.update(_histogram(((e.codes, e.scales) for e in exp.iter_quantized()), exp.bits))
-    report["serve"] = exports.serve_commands(exp.path)
+    report["serve"] = standard.serve_commands(exp.path)
     if _report_done(report, args, path):
         return 0
     print(f"{report['path']}\n  format      {exp.method}: {report['description']}\n"

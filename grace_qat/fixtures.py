@@ -41,7 +41,7 @@ from typing import Iterable
 import torch
 
 from . import formats
-from .files import is_quantizable_module
+from .architectures import is_quantizable_module
 from .llava_hf import CLIP_MEAN, CLIP_STD, LLAVA_V1_SYSTEM
 from .shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from .quantizer import DEFAULT_GROUP_SIZE, check_bits, effective_group_size, fake_quantize, mse_init_log_scale

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from grace_qat import formats, layers
+from grace_qat import formats, layer_names
 from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
 from grace_qat.hub import local_checkpoint_dir
@@ -200,7 +200,7 @@ class GraceQATConfig(QuantizationConfig):
         _ = self.checkpoint  # opens the directory on first use
         index = self._index
         parent, _, leaf = key.rpartition(".")
-        keys = [f"{parent}.{p}" for p in layers.fused_parts(leaf, self.packed_modules_mapping)]
+        keys = [f"{parent}.{p}" for p in layer_names.fused_parts(leaf, self.packed_modules_mapping)]
         found = [index.get(k) for k in keys]
         if all(f is None for f in found):
             return None

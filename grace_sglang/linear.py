@@ -1,7 +1,7 @@
 """Linear method for the grid formats: BF16 grid weights + per-group steps -> GPTQ layout -> SGLang's
 GPTQ-Marlin. SGLang plumbing only, the same as grace_vllm's: the tensors (``Format.rank_tensors``),
-the codes and steps (``Format.rank_codes``) and the layer rules (``grace_qat.layers``) come from
-the core.
+the codes and steps (``Format.rank_codes``) and the tensor-parallel rules
+(``grace_qat.tensor_parallel``) come from the core.
 
 Loading (``create_weights``): the layer gets the tensors the checkpoint's format lists for one rank
 (the weight (out_pp, in_pp) in the checkpoint's dtype, and its log-steps (out_pp, in_pp/G) fp32
@@ -11,7 +11,7 @@ where the format stores them), each with SGLang's v1 parallel-linear loader
 them. Tensors the weight stream carries (weight, inline log-steps) arrive through the model's
 ``load_weights``; a thin wrapper records which checkpoint modules arrived. Tensors it does not carry
 (the sidecar's log-steps) are fed after loading through the same loader per checkpoint module and
-shard id (``grace_qat.layers.checkpoint_feeds``). A TP size that splits a group is refused in
+shard id (``grace_qat.tensor_parallel.checkpoint_feeds``). A TP size that splits a group is refused in
 ``create_weights`` with a message.
 
 After loading (``process_weights_after_loading``): ``Format.rank_codes`` turns what this rank holds
@@ -33,7 +33,7 @@ from torch.nn import Parameter
 from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
-from grace_qat import formats, layers
+from grace_qat import formats, tensor_parallel
 from grace_qat.errors import GraceFormatError
 from grace_qat.packing import pack_factor, pack_gptq
 
@@ -78,7 +78,7 @@ class GraceQATLinearMethod(LinearMethodBase):
             raise GraceFormatError(f"{ckpt.path}: {self.names} have in_features "
                                    f"{[s[1] for s in shapes]}, SGLang's {self.prefix} expects {input_size}")
         n, k = sum(output_partition_sizes), input_size_per_partition
-        geo = layers.Geometry.of(self.prefix, input_size, output_size, k, n, ckpt.group_size)
+        geo = tensor_parallel.Geometry.of(self.prefix, input_size, output_size, k, n, ckpt.group_size)
         g = geo.group
         self.marlin_group = geo.kernel_group
         from sglang.srt.layers.quantization.marlin_utils import verify_marlin_supports_shape
@@ -97,7 +97,7 @@ class GraceQATLinearMethod(LinearMethodBase):
 
         self.tensors = formats.get(ckpt.format).rank_tensors(n, k, geo.groups_pp, staging)
         for t in self.tensors:
-            loader = layers.loader_for(t, base_loader, input_size // g)
+            loader = tensor_parallel.loader_for(t, base_loader, input_size // g)
             if t.source == "stream":
                 loader = self._recording_loader(t.leaf, loader)
             param = Parameter(t.blank(), requires_grad=False)   # grid formats: nothing packed (t.packed == 1)
@@ -110,7 +110,7 @@ class GraceQATLinearMethod(LinearMethodBase):
     def _names_for_shard(self, shard_id) -> list[str]:
         if shard_id is None:
             return self.names
-        idx = layers.shard_index(shard_id, len(self.names))
+        idx = tensor_parallel.shard_index(shard_id, len(self.names))
         if idx is None:
             raise GraceFormatError(f"grace_qat: {self.prefix}: unexpected shard id {shard_id!r} "
                                    f"for modules {self.names}")
@@ -139,15 +139,15 @@ class GraceQATLinearMethod(LinearMethodBase):
         and shard id through the same loader; once."""
         if self._fed:
             return
-        shards = layers.module_shards(self.prefix, type(layer).__name__, self.names,
+        shards = tensor_parallel.module_shards(self.prefix, type(layer).__name__, self.names,
                                       qkv=isinstance(layer, QKVParallelLinear),
                                       merged=isinstance(layer, MergedColumnParallelLinear))
         ckpt = self.config.checkpoint
         try:
             with torch.device(getattr(layer, self.tensors[0].leaf).device):
-                for leaf, full, args in layers.checkpoint_feeds(ckpt, self.tensors, shards):
+                for leaf, full, args in tensor_parallel.checkpoint_feeds(ckpt, self.tensors, shards):
                     param = getattr(layer, leaf)
-                    layers.feed_loader(param)(param, full.to(param.device), *args)
+                    tensor_parallel.feed_loader(param)(param, full.to(param.device), *args)
         except GraceFormatError as e:        # names the file and tensor already
             raise GraceFormatError(f"grace_qat: {self.prefix}: {e}") from None
         self._fed = True

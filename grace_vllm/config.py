@@ -5,7 +5,7 @@ How vLLM builds it (verified against vLLM 0.32 and the 0.26 notes):
     is empty, so vLLM calls ``GraceQATConfig()`` with no arguments; right after, in the same (first)
     process, it calls ``maybe_update_config(model_dir, hf_config=...)``, where the format is detected;
   * a config.json carrying ``quantization_config: {"quant_method": "grace_qat", ...}`` (written by
-    ``grace-qat convert --to grace_qat``): vLLM routes it here by its quant_method (the flag becomes
+    ``grace-qat convert --to grace_qat``, or injected by :mod:`grace_vllm.parser`): vLLM routes it here by its quant_method (the flag becomes
     optional) and calls ``from_config(dict)``, then ``maybe_update_config`` as above.
 The object is pickled to the engine core and the workers: it keeps only small, plain state (format,
 bits, group size, module names, model directory). Each process opens the checkpoint lazily when a
@@ -19,7 +19,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from grace_qat import formats, layers
+from grace_qat import formats, layer_names
 from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
 from grace_qat.hub import local_checkpoint_dir
@@ -143,7 +143,7 @@ class GraceQATConfig(QuantizationConfig):
         """Checkpoint module names behind a vLLM layer (several for fused qkv_proj/gate_up_proj),
         in shard order; None where the constituent is not quantized."""
         proj = prefix.rsplit(".", 1)[-1]
-        parts = layers.fused_parts(proj, self.packed_modules_mapping)
+        parts = layer_names.fused_parts(proj, self.packed_modules_mapping)
         base = prefix[: len(prefix) - len(proj)]
         return [self._vllm_to_hf.get(base + p) for p in parts]
 

@@ -39,7 +39,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_qua
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.scalar_type import scalar_types
 
-from grace_qat import formats, layers
+from grace_qat import formats, tensor_parallel
 from grace_qat.errors import GraceFormatError
 from grace_qat.packing import pack_factor, pack_int32
 from grace_qat.quantizer import code_range
@@ -153,7 +153,7 @@ class GraceLinearMethod(LinearMethodBase):
         self.hf_names = hf_names
         self.format = qcfg.format            # the name; formats.get(self.format) reads it
         self.bits = int(qcfg.bits)
-        self.geo: layers.Geometry | None = None
+        self.geo: tensor_parallel.Geometry | None = None
         self.tensors: list[formats.RankTensor] = []
         self.mp_config = None
         self.kernel_cls: type | None = None
@@ -168,7 +168,7 @@ class GraceLinearMethod(LinearMethodBase):
     # -- set-up ----------------------------------------------------------------------------------
 
     def _plan(self, layer, input_size, output_size, in_pp, out_pp, params_dtype) -> None:
-        self.geo = layers.Geometry.of(layer.prefix, input_size, output_size, in_pp, out_pp, self.qcfg.group_size)
+        self.geo = tensor_parallel.Geometry.of(layer.prefix, input_size, output_size, in_pp, out_pp, self.qcfg.group_size)
         self.act_dtype = params_dtype
         self.mp_config = mp_layer_config(self.bits, self.geo.kernel_group, (input_size, output_size),
                                          (in_pp, out_pp), params_dtype)
@@ -243,7 +243,7 @@ class GraceLinearMethod(LinearMethodBase):
             raise GraceFormatError(f"grace_qat: layer {layer.prefix}: {e}") from None
         for t in self.tensors:
             data = t.blank()
-            loader = layers.loader_for(t, weight_loader, input_size // self.geo.group)
+            loader = tensor_parallel.loader_for(t, weight_loader, input_size // self.geo.group)
             dims = dict(input_dim=1 - t.output_dim, output_dim=t.output_dim, weight_loader=loader)
             if t.packed > 1:
                 param = PackedvLLMParameter(data=data, packed_dim=t.output_dim, packed_factor=t.packed, **dims)
@@ -259,9 +259,9 @@ class GraceLinearMethod(LinearMethodBase):
         if not any(t.source == "checkpoint" for t in self.tensors):
             return
         shards = _module_shards(layer, self.hf_names)
-        for leaf, full, args in layers.checkpoint_feeds(self.qcfg.checkpoint(), self.tensors, shards):
+        for leaf, full, args in tensor_parallel.checkpoint_feeds(self.qcfg.checkpoint(), self.tensors, shards):
             param = getattr(layer, leaf)
-            layers.feed_loader(param)(param, full.to(param.device), *args)
+            tensor_parallel.feed_loader(param)(param, full.to(param.device), *args)
 
     def _rows(self, t: formats.RankTensor, data: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         rows = slice(r0 // t.packed, r1 // t.packed)
@@ -381,7 +381,7 @@ class GraceLinearMethod(LinearMethodBase):
 
 
 def _module_shards(layer, hf_names: list[str]) -> list[tuple[str, object]]:
-    return layers.module_shards(layer.prefix, type(layer).__name__, hf_names,
+    return tensor_parallel.module_shards(layer.prefix, type(layer).__name__, hf_names,
                                 qkv=isinstance(layer, QKVParallelLinear),
                                 merged=isinstance(layer, MergedColumnParallelLinear))
 

@@ -314,7 +314,7 @@ def check_http(ckpts: dict, log_dir: str | None = None) -> str:
     """``vllm serve <qat dir> --quantization grace_qat`` and nothing else (CLIP from the Hugging Face
     cache, the default chat template): one image chat over HTTP, checked against the reference."""
     from grace_qat.fixtures import llava_prompt
-    from grace_qat.demo import VLLMServer
+    from grace_qat.vllm_server import VLLMServer
     img = image("gradient")
     server = VLLMServer(ckpts["qat"], ["--quantization", "grace_qat"],
                         env=dict(ENGINE_ENV, HF_HUB_CACHE=ckpts["hf_cache"]), startup_timeout=600,

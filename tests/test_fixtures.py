@@ -12,7 +12,8 @@ from requires import require
 import torch
 
 from grace_qat import fixtures
-from grace_qat.checkpoint import GraceCheckpoint, is_quantizable_module
+from grace_qat.architectures import is_quantizable_module
+from grace_qat.checkpoint import GraceCheckpoint
 from ckpt_files import load_all_tensors as _tensors
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -7,7 +7,7 @@ import reference
 from grace_qat import formats
 from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
-from grace_qat.hub import detect_grace_format
+from grace_qat.detection import detect_grace_format
 
 QUANTIZED = ["qat-sidecar", "qat-inline", "qat-grid", "awq"]
 M = "model.language_model.layers.1.mlp.down_proj"
@@ -108,22 +108,22 @@ def test_rank_codes_refuse_what_the_files_would_refuse(tiny):
 
 
 def test_layer_feeds_per_module_and_shard_id(tiny):
-    """What an engine adapter feeds after loading (grace_qat.layers): the sidecar's log-steps of
+    """What an engine adapter feeds after loading (grace_qat.tensor_parallel): the sidecar's log-steps of
     each module behind a layer, with that module's loader shard id; nothing for formats whose
     stream carries them. Against tests/reference.py."""
-    from grace_qat import layers
+    from grace_qat import tensor_parallel
     p = "model.language_model.layers.1."
     qkv = [p + f"self_attn.{x}_proj" for x in "qkv"]
     gate_up = [p + "mlp.gate_proj", p + "mlp.up_proj"]
-    assert layers.module_shards("l", "QKV", qkv, qkv=True, merged=False) == list(zip(qkv, "qkv"))
-    assert layers.module_shards("l", "Merged", gate_up, qkv=False, merged=True) == list(zip(gate_up, (0, 1)))
-    assert layers.module_shards("l", "Row", [M], qkv=False, merged=False) == [(M, None)]
+    assert tensor_parallel.module_shards("l", "QKV", qkv, qkv=True, merged=False) == list(zip(qkv, "qkv"))
+    assert tensor_parallel.module_shards("l", "Merged", gate_up, qkv=False, merged=True) == list(zip(gate_up, (0, 1)))
+    assert tensor_parallel.module_shards("l", "Row", [M], qkv=False, merged=False) == [(M, None)]
     with pytest.raises(ValueError, match=r"layer l \(Column\) fuses checkpoint modules"):
-        layers.module_shards("l", "Column", gate_up, qkv=False, merged=False)
+        tensor_parallel.module_shards("l", "Column", gate_up, qkv=False, merged=False)
     for fmt in QUANTIZED:
         ckpt = GraceCheckpoint.open(tiny[fmt])
         specs = formats.get(ckpt.format).rank_tensors(8, 256, 2, torch.bfloat16)
-        fed = list(layers.checkpoint_feeds(ckpt, specs, list(zip(qkv, "qkv"))))
+        fed = list(tensor_parallel.checkpoint_feeds(ckpt, specs, list(zip(qkv, "qkv"))))
         if fmt != "qat-sidecar":
             assert fed == [], fmt
             continue

@@ -91,7 +91,7 @@ def test_vllm_serve_bad_checkpoint_is_our_first_and_last_line(tmp_path, module, 
 
     import re
 
-    from grace_qat.demo import free_port, vllm_command
+    from grace_qat.vllm_server import free_port, vllm_command
     ckpt = tmp_path / "bad"
     sidecar, key = make(ckpt, module)
     cmd = vllm_command() + [str(ckpt), "--max-model-len", "1024", "--port", str(free_port())]
