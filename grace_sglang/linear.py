@@ -69,7 +69,7 @@ class GraceQATLinearMethod(LinearMethodBase):
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
                        params_dtype: torch.dtype, **extra_weight_attrs):
-        ckpt = self.config.checkpoint
+        ckpt = self.config.checkpoint()
         base_loader = extra_weight_attrs.get("weight_loader")
         if base_loader is None:
             raise RuntimeError(f"grace_qat: {self.prefix}: SGLang passed no weight_loader")
@@ -124,7 +124,7 @@ class GraceQATLinearMethod(LinearMethodBase):
                                        f"supported (got {loaded_shard_id!r})")
             names = self._names_for_shard(loaded_shard_id)
             if leaf == "weight":   # SGLang hands the whole module's tensor; its loader only asserts
-                ckpt = self.config.checkpoint
+                ckpt = self.config.checkpoint()
                 shapes = [ckpt.module_shape(m) for m in names]
                 want = (sum(s[0] for s in shapes), shapes[0][1])
                 if tuple(loaded_weight.shape) != want:
@@ -142,7 +142,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         shards = tensor_parallel.module_shards(self.prefix, type(layer).__name__, self.names,
                                       qkv=isinstance(layer, QKVParallelLinear),
                                       merged=isinstance(layer, MergedColumnParallelLinear))
-        ckpt = self.config.checkpoint
+        ckpt = self.config.checkpoint()
         try:
             with torch.device(getattr(layer, self.tensors[0].leaf).device):
                 for leaf, full, args in tensor_parallel.checkpoint_feeds(ckpt, self.tensors, shards):
@@ -166,7 +166,7 @@ class GraceQATLinearMethod(LinearMethodBase):
                                        f"the checkpoint and the model's layer names do not match")
         from sglang.srt.layers.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
-        ckpt = self.config.checkpoint
+        ckpt = self.config.checkpoint()
         self.feed_from_checkpoint(layer)
         loaded = {t.leaf: getattr(layer, t.leaf).data for t in self.tensors}
         device = next(iter(loaded.values())).device
@@ -230,6 +230,7 @@ class GraceQATLinearMethod(LinearMethodBase):
             return
         if "qweight" not in layer._parameters:
             self.pack_gptq_layout(layer)
+            self.config.layer_done()        # this layer reads the checkpoint no more
         self.setup_marlin(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
