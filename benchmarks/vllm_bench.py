@@ -76,16 +76,18 @@ BF16_REFS = ("bf16", "bf16-hf", "bf16-grid")
 
 
 def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, root: str) -> str:
-    from grace_qat import fixtures
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    import llava_fixtures      # the tests' CLIP tower (tests/llava_fixtures.py)
+    from grace_qat import synthetic
     from grace_qat.convert import convert
 
     src = os.path.join(root, f"{model}-{size}-{fmt}-w{bits}")
     if not os.path.exists(os.path.join(src, "config.json")):
         t = time.perf_counter()
         if model == "llava":   # CLIP tower inside the checkpoint: no hub, no second directory
-            fixtures.write_llava(src, size=size, fmt=fmt, bits=bits, seed=0, clip_dir="inline")
+            llava_fixtures.write_llava(src, size=size, fmt=fmt, bits=bits, seed=0, clip_dir="inline")
         else:
-            fixtures.write_qwen3vl(src, size=size, fmt=fmt, bits=bits, seed=0)
+            synthetic.write_qwen3vl(src, size=size, fmt=fmt, bits=bits, seed=0)
         print(f"[bench] wrote {src} in {time.perf_counter() - t:.1f}s", flush=True)
     if convert_to is None:
         return src

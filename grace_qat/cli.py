@@ -174,11 +174,10 @@ def _llava_processor(args) -> int:
 
 
 def _fixture(args) -> int:
-    from . import fixtures
-
+    from . import synthetic
     from .output import write_dir
 
-    writer = fixtures.write_llava if args.model == "llava" else fixtures.write_qwen3vl
+    writer = synthetic.write_llava if args.model == "llava" else synthetic.write_qwen3vl
     kwargs = dict(size=args.size, fmt=args.format, bits=args.bits, seed=args.seed)
     try:
         write_dir(args.output, lambda tmp: writer(tmp, **kwargs), force=args.force)

@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model
     generated = model is None
     if generated:
-        from . import fixtures
+        from . import synthetic
         model = os.path.join(tempfile.gettempdir(), "grace-qat-default")
         if not os.path.exists(os.path.join(model, "config.json")):
             print(f"[demo] generating the embedded default GRACE checkpoint in {model}", flush=True)
-            fixtures.write_default(model)
+            synthetic.write_default(model)
     from .hub import local_checkpoint_dir
     ckpt = GraceCheckpoint.open(local_checkpoint_dir(model))
     params = sum(o * i for o, i in (ckpt.module_shape(m) for m in ckpt.modules))

@@ -14,11 +14,11 @@ M = "model.language_model.layers.1.mlp.down_proj"
 
 
 def test_registry_lists_every_format_once_and_the_cli_offers_them():
-    from grace_qat import fixtures
+    from grace_qat import synthetic
     from grace_qat.cli import build_parser
     assert formats.names() == ("qat-sidecar", "qat-inline", "qat-grid", "awq", "plain")
     assert formats.quantized_names() == tuple(QUANTIZED)
-    assert fixtures.FORMATS == formats.names()
+    assert synthetic.FORMATS == formats.names()
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     assert tuple(next(a for a in sub["fixture"]._actions if a.dest == "format").choices) == formats.names()
     with pytest.raises(ValueError):

@@ -121,7 +121,7 @@ def test_clip_lookup(ckpts, registered, monkeypatch):
 
 def test_tokenization_and_preprocessing_match_llava(ckpts, registered):
     from transformers import AutoConfig, AutoTokenizer
-    from grace_qat.fixtures import llava_prompt
+    from llava_fixtures import llava_prompt
     from grace_vllm.llava import LlavaOriginalProcessor
     cfg = AutoConfig.from_pretrained(ckpts["awq"])
     tok = AutoTokenizer.from_pretrained(ckpts["awq"])

@@ -53,7 +53,8 @@ def ckpts(tmp_path_factory):
     ("export:", tested against the files on their own) and, as stock SGLang's input, GPTQ checkpoints
     tests/reference.py writes from the files ("gptq:", plain code, nothing from grace_qat)."""
     from grace_qat.convert import convert
-    from grace_qat.fixtures import write_llava, write_qwen3vl
+    from grace_qat.synthetic import write_qwen3vl
+    from llava_fixtures import write_llava
 
     base = tmp_path_factory.mktemp("sglang_ckpts")
     out = {}
@@ -670,7 +671,7 @@ def llava_local(tmp_path_factory):
     """A GRACE LLaVA whose mm_vision_tower is the Hub id (as released) plus a local CLIP directory,
     and the processor directory ``grace-qat llava-processor`` writes for it."""
     from grace_qat.cli import main as cli_main
-    from grace_qat.fixtures import write_clip, write_llava
+    from llava_fixtures import write_clip, write_llava
     base = tmp_path_factory.mktemp("sglang_llava")
     ckpt = write_llava(str(base / "llava"), fmt="qat-sidecar", bits=4, seed=5)
     clip = write_clip(str(base / "clip-vit-tiny"), size="tiny", seed=5)

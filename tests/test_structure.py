@@ -65,7 +65,7 @@ LAYERS = [
     ["grace_qat.architectures", "grace_qat.hub", "grace_qat.llava_hf", "grace_qat.shards", "grace_qat.output"],
     ["grace_qat.formats", "grace_qat.targets"],          # the on-disk layouts, one module each
     ["grace_qat.checkpoint", "grace_qat.layer_names", "grace_qat.tensor_parallel"],
-    ["grace_qat.detection", "grace_qat.standard", "grace_qat.convert", "grace_qat.fixtures",
+    ["grace_qat.detection", "grace_qat.standard", "grace_qat.convert", "grace_qat.synthetic",
      "grace_qat.engine_config"],
     ["grace_qat.vllm_server"],
     ["grace_qat.demo", "grace_qat"],                   # the package: its lazy attributes are the reader's

@@ -46,7 +46,7 @@ def test_supported_vllm_registers():
 def _nan_step_checkpoint(path, module):
     """A tiny GRACE format-A checkpoint whose sidecar has one NaN log-step in ``module``."""
     import torch
-    from grace_qat.fixtures import write_qwen3vl
+    from grace_qat.synthetic import write_qwen3vl
     write_qwen3vl(str(path), fmt="qat-sidecar", bits=4, seed=0)
     sidecar = path / "qat_quantized_weights.bin"
     steps = torch.load(sidecar, weights_only=True)
@@ -61,7 +61,7 @@ def _awq_group_size_checkpoint(path, module):
     """A tiny GRACE AWQ checkpoint whose awq_quantized_modules.json says group size 64 for tensors
     packed with 128 (issue 27: it passed the first process and killed the worker after 37 s)."""
     import json
-    from grace_qat.fixtures import write_qwen3vl
+    from grace_qat.synthetic import write_qwen3vl
     write_qwen3vl(str(path), fmt="awq", bits=4, seed=0)
     meta = path / "awq_quantized_modules.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "group_size": 64}))

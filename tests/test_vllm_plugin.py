@@ -86,7 +86,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _vllm_or_skip():
     require("vllm")
-    require("grace_qat.fixtures")
+    require("grace_qat.synthetic")
 
 
 # -- shared: checkpoints ---------------------------------------------------------------------------
