@@ -119,8 +119,8 @@ class GraceQATConfigBase:
         """Checkpoint modules behind the engine layer ``prefix`` (several for a fused layer), in
         shard order; None when it is not quantized (:func:`grace_qat.layer_names.checkpoint_modules`)."""
         self.ensure_validated()
-        return layer_names.checkpoint_modules(self._index, prefix, getattr(self, "packed_modules_mapping", None),
-                                              self.checkpoint_dir, self.engine)
+        fused = getattr(self, "packed_modules_mapping", None)   # the engine's QuantizationConfig sets it
+        return layer_names.checkpoint_modules(self._index, prefix, fused, self.checkpoint_dir, self.engine)
 
     # -- step 3 --------------------------------------------------------------------------------
 

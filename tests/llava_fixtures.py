@@ -15,7 +15,8 @@ import torch
 from grace_qat import synthetic
 from grace_qat.llava_hf import CLIP_MEAN, CLIP_STD, LLAVA_V1_SYSTEM
 from grace_qat.quantizer import DEFAULT_GROUP_SIZE
-from grace_qat.synthetic import LLAVA_SIZES_SPEC, meta_state_dict_specs, numel, pick_device, write_json, write_weights
+from grace_qat.synthetic import (LLAVA_SIZES_SPEC, meta_state_dict_specs, numel, pick_device, write_json,
+                                 write_weights)
 
 
 def llava_prompt(question: str) -> str:

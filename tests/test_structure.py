@@ -62,7 +62,8 @@ LAYERS = [
     ["grace_qat.errors"],
     ["grace_qat.settings", "grace_qat.quantizer", "grace_qat.registry"],
     ["grace_qat.packing", "grace_qat.files", "grace_qat.kernels"],
-    ["grace_qat.architectures", "grace_qat.hub", "grace_qat.llava_hf", "grace_qat.shards", "grace_qat.output"],
+    ["grace_qat.architectures", "grace_qat.hub", "grace_qat.llava_hf", "grace_qat.shards",
+     "grace_qat.output"],
     ["grace_qat.formats", "grace_qat.targets"],          # the on-disk layouts, one module each
     ["grace_qat.checkpoint", "grace_qat.layer_names", "grace_qat.tensor_parallel"],
     ["grace_qat.detection", "grace_qat.standard", "grace_qat.convert", "grace_qat.synthetic",
