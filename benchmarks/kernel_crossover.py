@@ -44,12 +44,12 @@ def bench_shapes(models: str, tps: str, bits_list: str):
 
 def layer_shapes(model: str, tp: int) -> list[tuple[str, int, int]]:
     """(name, n = out features, k = in features) of the quantized layers on one of ``tp`` ranks."""
-    from grace_qat import fixtures
+    from grace_qat import synthetic
     if model == "qwen3vl-2b":
-        s = fixtures.QWEN3VL_SIZES_SPEC["2b"]
+        s = synthetic.QWEN3VL_SIZES_SPEC["2b"]
         h, inter, hd, heads, kv = s["hidden"], s["intermediate"], s["head_dim"], s["heads"], s["kv_heads"]
     else:
-        s = fixtures.LLAVA_SIZES_SPEC["7b"]
+        s = synthetic.LLAVA_SIZES_SPEC["7b"]
         h, inter, heads, kv = s["hidden"], s["intermediate"], s["heads"], s["kv_heads"]
         hd = h // heads
     return [("qkv_proj", (heads + 2 * kv) * hd // tp, h), ("o_proj", h, heads * hd // tp),

@@ -76,16 +76,18 @@ BF16_REFS = ("bf16", "bf16-hf", "bf16-grid")
 
 
 def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, root: str) -> str:
-    from grace_qat import fixtures
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    import llava_fixtures      # the tests' CLIP tower (tests/llava_fixtures.py)
+    from grace_qat import synthetic
     from grace_qat.convert import convert
 
     src = os.path.join(root, f"{model}-{size}-{fmt}-w{bits}")
     if not os.path.exists(os.path.join(src, "config.json")):
         t = time.perf_counter()
         if model == "llava":   # CLIP tower inside the checkpoint: no hub, no second directory
-            fixtures.write_llava(src, size=size, fmt=fmt, bits=bits, seed=0, clip_dir="inline")
+            llava_fixtures.write_llava(src, size=size, fmt=fmt, bits=bits, seed=0, clip_dir="inline")
         else:
-            fixtures.write_qwen3vl(src, size=size, fmt=fmt, bits=bits, seed=0)
+            synthetic.write_qwen3vl(src, size=size, fmt=fmt, bits=bits, seed=0)
         print(f"[bench] wrote {src} in {time.perf_counter() - t:.1f}s", flush=True)
     if convert_to is None:
         return src
@@ -166,7 +168,7 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
     if runner == "sglang_run.py":
         result["kernels"] = sglang_kernels_in_log(text)
     elif quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
-        from grace_qat.demo import kernels_in_log
+        from grace_qat.vllm_server import kernels_in_log
         result["kernels"] = kernels_in_log(text)
     else:
         result["kernels"] = sorted(set(re.findall(r"Using (\w+LinearKernel)", text)))
@@ -404,7 +406,7 @@ def failures(results: list[dict]) -> list[str]:
     """What makes a benchmark run fail: a system that did not produce its RESULT line, a grace_qat
     system on a GPU that ran no quantized kernel, or one whose greedy tokens differ from its stock
     peer on the same kernel."""
-    from grace_qat.demo import no_quantized_kernel
+    from grace_qat.vllm_server import no_quantized_kernel
     bad = []
     for r in results:
         if not r.get("ok"):

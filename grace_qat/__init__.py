@@ -1,7 +1,7 @@
 """grace_qat: the engine-independent core for GRACE quantization-aware-trained checkpoints.
 
 Reading and verifying the GRACE formats (checkpoint), the quantizer math (quantizer), kernel
-layouts (packing), conversion to standard formats (convert), synthetic checkpoints (fixtures)
+layouts (packing), conversion to standard formats (convert), synthetic checkpoints (synthetic)
 and the ``grace-qat`` CLI (cli). No engine is imported here.
 """
 from .errors import GraceFormatError

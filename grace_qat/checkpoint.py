@@ -9,7 +9,8 @@ The formats (README "Support matrix"; one module each in :mod:`grace_qat.formats
   * ``plain``:       an unquantized checkpoint (e.g. the GRACE-BF16 release).
 ``GraceCheckpoint`` is a thin reader: detection through the registry gives the format's
 :class:`~grace_qat.formats.Record` (files, bits, group size, modules), which the reader holds and
-hands to its format (``self.kind``) for every per-module question. Formats never see the reader.
+hands to its format (``formats.get(self.format)``: ``format`` is always the name) for every per-module
+question. Formats never see the reader.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import torch
 
 from . import formats
 from .errors import GraceFormatError
+from .architectures import is_quantizable_module
 from .files import (CONFIG_NAME, QUANT_METHOD, SIDECAR_NAME, SafetensorsDir, check_model_dir, declared_int,
-                    is_quantizable_module, load_sidecar, natural_key, read_config)
+                    load_sidecar, natural_key, read_config)
 from .formats import QuantizedLinear, Record
 from .quantizer import check_bits, effective_group_size
 
@@ -36,7 +38,7 @@ class GraceCheckpoint:
 
     def __init__(self, record: Record):
         self.record = record
-        self.kind: formats.Format = formats.get(record.format)
+        self._rules: formats.Format = formats.get(record.format)   # the registered format of that name
 
     path, format, bits, group_size, modules, config, tensors, sidecar_path, bits_inferred = map(_field, (
         "path", "format", "bits", "group_size", "modules", "config", "tensors", "sidecar_path", "bits_inferred"))
@@ -83,7 +85,7 @@ class GraceCheckpoint:
 
     def require_quantized(self) -> "GraceCheckpoint":
         """Itself, or the one-line refusal an engine gives a plain checkpoint under grace_qat."""
-        if not self.kind.quantized:
+        if not self._rules.quantized:
             raise GraceFormatError(
                 f"{self.path}: no GRACE-quantized linear layers found (a plain checkpoint: no {SIDECAR_NAME}, "
                 f"no .log_scale tensors, no AWQ-packed tensors, weights not on a 4/8-bit grid); serve it "
@@ -93,42 +95,42 @@ class GraceCheckpoint:
     # -- per-module access --------------------------------------------------------------------
 
     def module_shape(self, name: str) -> tuple[int, int]:
-        return self.kind.module_shape(self.record, name)
+        return self._rules.module_shape(self.record, name)
 
     def module_group_size(self, name: str) -> int:
         return effective_group_size(self.module_shape(name)[1], self.group_size)
 
     def log_scale(self, name: str) -> torch.Tensor:
         """The raw learned log-steps of a QAT module (sidecar or inline)."""
-        return self.kind.log_scale(self.record, name)
+        return self._rules.log_scale(self.record, name)
 
     def scales(self, name: str) -> torch.Tensor:
         """fp32 steps (out, in/G) of one module, without reading or verifying its weight (AWQ: read)."""
-        return self.kind.scales(self.record, name)
+        return self._rules.scales(self.record, name)
 
     def check_served(self) -> None:
         """Verify every module's small tensors (steps, zero points) now; see Format.check_served."""
-        self.kind.check_served(self.record)
+        self._rules.check_served(self.record)
 
     def quantized(self, name: str) -> QuantizedLinear:
         """Verified codes and steps of one module; raises GraceFormatError naming file and tensor."""
-        return self.kind.quantized(self.record, name)
+        return self._rules.quantized(self.record, name)
 
     def fed_tensor(self, name: str, leaf: str) -> torch.Tensor:
         """The full tensor ``leaf`` of module ``name`` an adapter feeds; see Format.fed_tensor."""
-        return self.kind.fed_tensor(self.record, name, leaf)
+        return self._rules.fed_tensor(self.record, name, leaf)
 
     def steps_dtype(self) -> torch.dtype:
         """The precision the files store the steps in."""
-        return self.kind.steps_dtype(self.record)
+        return self._rules.steps_dtype(self.record)
 
     def weight_dtype(self) -> torch.dtype | None:
         """The storage dtype of the 16-bit grid weights (None: the files hold packed codes)."""
-        return self.kind.weight_dtype(self.record)
+        return self._rules.weight_dtype(self.record)
 
     def stock_config(self) -> dict | None:
         """A stock quantization_config an engine's own method loads the files under, else None."""
-        return self.kind.stock_config(self.record)
+        return self._rules.stock_config(self.record)
 
     def iter_quantized(self, progress: bool = False) -> Iterator[QuantizedLinear]:
         modules = self.modules
@@ -154,5 +156,4 @@ class GraceCheckpoint:
                 "group_size": self.group_size, "modules": len(self.modules)}
 
 
-__all__ = ["GraceCheckpoint", "QuantizedLinear", "SafetensorsDir", "load_sidecar", "read_config",
-           "is_quantizable_module"]
+__all__ = ["GraceCheckpoint", "QuantizedLinear", "SafetensorsDir", "load_sidecar", "read_config"]

@@ -52,7 +52,7 @@ def _model_dir(model: str) -> str:
 
 def _inspect(args) -> int:
     from .checkpoint import GraceCheckpoint
-    from . import exports, targets
+    from . import formats, standard, targets
     from .files import check_model_dir
 
     path = _model_dir(args.checkpoint)
@@ -61,9 +61,9 @@ def _inspect(args) -> int:
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
     ckpt.check_served()          # the engines' first-process checks, in the same words
     report = ckpt.describe()
-    if not ckpt.kind.quantized:
-        report.update(exports.describe_plain(path))
-        report["serve"] = exports.serve_commands(path)
+    if not formats.get(ckpt.format).quantized:
+        report.update(standard.describe_plain(path))
+        report["serve"] = standard.serve_commands(path)
     serve = [("(stock engine, no plugin needed)", report.get("serve", []))]
     if ckpt.modules:
         report.update(_histogram(((q.codes, q.scales) for q in
@@ -73,7 +73,7 @@ def _inspect(args) -> int:
         report["description"] = _description(ckpt.format)
     if _report_done(report, args, path):
         return 0
-    if not ckpt.kind.quantized:
+    if not formats.get(ckpt.format).quantized:
         dtypes = ", ".join(f"{n} {d}" for d, n in sorted(report["dtypes"].items()))
         print(f"{report['path']}\n  format      plain: an unquantized checkpoint, no GRACE or standard "
               f"quantization ({report['tensors']} tensors: {dtypes})")
@@ -107,17 +107,17 @@ def _grace_serve(ckpt, path: str) -> list[tuple[str, list[str]]]:
         note = "(with the grace_qat plugin installed; detected without a flag" + \
             ("" if declared else f", unless {AUTODETECT}=0") + ")"
         return [(note, plugin)]
-    from . import exports
-    return [("(stock engine, no plugin needed: BF16 weights as stored)", exports.serve_commands(path)),
+    from . import standard
+    return [("(stock engine, no plugin needed: BF16 weights as stored)", standard.serve_commands(path)),
             (f"(with the grace_qat plugin installed: packed {ckpt.bits}-bit)", plugin)]
 
 
 def _report_done(report: dict, args, path: str) -> bool:
     """Adds the --against comparison; prints the report and says so when --json asked for it."""
     if args.against:
-        from . import exports
+        from . import standard
         source = _model_dir(args.against)
-        report["against"] = {"source": source, "result": exports.compare(path, source, bits=args.bits)}
+        report["against"] = {"source": source, "result": standard.compare(path, source, bits=args.bits)}
     if args.json:
         print(json.dumps(report, indent=2))
     return bool(args.json)
@@ -130,17 +130,17 @@ def _print_serve(commands: list[str], note: str = "(stock engine, no plugin need
 
 
 def _inspect_standard(args, path: str) -> int:
-    from . import exports
+    from . import standard
     from .files import dtype_name
 
-    exp = exports.StandardCheckpoint(path)
+    exp = standard.StandardCheckpoint(path)
     if args.bits is not None and args.bits != exp.bits:
         raise GraceFormatError(f"{exp.cfg_path}: quantization_config says {exp.bits}-bit, --bits says {args.bits}")
     report = {"path": exp.path, "format": exp.method, "description": exp.target.description,
               "bits": exp.bits, "group_size": exp.group_size, "modules": len(exp.modules),
               "scale_dtype": dtype_name(exp.scale_dtype())}
     report.update(_histogram(((e.codes, e.scales) for e in exp.iter_quantized()), exp.bits))
-    report["serve"] = exports.serve_commands(exp.path)
+    report["serve"] = standard.serve_commands(exp.path)
     if _report_done(report, args, path):
         return 0
     print(f"{report['path']}\n  format      {exp.method}: {report['description']}\n"
@@ -174,11 +174,10 @@ def _llava_processor(args) -> int:
 
 
 def _fixture(args) -> int:
-    from . import fixtures
-
+    from . import synthetic
     from .output import write_dir
 
-    writer = fixtures.write_llava if args.model == "llava" else fixtures.write_qwen3vl
+    writer = synthetic.write_llava if args.model == "llava" else synthetic.write_qwen3vl
     kwargs = dict(size=args.size, fmt=args.format, bits=args.bits, seed=args.seed)
     try:
         write_dir(args.output, lambda tmp: writer(tmp, **kwargs), force=args.force)

@@ -1,7 +1,7 @@
 """The GRACE quantizer: symmetric, group-wise, learned step size (LSQ).
 
 Everything that knows the quantization math lives here, so that the checkpoint reader, the
-converters, the fixtures and both engine adapters agree on it bit for bit.
+converters, the synthetic checkpoints and both engine adapters agree on it bit for bit.
 
 Conventions (README "Support matrix"; the formats in :mod:`grace_qat.formats`):
   * a weight W has shape (out, in); groups of ``group_size`` run along ``in`` inside one row;

@@ -1,6 +1,6 @@
 """Writing tensors as Hugging Face-style safetensors shards (one file, or shards + an index).
 
-Shared by the converter and the fixtures so that every checkpoint this package writes is laid out
+Shared by the converter and the synthetic checkpoints so that every checkpoint this package writes is laid out
 the same way the engines and Transformers expect.
 """
 from __future__ import annotations

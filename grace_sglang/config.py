@@ -1,7 +1,7 @@
 """SGLang quantization config for GRACE checkpoints.
 
 ``GraceQATConfig`` is what SGLang's loader builds for ``quantization == "grace_qat"``
-(``model_loader.weight_utils.get_quant_config``):
+(``model_loader.weight_utils.get_quant_config``), in each process that loads weights:
 
 * with a ``quantization_config`` in the HF config (injected by :mod:`grace_sglang.parser`, or
   written by ``grace-qat convert --to grace_qat``): ``GraceQATConfig.from_config(dict)``, where the
@@ -11,9 +11,11 @@
   published server arguments (``sglang.srt.runtime_context.get_server_args().model_path``) when the
   first layer asks for its method.
 
+The names, the validation and the reader's lifecycle are the core's
+(:class:`grace_qat.engine_config.GraceQATConfigBase`, shared with the vLLM adapter); engine layer
+names map to checkpoint modules by their decoder-layer-relative name (:mod:`grace_qat.layer_names`).
 Everything about the checkpoint (format, bits, module list, steps, zero points) comes from
-``grace_qat.checkpoint.GraceCheckpoint`` and its format; this module only maps SGLang layer
-prefixes onto those module names and picks the linear method:
+``grace_qat.checkpoint.GraceCheckpoint`` and its format; this module only picks the linear method:
 
 * a format whose files a stock SGLang method loads as they are (``Format.stock_config``; the AWQ
   layout: SGLang's own AWQ-Marlin, ``AWQMarlinConfig``);
@@ -25,31 +27,17 @@ prefixes onto those module names and picks the linear method:
 from __future__ import annotations
 
 import logging
-import os
-import re
 from typing import Any, Optional
 
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from grace_qat import formats, layers
-from grace_qat.checkpoint import GraceCheckpoint
+from grace_qat.engine_config import GraceQATConfigBase
 from grace_qat.errors import GraceFormatError
-from grace_qat.hub import local_checkpoint_dir
 
 from . import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
-
-# "...layers.<i>.<rest>": the decoder-layer-relative part of a module name. It is the same in the
-# HF checkpoint and in SGLang's layer prefixes for both target models (Qwen3-VL:
-# model.language_model.layers.i.*, original LLaVA: model.layers.i.*), whatever the outer prefix.
-_LAYER_KEY = re.compile(r"(?:^|\.)(layers\.\d+\..+)$")
-
-
-def _layer_key(name: str) -> Optional[str]:
-    m = _LAYER_KEY.search(name)
-    return m.group(1) if m else None
 
 
 def _scalar_types():
@@ -67,33 +55,21 @@ def _checkpoint_dir_from_server_args() -> Optional[str]:
         return None
 
 
-class GraceQATConfig(QuantizationConfig):
+class GraceQATConfig(GraceQATConfigBase, QuantizationConfig):
     """SGLang ``QuantizationConfig`` for GRACE checkpoints (Format A on GPTQ-Marlin, B on AWQ-Marlin)."""
+
+    engine = "SGLang"
+    logger = logger
 
     def __init__(self, checkpoint_dir: Optional[str] = None, fmt: Optional[str] = None,
                  bits: Optional[int] = None, group_size: Optional[int] = None,
                  packed_modules_mapping: Optional[dict] = None) -> None:
-        super().__init__()
-        # the same vocabulary as grace_vllm.config.GraceQATConfig: checkpoint_dir, and (read from the
-        # opened checkpoint) format, bits, group_size, modules; what the caller declared is checked
-        self.checkpoint_dir = checkpoint_dir
-        self._declared = (fmt, int(bits) if bits is not None else None,
-                          int(group_size) if group_size is not None else None)
+        QuantizationConfig.__init__(self)
         if packed_modules_mapping:
             self.packed_modules_mapping = dict(packed_modules_mapping)
-        self._ckpt: Optional[GraceCheckpoint] = None
-        self._index: dict[str, str] = {}
         self._stock = None
         self.quant_type = None
-        if checkpoint_dir is not None:
-            self._open()
-
-    def __repr__(self) -> str:
-        if self._ckpt is None:
-            return f"GraceQATConfig(checkpoint_dir={self.checkpoint_dir!r}, not opened)"
-        c = self._ckpt
-        return (f"GraceQATConfig(format={c.format}, bits={c.bits}, group_size={c.group_size}, "
-                f"modules={len(c.modules)}, path={c.path!r})")
+        self.init_checkpoint(checkpoint_dir, fmt, bits, group_size)
 
     # -- QuantizationConfig API ----------------------------------------------------------------
 
@@ -132,83 +108,16 @@ class GraceQATConfig(QuantizationConfig):
                    group_size=config.get("group_size"),
                    packed_modules_mapping=config.get("packed_modules_mapping"))
 
-    # -- checkpoint --------------------------------------------------------------------------
-
-    @property
-    def checkpoint(self) -> GraceCheckpoint:
-        if self._ckpt is None:
-            if self.checkpoint_dir is None:
-                self.checkpoint_dir = _checkpoint_dir_from_server_args()
-            if self.checkpoint_dir is None:
-                raise GraceFormatError("grace_qat: no checkpoint directory: SGLang did not publish a "
-                                       "model path and the config names none")
-            self._open()
-        return self._ckpt
-
-    def _open(self) -> None:
-        # a directory, or a Hub id: its snapshot in the local cache (weights fetched unless offline)
-        path = local_checkpoint_dir(os.fspath(self.checkpoint_dir))
-        fmt, bits, group_size = self._declared
-        ckpt = GraceCheckpoint.open(path, bits=bits, group_size=group_size, fmt=fmt).require_quantized()
-        index: dict[str, str] = {}
-        for name in ckpt.modules:
-            key = _layer_key(name)
-            if key is None:
-                raise GraceFormatError(f"{path}: quantized module {name} is not inside a decoder "
-                                       f"layer (layers.<i>.*); not a GRACE language-model linear")
-            if key in index:
-                raise GraceFormatError(f"{path}: modules {index[key]} and {name} both end in {key}; "
-                                       f"cannot map them onto SGLang's layers")
-            index[key] = name
-        ckpt.check_served()     # steps and zero points, before anything is loaded
-        spare = formats.spare_note(ckpt)
-        if spare:
-            logger.info("grace_qat: %s", spare)
+    def on_validated(self) -> None:
         st = _scalar_types()
-        if ckpt.stock_config() is not None:
+        if self.stock_config is not None:
             self.quant_type = st.uint4          # what AWQ-Marlin runs (zero points as a tensor)
         else:
-            self.quant_type = st.uint4b8 if ckpt.bits == 4 else st.uint8b128
-        self._ckpt, self._index = ckpt, index
+            self.quant_type = st.uint4b8 if self.bits == 4 else st.uint8b128
         logger.info("grace_qat: %s", self)
 
-    @property
-    def format(self) -> str:
-        return self.checkpoint.format
-
-    @property
-    def bits(self) -> int:
-        return self.checkpoint.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.checkpoint.group_size
-
-    @property
-    def modules(self) -> list[str]:
-        return self.checkpoint.modules
-
-    def checkpoint_modules(self, prefix: str) -> Optional[list[str]]:
-        """Checkpoint module names behind an SGLang layer prefix, in shard order; None if unquantized.
-
-        ``model.language_model.layers.3.self_attn.qkv_proj`` -> the q/k/v_proj modules of layer 3.
-        A fused layer whose parts are only partly quantized cannot be served and raises.
-        """
-        key = _layer_key(prefix)
-        if key is None:
-            return None
-        _ = self.checkpoint  # opens the directory on first use
-        index = self._index
-        parent, _, leaf = key.rpartition(".")
-        keys = [f"{parent}.{p}" for p in layers.fused_parts(leaf, self.packed_modules_mapping)]
-        found = [index.get(k) for k in keys]
-        if all(f is None for f in found):
-            return None
-        if any(f is None for f in found):
-            missing = [k for k, f in zip(keys, found, strict=True) if f is None]
-            raise GraceFormatError(f"{self.checkpoint.path}: SGLang fuses {keys} into {prefix}, but "
-                                   f"{missing} are not quantized in the checkpoint")
-        return found  # type: ignore[return-value]
+    def engine_model_path(self) -> Optional[str]:
+        return _checkpoint_dir_from_server_args()
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> Optional[QuantizeMethodBase]:
         from sglang.srt.layers.linear import LinearBase
@@ -219,9 +128,10 @@ class GraceQATConfig(QuantizationConfig):
         names = self.checkpoint_modules(prefix)
         if names is None:
             return UnquantizedLinearMethod()
-        if self.checkpoint.stock_config() is not None:
+        if self.stock_config is not None:
             return self.awq_config().get_quant_method(layer, prefix)
         from .linear import GraceQATLinearMethod
+        self.layer_started()
         return GraceQATLinearMethod(self, prefix, names)
 
     # -- files a stock SGLang method loads as they are ---------------------------------------
@@ -231,9 +141,9 @@ class GraceQATConfig(QuantizationConfig):
         already checked by the format)."""
         if self._stock is None:
             from sglang.srt.layers.quantization.awq import AWQMarlinConfig
-            full = self.checkpoint.stock_config()
+            self.ensure_validated()
             try:
-                stock = AWQMarlinConfig.from_config(full)
+                stock = AWQMarlinConfig.from_config(self.stock_config)
             except ValueError as e:
                 raise GraceFormatError(f"grace_qat: SGLang's AWQ-Marlin kernel cannot run here "
                                        f"({e}); it needs a CUDA GPU of compute capability >= 8.0"

@@ -1,7 +1,7 @@
 """Linear method for the grid formats: BF16 grid weights + per-group steps -> GPTQ layout -> SGLang's
 GPTQ-Marlin. SGLang plumbing only, the same as grace_vllm's: the tensors (``Format.rank_tensors``),
-the codes and steps (``Format.rank_codes``) and the layer rules (``grace_qat.layers``) come from
-the core.
+the codes and steps (``Format.rank_codes``) and the tensor-parallel rules
+(``grace_qat.tensor_parallel``) come from the core.
 
 Loading (``create_weights``): the layer gets the tensors the checkpoint's format lists for one rank
 (the weight (out_pp, in_pp) in the checkpoint's dtype, and its log-steps (out_pp, in_pp/G) fp32
@@ -11,7 +11,7 @@ where the format stores them), each with SGLang's v1 parallel-linear loader
 them. Tensors the weight stream carries (weight, inline log-steps) arrive through the model's
 ``load_weights``; a thin wrapper records which checkpoint modules arrived. Tensors it does not carry
 (the sidecar's log-steps) are fed after loading through the same loader per checkpoint module and
-shard id (``grace_qat.layers.checkpoint_feeds``). A TP size that splits a group is refused in
+shard id (``grace_qat.tensor_parallel.checkpoint_feeds``). A TP size that splits a group is refused in
 ``create_weights`` with a message.
 
 After loading (``process_weights_after_loading``): ``Format.rank_codes`` turns what this rank holds
@@ -33,7 +33,7 @@ from torch.nn import Parameter
 from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
-from grace_qat import layers
+from grace_qat import formats, tensor_parallel
 from grace_qat.errors import GraceFormatError
 from grace_qat.packing import pack_factor, pack_gptq
 
@@ -69,7 +69,7 @@ class GraceQATLinearMethod(LinearMethodBase):
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
                        params_dtype: torch.dtype, **extra_weight_attrs):
-        ckpt = self.config.checkpoint
+        ckpt = self.config.checkpoint()
         base_loader = extra_weight_attrs.get("weight_loader")
         if base_loader is None:
             raise RuntimeError(f"grace_qat: {self.prefix}: SGLang passed no weight_loader")
@@ -78,7 +78,7 @@ class GraceQATLinearMethod(LinearMethodBase):
             raise GraceFormatError(f"{ckpt.path}: {self.names} have in_features "
                                    f"{[s[1] for s in shapes]}, SGLang's {self.prefix} expects {input_size}")
         n, k = sum(output_partition_sizes), input_size_per_partition
-        geo = layers.Geometry.of(self.prefix, input_size, output_size, k, n, ckpt.group_size)
+        geo = tensor_parallel.Geometry.of(self.prefix, input_size, output_size, k, n, ckpt.group_size)
         g = geo.group
         self.marlin_group = geo.kernel_group
         from sglang.srt.layers.quantization.marlin_utils import verify_marlin_supports_shape
@@ -95,9 +95,9 @@ class GraceQATLinearMethod(LinearMethodBase):
         self.bits, self.bits_inferred = ckpt.bits, ckpt.bits_inferred
         staging = ckpt.weight_dtype()
 
-        self.tensors = ckpt.kind.rank_tensors(n, k, geo.groups_pp, staging)
+        self.tensors = formats.get(ckpt.format).rank_tensors(n, k, geo.groups_pp, staging)
         for t in self.tensors:
-            loader = layers.loader_for(t, base_loader, input_size // g)
+            loader = tensor_parallel.loader_for(t, base_loader, input_size // g)
             if t.source == "stream":
                 loader = self._recording_loader(t.leaf, loader)
             param = Parameter(t.blank(), requires_grad=False)   # grid formats: nothing packed (t.packed == 1)
@@ -110,7 +110,7 @@ class GraceQATLinearMethod(LinearMethodBase):
     def _names_for_shard(self, shard_id) -> list[str]:
         if shard_id is None:
             return self.names
-        idx = layers.shard_index(shard_id, len(self.names))
+        idx = tensor_parallel.shard_index(shard_id, len(self.names))
         if idx is None:
             raise GraceFormatError(f"grace_qat: {self.prefix}: unexpected shard id {shard_id!r} "
                                    f"for modules {self.names}")
@@ -124,7 +124,7 @@ class GraceQATLinearMethod(LinearMethodBase):
                                        f"supported (got {loaded_shard_id!r})")
             names = self._names_for_shard(loaded_shard_id)
             if leaf == "weight":   # SGLang hands the whole module's tensor; its loader only asserts
-                ckpt = self.config.checkpoint
+                ckpt = self.config.checkpoint()
                 shapes = [ckpt.module_shape(m) for m in names]
                 want = (sum(s[0] for s in shapes), shapes[0][1])
                 if tuple(loaded_weight.shape) != want:
@@ -139,15 +139,15 @@ class GraceQATLinearMethod(LinearMethodBase):
         and shard id through the same loader; once."""
         if self._fed:
             return
-        shards = layers.module_shards(self.prefix, type(layer).__name__, self.names,
+        shards = tensor_parallel.module_shards(self.prefix, type(layer).__name__, self.names,
                                       qkv=isinstance(layer, QKVParallelLinear),
                                       merged=isinstance(layer, MergedColumnParallelLinear))
-        ckpt = self.config.checkpoint
+        ckpt = self.config.checkpoint()
         try:
             with torch.device(getattr(layer, self.tensors[0].leaf).device):
-                for leaf, full, args in layers.checkpoint_feeds(ckpt, self.tensors, shards):
+                for leaf, full, args in tensor_parallel.checkpoint_feeds(ckpt, self.tensors, shards):
                     param = getattr(layer, leaf)
-                    layers.feed_loader(param)(param, full.to(param.device), *args)
+                    tensor_parallel.feed_loader(param)(param, full.to(param.device), *args)
         except GraceFormatError as e:        # names the file and tensor already
             raise GraceFormatError(f"grace_qat: {self.prefix}: {e}") from None
         self._fed = True
@@ -166,7 +166,7 @@ class GraceQATLinearMethod(LinearMethodBase):
                                        f"the checkpoint and the model's layer names do not match")
         from sglang.srt.layers.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
-        ckpt = self.config.checkpoint
+        ckpt = self.config.checkpoint()
         self.feed_from_checkpoint(layer)
         loaded = {t.leaf: getattr(layer, t.leaf).data for t in self.tensors}
         device = next(iter(loaded.values())).device
@@ -175,7 +175,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         # make them land on the weight's device (the GPU when SGLang serves), whatever the default.
         with torch.device(device):
             try:
-                codes, steps = ckpt.kind.rank_codes(loaded, self.bits, self.group, name=label,
+                codes, steps = formats.get(ckpt.format).rank_codes(loaded, self.bits, self.group, name=label,
                                                     inferred=getattr(self, "bits_inferred", False))
             except GraceFormatError as e:
                 raise GraceFormatError(f"{ckpt.path}: SGLang layer {self.prefix} on this rank: {e}") from None
@@ -230,6 +230,7 @@ class GraceQATLinearMethod(LinearMethodBase):
             return
         if "qweight" not in layer._parameters:
             self.pack_gptq_layout(layer)
+            self.config.layer_done()        # this layer reads the checkpoint no more
         self.setup_marlin(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,

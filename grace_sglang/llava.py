@@ -65,8 +65,8 @@ def is_grace_llava(model_dir: Any) -> bool:
     declared = (cfg.get("quantization_config") or {}).get("quant_method")
     if declared is not None:
         return declared == QUANT_METHOD
-    from .detect import detect_grace_quantization
-    return detect_grace_quantization(model_dir) is not None
+    from grace_qat.detection import find_grace_checkpoint
+    return find_grace_checkpoint(model_dir) is not None
 
 
 def match_chat_template(model_path: str) -> Optional[str]:

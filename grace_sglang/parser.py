@@ -1,15 +1,45 @@
 """SGLang's HF model-config parser, wrapped so that a GRACE checkpoint gets its ``quantization_config``
-injected (the ``--quantization grace_qat`` flag becomes optional), plus the LLaVA config fix-ups."""
+injected (the ``--quantization grace_qat`` flag becomes optional; the same role as
+:mod:`grace_vllm.parser`), plus the LLaVA config fix-ups."""
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any, Optional
 
+from grace_qat.detection import find_grace_checkpoint
+from grace_qat.hub import is_hub_id
 from grace_qat.settings import SGLANG_AUTODETECT
 
 from . import PARSER_NAME, QUANT_METHOD, llava
-from .detect import detect_grace_quantization, local_dir_or_none
 
 logger = logging.getLogger(__name__)
+
+
+def detect_grace_quantization(model: Any, revision: Optional[str] = None) -> Optional[dict]:
+    """The ``quantization_config`` to inject for a GRACE checkpoint, else None.
+
+    ``model`` is a local directory or a Hub id (resolved through the local Hugging Face cache,
+    fetching only JSON files and the sidecar unless ``HF_HUB_OFFLINE``). Only cheap markers are used
+    (:func:`grace_qat.detection.detect_grace_format`), so running this for every model SGLang loads
+    costs a few file lookups. A bare QAT grid has no marker; it needs ``--quantization grace_qat``.
+    ``checkpoint_dir`` is the directory, or the Hub id itself (resolved again, with the weights,
+    when the quantization config opens the checkpoint in the process that loads them).
+    """
+    found = find_grace_checkpoint(model, revision)
+    if found is None:
+        return None
+    path, fmt = found
+    where = model if is_hub_id(model) else path
+    return {"quant_method": QUANT_METHOD, "format": fmt, "checkpoint_dir": where}
+
+
+def _local_dir_or_none(model: Any, revision: Optional[str]) -> Optional[str]:
+    found = find_grace_checkpoint(model, revision)
+    if found is not None:
+        return found[0]
+    return os.path.abspath(os.fspath(model)) if isinstance(model, (str, os.PathLike)) \
+        and os.path.isdir(model) else None
 
 _PARSER_CLASSES: dict = {}
 
@@ -38,7 +68,7 @@ def _make_parser(base: type) -> type:
                     config.quantization_config = injected
             qc = getattr(config, "quantization_config", None)
             if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
-                local = local_dir_or_none(model, revision)
+                local = _local_dir_or_none(model, revision)
                 if local is not None and llava.original_llava_config(local) is not None:
                     # original-layout LLaVA: CLIP tower, <image> id, tokenizer check
                     llava.prepare_config(config, local)
@@ -77,4 +107,4 @@ def install_config_parser(wrap_hf: bool = True) -> None:
         registry["hf"] = base
 
 
-__all__ = ["install_config_parser"]
+__all__ = ["install_config_parser", "detect_grace_quantization"]

@@ -51,8 +51,8 @@ def register() -> None:
         return
     _register_quantization()
     _register_models()
-    from .detect import install as _install_autodetect
-    _install_autodetect()
+    from .parser import install_config_parser
+    install_config_parser()
     _install_excepthook()
     _registered = True
 

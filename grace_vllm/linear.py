@@ -40,7 +40,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_qua
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.scalar_type import scalar_types
 
-from grace_qat import formats, layers
+from grace_qat import formats, tensor_parallel
 from grace_qat.errors import GraceFormatError
 from grace_qat.packing import pack_factor, pack_int32
 from grace_qat.quantizer import code_range
@@ -61,9 +61,8 @@ KERNELS_USED: set[str] = set()        # kernel class names this process handed l
 
 def make_linear_method(qcfg, hf_names: list[str]):
     """The method for one quantized vLLM layer backed by checkpoint modules ``hf_names``."""
-    fmt = formats.get(qcfg.format)
-    cls = GraceQATLinearMethod if fmt.grid_weights else GraceAWQLinearMethod
-    return cls(qcfg, hf_names, fmt)
+    cls = GraceQATLinearMethod if formats.get(qcfg.format).grid_weights else GraceAWQLinearMethod
+    return cls(qcfg, hf_names)
 
 
 def _no_reload(param, *args, **kwargs):
@@ -150,12 +149,12 @@ def kernel_holder(layer: torch.nn.Module | None = None, **attrs) -> torch.nn.Mod
 class GraceLinearMethod(LinearMethodBase):
     """One quantized layer: the format's tensors in, verified codes out, onto vLLM's kernel."""
 
-    def __init__(self, qcfg, hf_names: list[str], fmt: formats.Format):
+    def __init__(self, qcfg, hf_names: list[str]):
         self.qcfg = qcfg
         self.hf_names = hf_names
-        self.format = fmt
+        self.format = qcfg.format            # the name; formats.get(self.format) reads it
         self.bits = int(qcfg.bits)
-        self.geo: layers.Geometry | None = None
+        self.geo: tensor_parallel.Geometry | None = None
         self.tensors: list[formats.RankTensor] = []
         self.mp_config = None
         self.kernel_cls: type | None = None
@@ -170,7 +169,7 @@ class GraceLinearMethod(LinearMethodBase):
     # -- set-up ----------------------------------------------------------------------------------
 
     def _plan(self, layer, input_size, output_size, in_pp, out_pp, params_dtype) -> None:
-        self.geo = layers.Geometry.of(layer.prefix, input_size, output_size, in_pp, out_pp, self.qcfg.group_size)
+        self.geo = tensor_parallel.Geometry.of(layer.prefix, input_size, output_size, in_pp, out_pp, self.qcfg.group_size)
         self.act_dtype = params_dtype
         self.mp_config = mp_layer_config(self.bits, self.geo.kernel_group, (input_size, output_size),
                                          (in_pp, out_pp), params_dtype)
@@ -244,12 +243,12 @@ class GraceLinearMethod(LinearMethodBase):
         # values even when the model runs in another dtype; cast to params_dtype only for the fallback.
         stored = getattr(torch, self.qcfg.weight_dtype or "", None) or params_dtype
         try:
-            self.tensors = self.format.rank_tensors(out_pp, input_size_per_partition, self.geo.groups_pp, stored)
+            self.tensors = formats.get(self.format).rank_tensors(out_pp, input_size_per_partition, self.geo.groups_pp, stored)
         except GraceFormatError as e:
             raise GraceFormatError(f"grace_qat: layer {layer.prefix}: {e}") from None
         for t in self.tensors:
             data = t.blank()
-            loader = layers.loader_for(t, weight_loader, input_size // self.geo.group)
+            loader = tensor_parallel.loader_for(t, weight_loader, input_size // self.geo.group)
             dims = dict(input_dim=1 - t.output_dim, output_dim=t.output_dim, weight_loader=loader)
             if t.packed > 1:
                 param = PackedvLLMParameter(data=data, packed_dim=t.output_dim, packed_factor=t.packed, **dims)
@@ -265,9 +264,9 @@ class GraceLinearMethod(LinearMethodBase):
         if not any(t.source == "checkpoint" for t in self.tensors):
             return
         shards = _module_shards(layer, self.hf_names)
-        for leaf, full, args in layers.checkpoint_feeds(self.qcfg.checkpoint(), self.tensors, shards):
+        for leaf, full, args in tensor_parallel.checkpoint_feeds(self.qcfg.checkpoint(), self.tensors, shards):
             param = getattr(layer, leaf)
-            layers.feed_loader(param)(param, full.to(param.device), *args)
+            tensor_parallel.feed_loader(param)(param, full.to(param.device), *args)
 
     def _rows(self, t: formats.RankTensor, data: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         rows = slice(r0 // t.packed, r1 // t.packed)
@@ -276,7 +275,7 @@ class GraceLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         if getattr(layer, "_grace_qat_done", False):
             return
-        g, fmt = self.geo, self.format
+        g, fmt = self.geo, formats.get(self.format)
         self._feed_from_checkpoint(layer)
         loaded = {t.leaf: getattr(layer, t.leaf).data for t in self.tensors}
         device = next(iter(loaded.values())).device
@@ -384,7 +383,7 @@ class GraceLinearMethod(LinearMethodBase):
 
 
 def _module_shards(layer, hf_names: list[str]) -> list[tuple[str, object]]:
-    return layers.module_shards(layer.prefix, type(layer).__name__, hf_names,
+    return tensor_parallel.module_shards(layer.prefix, type(layer).__name__, hf_names,
                                 qkv=isinstance(layer, QKVParallelLinear),
                                 merged=isinstance(layer, MergedColumnParallelLinear))
 

@@ -15,8 +15,8 @@ def tiny_checkpoint(tmp_path_factory):
     def make(fmt: str, bits: int = 4, seed: int = 0, model: str = "qwen3vl") -> str:
         key = (model, fmt, bits, seed)
         if key not in made:
-            from grace_qat import fixtures
-            write = fixtures.write_llava if model == "llava" else fixtures.write_qwen3vl
+            from grace_qat import synthetic
+            write = synthetic.write_llava if model == "llava" else synthetic.write_qwen3vl
             out = tmp_path_factory.mktemp(f"tiny-{model}-{fmt}-w{bits}-s{seed}") / "ckpt"
             made[key] = write(str(out), size="tiny", fmt=fmt, bits=bits, seed=seed)
         return made[key]

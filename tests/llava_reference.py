@@ -83,7 +83,7 @@ def write_checkpoints(root: Path) -> dict:
       * plain FP16, ``mm_vision_tower`` = the Hub id; its CLIP directory is given by hf_overrides;
       * AWQ W4, the CLIP tower inside the checkpoint;
       * QAT grid + sidecar W4 (BF16), ``mm_vision_tower`` = the Hub id found in a Hugging Face cache."""
-    from grace_qat.fixtures import write_clip, write_llava
+    from llava_fixtures import write_clip, write_llava
     d = {"root": str(root)}
     d["plain"] = write_llava(str(root / "plain"), fmt="plain", clip_dir=None)
     d["plain_clip"] = write_clip(str(root / "plain_clip"), seed=0)
@@ -238,7 +238,7 @@ def run_jobs(jobs: list[dict]) -> dict:
     from PIL import Image
     from vllm import LLM, SamplingParams
     from vllm.multimodal import MULTIMODAL_REGISTRY
-    from grace_qat.fixtures import llava_prompt
+    from llava_fixtures import llava_prompt
 
     def record(o):
         return {"prompt_token_ids": list(o.prompt_token_ids), "token_ids": list(o.outputs[0].token_ids),
@@ -289,7 +289,7 @@ def run_jobs_in_subprocess(jobs: list[dict], workdir: Path) -> dict:
 
 def check_engine(ckpts: dict, res: dict, kind: str, clip: str | None) -> str:
     """Asserts on one offline engine's results; returns a summary line."""
-    from grace_qat.fixtures import llava_prompt
+    from llava_fixtures import llava_prompt
     assert res["dtype"] == "torch.float16", res["dtype"]     # the checkpoint's own (LLaVA's FP16)
     ref = Reference(ckpts[kind], ckpts[clip] if clip else None)
     want_ids = reference_ids(ckpts[kind], llava_prompt(QUESTION), IMAGE_TOKENS, 0)
@@ -313,8 +313,8 @@ def check_engine(ckpts: dict, res: dict, kind: str, clip: str | None) -> str:
 def check_http(ckpts: dict, log_dir: str | None = None) -> str:
     """``vllm serve <qat dir> --quantization grace_qat`` and nothing else (CLIP from the Hugging Face
     cache, the default chat template): one image chat over HTTP, checked against the reference."""
-    from grace_qat.fixtures import llava_prompt
-    from grace_qat.demo import VLLMServer
+    from llava_fixtures import llava_prompt
+    from grace_qat.vllm_server import VLLMServer
     img = image("gradient")
     server = VLLMServer(ckpts["qat"], ["--quantization", "grace_qat"],
                         env=dict(ENGINE_ENV, HF_HUB_CACHE=ckpts["hf_cache"]), startup_timeout=600,

@@ -17,7 +17,7 @@ from requires import require
 import torch
 from safetensors.torch import load_file, save_file
 
-from grace_qat import fixtures
+from grace_qat import synthetic
 from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
 
@@ -119,7 +119,7 @@ def test_later_module_at_code_9_is_refused_naming_both_widths(w4, fmt, tmp_path)
 
 
 def test_w8_checkpoints_still_infer_8(tmp_path):
-    d = fixtures.write_qwen3vl(str(tmp_path / "w8"), size="tiny", fmt="qat-sidecar", bits=8)
+    d = synthetic.write_qwen3vl(str(tmp_path / "w8"), size="tiny", fmt="qat-sidecar", bits=8)
     ckpt = GraceCheckpoint.open(d)
     assert (ckpt.bits, ckpt.bits_inferred) == (8, True)
     assert sum(1 for _ in ckpt.iter_quantized()) == len(ckpt.modules)

@@ -10,7 +10,7 @@ import pytest
 from requires import require
 import torch
 
-from grace_qat import fixtures
+import llava_fixtures
 
 CLI = os.path.join(os.path.dirname(sys.executable), "grace-qat")
 
@@ -122,8 +122,8 @@ def test_llava_processor_cli(tmp_path, ckpt):
     """``grace-qat llava-processor``: the llava-hf processor files for an original-layout LLaVA (what
     SGLang needs as --tokenizer-path), sized from the CLIP tower that mm_vision_tower names."""
     from transformers import AutoTokenizer, CLIPImageProcessor
-    clip = fixtures.write_clip(str(tmp_path / "clip-vit-tiny"), size="tiny")
-    llava = fixtures.write_llava(str(tmp_path / "llava"), size="tiny", fmt="qat-sidecar")
+    clip = llava_fixtures.write_clip(str(tmp_path / "clip-vit-tiny"), size="tiny")
+    llava = llava_fixtures.write_llava(str(tmp_path / "llava"), size="tiny", fmt="qat-sidecar")
     cfg = json.load(open(os.path.join(llava, "config.json")))
     cfg["mm_vision_tower"] = clip          # a local tower, found without --clip-dir
     json.dump(cfg, open(os.path.join(llava, "config.json"), "w"))

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from grace_qat import fixtures
+from grace_qat import synthetic
 from ckpt_files import load_all_tensors
 
 CLI = os.path.join(os.path.dirname(sys.executable), "grace-qat")
@@ -47,7 +47,7 @@ def test_awq_source_fp16_scales_stay_fp16_and_exact(awq_src, tmp_path, to, key, 
 
 
 def test_qat_source_says_scales_rounded_from_fp32(tmp_path):
-    src = fixtures.write_qwen3vl(str(tmp_path / "s4"), size="tiny", fmt="qat-sidecar", bits=4)
+    src = synthetic.write_qwen3vl(str(tmp_path / "s4"), size="tiny", fmt="qat-sidecar", bits=4)
     r = run("convert", src, str(tmp_path / "g"), "--to", "gptq")
     assert r.returncode == 0, r.stderr
     assert "codes bit-exact, scales rounded from fp32 to bf16" in r.stdout, r.stdout

@@ -7,18 +7,18 @@ import reference
 from grace_qat import formats
 from grace_qat.checkpoint import GraceCheckpoint
 from grace_qat.errors import GraceFormatError
-from grace_qat.hub import detect_grace_format
+from grace_qat.detection import detect_grace_format
 
 QUANTIZED = ["qat-sidecar", "qat-inline", "qat-grid", "awq"]
 M = "model.language_model.layers.1.mlp.down_proj"
 
 
 def test_registry_lists_every_format_once_and_the_cli_offers_them():
-    from grace_qat import fixtures
+    from grace_qat import synthetic
     from grace_qat.cli import build_parser
     assert formats.names() == ("qat-sidecar", "qat-inline", "qat-grid", "awq", "plain")
     assert formats.quantized_names() == tuple(QUANTIZED)
-    assert fixtures.FORMATS == formats.names()
+    assert synthetic.FORMATS == formats.names()
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     assert tuple(next(a for a in sub["fixture"]._actions if a.dest == "format").choices) == formats.names()
     with pytest.raises(ValueError):
@@ -30,7 +30,7 @@ def test_registry_lists_every_format_once_and_the_cli_offers_them():
 @pytest.mark.parametrize("fmt", QUANTIZED + ["plain"])
 def test_detection_and_markers(tiny, fmt):
     ckpt = GraceCheckpoint.open(tiny[fmt])
-    assert ckpt.format == fmt and ckpt.kind is formats.get(fmt)
+    assert ckpt.format == fmt and isinstance(ckpt.format, str)
     # cheap markers: a bare grid and a plain checkpoint carry none
     assert detect_grace_format(tiny[fmt]) == (fmt if fmt in ("qat-sidecar", "qat-inline", "awq") else None)
 
@@ -40,7 +40,7 @@ def _loaded(ckpt, name, files, out_rows=None):
     them: stream tensors from the files (flat ones reshaped), checkpoint-fed ones from fed_tensor."""
     out_f, in_f = ckpt.module_shape(name)
     g = reference.group_of(in_f)
-    specs = ckpt.kind.rank_tensors(out_f, in_f, in_f // g, torch.bfloat16)
+    specs = formats.get(ckpt.format).rank_tensors(out_f, in_f, in_f // g, torch.bfloat16)
     loaded = {}
     for t in specs:
         if t.source == "checkpoint":
@@ -65,7 +65,7 @@ def test_rank_codes_equal_the_reference(tiny, fmt):
     ref_files = reference.tensors(src)
     for name in ckpt.modules:
         specs, loaded, g = _loaded(ckpt, name, files)
-        codes, steps = ckpt.kind.rank_codes(loaded, ckpt.bits, g, name)
+        codes, steps = formats.get(ckpt.format).rank_codes(loaded, ckpt.bits, g, name)
         r = reference.module(src, name, ref_fmt, ckpt.bits, files=ref_files, side=ref_side)
         assert torch.equal(codes.long(), r["codes"]), name
         if fmt != "qat-grid":
@@ -80,13 +80,13 @@ def test_rank_codes_of_row_slices_are_slices(tiny, fmt):
     ckpt = GraceCheckpoint.open(tiny[fmt])
     files = reference.tensors(tiny[fmt])
     specs, loaded, g = _loaded(ckpt, M, files)
-    codes, steps = ckpt.kind.rank_codes(loaded, ckpt.bits, g, M)
+    codes, steps = formats.get(ckpt.format).rank_codes(loaded, ckpt.bits, g, M)
     r0, r1 = 8, 24
     part = {}
     for t in specs:
         rows = slice(r0 // t.packed, r1 // t.packed)
         part[t.leaf] = loaded[t.leaf][rows] if t.output_dim == 0 else loaded[t.leaf][:, rows]
-    c, s = ckpt.kind.rank_codes(part, ckpt.bits, g, M)
+    c, s = formats.get(ckpt.format).rank_codes(part, ckpt.bits, g, M)
     assert torch.equal(c, codes[r0:r1]) and torch.equal(s, steps[r0:r1])
 
 
@@ -95,35 +95,35 @@ def test_rank_codes_refuse_what_the_files_would_refuse(tiny):
     specs, loaded, g = _loaded(ckpt, M, reference.tensors(tiny["qat-inline"]))
     nan = dict(loaded, log_scale=torch.full_like(loaded["log_scale"], float("nan")))
     with pytest.raises(GraceFormatError, match=f"{M}.log_scale: .* non-finite"):
-        ckpt.kind.rank_codes(nan, ckpt.bits, g, M)
+        formats.get(ckpt.format).rank_codes(nan, ckpt.bits, g, M)
     off = dict(loaded, weight=loaded["weight"].clone())
     off["weight"][3, 5] = off["weight"][3, 5] * 1.01 + 1e-3
     with pytest.raises(GraceFormatError, match=r"off the quantization grid"):
-        ckpt.kind.rank_codes(off, ckpt.bits, g, M)
+        formats.get(ckpt.format).rank_codes(off, ckpt.bits, g, M)
     awq = GraceCheckpoint.open(tiny["awq"])
     specs, loaded, g = _loaded(awq, M, reference.tensors(tiny["awq"]))
     loaded["qzeros"] = loaded["qzeros"] - 1             # the lowest nibble 8 -> 7
     with pytest.raises(GraceFormatError, match="zero points differ from 8"):
-        awq.kind.rank_codes(loaded, 4, g, M)
+        formats.get(awq.format).rank_codes(loaded, 4, g, M)
 
 
 def test_layer_feeds_per_module_and_shard_id(tiny):
-    """What an engine adapter feeds after loading (grace_qat.layers): the sidecar's log-steps of
+    """What an engine adapter feeds after loading (grace_qat.tensor_parallel): the sidecar's log-steps of
     each module behind a layer, with that module's loader shard id; nothing for formats whose
     stream carries them. Against tests/reference.py."""
-    from grace_qat import layers
+    from grace_qat import tensor_parallel
     p = "model.language_model.layers.1."
     qkv = [p + f"self_attn.{x}_proj" for x in "qkv"]
     gate_up = [p + "mlp.gate_proj", p + "mlp.up_proj"]
-    assert layers.module_shards("l", "QKV", qkv, qkv=True, merged=False) == list(zip(qkv, "qkv"))
-    assert layers.module_shards("l", "Merged", gate_up, qkv=False, merged=True) == list(zip(gate_up, (0, 1)))
-    assert layers.module_shards("l", "Row", [M], qkv=False, merged=False) == [(M, None)]
+    assert tensor_parallel.module_shards("l", "QKV", qkv, qkv=True, merged=False) == list(zip(qkv, "qkv"))
+    assert tensor_parallel.module_shards("l", "Merged", gate_up, qkv=False, merged=True) == list(zip(gate_up, (0, 1)))
+    assert tensor_parallel.module_shards("l", "Row", [M], qkv=False, merged=False) == [(M, None)]
     with pytest.raises(ValueError, match=r"layer l \(Column\) fuses checkpoint modules"):
-        layers.module_shards("l", "Column", gate_up, qkv=False, merged=False)
+        tensor_parallel.module_shards("l", "Column", gate_up, qkv=False, merged=False)
     for fmt in QUANTIZED:
         ckpt = GraceCheckpoint.open(tiny[fmt])
-        specs = ckpt.kind.rank_tensors(8, 256, 2, torch.bfloat16)
-        fed = list(layers.checkpoint_feeds(ckpt, specs, list(zip(qkv, "qkv"))))
+        specs = formats.get(ckpt.format).rank_tensors(8, 256, 2, torch.bfloat16)
+        fed = list(tensor_parallel.checkpoint_feeds(ckpt, specs, list(zip(qkv, "qkv"))))
         if fmt != "qat-sidecar":
             assert fed == [], fmt
             continue

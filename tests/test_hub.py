@@ -126,7 +126,7 @@ except GraceFormatError as e:
 def test_vllm_serve_hub_id_without_flag(hub, repo, fmt, tmp_path):
     """``vllm serve Owner/Name`` exactly as a model card says (no --quantization): detected, said in
     one log line, served by grace_qat, and answering an image chat."""
-    from grace_qat.demo import VLLMServer, sample_image_data_url
+    from grace_qat.vllm_server import VLLMServer, sample_image_data_url
     env = {**hub["env"], "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0"}
     server = VLLMServer(repo, ["--max-model-len", "1024", "--dtype", "bfloat16", "--enforce-eager",
                                "--limit-mm-per-prompt", json.dumps({"image": 1})],

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from grace_qat import fixtures
+from grace_qat import synthetic
 
 CLI = os.path.join(os.path.dirname(sys.executable), "grace-qat")
 SIDECAR = "qat_quantized_weights.bin"
@@ -171,7 +171,7 @@ def test_bf16_export_against_refuses_a_changed_weight(dirs, tmp_path):
 
 
 def test_plain_checkpoint_is_named_plain(tmp_path):
-    d = fixtures.write_qwen3vl(str(tmp_path / "plain"), size="tiny", fmt="plain", bits=4)
+    d = synthetic.write_qwen3vl(str(tmp_path / "plain"), size="tiny", fmt="plain", bits=4)
     r = run("inspect", d)
     assert r.returncode == 0, r.stderr
     assert "plain: an unquantized checkpoint" in r.stdout and "no plugin needed" in r.stdout, r.stdout

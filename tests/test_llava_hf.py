@@ -19,7 +19,7 @@ require("sentencepiece")
 from llava_reference import Reference, image, reference_ids, reference_pixels  # noqa: E402
 
 from grace_qat.convert import convert  # noqa: E402
-from grace_qat.fixtures import llava_prompt, write_clip, write_llava  # noqa: E402
+from llava_fixtures import llava_prompt, write_clip, write_llava  # noqa: E402
 
 QUESTION = "What is in the image?"
 

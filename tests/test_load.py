@@ -68,7 +68,7 @@ def _data_url(raw: bytes, mime="image/png") -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny):
     require("vllm")
-    demo = require("grace_qat.demo")
+    vllm_server = require("grace_qat.vllm_server")
     root = tmp_path_factory.mktemp("load")
     model = os.environ.get("GRACE_LOAD_MODEL") or tiny["qat-sidecar"]
     args = ["--quantization", "grace_qat", "--dtype", "bfloat16", "--max-model-len", "2048",
@@ -76,7 +76,7 @@ def server(tmp_path_factory, tiny):
             "--disable-uvicorn-access-log"]
     if not os.environ.get("GRACE_LOAD_MODEL"):
         args.append("--enforce-eager")
-    with demo.VLLMServer(model, args, env=ENV, log_path=str(root / "serve.log"), startup_timeout=300) as srv:
+    with vllm_server.VLLMServer(model, args, env=ENV, log_path=str(root / "serve.log"), startup_timeout=300) as srv:
         yield srv
 
 

@@ -146,7 +146,7 @@ import vllm.logger   # vLLM configures its loggers on import: attach the handler
 import grace_vllm
 grace_vllm.register()
 from vllm.transformers_utils.config import get_config
-from grace_vllm import detect
+from grace_vllm import parser as detect_hook
 lines = []
 class H(logging.Handler):
     def emit(self, r): lines.append(r.getMessage())
@@ -155,7 +155,7 @@ logging.getLogger("vllm.grace_qat").setLevel(logging.INFO)
 out = {}
 for argv in (["vllm", "serve", sys.argv[1]], ["vllm", "serve", sys.argv[1], "--quantization", "grace_qat"]):
     sys.argv[:] = argv
-    os.environ.pop(detect._LOGGED_ENV, None)
+    os.environ.pop(detect_hook._LOGGED_ENV, None)
     del lines[:]
     get_config(argv[2], trust_remote_code=False)
     out[" ".join(argv[3:]) or "none"] = [x for x in lines if "is a GRACE" in x]
@@ -217,7 +217,7 @@ def test_bare_grid_served_without_the_flag_says_it_could_be_packed(tiny):
 
 def test_demo_serves_without_the_flag_where_the_plugin_detects(tiny):
     """The README leads with the flagless command; the demo passed --quantization grace_qat anyway."""
-    from grace_qat.demo import serve_flags
+    from grace_qat.vllm_server import serve_flags
     assert serve_flags(tiny["qat-sidecar"]) == [] and serve_flags(tiny["awq"]) == []
     assert serve_flags(tiny["qat-inline"]) == []
     assert serve_flags(tiny["qat-grid"]) == ["--quantization", "grace_qat"]     # no marker: the flag

@@ -212,7 +212,7 @@ def _set_at(i, v):
 def _vision_scales(d):
     """Sidecar scales for a vision-tower linear (GRACE never quantizes it), with the weight it names
     put on a genuine 4-bit grid, so that only the module's identity is wrong."""
-    from grace_qat.fixtures import grace_quantize
+    from grace_qat.synthetic import grace_quantize
     raw = load_file(os.path.join(d, ST))
     w = raw[VISION + ".weight"]
     w_dq, log_scale = grace_quantize(w, 4, 128)

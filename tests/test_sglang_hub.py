@@ -42,8 +42,8 @@ for repo in %(repos)r:
     row = {"quantization": mc.quantization}
     if mc.quantization == "grace_qat":
         qc = get_quant_config(mc, LoadConfig(), {})
-        row.update(path=qc.checkpoint.path, format=qc.format, bits=qc.bits, modules=len(qc.checkpoint.modules),
-                   sidecar=qc.checkpoint.sidecar_path)
+        row.update(path=qc.checkpoint().path, format=qc.format, bits=qc.bits, modules=len(qc.checkpoint().modules),
+                   sidecar=qc.checkpoint().sidecar_path)
     out[repo] = row
 print(json.dumps(out))
 """

@@ -53,7 +53,8 @@ def ckpts(tmp_path_factory):
     ("export:", tested against the files on their own) and, as stock SGLang's input, GPTQ checkpoints
     tests/reference.py writes from the files ("gptq:", plain code, nothing from grace_qat)."""
     from grace_qat.convert import convert
-    from grace_qat.fixtures import write_llava, write_qwen3vl
+    from grace_qat.synthetic import write_qwen3vl
+    from llava_fixtures import write_llava
 
     base = tmp_path_factory.mktemp("sglang_ckpts")
     out = {}
@@ -224,7 +225,7 @@ def test_get_quant_config(plugins_loaded, ckpts, fmt, bits):
     mc = ModelConfig(model_path=ckpts[fmt])
     qc = get_quant_config(mc, LoadConfig(), {"qkv_proj": ["q_proj", "k_proj", "v_proj"]})
     assert isinstance(qc, GraceQATConfig)
-    ckpt = qc.checkpoint
+    ckpt = qc.checkpoint()
     assert os.path.samefile(ckpt.path, ckpts[fmt])
     assert qc.bits == bits and qc.group_size == 128 and len(ckpt.modules) == 28
     assert qc.get_name() == "grace_qat" and qc.get_min_capability() == 80
@@ -458,7 +459,7 @@ def test_kv_head_replication_tp4(plugins_loaded, ckpts):
     path = ckpts["qat-sidecar"]
     qc = GraceQATConfig(path)
     tc = _text_cfg(path)
-    ckpt = qc.checkpoint
+    ckpt = qc.checkpoint()
     p = "model.language_model.layers.0.self_attn."
     for rank in range(4):
         with tp_partition(rank, 4) as kw:
@@ -537,7 +538,7 @@ def test_tensors_follow_the_weight_device(plugins_loaded, ckpts):
     path = ckpts["qat-grid"]                 # the steps are derived on load: the most tensor work
     qc = GraceQATConfig(path)
     tc = _text_cfg(path)
-    ckpt = qc.checkpoint
+    ckpt = qc.checkpoint()
     p = "model.language_model.layers.1.self_attn."
     with tp_partition(0, 1) as kw:
         layer = QKVParallelLinear(tc["hidden_size"], tc["head_dim"], tc["num_attention_heads"],
@@ -579,17 +580,17 @@ def test_unloaded_weights_are_reported(plugins_loaded, ckpts):
     with tp_partition(0, 1) as kw:
         layer = RowParallelLinear(tc["intermediate_size"], tc["hidden_size"], bias=False, quant_config=qc,
                                   params_dtype=torch.bfloat16, prefix=name, **kw)
-    layer.weight.weight_loader(layer.weight, qc.checkpoint.tensors.get(name + ".weight"))
+    layer.weight.weight_loader(layer.weight, qc.checkpoint().tensors.get(name + ".weight"))
     with pytest.raises(GraceFormatError) as e:
         layer.quant_method.pack_gptq_layout(layer)
     assert str(e.value) == (f"grace_qat: {name}: no log_scale was loaded for ['{name}']; the checkpoint "
                             f"and the model's layer names do not match"), str(e.value)
     # a weight of another shape than the checkpoint's: one line naming the checkpoint and module,
     # not the assertion inside SGLang's loader
-    w = qc.checkpoint.tensors.get(name + ".weight")
+    w = qc.checkpoint().tensors.get(name + ".weight")
     with pytest.raises(GraceFormatError) as e:
         layer.weight.weight_loader(layer.weight, w[:, :-128])
-    assert str(e.value) == (f"{qc.checkpoint.path}: the weight loaded for {name} has shape "
+    assert str(e.value) == (f"{qc.checkpoint().path}: the weight loaded for {name} has shape "
                             f"{(w.shape[0], w.shape[1] - 128)}, the checkpoint says {tuple(w.shape)}"), str(e.value)
 
 
@@ -670,7 +671,7 @@ def llava_local(tmp_path_factory):
     """A GRACE LLaVA whose mm_vision_tower is the Hub id (as released) plus a local CLIP directory,
     and the processor directory ``grace-qat llava-processor`` writes for it."""
     from grace_qat.cli import main as cli_main
-    from grace_qat.fixtures import write_clip, write_llava
+    from llava_fixtures import write_clip, write_llava
     base = tmp_path_factory.mktemp("sglang_llava")
     ckpt = write_llava(str(base / "llava"), fmt="qat-sidecar", bits=4, seed=5)
     clip = write_clip(str(base / "clip-vit-tiny"), size="tiny", seed=5)
@@ -850,7 +851,7 @@ def _full_model_worker(spec_path: str) -> int:
         mc = ModelConfig(model_path=path, quantization="grace_qat" if fmt == "qat-grid" else None)
         qc = _get_quantization_config(mc, LoadConfig())
         model = _build_and_load(mc, qc)
-        ckpt = qc.checkpoint
+        ckpt = qc.checkpoint()
         quantized, unquantized, compared, double_rounded, steps32 = {}, 0, 0, 0, {}
         for name, mod in model.named_modules():
             if not isinstance(mod, LinearBase):

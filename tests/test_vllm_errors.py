@@ -46,7 +46,7 @@ def test_supported_vllm_registers():
 def _nan_step_checkpoint(path, module):
     """A tiny GRACE format-A checkpoint whose sidecar has one NaN log-step in ``module``."""
     import torch
-    from grace_qat.fixtures import write_qwen3vl
+    from grace_qat.synthetic import write_qwen3vl
     write_qwen3vl(str(path), fmt="qat-sidecar", bits=4, seed=0)
     sidecar = path / "qat_quantized_weights.bin"
     steps = torch.load(sidecar, weights_only=True)
@@ -61,7 +61,7 @@ def _awq_group_size_checkpoint(path, module):
     """A tiny GRACE AWQ checkpoint whose awq_quantized_modules.json says group size 64 for tensors
     packed with 128 (issue 27: it passed the first process and killed the worker after 37 s)."""
     import json
-    from grace_qat.fixtures import write_qwen3vl
+    from grace_qat.synthetic import write_qwen3vl
     write_qwen3vl(str(path), fmt="awq", bits=4, seed=0)
     meta = path / "awq_quantized_modules.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "group_size": 64}))
@@ -91,7 +91,7 @@ def test_vllm_serve_bad_checkpoint_is_our_first_and_last_line(tmp_path, module, 
 
     import re
 
-    from grace_qat.demo import free_port, vllm_command
+    from grace_qat.vllm_server import free_port, vllm_command
     ckpt = tmp_path / "bad"
     sidecar, key = make(ckpt, module)
     cmd = vllm_command() + [str(ckpt), "--max-model-len", "1024", "--port", str(free_port())]

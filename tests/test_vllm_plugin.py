@@ -86,7 +86,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _vllm_or_skip():
     require("vllm")
-    require("grace_qat.fixtures")
+    require("grace_qat.synthetic")
 
 
 # -- shared: checkpoints ---------------------------------------------------------------------------
@@ -172,7 +172,8 @@ def _tensor_parallel(rank: int, size: int):
 
 
 def _config(model_dir):
-    """GraceQATConfig as vLLM prepares it for Qwen3-VL (detection, name mapper, fused mapping)."""
+    """GraceQATConfig as vLLM prepares it for Qwen3-VL (detection, name mapper, fused mapping). The
+    mapper's renames change nothing: layers match checkpoint modules by decoder-layer name."""
     import grace_vllm
     grace_vllm.register()
     from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration as Qwen3VL
@@ -181,8 +182,7 @@ def _config(model_dir):
     cfg.maybe_update_config(model_dir)
     mapper = Qwen3VL.hf_to_vllm_mapper
     rename = getattr(mapper, "get_rename_mapper", None) or mapper.get_unstacked_mapper   # 0.32 / 0.26
-    cfg.apply_vllm_mapper(rename())
-    cfg.apply_vllm_mapper(rename())                # repeated: no effect
+    cfg.apply_vllm_mapper(rename())                # what vLLM calls: the base class's no-op
     cfg.packed_modules_mapping = Qwen3VL.packed_modules_mapping
     return cfg
 

@@ -8,7 +8,8 @@ from dataclasses import replace
 import torch
 
 from ..errors import GraceFormatError
-from ..files import CONFIG_NAME, QUANT_METHOD, SAFETENSORS_DTYPES, check_architecture
+from ..architectures import check_architecture
+from ..files import CONFIG_NAME, QUANT_METHOD, SAFETENSORS_DTYPES
 from ..quantizer import code_range, derive_scales, effective_group_size, recover_codes, scales_from_log_scale
 from .base import Format, Opening, QuantizedLinear, RankTensor, Record
 

@@ -9,8 +9,8 @@ import os
 import torch
 
 from ..errors import GraceFormatError
-from ..files import (AWQ_MODULES_NAME, CONFIG_NAME, SAFETENSORS_DTYPES, check_architecture, declared_int,
-                     natural_key)
+from ..architectures import check_architecture
+from ..files import AWQ_MODULES_NAME, CONFIG_NAME, SAFETENSORS_DTYPES, declared_int, natural_key
 from ..packing import pack_awq, unpack_awq
 from ..quantizer import DEFAULT_GROUP_SIZE, effective_group_size, recover_codes
 from .base import Format, QuantizedLinear, RankTensor, Record, register

@@ -2,7 +2,7 @@
 
 A format is one small module in this package with one ``Format`` subclass, registered with
 :func:`register`. Everything else asks the registry: detection (:func:`detect`, :func:`marked`),
-the CLI's and the fixtures' choices (:func:`names`), the checkpoint reader, and the engine
+the CLI's and ``synthetic``'s choices (:func:`names`), the checkpoint reader, and the engine
 adapters, which only move the tensors a format names (:meth:`Format.rank_tensors`) through their
 loaders and hand what a rank loaded to :meth:`Format.rank_codes` for verified codes and steps.
 
@@ -186,7 +186,7 @@ class Format:
         from the full weight) and replace the format's own step tensors."""
         raise NotImplementedError
 
-    # -- synthetic checkpoints (grace_qat.fixtures) ---------------------------------------------
+    # -- synthetic checkpoints (grace_qat.synthetic) --------------------------------------------
 
     def fixture_module(self, base: str, w_dq: torch.Tensor, log_scale: torch.Tensor, bits: int,
                        group_size: int, sidecar: dict) -> dict[str, torch.Tensor]:
@@ -206,7 +206,7 @@ class Format:
 _REGISTRY = Registry("format", "unknown GRACE format {name!r}; known: {names}")
 register = _REGISTRY.register
 get = _REGISTRY.get
-names = _REGISTRY.names      # in registration order: what the CLI and the fixtures offer
+names = _REGISTRY.names      # in registration order: what the CLI and grace_qat.synthetic offer
 
 
 def all_formats() -> list[Format]:

@@ -7,7 +7,8 @@ import os
 import torch
 
 from ..errors import GraceFormatError
-from ..files import SIDECAR_NAME, is_quantizable_module, load_sidecar, natural_key
+from ..architectures import is_quantizable_module
+from ..files import SIDECAR_NAME, load_sidecar, natural_key
 from ._qat import QATFormat
 from .base import RankTensor, register, spare_tensors
 

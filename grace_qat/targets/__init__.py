@@ -2,7 +2,7 @@
 layout, each registering one :class:`Target` that owns both directions.
 
 Adding a layout = one new module here (a ``Target`` subclass, registered) plus its tests;
-``convert``, ``exports`` and the CLI take it from the registry.
+``convert``, ``standard`` and the CLI take it from the registry.
 """
 from .base import ModuleFiles, Target, declared, get, names, register
 # each registers its target; this order is the order `convert --to` lists them in

@@ -5,7 +5,7 @@ A target is one small module in this package with one ``Target`` subclass, regis
 module's verified codes and reads them back before anything is written, ``quantization_config``
 and ``write_side_files``) and reading (``settings`` validates its quantization_config, ``read``
 unpacks and verifies one module). ``grace_qat.convert`` writes through it and
-``grace_qat.exports`` reads through it; neither knows a layout by name.
+``grace_qat.standard`` reads through it; neither knows a layout by name.
 """
 from __future__ import annotations
 

@@ -6,11 +6,11 @@ OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1
 python3 -m pip install -q --no-index --no-deps --target /tmp/spy .whl/py_spy-*.whl >/dev/null 2>&1
 echo "== (a) tiny"
-python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/tiny-a', size='tiny')"
+python3 -c "from grace_qat import synthetic; synthetic.write_qwen3vl('/tmp/tiny-a', size='tiny')"
 timeout 150 python3 benchmarks/vllm_run.py --model /tmp/tiny-a --quantization grace_qat --eager --batches 1,16 > $OUT/tiny.log 2>&1
 grep -E "^RESULT|grace_qat: using|took" $OUT/tiny.log | cut -c1-300
 echo "== (b) 2b"
-python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/q2b', size='2b')"
+python3 -c "from grace_qat import synthetic; synthetic.write_qwen3vl('/tmp/q2b', size='2b')"
 setsid python3 benchmarks/vllm_run.py --model /tmp/q2b --quantization grace_qat --eager --batches 1 > $OUT/q2b.log 2>&1 &
 run=$!
 for t in 45 45 45; do sleep $t; for p in $(pgrep -f EngineCore); do echo "-- spy $p"; /tmp/spy/bin/py-spy dump --pid $p 2>&1 | grep -v "threading.py\|selectors.py\|queue.py" | head -25; done; done > $OUT/spy2b.txt

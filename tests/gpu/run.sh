@@ -217,7 +217,7 @@ EOF
     # vLLM 0.26's LLaVA/Pixtral code needs Transformers 5.5 (5.17 renamed a class it imports)
     ls .whl/tf/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-tf .whl/tf/*.whl
     [ "${GRACE_GPU_SANITY:-1}" = 0 ] && exit 0
-    python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/tiny-a', size='tiny')"
+    python3 -c "from grace_qat import synthetic; synthetic.write_qwen3vl('/tmp/tiny-a', size='tiny')"
     # Engine sanity: the forked engine core once hung here; spawn it, else run it in-process.
     if timeout 150 python3 benchmarks/vllm_run.py --model /tmp/tiny-a --quantization grace_qat --batches 1 > $OUT/sanity.log 2>&1; then
       echo "engine sanity (spawned engine core): ok"; : > /tmp/engine-env
@@ -329,13 +329,13 @@ EOF
     sleep 2; echo "SGLang JIT warm-up started from $D" ;;
   sglang-tiny)   # plugin vs stock SGLang GPTQ on tiny Qwen3-VL: layer check, image+text and text requests
     wait_sglang_jit || exit 1
-    python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/sg-tiny', size='tiny')" || exit 1
+    python3 -c "from grace_qat import synthetic; synthetic.write_qwen3vl('/tmp/sg-tiny', size='tiny')" || exit 1
     wait_gpu || exit 1
     timeout 900 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-tiny --out $OUT/sglang-tiny.json \
       --timeout 400 "$@" ;;
   sglang)     # plugin vs stock SGLang GPTQ, tiny then 2B
     wait_sglang_jit || exit 1
-    python3 -c "from grace_qat import fixtures; fixtures.write_qwen3vl('/tmp/sg-tiny', size='tiny')" || exit 1
+    python3 -c "from grace_qat import synthetic; synthetic.write_qwen3vl('/tmp/sg-tiny', size='tiny')" || exit 1
     wait_gpu || exit 1
     # each step (layer check, plugin engine, stock engine) gets --timeout; the first engine may still
     # JIT-compile SGLang's smaller kernels
@@ -350,8 +350,10 @@ EOF
   sglang-llava)   # (SGLang) original-layout LLaVA-1.5 (tiny) on SGLang's LlavaLlamaForCausalLM: local CLIP
     # tower (mm_vision_tower = a directory), --tokenizer-path from `grace-qat llava-processor`
     wait_sglang_jit || exit 1
-    python3 -c "from grace_qat import fixtures, llava_hf
-fixtures.write_llava('/tmp/sg-llava', size='tiny', clip_dir='/tmp/sg-clip')
+    python3 -c "import sys; sys.path.insert(0, 'tests')
+import llava_fixtures
+from grace_qat import llava_hf
+llava_fixtures.write_llava('/tmp/sg-llava', size='tiny', clip_dir='/tmp/sg-clip')
 llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     timeout 900 python3 tests/gpu/sglang_serve_check.py --model /tmp/sg-llava --tokenizer-path /tmp/sg-llava-proc \
       --out $OUT/sglang-llava-tiny.json --timeout 400 "$@" ;;

@@ -42,7 +42,7 @@ for p in (ROOT, HERE, os.path.join(ROOT, "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from grace_qat.demo import VLLMServer, kernels_in_log, no_quantized_kernel, wait_healthy  # noqa: E402  (plain HTTP helpers, no vLLM import)
+from grace_qat.vllm_server import VLLMServer, kernels_in_log, no_quantized_kernel, wait_healthy  # noqa: E402  (plain HTTP helpers, no vLLM import)
 
 QUESTION = "Describe the image in one sentence."
 TEXT_QUESTION = "Write one sentence about the sea."
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     if args.side_by_side and args.engine == "vllm":
         from concurrent.futures import ThreadPoolExecutor
 
-        from grace_qat.demo import free_port
+        from grace_qat.vllm_server import free_port
         ports = [free_port() for _ in sides]
         while ports[0] == ports[1]:
             ports[1] = free_port()

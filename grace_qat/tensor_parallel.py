@@ -1,7 +1,8 @@
-"""Layer rules both engine adapters need, written once: which checkpoint modules an engine fuses
-into one parallel layer (and the shard id of each, with which an adapter feeds the tensors the
-weight stream does not carry), how a tensor-parallel rank's slice must hold whole quantization
-groups, and which group size the kernels are told.
+"""Tensor parallelism, as both engine adapters need it, written once: the loader shard id of each
+checkpoint module behind a fused parallel layer (with which an adapter feeds the tensors the weight
+stream does not carry through the engine's own loader), how a rank's slice must hold whole
+quantization groups, and which group size the kernels are told. Which checkpoint modules stand
+behind an engine layer is :mod:`grace_qat.layer_names`'.
 
 Engine-independent; the adapters pass in what their layer objects know (prefix, sizes per rank).
 """
@@ -12,23 +13,9 @@ from dataclasses import dataclass
 from .errors import GraceFormatError
 from .quantizer import effective_group_size
 
-# vLLM and SGLang fuse these projections into one parallel layer; the list order is the shard order
-# (QKVParallelLinear shard ids "q"/"k"/"v", MergedColumnParallelLinear shard ids 0, 1, ...).
-FUSED_MODULES = {
-    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-    "gate_up_proj": ["gate_proj", "up_proj"],
-}
+# The loader shard ids of a QKVParallelLinear's parts, in shard order (a MergedColumnParallelLinear's
+# are 0, 1, ...; the parts themselves: grace_qat.layer_names.fused_parts).
 QKV_SHARD_IDS = ("q", "k", "v")
-
-
-def fused_parts(leaf: str, packed_modules_mapping: dict | None = None) -> list[str]:
-    """Checkpoint leaf names behind an engine layer's leaf name (``qkv_proj`` -> q/k/v_proj), in
-    shard order; the engine's own mapping first, then the fusions every supported model uses."""
-    for mapping in (packed_modules_mapping or {}, FUSED_MODULES):
-        parts = mapping.get(leaf)
-        if isinstance(parts, (list, tuple)) and parts and all(isinstance(p, str) for p in parts):
-            return list(parts)
-    return [leaf]
 
 
 def shard_ids(n: int, qkv: bool) -> list:
@@ -129,5 +116,5 @@ class Geometry:
         return cls(in_pp, out_pp, group, -1 if group == input_size else group)
 
 
-__all__ = ["FUSED_MODULES", "QKV_SHARD_IDS", "fused_parts", "shard_ids", "shard_index", "module_shards",
+__all__ = ["QKV_SHARD_IDS", "shard_ids", "shard_index", "module_shards",
            "checkpoint_feeds", "loader_for", "feed_loader", "Geometry"]

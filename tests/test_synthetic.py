@@ -1,5 +1,5 @@
-"""Synthetic GRACE checkpoints (grace_qat.fixtures): written, read back, and checked against plain
-torch math that does not go through grace_qat.quantizer."""
+"""Synthetic GRACE checkpoints (grace_qat.synthetic; LLaVA's CLIP tower: tests/llava_fixtures.py):
+written, read back, and checked against plain torch math that does not go through grace_qat.quantizer."""
 from __future__ import annotations
 
 import json
@@ -11,13 +11,15 @@ import pytest
 from requires import require
 import torch
 
-from grace_qat import fixtures
-from grace_qat.checkpoint import GraceCheckpoint, is_quantizable_module
+import llava_fixtures
+from grace_qat import synthetic
+from grace_qat.architectures import is_quantizable_module
+from grace_qat.checkpoint import GraceCheckpoint
 from ckpt_files import load_all_tensors as _tensors
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-QWEN_TINY_LAYERS = fixtures.QWEN3VL_SIZES_SPEC["tiny"]["layers"]
+QWEN_TINY_LAYERS = synthetic.QWEN3VL_SIZES_SPEC["tiny"]["layers"]
 QWEN_MODULES = {f"model.language_model.layers.{i}.{p}" for i in range(QWEN_TINY_LAYERS) for p in PROJ}
 QWEN_CASES = [("qat-sidecar", 4), ("qat-sidecar", 8), ("qat-inline", 4), ("qat-inline", 8),
               ("qat-grid", 4), ("qat-grid", 8), ("awq", 4), ("plain", 4)]
@@ -27,7 +29,7 @@ QWEN_CASES = [("qat-sidecar", 4), ("qat-sidecar", 8), ("qat-inline", 4), ("qat-i
 def qwen_dirs(tmp_path_factory):
     """Every tiny Qwen3-VL format, seed 0, written once per session."""
     root = tmp_path_factory.mktemp("qwen3vl")
-    return {(fmt, bits): fixtures.write_qwen3vl(str(root / f"{fmt}-w{bits}"), size="tiny", fmt=fmt,
+    return {(fmt, bits): synthetic.write_qwen3vl(str(root / f"{fmt}-w{bits}"), size="tiny", fmt=fmt,
                                                 bits=bits, seed=0)
             for fmt, bits in QWEN_CASES}
 
@@ -194,8 +196,8 @@ def test_qwen_sidecar_loads_weights_only_mmap(qwen_dirs):
 
 
 def test_qwen_seed_determinism(tmp_path, qwen_dirs):
-    a = fixtures.write_qwen3vl(str(tmp_path / "a"), fmt="plain", seed=0)
-    b = fixtures.write_qwen3vl(str(tmp_path / "b"), fmt="plain", seed=1)
+    a = synthetic.write_qwen3vl(str(tmp_path / "a"), fmt="plain", seed=0)
+    b = synthetic.write_qwen3vl(str(tmp_path / "b"), fmt="plain", seed=1)
     ref = _tensors(qwen_dirs[("plain", 4)])
     ta, tb = _tensors(a), _tensors(b)
     assert all(torch.equal(ta[k], ref[k]) for k in ref)
@@ -203,7 +205,7 @@ def test_qwen_seed_determinism(tmp_path, qwen_dirs):
 
 
 def test_qwen_sharded_write(tmp_path):
-    d = fixtures.write_qwen3vl(str(tmp_path / "sharded"), fmt="qat-sidecar", bits=4, max_shard_bytes=600_000)
+    d = synthetic.write_qwen3vl(str(tmp_path / "sharded"), fmt="qat-sidecar", bits=4, max_shard_bytes=600_000)
     files = sorted(os.listdir(d))
     shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
     assert len(shards) > 1 and "model.safetensors.index.json" in files and "model.safetensors" not in files
@@ -214,25 +216,25 @@ def test_qwen_sharded_write(tmp_path):
     assert ckpt.format == "qat-sidecar" and len(ckpt.modules) == len(QWEN_MODULES)
     ckpt.quantized(ckpt.modules[-1])
     # rewriting the same directory unsharded removes the stale shards and sidecar
-    fixtures.write_qwen3vl(d, fmt="plain")
+    synthetic.write_qwen3vl(d, fmt="plain")
     assert not any(f.startswith("model-") for f in os.listdir(d))
     assert "qat_quantized_weights.bin" not in os.listdir(d)
     assert GraceCheckpoint.open(d).format == "plain"
 
 
 def test_default_fixture(tmp_path):
-    d = fixtures.write_default(str(tmp_path / "default"))
+    d = synthetic.write_default(str(tmp_path / "default"))
     ckpt = GraceCheckpoint.open(d)
     assert (ckpt.format, ckpt.bits, len(ckpt.modules)) == ("qat-sidecar", 4, len(QWEN_MODULES))
 
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError):
-        fixtures.write_qwen3vl(str(tmp_path / "x"), fmt="awq", bits=8)
+        synthetic.write_qwen3vl(str(tmp_path / "x"), fmt="awq", bits=8)
     with pytest.raises(ValueError):
-        fixtures.write_qwen3vl(str(tmp_path / "x"), fmt="gptq")
+        synthetic.write_qwen3vl(str(tmp_path / "x"), fmt="gptq")
     with pytest.raises(ValueError):
-        fixtures.write_qwen3vl(str(tmp_path / "x"), size="70b")
+        synthetic.write_qwen3vl(str(tmp_path / "x"), size="70b")
 
 
 # -- Transformers round trip (names, tokenizer, processor) --------------------------------------------
@@ -285,7 +287,7 @@ def test_qwen_tiny_serves_in_stock_vllm(tmp_path, fmt):
     require("vllm")
     transformers = require("transformers")
     from PIL import Image
-    d = fixtures.write_qwen3vl(str(tmp_path / fmt), fmt=fmt, bits=4)
+    d = synthetic.write_qwen3vl(str(tmp_path / fmt), fmt=fmt, bits=4)
     script = tmp_path / "run.py"
     script.write_text(_VLLM_SCRIPT)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_INT4_W4A8="0", VLLM_PLUGINS="none")
@@ -310,7 +312,7 @@ def test_qwen_tiny_serves_in_stock_vllm(tmp_path, fmt):
 
 # -- LLaVA-1.5 (original layout) -------------------------------------------------------------------
 
-LLAVA_TINY_LAYERS = fixtures.LLAVA_SIZES_SPEC["tiny"]["layers"]
+LLAVA_TINY_LAYERS = synthetic.LLAVA_SIZES_SPEC["tiny"]["layers"]
 LLAVA_MODULES = {f"model.layers.{i}.{p}" for i in range(LLAVA_TINY_LAYERS) for p in PROJ}
 
 
@@ -318,9 +320,9 @@ LLAVA_MODULES = {f"model.layers.{i}.{p}" for i in range(LLAVA_TINY_LAYERS) for p
 def llava_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
     return {
-        "qat-sidecar": fixtures.write_llava(str(root / "sidecar"), fmt="qat-sidecar", bits=4, clip_dir="inline"),
-        "awq": fixtures.write_llava(str(root / "awq"), fmt="awq", bits=4),
-        "plain": fixtures.write_llava(str(root / "plain"), fmt="plain", clip_dir=str(root / "clip")),
+        "qat-sidecar": llava_fixtures.write_llava(str(root / "sidecar"), fmt="qat-sidecar", bits=4, clip_dir="inline"),
+        "awq": llava_fixtures.write_llava(str(root / "awq"), fmt="awq", bits=4),
+        "plain": llava_fixtures.write_llava(str(root / "plain"), fmt="plain", clip_dir=str(root / "clip")),
         "clip": str(root / "clip"),
     }
 
@@ -375,7 +377,7 @@ def test_llava_tokenizer_and_clip_dir(llava_dirs):
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
     assert sp.piece_to_id("<0x0A>") == 13                     # Llama byte-fallback layout
     assert sp.piece_to_id("<image>") == sp.unk_id()           # no <image> token
-    chunks = fixtures.llava_prompt("What is this?").split("<image>")
+    chunks = llava_fixtures.llava_prompt("What is this?").split("<image>")
     assert len(chunks) == 2 and sp.id_to_piece(sp.encode(chunks[1])[0]) == "\u2581"
     with open(os.path.join(llava_dirs["clip"], "preprocessor_config.json")) as f:
         pre = json.load(f)

@@ -1,10 +1,12 @@
-"""GRACE checkpoints without ``--quantization grace_qat``: ``vllm serve Owner/Name`` as the model cards say.
+"""vLLM's HF config parser, wrapped so that a GRACE checkpoint gets its ``quantization_config`` injected:
+``vllm serve Owner/Name`` without ``--quantization grace_qat``, as the model cards say (the same role
+as :mod:`grace_sglang.parser`).
 
 Without a ``quantization_config`` in config.json vLLM would serve format A silently as BF16 (4x the
 weight memory) and could not load format B at all. The hook: vLLM parses every config.json through
 the parser registered for the format "hf" (``vllm.transformers_utils.config``'s parser registry,
 present from 0.26 to 0.33 at least). The plugin puts a subclass of that parser in its place which,
-for a GRACE checkpoint (local directory or Hub id, :func:`grace_qat.hub.find_grace_checkpoint`),
+for a GRACE checkpoint (local directory or Hub id, :func:`grace_qat.detection.find_grace_checkpoint`),
 adds ``quantization_config = {"quant_method": "grace_qat", "format": ...}``, exactly what
 ``grace-qat convert --to grace_qat`` writes to disk. vLLM then routes the checkpoint to
 :class:`grace_vllm.config.GraceQATConfig` by that quant_method, as for an explicit flag.
@@ -19,7 +21,7 @@ import sys
 
 from grace_qat.files import check_model_dir
 from grace_qat import settings
-from grace_qat.hub import bare_grid_bits, find_grace_checkpoint
+from grace_qat.detection import bare_grid_bits, find_grace_checkpoint
 
 from . import QUANT_METHOD
 
@@ -37,7 +39,7 @@ def _flag_given() -> bool:
 
 def _hint_bare_grid(path: str) -> None:
     """A bare grid (no marker) is served as BF16 without the flag: say so, once, where its weights
-    show it (grace_qat.hub.bare_grid_bits: 64 rows of one tensor)."""
+    show it (grace_qat.detection.bare_grid_bits: 64 rows of one tensor)."""
     if os.environ.get(_LOGGED_ENV) == path:
         return
     bits = bare_grid_bits(path)
@@ -90,7 +92,7 @@ def _grace_parser(base: type) -> type:
     return GraceHFConfigParser
 
 
-def install() -> None:
+def install_config_parser() -> None:
     """Put the detecting parser in place of vLLM's "hf" config parser (idempotent; feature-detected)."""
     try:
         from vllm.transformers_utils import config as tu_config

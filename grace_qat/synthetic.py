@@ -1,15 +1,16 @@
-"""Synthetic GRACE checkpoints, written from a seed exactly as the real releases lay them out.
+"""Synthetic GRACE checkpoints, written from a seed exactly as the real releases lay them out: what
+``grace-qat fixture`` writes, and the demo serves when given no checkpoint.
 
-No checkpoint can be downloaded on the machines this project runs on, so tests, benchmarks and
-demos generate their own, following the formats as the README's "Support matrix" and
+No checkpoint can be downloaded on the machines this project runs on, so the demo, the tests and the
+benchmarks generate their own, following the formats as the README's "Support matrix" and
 :mod:`grace_qat.formats` describe them:
 
   * ``write_qwen3vl(out_dir, size="tiny"|"2b", fmt=..., bits=4|8, seed=0)``: a Transformers
     ``Qwen3VLForConditionalGeneration`` checkpoint (config, sharded safetensors, tokenizer, chat
     template, image/video processor configs, generation config);
-  * ``write_llava(out_dir, size="tiny"|"7b", fmt=..., bits=4, seed=0, clip_dir=...)``: the original
-    LLaVA-1.5 layout (``LlavaLlamaForCausalLM``) with a SentencePiece tokenizer and, optionally, a CLIP
-    vision tower directory;
+  * ``write_llava(out_dir, size="tiny"|"7b", fmt=..., bits=4, seed=0)``: the original LLaVA-1.5
+    layout (``LlavaLlamaForCausalLM``) with a SentencePiece tokenizer; like the release, without the
+    CLIP vision tower (the tests' tiny tower: ``tests/llava_fixtures.py``);
   * ``write_default(out_dir)``: the embedded default, tiny Qwen3-VL, W4, format A (``qat-sidecar``).
 
 Formats (``fmt``): ``qat-sidecar`` (A: grid weights + ``qat_quantized_weights.bin``), ``qat-inline``
@@ -41,8 +42,7 @@ from typing import Iterable
 import torch
 
 from . import formats
-from .files import is_quantizable_module
-from .llava_hf import CLIP_MEAN, CLIP_STD, LLAVA_V1_SYSTEM
+from .architectures import is_quantizable_module
 from .shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from .quantizer import DEFAULT_GROUP_SIZE, check_bits, effective_group_size, fake_quantize, mse_init_log_scale
 
@@ -56,7 +56,7 @@ INIT_STD = 0.02
 # Generic machinery: per-tensor seeded init, GRACE quantization, shard writing
 # =============================================================================================
 
-def _device(device: str | torch.device | None, n_params: int) -> torch.device:
+def pick_device(device: str | torch.device | None, n_params: int) -> torch.device:
     if device is not None:
         return torch.device(device)
     # Small checkpoints on the CPU (reproducible everywhere); big ones on the GPU when present.
@@ -105,7 +105,7 @@ def _quantized_linear(name: str, shape: tuple[int, ...], seed: int, bits: int, g
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """BF16 master weight of ``name`` run through the GRACE recipe; small CPU ones are memoised so
     that writing several formats of one seed in a process quantizes each layer once."""
-    if device.type == "cpu" and _numel(shape) <= 4 * 1024 * 1024:
+    if device.type == "cpu" and numel(shape) <= 4 * 1024 * 1024:
         return _quantized_linear_cached(name, shape, seed, bits, group_size)
     return grace_quantize(_init_tensor(name, shape, seed, torch.bfloat16, device), bits, group_size)
 
@@ -118,7 +118,7 @@ def _quantized_linear_cached(name, shape, seed, bits, group_size):
     return w_dq, log_scale
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
@@ -134,7 +134,7 @@ def _check_args(fmt: str, bits: int, group_size: int) -> None:
         raise ValueError(f"group_size must be positive, got {group_size}")
 
 
-def _write_weights(out_dir: str, specs: list[tuple[str, tuple[int, ...]]], *, fmt: str, bits: int,
+def write_weights(out_dir: str, specs: list[tuple[str, tuple[int, ...]]], *, fmt: str, bits: int,
                    group_size: int, seed: int, dtype: torch.dtype, device: torch.device,
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, init: dict | None = None) -> list[str]:
     """Generate every tensor of ``specs`` (in order), quantize the GRACE linears per ``fmt``, write
@@ -145,7 +145,7 @@ def _write_weights(out_dir: str, specs: list[tuple[str, tuple[int, ...]]], *, fm
     # Small CPU work is many tiny ops: OpenMP threads only add barrier stalls (10x slower on a busy
     # 2-core machine), so run single-threaded and restore the caller's setting afterwards.
     threads = torch.get_num_threads()
-    if device.type == "cpu" and sum(_numel(sh) for _, sh in specs) < 50_000_000:
+    if device.type == "cpu" and sum(numel(sh) for _, sh in specs) < 50_000_000:
         torch.set_num_threads(1)
     try:
         return _write_weights_inner(out_dir, specs, fmt=fmt, bits=bits, group_size=group_size, seed=seed,
@@ -155,36 +155,36 @@ def _write_weights(out_dir: str, specs: list[tuple[str, tuple[int, ...]]], *, fm
 
 
 def _write_weights_inner(out_dir, specs, *, fmt, bits, group_size, seed, dtype, device, max_shard_bytes, init):
-    kind = formats.get(fmt)
+    rules = formats.get(fmt)          # the registered format of that name
     writer = ShardWriter(out_dir, max_shard_bytes)
     sidecar: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     for name, shape in specs:
         base, _, leaf = name.rpartition(".")
-        if kind.quantized and leaf == "weight" and len(shape) == 2 and is_quantizable_module(base):
+        if rules.quantized and leaf == "weight" and len(shape) == 2 and is_quantizable_module(base):
             w_dq, log_scale = _quantized_linear(name, tuple(shape), seed, bits, group_size, device)
             modules.append(base)
-            for k, v in kind.fixture_module(base, w_dq, log_scale, bits, group_size, sidecar).items():
+            for k, v in rules.fixture_module(base, w_dq, log_scale, bits, group_size, sidecar).items():
                 writer.add(k, v)
             continue
-        if kind.quantized and leaf == "bias" and is_quantizable_module(base):
+        if rules.quantized and leaf == "bias" and is_quantizable_module(base):
             b = _init_tensor(name, tuple(shape), seed, dtype, device)
             writer.add(name, b)
-            kind.fixture_bias(name, b, sidecar)
+            rules.fixture_bias(name, b, sidecar)
             continue
         make = init.get(name, _init_tensor)
         writer.add(name, make(name, tuple(shape), seed, dtype, device))
     writer.close()
-    kind.fixture_files(out_dir, modules, group_size, sidecar)
+    rules.fixture_files(out_dir, modules, group_size, sidecar)
     for other in formats.all_formats():       # files another format left in a reused directory
         for stale in other.side_files:
             p = os.path.join(out_dir, stale)
-            if stale not in kind.side_files and os.path.exists(p):
+            if stale not in rules.side_files and os.path.exists(p):
                 os.remove(p)
     return modules
 
 
-def _meta_state_dict_specs(model_cls, config, drop: Iterable[str] = ()) -> list[tuple[str, tuple[int, ...]]]:
+def meta_state_dict_specs(model_cls, config, drop: Iterable[str] = ()) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor the Transformers model saves, from a meta-device instance."""
     with torch.device("meta"):
         model = model_cls(config)
@@ -326,7 +326,7 @@ def qwen3vl_tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     cfg = Qwen3VLConfig.from_dict(dict(config))
     drop = ("lm_head.weight",) if config.get("tie_word_embeddings") else ()
-    return _meta_state_dict_specs(Qwen3VLForConditionalGeneration, cfg, drop)
+    return meta_state_dict_specs(Qwen3VLForConditionalGeneration, cfg, drop)
 
 
 # A Qwen3-VL-Instruct style chat template (system/user/assistant, text, images and videos).
@@ -428,7 +428,7 @@ def _write_qwen_tokenizer(out_dir: str, base_vocab: int) -> None:
     added = {str(base_vocab + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                    "single_word": False, "special": t not in _QWEN_NOT_SPECIAL}
              for i, t in enumerate(QWEN_SPECIAL_TOKENS)}
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": added,
@@ -455,10 +455,10 @@ def _write_qwen3vl_processor(out_dir: str, s: dict) -> None:
     common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
               "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
               "processor_class": "Qwen3VLProcessor"}
-    _write_json(os.path.join(out_dir, "preprocessor_config.json"), {
+    write_json(os.path.join(out_dir, "preprocessor_config.json"), {
         "size": {"longest_edge": s["max_pixels"], "shortest_edge": s["min_pixels"]}, **common,
         "image_processor_type": "Qwen2VLImageProcessorFast"})
-    _write_json(os.path.join(out_dir, "video_preprocessor_config.json"), {
+    write_json(os.path.join(out_dir, "video_preprocessor_config.json"), {
         "size": {"longest_edge": s["video_max_pixels"], "shortest_edge": s["video_min_pixels"]}, **common,
         "video_processor_type": "Qwen3VLVideoProcessor"})
 
@@ -472,14 +472,14 @@ def write_qwen3vl(out_dir: str, *, size: str = "tiny", fmt: str = "qat-sidecar",
     s = QWEN3VL_SIZES_SPEC[size]
     os.makedirs(out_dir, exist_ok=True)
     specs = qwen3vl_tensor_specs(config)
-    dev = _device(device, sum(_numel(sh) for _, sh in specs))
-    _write_weights(out_dir, specs, fmt=fmt, bits=bits, group_size=group_size, seed=seed,
+    dev = pick_device(device, sum(numel(sh) for _, sh in specs))
+    write_weights(out_dir, specs, fmt=fmt, bits=bits, group_size=group_size, seed=seed,
                    dtype=torch.bfloat16, device=dev, max_shard_bytes=max_shard_bytes,
                    init=_chain_text_head(QWEN3VL_EMBED) if s.get("chain_head") else None)
     config.update(formats.get(fmt).fixture_config(group_size))
-    _write_json(os.path.join(out_dir, "config.json"), config)
+    write_json(os.path.join(out_dir, "config.json"), config)
     ids = qwen_special_ids(s["base_vocab"])
-    _write_json(os.path.join(out_dir, "generation_config.json"), {
+    write_json(os.path.join(out_dir, "generation_config.json"), {
         "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "top_k": 20, "top_p": 0.8,
         "repetition_penalty": 1.0, "temperature": 0.7, "transformers_version": "4.57.0.dev0"})
@@ -488,7 +488,7 @@ def write_qwen3vl(out_dir: str, *, size: str = "tiny", fmt: str = "qat-sidecar",
     return out_dir
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
     n = 1
     for d in shape:
         n *= int(d)
@@ -516,71 +516,6 @@ LLAVA_SIZES_SPEC = {
                            t_hidden=64, t_intermediate=256, t_layers=2, t_heads=2, proj=64)),
 }
 LLAVA_CLIP_HUB_ID = "openai/clip-vit-large-patch14-336"
-
-
-def llava_prompt(question: str) -> str:
-    """The vicuna_v1 prompt LLaVA-1.5 was trained and evaluated with (one image)."""
-    return f"{LLAVA_V1_SYSTEM} USER: <image>\n{question} ASSISTANT:"
-
-
-def clip_config(size: str = "tiny") -> dict:
-    """config.json of the CLIP tower directory (a full CLIPModel, like openai/clip-vit-large-patch14-336)."""
-    c = LLAVA_SIZES_SPEC[size]["clip"]
-    return {
-        "architectures": ["CLIPModel"],
-        "initializer_factor": 1.0,
-        "logit_scale_init_value": 2.6592,
-        "model_type": "clip",
-        "projection_dim": c["proj"],
-        "text_config": {
-            "attention_dropout": 0.0, "bos_token_id": 49406, "eos_token_id": 49407, "hidden_act": "quick_gelu",
-            "hidden_size": c["t_hidden"], "initializer_factor": 1.0, "initializer_range": 0.02,
-            "intermediate_size": c["t_intermediate"], "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
-            "model_type": "clip_text_model", "num_attention_heads": c["t_heads"],
-            "num_hidden_layers": c["t_layers"], "pad_token_id": 1, "projection_dim": c["proj"],
-            "vocab_size": 49408},
-        "torch_dtype": "float16",
-        "transformers_version": "4.31.0",
-        "vision_config": clip_vision_config(size),
-    }
-
-
-def clip_vision_config(size: str = "tiny") -> dict:
-    c = LLAVA_SIZES_SPEC[size]["clip"]
-    return {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": c["hidden"],
-            "image_size": c["image"], "initializer_factor": 1.0, "initializer_range": 0.02,
-            "intermediate_size": c["intermediate"], "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
-            "num_attention_heads": c["heads"], "num_channels": 3, "num_hidden_layers": c["layers"],
-            "patch_size": c["patch"], "projection_dim": c["proj"]}
-
-
-def clip_preprocessor_config(size: str = "tiny") -> dict:
-    px = LLAVA_SIZES_SPEC[size]["clip"]["image"]
-    return {"crop_size": {"height": px, "width": px}, "do_center_crop": True, "do_convert_rgb": True,
-            "do_normalize": True, "do_rescale": True, "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
-            "image_mean": list(CLIP_MEAN), "image_processor_type": "CLIPImageProcessor", "image_std": list(CLIP_STD),
-            "processor_class": "CLIPProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
-            "size": {"shortest_edge": px}}
-
-
-def _clip_specs(size: str, vision_only: bool) -> list[tuple[str, tuple[int, ...]]]:
-    """CLIPModel's tensors; ``vision_only``: the ``vision_model.*`` ones, i.e. what a (transformers 4.x)
-    CLIPVisionModel saves and what LLaVA's CLIPVisionTower holds under ``vision_tower.``."""
-    from transformers import CLIPConfig, CLIPModel
-    specs = _meta_state_dict_specs(CLIPModel, CLIPConfig.from_dict(clip_config(size)))
-    return [(k, sh) for k, sh in specs if k.startswith("vision_model.")] if vision_only else specs
-
-
-def write_clip(out_dir: str, *, size: str = "tiny", seed: int = 0, device: str | None = None) -> str:
-    """A standalone CLIP tower directory (config.json, model.safetensors fp16, preprocessor_config.json)."""
-    os.makedirs(out_dir, exist_ok=True)
-    specs = _clip_specs(size, vision_only=False)
-    dev = _device(device, sum(_numel(sh) for _, sh in specs))
-    _write_weights(out_dir, specs, fmt="plain", bits=4, group_size=DEFAULT_GROUP_SIZE, seed=seed,
-                   dtype=torch.float16, device=dev, max_shard_bytes=10 * 1000 ** 3)
-    _write_json(os.path.join(out_dir, "config.json"), clip_config(size))
-    _write_json(os.path.join(out_dir, "preprocessor_config.json"), clip_preprocessor_config(size))
-    return out_dir
 
 
 def llava_config(size: str = "tiny", dtype: str = "bfloat16",
@@ -685,25 +620,23 @@ def _write_llama_tokenizer(out_dir: str, vocab_size: int) -> None:
         f.write(_llama_sentencepiece_model(vocab_size))
     tok = lambda s: {"__type": "AddedToken", "content": s, "lstrip": False, "normalized": False,  # noqa: E731
                      "rstrip": False, "single_word": False}
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "add_bos_token": True, "add_eos_token": False, "bos_token": tok("<s>"),
         "clean_up_tokenization_spaces": False, "eos_token": tok("</s>"), "legacy": False,
         "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
         "tokenizer_class": "LlamaTokenizer", "unk_token": tok("<unk>")})
-    _write_json(os.path.join(out_dir, "special_tokens_map.json"),
+    write_json(os.path.join(out_dir, "special_tokens_map.json"),
                 {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>"})
 
 
 def write_llava(out_dir: str, *, size: str = "tiny", fmt: str = "qat-sidecar", bits: int = 4, seed: int = 0,
-                group_size: int = DEFAULT_GROUP_SIZE, clip_dir: str | None = None, device: str | None = None,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
-    """Write a synthetic LLaVA-1.5 GRACE checkpoint in the original LLaVA layout.
-
-    ``clip_dir``: None = no vision tower written (``mm_vision_tower`` keeps the hub id, as in the
-    release); "inline" = CLIP vision weights inside the checkpoint under
-    ``model.vision_tower.vision_tower.vision_model.*`` (``mm_vision_tower`` keeps the hub id and the
-    fixture adds ``mm_vision_tower_config``, the CLIPVisionConfig, since nothing else describes them);
-    a path = a standalone CLIP directory written there, ``mm_vision_tower`` = its absolute path.
+                group_size: int = DEFAULT_GROUP_SIZE, device: str | None = None,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, mm_vision_tower: str = LLAVA_CLIP_HUB_ID,
+                tower_specs: list[tuple[str, tuple[int, ...]]] = (), tower_config: dict | None = None) -> str:
+    """Write a synthetic LLaVA-1.5 GRACE checkpoint in the original LLaVA layout, without a vision
+    tower as the release (``mm_vision_tower`` names it). A tower written with it (the tests') comes
+    as ``tower_specs`` (its tensors, written before ``lm_head``) and ``tower_config`` (config.json
+    entries that describe them), or as a directory named by ``mm_vision_tower``.
     QAT formats are BF16 (as GRACE trains); ``plain`` and ``awq`` keep LLaVA's FP16.
     """
     _check_args(fmt, bits, group_size)
@@ -711,23 +644,16 @@ def write_llava(out_dir: str, *, size: str = "tiny", fmt: str = "qat-sidecar", b
         raise ValueError(f"size must be one of {tuple(LLAVA_SIZES_SPEC)}, got {size!r}")
     os.makedirs(out_dir, exist_ok=True)
     dtype = torch.bfloat16 if formats.get(fmt).grid_weights else torch.float16   # QAT: BF16 as GRACE trains
-    tower = LLAVA_CLIP_HUB_ID
     specs = llava_tensor_specs(size)
-    if clip_dir == "inline":
-        specs = specs[:-1] + [("model.vision_tower.vision_tower." + k, sh)
-                              for k, sh in _clip_specs(size, vision_only=True)] + specs[-1:]
-    elif clip_dir is not None:
-        write_clip(str(clip_dir), size=size, seed=seed, device=device)
-        tower = os.path.abspath(str(clip_dir))
-    dev = _device(device, sum(_numel(sh) for _, sh in specs))
-    _write_weights(out_dir, specs, fmt=fmt, bits=bits, group_size=group_size, seed=seed, dtype=dtype,
+    specs = specs[:-1] + list(tower_specs) + specs[-1:]
+    dev = pick_device(device, sum(numel(sh) for _, sh in specs))
+    write_weights(out_dir, specs, fmt=fmt, bits=bits, group_size=group_size, seed=seed, dtype=dtype,
                    device=dev, max_shard_bytes=max_shard_bytes)
-    config = llava_config(size, "float16" if dtype == torch.float16 else "bfloat16", tower)
-    if clip_dir == "inline":
-        config["mm_vision_tower_config"] = clip_vision_config(size)
+    config = llava_config(size, "float16" if dtype == torch.float16 else "bfloat16", mm_vision_tower)
+    config.update(tower_config or {})
     config.update(formats.get(fmt).fixture_config(group_size))
-    _write_json(os.path.join(out_dir, "config.json"), config)
-    _write_json(os.path.join(out_dir, "generation_config.json"),
+    write_json(os.path.join(out_dir, "config.json"), config)
+    write_json(os.path.join(out_dir, "generation_config.json"),
                 {"bos_token_id": 1, "eos_token_id": 2, "max_length": 4096, "pad_token_id": 0,
                  "transformers_version": "4.31.0"})
     _write_llama_tokenizer(out_dir, LLAVA_SIZES_SPEC[size]["vocab"])
