@@ -32,7 +32,7 @@ CUDA = torch.cuda.is_available()
 def model_shapes(tps=(1, 2, 4)) -> list[tuple[str, int, int]]:
     """(name, n, k) of every quantized linear layer of Qwen3-VL-2B and LLaVA-1.5-7B on one rank,
     for each tensor-parallel size whose input shards hold whole groups of 128 (as
-    grace_qat.layers.Geometry requires: LLaVA's down_proj at TP 4, K = 2752, is refused)."""
+    grace_qat.tensor_parallel.Geometry requires: LLaVA's down_proj at TP 4, K = 2752, is refused)."""
     out = {}
     for model, hidden, inter, heads, kv, hd in (("qwen3vl-2b", 2048, 6144, 16, 8, 128),
                                                  ("llava-7b", 4096, 11008, 32, 32, 128)):
