@@ -85,7 +85,7 @@ class GraceCheckpoint:
 
     def require_quantized(self) -> "GraceCheckpoint":
         """Itself, or the one-line refusal an engine gives a plain checkpoint under grace_qat."""
-        if not self._rules.quantized:
+        if not self._rules.quantizes:
             raise GraceFormatError(
                 f"{self.path}: no GRACE-quantized linear layers found (a plain checkpoint: no {SIDECAR_NAME}, "
                 f"no .log_scale tensors, no AWQ-packed tensors, weights not on a 4/8-bit grid); serve it "

@@ -61,7 +61,7 @@ def _inspect(args) -> int:
     ckpt = GraceCheckpoint.open(path, bits=args.bits)
     ckpt.check_served()          # the engines' first-process checks, in the same words
     report = ckpt.describe()
-    if not formats.get(ckpt.format).quantized:
+    if not formats.get(ckpt.format).quantizes:
         report.update(standard.describe_plain(path))
         report["serve"] = standard.serve_commands(path)
     serve = [("(stock engine, no plugin needed)", report.get("serve", []))]
@@ -73,7 +73,7 @@ def _inspect(args) -> int:
         report["description"] = _description(ckpt.format)
     if _report_done(report, args, path):
         return 0
-    if not formats.get(ckpt.format).quantized:
+    if not formats.get(ckpt.format).quantizes:
         dtypes = ", ".join(f"{n} {d}" for d, n in sorted(report["dtypes"].items()))
         print(f"{report['path']}\n  format      plain: an unquantized checkpoint, no GRACE or standard "
               f"quantization ({report['tensors']} tensors: {dtypes})")

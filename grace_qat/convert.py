@@ -90,7 +90,7 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
     if layout not in LAYOUTS:
         raise GraceFormatError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     ckpt = GraceCheckpoint.open(src, bits=bits)
-    if not formats.get(ckpt.format).quantized:
+    if not formats.get(ckpt.format).quantizes:
         raise GraceFormatError(f"{src}: not a GRACE quantized checkpoint (no quantized modules found)")
     config = dict(ckpt.config)
     to_hf = layout == "llava-hf"

@@ -161,13 +161,13 @@ def _write_weights_inner(out_dir, specs, *, fmt, bits, group_size, seed, dtype, 
     modules: list[str] = []
     for name, shape in specs:
         base, _, leaf = name.rpartition(".")
-        if rules.quantized and leaf == "weight" and len(shape) == 2 and is_quantizable_module(base):
+        if rules.quantizes and leaf == "weight" and len(shape) == 2 and is_quantizable_module(base):
             w_dq, log_scale = _quantized_linear(name, tuple(shape), seed, bits, group_size, device)
             modules.append(base)
             for k, v in rules.fixture_module(base, w_dq, log_scale, bits, group_size, sidecar).items():
                 writer.add(k, v)
             continue
-        if rules.quantized and leaf == "bias" and is_quantizable_module(base):
+        if rules.quantizes and leaf == "bias" and is_quantizable_module(base):
             b = _init_tensor(name, tuple(shape), seed, dtype, device)
             writer.add(name, b)
             rules.fixture_bias(name, b, sidecar)

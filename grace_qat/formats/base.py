@@ -110,7 +110,7 @@ class Format:
     """One on-disk GRACE format. Subclasses set the class attributes and override what differs."""
     name: str = ""
     description: str = ""             # one line for ``grace-qat inspect``
-    quantized: bool = True            # False: an unquantized checkpoint
+    quantizes: bool = True            # False: an unquantized checkpoint (``quantized`` reads a module)
     order: int = 100                  # detection order: lower first; the first that claims wins
     marker_order: int = 100           # order in which cheap markers are looked at
     fixture_bits: tuple[int, ...] = (4, 8)
@@ -215,7 +215,7 @@ def all_formats() -> list[Format]:
 
 
 def quantized_names() -> tuple[str, ...]:
-    return tuple(f.name for f in _REGISTRY.items() if f.quantized)
+    return tuple(f.name for f in _REGISTRY.items() if f.quantizes)
 
 
 def detect(o: Opening) -> Record:

@@ -7,7 +7,7 @@ from .base import Format, Record, register
 class Plain(Format):
     name = "plain"
     description = "an unquantized checkpoint, no GRACE or standard quantization"
-    quantized = False
+    quantizes = False
     order = 1000
     stored_steps = False
     grid_weights = False
