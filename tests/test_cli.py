@@ -207,3 +207,22 @@ def test_unwritable_output_is_one_line_and_leaves_nothing(tmp_path, ckpt):
             _one_line_error(run("convert", ckpt, str(keep), "--to", "bf16", "--force"), f"{keep}: cannot write")
             assert os.listdir(keep) == ["config.json"]
     assert sorted(os.listdir(tmp_path)) == ["afile", "keep", "ro"]
+
+
+def test_kernels_prints_the_table_for_a_device_and_engine_version(tmp_path):
+    """`grace-qat kernels` names the table that applies, its engine default and each shape's second
+    kernel; on a device and version nothing was measured for, it says every layer keeps one copy."""
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({
+        "device": "Test GPU", "engine": "vllm", "engine_version": "9.9.1", "measured": "by this test",
+        "engine_default": {"instead_of": "MacheteLinearKernel", "use": "HummingLinearKernel", "measured": "m"},
+        "shapes": {"w4g128 n4096 k2048": {"large": "HummingLinearKernel", "small": "MarlinLinearKernel",
+                                          "max_m": 8, "gain": 1.2}}}))
+    r = run("kernels", "--device", "Test GPU", "--engine-version", "9.9.1", "--table", str(table))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "Test GPU, vllm 9.9.1: by this test",
+        "  where the engine picks MacheteLinearKernel by its own ranking: HummingLinearKernel, one copy (m)",
+        "  w4g128 n4096 k2048       next to HummingLinearKernel: MarlinLinearKernel for M <= 8 (>= 1.2x)"]
+    r = run("kernels", "--device", "Test GPU", "--engine-version", "9.9.2", "--table", str(table))
+    assert r.returncode == 0 and "no kernel table measured: every layer keeps one packed copy" in r.stdout
