@@ -286,13 +286,14 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         if ref16:
             r["max_logprob_diff_bf16"] = _max_logprob_diff(r, base[ref16])
             r["prompt_logprob_gap_bf16"] = _prompt_logprob_gap(r, base[ref16])
-        peer = PEERS.get(r["name"])
+        peer = _peer(r, base)
         if peer in base:
             r["peer"] = peer
             # no tokens on either side is no evidence: only two non-empty equal lists count
             r["tokens_equal_peer"] = bool(r.get("tokens")) and r.get("tokens") == base[peer].get("tokens")
-            # one kernel on both sides: the same codes and scales must give the same greedy tokens
-            r["peer_must_match"] = not r.get("dual_kernel") and not base[peer].get("dual_kernel")
+            # one kernel, the same, on both sides: the same codes and scales must give the same tokens
+            r["peer_must_match"] = not r.get("dual_kernel") and not base[peer].get("dual_kernel") \
+                and _kernels(r) == _kernels(base[peer])
             lp, lq = r.get("logprobs") or [], base[peer].get("logprobs") or []
             diffs = [abs(a - b) for a, b in zip(lp, lq) if a is not None and b is not None]
             r["max_logprob_diff_peer"] = max(diffs) if diffs else None
@@ -400,6 +401,20 @@ def merge_runs(paths: list[str]) -> tuple[list[dict], list[dict]]:
         for r in run["results"]:
             merged[r["name"]] = dict(r, run=path, copy_bandwidth_gbs=run["meta"].get("copy_bandwidth_gbs"))
     return list(merged.values()), metas
+
+
+def _kernels(r: dict) -> set[str]:
+    return set(r.get("kernels") or [])
+
+
+def _peer(r: dict, base: dict) -> str | None:
+    """The stock system on the same codes and scales: ``PEERS``' one, or where the plugin ran another
+    kernel than it (a table's engine default, a flag), the one-flag stock system that ran that kernel."""
+    peer = PEERS.get(r["name"])
+    if peer in base and _kernels(base[peer]) != _kernels(r) and peer in STOCK_CHOICES + SGLANG_STOCK_CHOICES:
+        choices = STOCK_CHOICES if peer in STOCK_CHOICES else SGLANG_STOCK_CHOICES
+        peer = next((c for c in choices if c in base and _kernels(base[c]) == _kernels(r)), peer)
+    return peer
 
 
 def failures(results: list[dict]) -> list[str]:

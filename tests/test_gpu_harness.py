@@ -417,3 +417,23 @@ def test_bench_report_shows_where_a_decode_step_goes(tmp_path):
     rows = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| gptq-humming | 1840")]
     assert rows == ["| gptq-humming | 1840 | 212 | humming_gemm_kernel (1200, 112); "
                     "triton_poi_fused_add_rms_norm (300, 57) |"], rows
+
+
+def test_bench_peer_is_the_stock_system_on_the_plugins_kernel(tmp_path):
+    """Where grace_qat ran another kernel than stock's default (a table's engine default), its tokens
+    are held to the one-flag stock system that ran that kernel, not to the default's."""
+    def res(grace_tokens):
+        return [dict(_result("gptq", [1, 2, 3]), kernels=["MacheteLinearKernel"]),
+                dict(_result("gptq-humming", [1, 2, 4]), kernels=["HummingLinearKernel"]),
+                dict(_result("grace-a", grace_tokens), kernels=["HummingLinearKernel"])]
+    good = res([1, 2, 4])
+    vllm_bench.write_report(good, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    assert good[2]["peer"] == "gptq-humming" and vllm_bench.failures(good) == []
+    bad = res([1, 2, 3])
+    vllm_bench.write_report(bad, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    assert vllm_bench.failures(bad) == [
+        "grace-a: greedy tokens differ from stock gptq-humming (same kernel) from position 2 (3 vs 3 tokens)"]
+    alone = [dict(_result("gptq", [1, 2, 3]), kernels=["MacheteLinearKernel"]),
+             dict(_result("grace-a", [1, 2, 4]), kernels=["HummingLinearKernel"])]
+    vllm_bench.write_report(alone, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    assert alone[1]["peer_must_match"] is False and vllm_bench.failures(alone) == []   # no same-kernel peer
