@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import io
 import json
 import math
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernel_crossover import _time_us, bench_shapes, copy_bandwidth, layer_shapes, measure_each_shape  # noqa: E402
+from kernel_crossover import _time_us, bench_shapes, layer_shapes, measure_each_shape, plot_per_m, small_m_context  # noqa: E402
 
 from grace_qat.kernels import cuda_gemv as cg  # noqa: E402
 
@@ -298,24 +297,10 @@ def main() -> None:
         return ncu_child(args)
     if args.ncu:
         sys.exit(run_ncu(args))
-    vllm_version = None
-    try:
-        import vllm
-        from kernel_crossover import _single_rank
-        _single_rank()
-        vllm_version = vllm.__version__
-    except ImportError:
-        pass
-    device = torch.cuda.get_device_name()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    meta = {"device": device, "torch": torch.__version__, "vllm": vllm_version,
-            "nvrtc": ".".join(map(str, cg.nvrtc_version())),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-            "timing": "CUDA-graph replay, weights rotated out of L2; error vs float64 on the same "
-                      "dequantized weights; copy_fraction = (packed weight + step bytes) / s / copy bandwidth"}
-    meta["copy_bytes_per_s"] = copy_bw = copy_bandwidth()
-    print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s, vllm {vllm_version}", flush=True)
+    meta, vllm_version, copy_bw = small_m_context(
+        nvrtc=".".join(map(str, cg.nvrtc_version())),
+        timing="CUDA-graph replay, weights rotated out of L2; error vs float64 on the same dequantized "
+               "weights; copy_fraction = (packed weight + step bytes) / s / copy bandwidth")
     t0 = time.time()
     for bits in {int(b) for b in args.bits.split(",")}:
         cg.prepare(torch.cuda.current_device(), bits, torch.bfloat16)
@@ -330,28 +315,13 @@ def main() -> None:
         json.dump({"meta": meta, "targets": targets, "shapes": rows}, f, indent=1)
     for goal, per in targets.items():
         print(goal, json.dumps(per))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-        for r in rows:
-            label = f"w{r['bits']} n{r['n']} k{r['k']}"
-            mm = sorted(r["m"])
-            axes[0].plot(mm, [r["m"][m]["kernels"]["cuda_gemv"]["copy_fraction"] for m in mm], marker=".", label=label)
-            best_other = [min(v["us"] for name, v in r["m"][m]["kernels"].items()
-                              if "us" in v and not name.startswith("cuda_gemv")) for m in mm]
-            axes[1].plot(mm, [b / r["m"][m]["kernels"]["cuda_gemv"]["us"] for b, m in zip(best_other, mm)],
-                         marker=".", label=label)
-        axes[0].set(xscale="log", xlabel="M", ylabel="fraction of copy bandwidth (cuda_gemv)",
-                    title=f"{device}, torch {torch.__version__}, vLLM {vllm_version}")
-        axes[1].set(xscale="log", xlabel="M", ylabel="best other kernel's time / cuda_gemv's")
-        axes[1].axhline(1.0, color="k", lw=0.8)
-        axes[0].legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "small_m.png"), dpi=110)
-    except ImportError:
-        pass
+
+    def best_other(r, m):
+        return min(v["us"] for name, v in r["m"][m]["kernels"].items() if "us" in v and not name.startswith("cuda_gemv"))
+    plot_per_m(rows, meta, os.path.join(args.out, "small_m.png"),
+               ("fraction of copy bandwidth (cuda_gemv)", lambda r, m: r["m"][m]["kernels"]["cuda_gemv"]["copy_fraction"]),
+               ("best other kernel's time / cuda_gemv's",
+                lambda r, m: best_other(r, m) / r["m"][m]["kernels"]["cuda_gemv"]["us"]))
 
 
 if __name__ == "__main__":

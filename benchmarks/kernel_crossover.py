@@ -143,6 +143,50 @@ def copy_bandwidth() -> float:
     return 2 * 2 ** 30 / sorted(times)[len(times) // 2]
 
 
+def small_m_context(**extra) -> tuple[dict, str | None, float]:
+    """(meta, vLLM version or None, copy bytes/s) of a small-M kernel benchmark on this GPU: vLLM's
+    kernels join when vLLM imports (as one rank), TF32 off, the copy bandwidth measured now."""
+    import datetime
+    vllm_version = None
+    try:
+        import vllm
+        _single_rank()
+        vllm_version = vllm.__version__
+    except ImportError:
+        pass
+    device = torch.cuda.get_device_name()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    meta = {"device": device, "torch": torch.__version__, "vllm": vllm_version, **extra,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    meta["copy_bytes_per_s"] = copy_bw = copy_bandwidth()
+    print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s, vllm {vllm_version}", flush=True)
+    return meta, vllm_version, copy_bw
+
+
+def plot_per_m(rows: list[dict], meta: dict, path: str, left, right) -> None:
+    """Two panels over M, one line per shape: ``left`` and ``right`` are (y label, f(row, m)); no
+    plot where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for r in rows:
+        mm = sorted(r["m"])
+        for ax, (_, f) in zip(axes, (left, right)):
+            ax.plot(mm, [f(r, m) for m in mm], marker=".", label=f"w{r['bits']} n{r['n']} k{r['k']}")
+    axes[0].set(xscale="log", xlabel="M", ylabel=left[0],
+                title=f"{meta['device']}, torch {meta['torch']}, vLLM {meta['vllm']}")
+    axes[1].set(xscale="log", xlabel="M", ylabel=right[0])
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _capability() -> int:
     major, minor = torch.cuda.get_device_capability()
     return major * 10 + minor

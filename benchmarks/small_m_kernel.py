@@ -18,7 +18,6 @@ plugin reads (every engine kernel and this one, per device and vLLM version).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernel_crossover import _time_us, bench_shapes, copy_bandwidth, measure_each_shape  # noqa: E402
+from kernel_crossover import _time_us, bench_shapes, measure_each_shape, plot_per_m, small_m_context  # noqa: E402
 
 MS = (1, 2, 4, 8, 16, 32)
 L2_BYTES = 60 * 2 ** 20          # H200 (H100: 50 MB); weights rotated over 3x this
@@ -151,46 +150,16 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import triton
-    vllm_version = None
-    try:
-        import vllm
-        from kernel_crossover import _single_rank
-        _single_rank()
-        vllm_version = vllm.__version__
-    except ImportError:
-        pass
-    device = torch.cuda.get_device_name()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "vllm": vllm_version,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "sms": torch.cuda.get_device_properties(0).multi_processor_count}
-    meta["copy_bytes_per_s"] = copy_bw = copy_bandwidth()
-    print(f"{device}: copy {copy_bw / 1e12:.2f} TB/s, vllm {vllm_version}", flush=True)
+    meta, vllm_version, copy_bw = small_m_context(triton=triton.__version__)
     deadline = time.time() + args.sweep_seconds
     ms = [int(m) for m in args.ms.split(",")]
     rows = measure_each_shape(bench_shapes(args.models, args.tp, args.bits), lambda bits, n, k: measure_shape(
         bits, args.group, n, k, ms, copy_bw, vllm_version is not None, deadline))
     with open(os.path.join(args.out, "small_m.json"), "w") as f:
         json.dump({"meta": meta, "shapes": rows}, f, indent=1)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-        for r in rows:
-            label = f"w{r['bits']} n{r['n']} k{r['k']}"
-            mm = sorted(r["m"])
-            axes[0].plot(mm, [r["m"][m]["wna16_copy_fraction"] for m in mm], marker=".", label=label)
-            axes[1].plot(mm, [r["m"][m]["bf16_us"] / r["m"][m]["wna16_us"] for m in mm], marker=".", label=label)
-        axes[0].set(xscale="log", xlabel="M", ylabel="fraction of copy bandwidth (ours)",
-                    title=f"{device}, torch {torch.__version__}, vLLM {vllm_version}")
-        axes[1].set(xscale="log", xlabel="M", ylabel="BF16 time / our time")
-        axes[1].axhline(1.0, color="k", lw=0.8)
-        axes[0].legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "small_m.png"), dpi=110)
-    except ImportError:
-        pass
+    plot_per_m(rows, meta, os.path.join(args.out, "small_m.png"),
+               ("fraction of copy bandwidth (ours)", lambda r, m: r["m"][m]["wna16_copy_fraction"]),
+               ("BF16 time / our time", lambda r, m: r["m"][m]["bf16_us"] / r["m"][m]["wna16_us"]))
 
 
 if __name__ == "__main__":
