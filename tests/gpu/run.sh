@@ -25,7 +25,7 @@
 #   bench-qwen   - Qwen3-VL-2B: grace_qat vs stock GPTQ with each one-flag kernel (default, humming,
 #                  marlin) vs BF16 (GRACE_BENCH_SYSTEMS / GRACE_BENCH_BATCHES narrow it)
 #   profile-qwen - Qwen3-VL-2B batch 1: GPU kernels per decode step (torch profiler) of stock Humming and
-#                  grace_qat with one and two kernels (GRACE_BENCH_SYSTEMS narrows it)
+#                  grace_qat (GRACE_PROFILE_SYSTEMS: which systems; default gptq-humming,grace-a)
 #   bench-w8     - Qwen3-VL-2B W8: grace_qat vs stock GPTQ int8
 #   bench-hf     - Qwen3-VL-2B: plain Transformers generate on the BF16-on-grid checkpoint
 #   suite        - (vLLM) the engine test suite on tiny fixtures + the LLaVA original-layout checks
@@ -280,7 +280,7 @@ EOF
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches 1 --image-batches "" \
       --profile-tokens 16 --timeout 300 --out $OUT/qwen2b-profile \
-      --systems "${GRACE_BENCH_SYSTEMS:-gptq-humming,grace-a-humming,grace-a}" "$@" ;;
+      --systems "${GRACE_PROFILE_SYSTEMS:-gptq-humming,grace-a}" "$@" ;;
   bench-w8)
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --systems gptq-w8,grace-a-w8 \
