@@ -169,18 +169,19 @@ def small_m_partner(kernel_cls: type, mp_config, bits: int, group: int, n: int, 
 
 
 def compile_factors() -> dict:
-    """What decides each layer's route (one kernel traced in, or two behind the custom op): the
-    settings and every kernel table's content."""
-    digest = hashlib.sha256(json.dumps([t["shapes"] for t in kernel_table.tables(settings.crossover_file())],
-                                       sort_keys=True).encode()).hexdigest()[:16]
+    """What decides each layer's kernel and route (one kernel traced in, or two behind the custom op):
+    the settings and every kernel table's content (second kernels and engine defaults)."""
+    tables = [{k: v for k, v in t.items() if k != "path"} for t in kernel_table.tables(settings.crossover_file())]
+    digest = hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()[:16]
     return {"dual_kernel": enabled(), "marlin_max_m": settings.marlin_max_m(), "tables": digest}
 
 
 def record_compile_factors() -> None:
     """Put ``compile_factors()`` in the vLLM config's ``additional_config``, which vLLM hashes into its
-    compile cache key (vLLM 0.32 to 0.34); called while vLLM builds the model, before it compiles."""
+    compile cache key (vLLM 0.32 to 0.34); called while vLLM builds the model, before it compiles,
+    once per config (the first layer's call)."""
     extra = getattr(_current_vllm_config(), "additional_config", None)
-    if isinstance(extra, dict):
+    if isinstance(extra, dict) and "grace_qat" not in extra:
         extra["grace_qat"] = compile_factors()
 
 

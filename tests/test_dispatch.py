@@ -340,4 +340,10 @@ def test_settings_that_decide_the_route_enter_vllms_compile_cache_key(dispatch, 
     table.write_text(json.dumps({"device": "X", "engine": "vllm", "engine_version": "0", "shapes": {
         "w4g128 n8 k128": {"large": "MacheteLinearKernel", "small": "MarlinLinearKernel", "max_m": 4}}}))
     dispatch.kernel_table.tables.cache_clear()
-    assert key(**{dispatch.ENV_TABLE: str(table)}) != base
+    with_table = key(**{dispatch.ENV_TABLE: str(table)})
+    assert with_table != base
+    t = json.loads(table.read_text())                 # an engine default changes the kernel too
+    t["engine_default"] = {"instead_of": "MacheteLinearKernel", "use": "HummingLinearKernel"}
+    table.write_text(json.dumps(t))
+    dispatch.kernel_table.tables.cache_clear()
+    assert key() not in (base, with_table)
