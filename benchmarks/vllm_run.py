@@ -92,18 +92,16 @@ def decode_profile(llm, prompt_len: int, steps: int, vocab: int, top: int = 25) 
     """GPU kernels of ``steps`` decode steps at batch 1 (a 1-token run subtracted, as in
     steady_decode): per kernel name, launches and microseconds per step; where the time of a step
     goes when two systems run the same weights at different speeds."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from vllm import SamplingParams
 
     prompts = [{"prompt_token_ids": ids} for ids in prompt_ids(1, prompt_len, vocab)]
-
-    import torch
     cuda = torch.cuda.is_available()      # a CPU engine: its operators instead of kernels
 
-    def kernels(n: int) -> dict:
+    def kernels(n: int) -> dict:          # the engine is warm: the timed runs came first
         sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-        llm.generate(prompts, sp, use_tqdm=False)
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             llm.generate(prompts, sp, use_tqdm=False)
         out = {}

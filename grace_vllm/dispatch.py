@@ -4,8 +4,8 @@ Stock vLLM hands every mixed-precision layer to one kernel (``choose_mp_linear_k
 Machete, or what ``--linear-backend``, ``--kernel-config``'s ``linear_backend_per_quant`` and
 ``VLLM_DISABLED_KERNELS`` select). grace_qat's layers take exactly that kernel, with one packed copy:
 on the same weights they run what stock vLLM runs. A second copy for another kernel (any vLLM
-mixed-precision kernel that can implement the layer, or grace_qat's own Triton or CUDA kernel) is kept only
-where the kernel table measured on this device, engine version and engine kernel says it is faster
+mixed-precision kernel that can implement the layer, or grace_qat's own Triton or CUDA kernel) is
+kept only where the kernel table measured on this device, engine version and engine kernel says it is faster
 (``grace_qat.kernels.table``); the per-call choice by token count M happens inside one custom op.
 
 The list of kernels is open: a kernel is known by its class name, looked up among vLLM's registered
@@ -20,9 +20,9 @@ your GPU (``benchmarks/kernel_crossover.py``).
 A layer with one kernel calls it exactly as stock vLLM's layer does, so torch.compile traces the
 same code, fuses the same neighbours and captures the same kernels (on the H100 with vLLM 0.34,
 with every layer behind the custom op, grace_qat decoded 0.79x stock's tokens/s at batch 1 on the
-same kernel, Humming, and its greedy tokens parted from stock's). A layer with two kernels calls the custom op ``torch.ops.grace_qat.mixed_mm``, opaque to
-Dynamo (no specialisation on M, no recompilation); each captured CUDA graph records the kernel for
-its own batch size. Which route a layer takes depends on these settings, so they enter vLLM's
+same kernel, Humming, and its greedy tokens parted from stock's). A layer with two kernels calls
+the custom op ``torch.ops.grace_qat.mixed_mm``, opaque to Dynamo (no specialisation on M, no
+recompilation); each captured CUDA graph records the kernel for its own batch size. Which route a layer takes depends on these settings, so they enter vLLM's
 compile cache key (``record_compile_factors``): a graph compiled under other settings is never
 reused.
 """
@@ -32,6 +32,7 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import weakref
 
 import torch
@@ -105,7 +106,6 @@ def _current_vllm_config():
 def user_chose_kernel() -> str | None:
     """How the user picked vLLM's mixed-precision kernel (``--linear-backend``, ``--kernel-config``'s
     ``linear_backend_per_quant``, ``VLLM_DISABLED_KERNELS``), or None where vLLM chose on its own."""
-    import os
     if os.environ.get("VLLM_DISABLED_KERNELS"):
         return "VLLM_DISABLED_KERNELS"
     kc = getattr(_current_vllm_config(), "kernel_config", None)
