@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A second virtualenv with SGLang for the SGLang plugin's CPU tests (SGLang pins its own torch, so it
-# cannot share .venv with vLLM). Only what those tests import: SGLang itself goes in with --no-deps.
+# cannot share .venv with vLLM; the CUDA libraries both torches use are hard-linked from .venv by
+# scripts/share_cuda_libs.py). Only what those tests import: SGLang itself goes in with --no-deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GRACE_SGLANG_VENV:-.venv-sglang}
@@ -8,8 +9,10 @@ PY=${PYTHON:-python3}
 LABEL=setup-sglang
 . scripts/pip-steps.sh
 if ! "$VENV/bin/python" -c "import sglang.srt.server_args" >/dev/null 2>&1; then
-  say "creating $VENV with SGLang 0.5.23 (a few minutes)"
+  say "creating $VENV with SGLang 0.5.23 (a few minutes and 4 GB beside .venv)"
   "$PY" -m venv "$VENV"
+  VLLM_VENV=${GRACE_VENV:-.venv}
+  if [ -d "$VLLM_VENV" ]; then say "$("$VENV/bin/python" scripts/share_cuda_libs.py "$VLLM_VENV" "$VENV")"; fi
   pip_install torch==2.14.1 torchvision==0.29.1 transformers==5.19.0 tokenizers==0.23.2 apache-tvm-ffi==0.1.11 \
     compressed-tensors==0.18.0 openai==2.8.0 sentencepiece==0.2.1 orjson psutil pybase64 requests packaging \
     starlette msgspec pydantic pyzmq tqdm ipython aiohttp dill gguf datasets einops partial-json-parser protobuf \
