@@ -65,7 +65,8 @@ def _kernels(bits: int, group: int, n: int, k: int, copies: int,
     """``copies`` lists of (kernel, module) on random codes of one shape, one per name in ``names``
     (in that order), each module holding its own repacked copy."""
     from grace_qat.packing import pack_int32
-    from grace_vllm.dispatch import OWN_KERNELS, kernel_class
+    from grace_qat.kernels.own import OWN_KERNELS
+    from grace_vllm.dispatch import kernel_class
     from grace_vllm.linear import kernel_holder, mp_layer_config, new_kernel
     cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
     classes = []

@@ -9,7 +9,7 @@ kept only where the kernel table measured on this device, engine version and eng
 (``grace_qat.kernels.table``); the per-call choice by token count M happens inside one custom op.
 
 The list of kernels is open: a kernel is known by its class name, looked up among vLLM's registered
-mixed-precision kernels and grace_qat's own (``OWN_KERNELS``), and used only where its
+mixed-precision kernels and grace_qat's own (``grace_qat.kernels.own``), and used only where its
 ``can_implement`` accepts the layer, as vLLM does. Adding one is a class plus its table entries
 (grace_qat's own also ``attach``: its copy on the holder module, in its own layout).
 
@@ -21,35 +21,28 @@ A layer with one kernel calls it exactly as stock vLLM's layer does, so torch.co
 same code, fuses the same neighbours and captures the same kernels (on the H100 with vLLM 0.34,
 with every layer behind the custom op, grace_qat decoded 0.79x stock's tokens/s at batch 1 on the
 same kernel, Humming, and its greedy tokens parted from stock's). A layer with two kernels calls
-the custom op ``torch.ops.grace_qat.mixed_mm``, opaque to Dynamo (no specialisation on M, no
-recompilation); each captured CUDA graph records the kernel for its own batch size. Which route a layer takes depends on these settings, so they enter vLLM's
-compile cache key (``record_compile_factors``): a graph compiled under other settings is never
-reused.
+the custom op of ``grace_qat.kernels.mixed_mm``. Which route a layer takes depends on these
+settings, so they enter vLLM's compile cache key (``record_compile_factors``): a graph compiled
+under other settings is never reused.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
 import os
-import weakref
 
 import torch
 
 from grace_qat import settings
 from grace_qat.errors import GraceFormatError
 from grace_qat.kernels import table as kernel_table
+from grace_qat.kernels.own import OWN_KERNELS
 
 ENV_DUAL, ENV_MAX_M, ENV_TABLE = settings.DUAL_KERNEL, settings.MARLIN_MAX_M, settings.CROSSOVER_FILE
 ENGINE = "vllm"
 MARLIN = "MarlinLinearKernel"
 
-# data_ptr of a layer's key buffer -> layer. The custom op receives that tensor (a graph input, as a
-# kernel's weight is) and finds its layer here; no per-layer constant enters the graph, so the
-# decoder layers' pieces stay identical and torch.compile compiles them once, not once per layer.
-_LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
-CALLS: collections.Counter = collections.Counter()   # kernel name -> eager calls (tests, logs)
 _WARNED: set[str] = set()
 
 
@@ -183,148 +176,3 @@ def record_compile_factors() -> None:
     extra = getattr(_current_vllm_config(), "additional_config", None)
     if isinstance(extra, dict) and "grace_qat" not in extra:
         extra["grace_qat"] = compile_factors()
-
-
-class OwnKernel:
-    """What grace_qat's own kernels share, with the vLLM kernel's calling convention: symmetric
-    int4/int8 and 16-bit activations only (``can_implement``, then the kernel module's own
-    ``reason_not``), launch configs from this GPU's table, and ``attach``: the layer's copy on the
-    holder module, in the kernel's layout (``layout``)."""
-
-    @classmethod
-    def can_implement(cls, c) -> tuple[bool, str | None]:
-        """As vLLM's kernels answer: symmetric int4/int8, 16-bit activations, whole packed groups."""
-        if c.act_type not in (torch.bfloat16, torch.float16):
-            return False, f"activations {c.act_type}"
-        if getattr(c, "zero_points", False):
-            return False, "zero points"
-        k = c.partition_weight_shape[0]
-        why = cls.reason_not(c.weight_type.size_bits, k if c.group_size == -1 else c.group_size, k)
-        return (False, why) if why else (True, None)
-
-    def __init__(self, bits: int, group: int, configs: tuple = ()):
-        self.module = self.kernel_module()       # the kernel's module: its Config, launcher, layout
-        self.bits, self.group = bits, group
-        self.table = [(int(m), self.module.Config.from_list(c)) for m, c in configs]
-
-    @classmethod
-    def attach(cls, holder: torch.nn.Module, packed: torch.Tensor, scales: torch.Tensor, bits: int,
-               group: int, configs: tuple = ()) -> "OwnKernel":
-        """The kernel for one layer, its copy on ``holder`` (from the compressed-tensors codes)."""
-        weight, steps = cls.layout(packed, scales, bits)
-        holder.weight_packed = torch.nn.Parameter(weight, requires_grad=False)
-        holder.weight_scale = torch.nn.Parameter(steps, requires_grad=False)
-        holder.own_out_features = packed.shape[0]
-        return cls(bits, group, configs)
-
-
-class TritonWNA16Kernel(OwnKernel):
-    """grace_qat's Triton small-M kernel: the packed codes (N, K/pf) int32 and steps (N, K/G) as
-    registered by ``grace_vllm.linear.new_kernel`` (the compressed-tensors layout, not repacked)."""
-
-    @staticmethod
-    def reason_not(bits: int, group: int, k: int) -> str | None:
-        try:
-            from grace_qat.kernels import triton_wna16
-        except ImportError as e:
-            return f"Triton unavailable ({e})"
-        return None if triton_wna16.supports(bits, group, k) else f"W{bits} g{group} k{k}"
-
-    @staticmethod
-    def kernel_module():
-        from grace_qat.kernels import triton_wna16
-        return triton_wna16
-
-    @staticmethod
-    def layout(packed: torch.Tensor, scales: torch.Tensor, bits: int):
-        return packed.clone(), scales.clone()
-
-    def apply_weights(self, module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        w = module.weight_packed
-        cfg = self.module.choose(x.numel() // x.shape[-1], w.shape[0], x.shape[-1], self.bits, self.group,
-                                 self.table)
-        return self.module.wna16_mm(x, w, module.weight_scale, self.bits, self.group, bias, config=cfg)
-
-
-class CudaGemvKernel(OwnKernel):
-    """grace_qat's NVRTC-compiled decode GEMV (``grace_qat.kernels.cuda_gemv``) for M <= 32. Its copy
-    is its own layout (``cuda_gemv.pack``), made from the compressed-tensors codes once at load time:
-    the layer's only small-M copy. Compiling, loading and the split-K counters happen in ``attach``,
-    before any CUDA-graph capture."""
-
-    MAX_M = 32
-
-    @staticmethod
-    def reason_not(bits: int, group: int, k: int) -> str | None:
-        from grace_qat.kernels import cuda_gemv
-        return cuda_gemv.available() or cuda_gemv.why_not(bits, group, k)
-
-    @staticmethod
-    def kernel_module():
-        from grace_qat.kernels import cuda_gemv
-        return cuda_gemv
-
-    @staticmethod
-    def layout(packed: torch.Tensor, scales: torch.Tensor, bits: int):
-        from grace_qat.kernels import cuda_gemv
-        cuda_gemv.prepare(packed.device, bits, scales.dtype)
-        return cuda_gemv.pack(packed, scales, bits)
-
-    def apply_weights(self, module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.module.gemv(x, module.weight_packed, module.weight_scale, self.bits, module.own_out_features,
-                                bias=bias, table=self.table)
-
-
-class KernelDispatch:
-    """The kernel(s) of one CUDA layer: ``large`` on the layer itself and, when dual, ``small``
-    (Marlin or the Triton kernel) on a child module holding its own packed copy, used for
-    M <= ``max_m``.
-
-    Only layers with two kernels have one; a layer with one kernel calls it directly."""
-
-    HOLDER = "grace_qat_small_m"
-
-    KEY = "grace_qat_key"
-
-    def __init__(self, layer: torch.nn.Module, large, out_features: int, small=None, max_m: int = 0):
-        self.large, self.small, self.max_m = large, small, max_m
-        self.out_features = out_features
-        # The op's key: a one-element buffer of the layer's own. Not the packed weight: kernels rename
-        # or replace their parameters when they repack (Humming moves weight_packed to weight).
-        key = torch.zeros(1, dtype=torch.int8, device=next(layer.parameters()).device)
-        layer.register_buffer(self.KEY, key, persistent=False)
-        _LAYERS[key.data_ptr()] = layer
-
-    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.ops.grace_qat.mixed_mm(x, bias, getattr(layer, self.KEY), self.out_features)
-
-
-def _mixed_mm(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor, out_features: int) -> torch.Tensor:
-    layer = _LAYERS.get(weight.data_ptr())     # ``weight``: the layer's key buffer
-    if layer is None:
-        raise RuntimeError("grace_qat: mixed_mm called with a weight no grace_qat layer owns (was it "
-                           "moved or replaced after loading?)")
-    d: KernelDispatch = layer.quant_method.dispatch
-    if d.small is not None and x.numel() // x.shape[-1] <= d.max_m:
-        holder = getattr(layer, KernelDispatch.HOLDER)
-        CALLS[type(d.small).__name__] += 1
-        # The holder keeps its kernel's copy of the bias (Marlin permutes it); vLLM passes None
-        # where it must not be added (tensor-parallel ranks > 0, skip_bias_add).
-        return d.small.apply_weights(holder, x, None if bias is None else holder.bias)
-    CALLS[type(d.large).__name__] += 1
-    return d.large.apply_weights(layer, x, bias)
-
-
-def _mixed_mm_fake(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
-                   out_features: int) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-OWN_KERNELS: dict[str, type] = {k.__name__: k for k in (TritonWNA16Kernel, CudaGemvKernel)}
-
-_lib = torch.library.Library("grace_qat", "FRAGMENT")
-_lib.define("mixed_mm(Tensor x, Tensor? bias, Tensor weight, int out_features) -> Tensor")
-# CUDA is where the plugin uses it; CPU so that the dispatch logic is testable without a GPU.
-for _key in ("CUDA", "CPU"):
-    _lib.impl("mixed_mm", _mixed_mm, _key)
-torch.library.register_fake("grace_qat::mixed_mm", _mixed_mm_fake, lib=_lib)

@@ -42,6 +42,9 @@ from vllm.scalar_type import scalar_types
 
 from grace_qat import formats, tensor_parallel
 from grace_qat.errors import GraceFormatError
+from grace_qat.kernels.mixed_mm import KernelDispatch
+from grace_qat.kernels.own import OWN_KERNELS
+from grace_qat.kernels.table import Plan
 from grace_qat.packing import pack_factor, pack_int32
 from grace_qat.quantizer import code_range
 
@@ -160,8 +163,8 @@ class GraceLinearMethod(LinearMethodBase):
         self.kernel_cls: type | None = None
         self.kernel = None
         self.small_m_kernel_cls: type | None = None    # Hopper: a small-M kernel next to vLLM's (dispatch.py)
-        self.small_m_plan: dispatch.Plan | None = None
-        self.dispatch: dispatch.KernelDispatch | None = None   # two kernels: the custom-op route
+        self.small_m_plan: Plan | None = None
+        self.dispatch: KernelDispatch | None = None   # two kernels: the custom-op route
         self.act_dtype: torch.dtype | None = None
         # Built now, while vLLM's config is current (it reads the linear backend from it).
         self._unquantized = UnquantizedLinearMethod()
@@ -339,7 +342,7 @@ class GraceLinearMethod(LinearMethodBase):
         small = None
         if self.small_m_kernel_cls is not None:
             holder = kernel_holder(layer)
-            if self.small_m_kernel_cls in dispatch.OWN_KERNELS.values():
+            if self.small_m_kernel_cls in OWN_KERNELS.values():
                 # grace_qat's own kernels lay out their one copy themselves
                 small = self.small_m_kernel_cls.attach(holder, packed, scales, self.bits, g.kernel_group,
                                                        self.small_m_plan.configs)
@@ -348,11 +351,11 @@ class GraceLinearMethod(LinearMethodBase):
                                    scales.clone())
         self.kernel = new_kernel(self.kernel_cls, self.mp_config, layer, packed, scales)
         if small is not None:   # after the layer's own repack, which may rename the layer's parameters
-            setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
+            setattr(layer, KernelDispatch.HOLDER, holder)
         if small is None:       # one kernel: called as stock vLLM calls it (dispatch.py says why)
             return
         max_m, why = self.small_m_plan.max_m, self.small_m_plan.reason
-        self.dispatch = dispatch.KernelDispatch(layer, self.kernel, g.out_pp, small, max_m)
+        self.dispatch = KernelDispatch(layer, self.kernel, g.out_pp, small, max_m)
         key = ("dual", self.bits, g.kernel_group, g.out_pp, g.in_pp)
         if key not in _announced:
             _announced.add(key)

@@ -25,6 +25,7 @@ from requires import require
 
 torch = require("torch")
 from grace_qat.kernels import cuda_gemv as cg  # noqa: E402
+from grace_qat.kernels import mixed_mm, own  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -426,13 +427,13 @@ def _mp_config(bits=4, group=128, k=4096, n=4096, act=torch.bfloat16):
 
 def test_plugin_lists_the_kernel_and_it_says_what_it_can_run():
     from grace_vllm import dispatch
-    assert dispatch.OWN_KERNELS["CudaGemvKernel"] is dispatch.CudaGemvKernel
-    assert dispatch.kernel_class("CudaGemvKernel") is dispatch.CudaGemvKernel
-    ok, why = dispatch.CudaGemvKernel.can_implement(_mp_config(act=torch.float32))
+    assert own.OWN_KERNELS["CudaGemvKernel"] is own.CudaGemvKernel
+    assert dispatch.kernel_class("CudaGemvKernel") is own.CudaGemvKernel
+    ok, why = own.CudaGemvKernel.can_implement(_mp_config(act=torch.float32))
     assert not ok and "float32" in why
-    ok, why = dispatch.CudaGemvKernel.can_implement(_mp_config(k=4000))
+    ok, why = own.CudaGemvKernel.can_implement(_mp_config(k=4000))
     assert not ok
-    ok, why = dispatch.CudaGemvKernel.can_implement(_mp_config())
+    ok, why = own.CudaGemvKernel.can_implement(_mp_config())
     assert ok == (cg.available() is None), why
 
 
@@ -453,7 +454,6 @@ def test_gpu_plugin_op_routes_small_m_to_the_cuda_kernel_under_compile_and_graph
     from types import SimpleNamespace
 
     from grace_qat.packing import pack_int32
-    from grace_vllm import dispatch
     n, k, bits = 4096, 2048, 4
     g = torch.Generator().manual_seed(11)
     q = torch.randint(-8, 8, (n, k), generator=g)
@@ -465,17 +465,17 @@ def test_gpu_plugin_op_routes_small_m_to_the_cuda_kernel_under_compile_and_graph
     layer.w_ref = w_ref
     holder = torch.nn.Module()
     holder.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
-    small = dispatch.CudaGemvKernel.attach(holder, pack_int32((q + 8).to(torch.int32), bits, dim=1).cuda(),
+    small = own.CudaGemvKernel.attach(holder, pack_int32((q + 8).to(torch.int32), bits, dim=1).cuda(),
                                            steps.cuda(), bits, 128)
-    setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
-    d = dispatch.KernelDispatch(layer, _Dense(), n, small, max_m=8)
+    setattr(layer, mixed_mm.KernelDispatch.HOLDER, holder)
+    d = mixed_mm.KernelDispatch(layer, _Dense(), n, small, max_m=8)
     layer.quant_method = SimpleNamespace(dispatch=d)
     want = lambda x: (x.double() @ w_ref.t() + bias.double()).to(torch.bfloat16)   # noqa: E731
     for m in (1, 3, 8, 9):
         x = _inputs(m, k, n, torch.bfloat16, m)[0].cuda()
-        before = dispatch.CALLS["CudaGemvKernel"]
+        before = mixed_mm.CALLS["CudaGemvKernel"]
         assert torch.equal(d.apply(layer, x, bias), want(x)), m
-        assert dispatch.CALLS["CudaGemvKernel"] == before + (m <= 8), m
+        assert mixed_mm.CALLS["CudaGemvKernel"] == before + (m <= 8), m
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()

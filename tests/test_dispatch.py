@@ -22,6 +22,8 @@ if not _TRITON_PRELOADED and not os.path.exists("/dev/nvidia0"):
 require("vllm")
 torch = require("torch")
 
+from grace_qat.kernels import mixed_mm, own  # noqa: E402
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
@@ -200,7 +202,7 @@ def test_the_kernel_list_is_open_and_each_kernel_says_what_it_can_run(dispatch, 
 
     from grace_vllm.linear import mp_layer_config
     assert dispatch.kernel_class(MARLIN) is MarlinLinearKernel
-    assert dispatch.kernel_class("TritonWNA16Kernel") is dispatch.TritonWNA16Kernel
+    assert dispatch.kernel_class("TritonWNA16Kernel") is own.TritonWNA16Kernel
     assert dispatch.kernel_class("NoSuchKernel") is None
     cfg = mp_layer_config(4, 128, (2048, 4096), (2048, 4096), torch.bfloat16)
     machete = type(MACHETE, (), {})             # only the class name matters to the decision
@@ -211,8 +213,8 @@ def test_the_kernel_list_is_open_and_each_kernel_says_what_it_can_run(dispatch, 
         assert cls is MarlinLinearKernel and p.max_m == 4
     else:
         assert cls is None and "MarlinLinearKernel cannot run this layer" in p.reason
-    assert dispatch.TritonWNA16Kernel.can_implement(cfg)[0] in (True, False)
-    assert not dispatch.TritonWNA16Kernel.can_implement(
+    assert own.TritonWNA16Kernel.can_implement(cfg)[0] in (True, False)
+    assert not own.TritonWNA16Kernel.can_implement(
         mp_layer_config(4, 128, (2048, 4096), (2048, 4096), torch.float32))[0]
     monkeypatch.setenv(dispatch.ENV_DUAL, "0")                          # one copy, vLLM's choice
     cls, p = dispatch.small_m_partner(machete, cfg, 4, 128, 4096, 2048)
@@ -238,9 +240,9 @@ def _layer(dispatch, n=8, k=16, max_m=4, seed=0):
     holder = torch.nn.Module()
     holder.weight_packed = torch.nn.Parameter(w.clone(), requires_grad=False)
     holder.bias = None
-    setattr(layer, dispatch.KernelDispatch.HOLDER, holder)
+    setattr(layer, mixed_mm.KernelDispatch.HOLDER, holder)
     # "small" doubles its output so that the test can tell which kernel ran
-    d = dispatch.KernelDispatch(layer, _ScaledKernel(n, k, 1.0), n, _ScaledKernel(n, k, 2.0), max_m)
+    d = mixed_mm.KernelDispatch(layer, _ScaledKernel(n, k, 1.0), n, _ScaledKernel(n, k, 2.0), max_m)
     layer.quant_method = SimpleNamespace(dispatch=d)
     return layer, d
 
@@ -300,16 +302,16 @@ def test_op_routes_small_m_to_the_triton_kernel_on_the_plain_packing(dispatch):
     packed = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
     w_ref = q.double() * steps.double().repeat_interleave(128, dim=1)
     layer, d = _layer(dispatch, n=n, k=k)
-    holder = getattr(layer, dispatch.KernelDispatch.HOLDER)
+    holder = getattr(layer, mixed_mm.KernelDispatch.HOLDER)
     holder.weight_packed = torch.nn.Parameter(packed, requires_grad=False)
     holder.weight_scale = torch.nn.Parameter(steps, requires_grad=False)
     holder.bias = torch.nn.Parameter((torch.randn(n, generator=g) * 0.1).half(), requires_grad=False)
-    d.small = dispatch.TritonWNA16Kernel(bits, 128, configs=[[4, [4, 16, 16, 2, 0, 1, 1]]])
+    d.small = own.TritonWNA16Kernel(bits, 128, configs=[[4, [4, 16, 16, 2, 0, 1, 1]]])
     for m in (1, 3, 4):
         x = torch.randn(m, k, generator=g).half()
-        before = dispatch.CALLS["TritonWNA16Kernel"]
+        before = mixed_mm.CALLS["TritonWNA16Kernel"]
         y = d.apply(layer, x, layer.weight_packed.new_zeros(n))       # a bias: the holder's is used
-        assert dispatch.CALLS["TritonWNA16Kernel"] == before + 1
+        assert mixed_mm.CALLS["TritonWNA16Kernel"] == before + 1
         ref = x.double() @ w_ref.t() + holder.bias.double()
         assert torch.allclose(y.double(), ref, rtol=2 ** -9, atol=1e-3), m
     x = torch.randn(5, k, generator=g)

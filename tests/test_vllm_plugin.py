@@ -506,6 +506,7 @@ def test_gpu_kernels_hold_exact_codes_and_steps(ckpts, opened, key, dual, monkey
     """After the engine's repack (Machete / Marlin layouts), every kernel of every rank's layer
     computes with exactly bf16(code * bf16(step)) of its shard: each kernel is run on the identity
     (one code times one step per output element, no sum), so no tolerance is needed."""
+    from grace_qat.kernels import mixed_mm
     from grace_vllm import dispatch
     monkeypatch.setenv(dispatch.ENV_DUAL, "1" if dual else "0")
     monkeypatch.setenv(dispatch.ENV_MAX_M, "4")
@@ -528,7 +529,7 @@ def test_gpu_kernels_hold_exact_codes_and_steps(ckpts, opened, key, dual, monkey
                     # (shapes Machete cannot take, e.g. qkv at TP 4 with 192 rows, get Marlin alone)
                     small = method.dispatch.small if method.dispatch is not None else None
                     assert small is not None, f"{what}: sm90, {large} without a Marlin partner"
-                    holder = getattr(layer, dispatch.KernelDispatch.HOLDER)
+                    holder = getattr(layer, mixed_mm.KernelDispatch.HOLDER)
                     runs[type(small).__name__] = torch.cat(   # small M, as in decode
                         [small.apply_weights(holder, eye[i:i + 4], None) for i in range(0, k, 4)])
                     assert set(runs) == {large, "MarlinLinearKernel"}, set(runs)
@@ -543,6 +544,7 @@ def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeyp
     """Hopper: the layer runs Marlin (its own packed copy) up to the crossover and the layer's kernel above it,
     each bit-identical to calling that kernel directly, both equal to x @ W.T up to output rounding,
     bias included; under torch.compile one graph serves every M (no graph break, no recompile)."""
+    from grace_qat.kernels import mixed_mm
     from grace_vllm import dispatch
     if not _sm90():
         pytest.skip(f"sm{''.join(map(str, torch.cuda.get_device_capability()))}: the dual dispatch is for sm90")
@@ -556,17 +558,17 @@ def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeyp
     # on sm90 a missing partner is the regression this test exists for: fail, never skip
     assert method.dispatch is not None and method.dispatch.small is not None, \
         f"sm90: vLLM chose {type(method.kernel).__name__} and grace_qat added no Marlin partner"
-    holder = getattr(layer, dispatch.KernelDispatch.HOLDER)
+    holder = getattr(layer, mixed_mm.KernelDispatch.HOLDER)
     exp = _expected_shard(ckpt, name, 0, 1)
     w = reference.dequant(exp["codes"], exp["steps"].to(torch.bfloat16)).float()
     gen = torch.Generator().manual_seed(0)
     for m in (1, 4, 5, 64):
         x = torch.randn(m, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
-        before = dict(dispatch.CALLS)
+        before = dict(mixed_mm.CALLS)
         y = method.apply(layer, x, layer.bias)
         small = m <= 4
         which = "MarlinLinearKernel" if small else type(method.kernel).__name__   # vLLM's (or a table's) choice
-        assert dispatch.CALLS[which] == before.get(which, 0) + 1, (m, dict(dispatch.CALLS))
+        assert mixed_mm.CALLS[which] == before.get(which, 0) + 1, (m, dict(mixed_mm.CALLS))
         direct = method.dispatch.small.apply_weights(holder, x, holder.bias) if small else \
             method.kernel.apply_weights(layer, x, layer.bias)
         assert torch.equal(y, direct), f"M={m}: dispatched output differs from {which} called directly"
@@ -808,7 +810,7 @@ def _run_job(job: dict) -> dict:
                             ignore_eos=True)
     results = {}
     for spec in job["engines"]:
-        import grace_vllm.dispatch as gd
+        import grace_qat.kernels.mixed_mm as gd
         import grace_vllm.linear as gl
         gl._fallback_warned = False                 # "once per process": count per engine here
         gl._announced.clear()
