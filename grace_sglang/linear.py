@@ -21,7 +21,13 @@ steps derived from the grid for a format that stores none), packed into the GPTQ
 activation dtype, exactly what ``grace-qat convert --to gptq`` writes); the loaded tensors are
 dropped, and SGLang's own ``GPTQMarlinLinearKernel`` (the kernel object behind
 ``GPTQMarlinLinearMethod``) repacks them (``gptq_marlin_repack``, ``marlin_permute_scales``) and
-later runs ``apply_gptq_marlin_linear``.
+later runs ``apply_gptq_marlin_linear``: on the same weights, the layer runs what stock SGLang runs.
+
+A second kernel for small batches (grace_qat's own, ``grace_qat.kernels.own``) with its own copy of
+the codes is kept only where a kernel table measured on this device and SGLang version says it beats
+Marlin for the layer's shape (``grace_qat.kernels.table``; ``benchmarks/kernel_crossover.py --engine
+sglang``); the layer then runs the two-kernel custom op (``grace_qat.kernels.mixed_mm``).
+``GRACE_QAT_DUAL_KERNEL=0`` keeps one copy everywhere.
 """
 from __future__ import annotations
 
@@ -33,13 +39,41 @@ from torch.nn import Parameter
 from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
-from grace_qat import formats, tensor_parallel
+from grace_qat import formats, settings, tensor_parallel
 from grace_qat.errors import GraceFormatError
-from grace_qat.packing import pack_factor, pack_gptq
+from grace_qat.kernels import table as kernel_table
+from grace_qat.kernels.mixed_mm import KernelDispatch
+from grace_qat.kernels.own import OWN_KERNELS
+from grace_qat.packing import pack_compressed_tensors, pack_factor, pack_gptq
 
 logger = logging.getLogger(__name__)
 
+ENGINE = "sglang"
+MARLIN = "GPTQMarlinLinearKernel"     # the kernel stock SGLang gives GPTQ layers on CUDA
 _warned_fp16_scales = False
+_announced: set[tuple] = set()
+
+
+class MarlinKernel:
+    """SGLang's Marlin kernel object, called as the two-kernel op calls kernels."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        return self.kernel.apply(layer, x, bias)
+
+
+def small_m_partner(bits: int, group: int, n: int, k: int, act_type: torch.dtype
+                    ) -> tuple[Optional[type], kernel_table.Plan]:
+    """(grace_qat kernel class, plan) for a layer of shape (n, k) on this rank next to Marlin, where
+    the kernel table of this device and SGLang version has one; (None, plan saying why) otherwise."""
+    if not kernel_table.second_kernels_allowed(logger):
+        return None, kernel_table.Plan(None, 0, f"{settings.DUAL_KERNEL}=0: one copy, {MARLIN}")
+    import sglang
+    p = kernel_table.plan(kernel_table.device_name(), ENGINE, sglang.__version__, MARLIN, bits, group,
+                          n, k, extra=settings.crossover_file())
+    return kernel_table.partner(p, MARLIN, OWN_KERNELS.get, lambda cls: cls.can_run(bits, group, k, act_type))
 
 
 def _set_attrs(param: torch.Tensor, attrs: dict) -> None:
@@ -60,6 +94,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.names = list(names)           # checkpoint modules in shard order
         self.kernel = None
+        self.dispatch: Optional[KernelDispatch] = None   # two kernels: the custom-op route
         self.tensors = []                  # the format's RankTensors of this layer on this rank
         self._loaded: set[tuple[str, str]] = set()   # (leaf, checkpoint module) the stream delivered
         self._fed = False
@@ -225,16 +260,50 @@ class GraceQATLinearMethod(LinearMethodBase):
         self.kernel = kernel
         (logger.info if ".layers.0." in f".{self.prefix}" else logger.debug)("grace_qat: %s runs SGLang's %s (%s)", self.prefix, type(kernel).__name__, self.config.quant_type)
 
+    def keep_small_m_kernel(self, layer: torch.nn.Module, codes: torch.Tensor, steps: torch.Tensor,
+                            bias: Optional[torch.Tensor]) -> None:
+        """Where this device's kernel table says so, a second kernel of grace_qat's own with its copy
+        of ``codes``/``steps`` (what ``pack_gptq_layout`` packed) and of ``bias`` (as it was before
+        Marlin's set-up, which may permute the layer's) for small token counts; else nothing."""
+        g = self.marlin_group
+        cls, plan = small_m_partner(self.bits, g, self.out_pp, self.in_pp, self.params_dtype)
+        shape = (self.bits, g, self.out_pp, self.in_pp, cls)
+        if cls is None:
+            if shape not in _announced:
+                _announced.add(shape)
+                logger.info("grace_qat: W%d g%d %dx%d layers: one packed copy (%s)", self.bits, self.group,
+                            self.out_pp, self.in_pp, plan.reason)
+            return
+        holder = torch.nn.Module()
+        holder.bias = None if bias is None else Parameter(bias, requires_grad=False)   # the op passes it
+        ct = pack_compressed_tensors(codes, steps, self.bits, scale_dtype=self.params_dtype)
+        small = cls.attach(holder, ct["weight_packed"].to(codes.device), ct["weight_scale"].to(codes.device),
+                           self.bits, g, plan.configs)
+        setattr(layer, KernelDispatch.HOLDER, holder)
+        self.dispatch = KernelDispatch(layer, MarlinKernel(self.kernel), self.out_pp, small, plan.max_m)
+        if shape not in _announced:
+            _announced.add(shape)
+            logger.info("grace_qat: W%d g%d %dx%d layers: %s for <= %d tokens, %s above (%s); second "
+                        "packed copy kept (%s=0 keeps one)", self.bits, self.group, self.out_pp, self.in_pp,
+                        cls.__name__, plan.max_m, MARLIN, plan.reason, settings.DUAL_KERNEL)
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.kernel is not None:
             return
+        codes = steps = None
         if "qweight" not in layer._parameters:
-            self.pack_gptq_layout(layer)
+            codes, steps = self.pack_gptq_layout(layer)
             self.config.layer_done()        # this layer reads the checkpoint no more
+        bias = getattr(layer, "bias", None)
+        bias = None if bias is None else bias.data.clone()
         self.setup_marlin(layer)
+        if codes is not None:
+            self.keep_small_m_kernel(layer, codes, steps, bias)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.dispatch is not None:
+            return self.dispatch.apply(layer, x, bias)
         if self.kernel is None:
             raise RuntimeError(f"grace_qat: {self.prefix}: weights were not processed after loading")
         return self.kernel.apply(layer, x, bias)

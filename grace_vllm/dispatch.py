@@ -32,10 +32,7 @@ import json
 import logging
 import os
 
-import torch
-
 from grace_qat import settings
-from grace_qat.errors import GraceFormatError
 from grace_qat.kernels import table as kernel_table
 from grace_qat.kernels.own import OWN_KERNELS
 
@@ -43,26 +40,15 @@ ENV_DUAL, ENV_MAX_M, ENV_TABLE = settings.DUAL_KERNEL, settings.MARLIN_MAX_M, se
 ENGINE = "vllm"
 MARLIN = "MarlinLinearKernel"
 
-_WARNED: set[str] = set()
 
 
 def enabled() -> bool:
-    """``GRACE_QAT_DUAL_KERNEL`` (on unless set off); a misspelt value says so once and stays on."""
-    try:
-        return settings.dual_kernel()
-    except GraceFormatError as e:
-        if ENV_DUAL not in _WARNED:
-            _WARNED.add(ENV_DUAL)
-            logging.getLogger("vllm.grace_qat").warning("grace_qat: %s; two kernels stay allowed", e)
-        return True
+    """``GRACE_QAT_DUAL_KERNEL`` (on unless set off; a misspelt value is warned about and stays on)."""
+    return kernel_table.second_kernels_allowed(logging.getLogger("vllm.grace_qat"))
 
 
 def shape_key(bits: int, group: int, n: int, k: int) -> str:
     return kernel_table.shape_key(bits, group, n, k)
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def engine_version() -> str:
@@ -77,7 +63,7 @@ def plan(large: str, bits: int, group: int, n: int, k: int) -> kernel_table.Plan
         if large == MARLIN or forced == 0:
             return kernel_table.Plan(None, 0, f"{ENV_MAX_M}={forced}: {large} alone")
         return kernel_table.Plan(MARLIN, forced, f"{ENV_MAX_M}={forced}")
-    return kernel_table.plan(device_name(), ENGINE, engine_version(), large, bits, group, n, k,
+    return kernel_table.plan(kernel_table.device_name(), ENGINE, engine_version(), large, bits, group, n, k,
                              extra=settings.crossover_file())
 
 
@@ -116,7 +102,7 @@ def engine_default(chosen: type, mp_config) -> tuple[type, str | None]:
     was measured. The reason, for the log, where the table's kernel is taken or cannot be."""
     if not enabled() or user_chose_kernel():
         return chosen, None
-    t = kernel_table.table_for(device_name(), ENGINE, engine_version(), extra=settings.crossover_file())
+    t = kernel_table.table_for(kernel_table.device_name(), ENGINE, engine_version(), extra=settings.crossover_file())
     pick = (t or {}).get("engine_default") or {}
     if pick.get("instead_of") != chosen.__name__:
         return chosen, None
@@ -147,18 +133,8 @@ def small_m_partner(kernel_cls: type, mp_config, bits: int, group: int, n: int, 
     ``kernel_cls``; (None, plan) keeps one copy, the plan saying why. ``group``: the kernel's."""
     if not enabled():
         return None, kernel_table.Plan(None, 0, f"{ENV_DUAL}=0: one copy, {kernel_cls.__name__}")
-    p = plan(kernel_cls.__name__, bits, group, n, k)
-    if p.small is None:
-        return None, p
-    cls = kernel_class(p.small)
-    if cls is None:
-        return None, kernel_table.Plan(None, 0, f"{p.small} is not a kernel this vLLM has: "
-                                                f"{kernel_cls.__name__} alone")
-    ok, why = cls.can_implement(mp_config)
-    if not ok:
-        return None, kernel_table.Plan(None, 0, f"{p.small} cannot run this layer ({why}): "
-                                                f"{kernel_cls.__name__} alone")
-    return cls, p
+    return kernel_table.partner(plan(kernel_cls.__name__, bits, group, n, k), kernel_cls.__name__,
+                                kernel_class, lambda cls: cls.can_implement(mp_config))
 
 
 def compile_factors() -> dict:

@@ -55,7 +55,7 @@ def test_an_entry_applies_only_on_its_device_engine_version_and_engine_kernel(di
         key: {"large": MACHETE, "small": HUMMING, "max_m": 16, "gain": 1.3},
         dispatch.shape_key(4, 128, 2048, 2048): {"large": MACHETE, "small": MARLIN, "max_m": 8, "gain": 1.02},
         dispatch.shape_key(4, 128, 512, 512): {"large": MACHETE, "small": None, "max_m": 0, "gain": None}}))
-    monkeypatch.setattr(dispatch, "device_name", lambda: "Test GPU")
+    monkeypatch.setattr(dispatch.kernel_table, "device_name", lambda: "Test GPU")
     monkeypatch.setattr(dispatch, "engine_version", lambda: "9.9.1")
     p = dispatch.plan(MACHETE, 4, 128, 4096, 2048)
     assert (p.small, p.max_m) == (HUMMING, 16) and "Test GPU, vllm 9.9.1" in p.reason
@@ -70,7 +70,7 @@ def test_an_entry_applies_only_on_its_device_engine_version_and_engine_kernel(di
     p = dispatch.plan(MACHETE, 4, 128, 4096, 2048)
     assert p.small is None and "no kernel table measured on Test GPU, vllm 9.9.2" in p.reason
     monkeypatch.setattr(dispatch, "engine_version", lambda: "9.9.1")
-    monkeypatch.setattr(dispatch, "device_name", lambda: "Test GPU 2")        # another GPU
+    monkeypatch.setattr(dispatch.kernel_table, "device_name", lambda: "Test GPU 2")        # another GPU
     assert dispatch.plan(MACHETE, 4, 128, 4096, 2048).small is None
 
 
@@ -87,7 +87,7 @@ def test_engine_default_replaces_vllms_own_ranking_only(dispatch, tmp_path, monk
     (tmp_path / "t.json").write_text(json.dumps(table))
     monkeypatch.setenv(dispatch.ENV_TABLE, str(tmp_path / "t.json"))
     monkeypatch.delenv("VLLM_DISABLED_KERNELS", raising=False)
-    monkeypatch.setattr(dispatch, "device_name", lambda: "Test GPU")
+    monkeypatch.setattr(dispatch.kernel_table, "device_name", lambda: "Test GPU")
     monkeypatch.setattr(dispatch, "engine_version", lambda: "9.9.1")
     machete = type(MACHETE, (), {})
     cfg = mp_layer_config(4, 128, (2048, 4096), (2048, 4096), torch.bfloat16)
@@ -120,7 +120,7 @@ def test_engine_default_replaces_vllms_own_ranking_only(dispatch, tmp_path, monk
 
 
 def test_forced_marlin_and_its_strict_parse(dispatch, monkeypatch):
-    monkeypatch.setattr(dispatch, "device_name", lambda: "Unmeasured GPU")
+    monkeypatch.setattr(dispatch.kernel_table, "device_name", lambda: "Unmeasured GPU")
     monkeypatch.setenv(dispatch.ENV_MAX_M, "5")
     p = dispatch.plan(MACHETE, 4, 128, 4096, 2048)
     assert (p.small, p.max_m) == (MARLIN, 5)
@@ -185,7 +185,7 @@ def test_a_vllm_026_table_is_not_used_with_another_vllm(dispatch, monkeypatch):
     """vLLM 0.26's crossovers made grace_qat slower than stock vLLM 0.34 (issue 25): on any other
     version the layer keeps one copy and vLLM's choice."""
     key = (4, 128, 11008, 4096)
-    monkeypatch.setattr(dispatch, "device_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(dispatch.kernel_table, "device_name", lambda: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(dispatch, "engine_version", lambda: "0.26.0")
     assert (dispatch.plan(MACHETE, *key).small, dispatch.plan(MACHETE, *key).max_m) == (MARLIN, 32)
     for version in ("0.33.0", "0.34.0", "0.26.1"):

@@ -529,6 +529,109 @@ def test_marlin_handoff(plugins_loaded, ckpts, monkeypatch):
         down.quant_method.process_weights_after_loading(down)     # a second call is a no-op
 
 
+def _stub_marlin(monkeypatch=None):
+    """SGLang's Marlin kernel is CUDA-only: its set-up does nothing here, and it answers every call
+    with 7s (the tests tell its output from the second kernel's by that)."""
+    import sglang.srt.layers.quantization  # noqa: F401
+    from sglang.srt.hardware_backend.gpu.quantization import gptq_kernels
+    from sglang.srt.layers.quantization import marlin_utils
+
+    def apply(self, layer, x, bias=None):
+        return torch.full((*x.shape[:-1], self.kernel_config.partition_weight_shape[1]), 7.0, dtype=x.dtype)
+
+    for owner, name, value in ((gptq_kernels.GPTQMarlinLinearKernel, "process_weights_after_loading",
+                                lambda self, layer: None), (gptq_kernels.GPTQMarlinLinearKernel, "apply", apply),
+                               (marlin_utils, "verify_marlin_supported", lambda **kw: None)):
+        (monkeypatch.setattr if monkeypatch else setattr)(owner, name, value)
+
+
+def _second_kernel_table(path, ckpt_path, version, max_m=4) -> str:
+    """A kernel table for this machine ("cpu"), SGLang ``version``: the tiny checkpoint's down_proj
+    shape at TP 1 gets grace_qat's Triton kernel next to Marlin for M <= ``max_m``."""
+    from grace_qat.kernels.table import shape_key
+    tc = _text_cfg(ckpt_path)
+    key = shape_key(4, 128, tc["hidden_size"], tc["intermediate_size"])
+    with open(path, "w") as f:
+        json.dump({"device": "cpu", "engine": "sglang", "engine_version": version, "measured": "a test",
+                   "shapes": {key: {"large": "GPTQMarlinLinearKernel", "small": "TritonWNA16Kernel",
+                                    "max_m": max_m, "gain": 1.2, "configs": [[4, [4, 16, 16, 2, 0, 1, 1]]]}}}, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["measured", "other-sglang-version", "dual-kernel-off"])
+def test_second_kernel_only_where_this_sglang_version_measured_one(plugins_loaded, ckpts, monkeypatch,
+                                                                   tmp_path, case):
+    """A layer keeps a second copy for grace_qat's kernel only where a table of this device and this
+    SGLang version says so, and never with GRACE_QAT_DUAL_KERNEL=0; one copy (Marlin alone) otherwise."""
+    require("triton")
+    from grace_qat.kernels.mixed_mm import KernelDispatch
+    from grace_sglang.config import GraceQATConfig
+    _stub_marlin(monkeypatch)
+    version = _sglang_version() if case != "other-sglang-version" else "0.0.1"
+    monkeypatch.setenv("GRACE_QAT_CROSSOVER_FILE", _second_kernel_table(tmp_path / "t.json", ckpts["qat-sidecar"], version))
+    if case == "dual-kernel-off":
+        monkeypatch.setenv("GRACE_QAT_DUAL_KERNEL", "0")
+    layers, _ = _build_layer0(GraceQATConfig(ckpts["qat-sidecar"]), ckpts["qat-sidecar"], 0, 1)
+    for key, layer in layers.items():
+        layer.quant_method.process_weights_after_loading(layer)
+        d = layer.quant_method.dispatch
+        if case == "measured" and key == "down":
+            tc = _text_cfg(ckpts["qat-sidecar"])
+            assert type(d.small).__name__ == "TritonWNA16Kernel" and d.max_m == 4
+            holder = getattr(layer, KernelDispatch.HOLDER)
+            assert holder.weight_packed.shape == (tc["hidden_size"], tc["intermediate_size"] // 8)
+        else:                       # not measured: no second copy
+            assert d is None and not hasattr(layer, KernelDispatch.HOLDER), (case, key)
+
+
+def test_second_kernel_computes_the_checkpoints_product(plugins_loaded, ckpts, tmp_path):
+    """Up to max_m tokens the layer runs grace_qat's Triton kernel on its own copy (Triton's
+    interpreter, in a worker: it must be chosen before Triton is first imported), and the output is
+    x @ (code * bf16(step)).T from the checkpoint files (tests/reference.py) up to bf16 rounding;
+    above max_m it runs Marlin (stubbed: 7s)."""
+    require("triton")
+    ckpt = GraceCheckpoint.open(ckpts["qat-sidecar"])
+    nkv = _text_cfg(ckpts["qat-sidecar"])["num_key_value_heads"]
+    _, steps, codes = _expected(ckpt, "down", 0, 1, nkv)
+    w_dq = codes.double() * steps.to(torch.bfloat16).double().repeat_interleave(128, dim=1)
+    g = torch.Generator().manual_seed(3)
+    xs = {m: torch.randn(m, codes.shape[1], generator=g).to(torch.bfloat16) for m in (1, 3, 4, 5)}
+    spec = {"ckpt": ckpts["qat-sidecar"], "xs": {m: x.float().tolist() for m, x in xs.items()},
+            "table": _second_kernel_table(tmp_path / "t.json", ckpts["qat-sidecar"], _sglang_version())}
+    r = _run_worker("second-kernel", spec, tmp_path, env_extra={"TRITON_INTERPRET": "1"})
+    for m, x in xs.items():
+        y = torch.tensor(r["ys"][str(m)], dtype=torch.float64)
+        if m > 4:
+            assert torch.all(y == 7.0), m
+            continue
+        ref = x.double() @ w_dq.t()
+        err = ((y - ref).norm() / ref.norm()).item()
+        assert err < 2 ** -8, (m, err)
+    assert r["calls"].get("TritonWNA16Kernel") == 3 and r["calls"].get("MarlinKernel") == 1, r["calls"]
+
+
+def _second_kernel_worker(spec_path: str) -> int:
+    """For test_second_kernel_computes_the_checkpoints_product: the down_proj layer with the table's
+    second kernel, run on the given inputs."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    spec = json.loads(open(spec_path).read())
+    os.environ["GRACE_QAT_CROSSOVER_FILE"] = spec["table"]
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    from grace_qat.kernels import mixed_mm
+    from grace_sglang.config import GraceQATConfig
+    _stub_marlin()
+    layers, _ = _build_layer0(GraceQATConfig(spec["ckpt"]), spec["ckpt"], 0, 1)
+    down = layers["down"]
+    down.quant_method.process_weights_after_loading(down)
+    mixed_mm.CALLS.clear()
+    ys = {m: down.quant_method.apply(down, torch.tensor(x, dtype=torch.bfloat16)).float().tolist()
+          for m, x in spec["xs"].items()}
+    with open(spec["out"], "w") as f:
+        json.dump({"ys": ys, "calls": dict(mixed_mm.CALLS)}, f)
+    return 0
+
+
 def test_tensors_follow_the_weight_device(plugins_loaded, ckpts):
     """Loading and packing create their helper tensors on the weights' device, not on torch's
     default device (SGLang serves with the weights on the GPU; here: weights on the CPU while the
@@ -1058,7 +1161,8 @@ def _llava_inputs_worker(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    workers = {"full-model": _full_model_worker, "llava-inputs": _llava_inputs_worker}
+    workers = {"full-model": _full_model_worker, "llava-inputs": _llava_inputs_worker,
+               "second-kernel": _second_kernel_worker}
     if len(sys.argv) == 3 and sys.argv[1] in workers:
         sys.exit(workers[sys.argv[1]](sys.argv[2]))
     sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(workers)}}} SPEC.json")

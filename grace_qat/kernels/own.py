@@ -1,9 +1,8 @@
 """grace_qat's own small-M kernels, behind the calling convention the engines' kernel objects share.
 
-vLLM's ``MPLinearKernel`` and SGLang's Marlin kernel are described by a layer config with the same
-fields (``act_type``, ``zero_points``, ``partition_weight_shape``, ``group_size``, ``weight_type``), and
-run as ``apply_weights(module, x, bias)``: so are these, and either adapter can keep one as a layer's
-second kernel where a kernel table measured it faster (``grace_qat.kernels.table``). Each lays out its
+They run as vLLM's ``MPLinearKernel`` objects do (``apply_weights(module, x, bias)``) and say which
+layers they can run (``can_implement`` from vLLM's layer config, ``can_run`` from plain facts), so
+either adapter can keep one as a layer's second kernel where a kernel table measured it faster (``grace_qat.kernels.table``). Each lays out its
 own copy of the layer's codes on a holder module (``attach``), from the compressed-tensors packing
 (out, in/pf) int32 as uint4b8 / uint8b128 and the steps (out, groups) in the activation dtype.
 """
@@ -20,14 +19,20 @@ class OwnKernel:
 
     @classmethod
     def can_implement(cls, c) -> tuple[bool, str | None]:
-        """As the engines' kernels answer, from their layer config: symmetric int4/int8, 16-bit
-        activations, whole packed groups."""
-        if c.act_type not in (torch.bfloat16, torch.float16):
-            return False, f"activations {c.act_type}"
-        if getattr(c, "zero_points", False):
+        """As vLLM's kernels answer, from its layer config (``MPLinearLayerConfig``)."""
+        return cls.can_run(c.weight_type.size_bits, c.group_size, c.partition_weight_shape[0], c.act_type,
+                           getattr(c, "zero_points", False))
+
+    @classmethod
+    def can_run(cls, bits: int, group: int, k: int, act_type: torch.dtype, zero_points: bool = False
+                ) -> tuple[bool, str | None]:
+        """Symmetric int4/int8, 16-bit activations, whole packed groups (group -1: the whole row of
+        ``k`` inputs on this rank); (False, why) otherwise."""
+        if act_type not in (torch.bfloat16, torch.float16):
+            return False, f"activations {act_type}"
+        if zero_points:
             return False, "zero points"
-        k = c.partition_weight_shape[0]
-        why = cls.reason_not(c.weight_type.size_bits, k if c.group_size == -1 else c.group_size, k)
+        why = cls.reason_not(bits, k if group == -1 else group, k)
         return (False, why) if why else (True, None)
 
     def __init__(self, bits: int, group: int, configs: tuple = ()):

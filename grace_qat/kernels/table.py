@@ -34,10 +34,20 @@ import dataclasses
 import functools
 import glob
 import json
+import logging
 import os
+
+from grace_qat import settings
+from grace_qat.errors import GraceFormatError
 
 MIN_GAIN = 1.05                  # a second copy must be at least 5% faster at every M it serves
 TABLE_GLOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "table-*.json")
+
+
+def device_name() -> str:
+    """The name tables are keyed by: torch's name of the current CUDA device, or "cpu"."""
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def shape_key(bits: int, group: int, n: int, k: int) -> str:
@@ -101,6 +111,36 @@ def plan(device: str, engine: str, version: str, large: str, bits: int, group: i
         return Plan(None, 0, f"{e['small']} only {gain:.2f}x {large} on {where}: {large} alone")
     why = f"measured on {where}" + (f", >= {gain:.2f}x" if gain is not None else "")
     return Plan(e["small"], int(e["max_m"]), why, tuple(tuple(c) for c in e.get("configs", ())))
+
+
+_WARNED: set[str] = set()
+
+
+def second_kernels_allowed(log: logging.Logger) -> bool:
+    """``GRACE_QAT_DUAL_KERNEL`` (on unless set off); a misspelt value says so once and stays on."""
+    try:
+        return settings.dual_kernel()
+    except GraceFormatError as e:
+        if settings.DUAL_KERNEL not in _WARNED:
+            _WARNED.add(settings.DUAL_KERNEL)
+            log.warning("grace_qat: %s; two kernels stay allowed", e)
+        return True
+
+
+def partner(p: Plan, large: str, kernel_class, can_run) -> tuple[type | None, Plan]:
+    """The plan's second kernel as a class that can run this layer, or (None, a plan saying why
+    ``large``, the engine's kernel, stays alone). ``kernel_class(name)`` finds a kernel among the
+    engine's and grace_qat's own (None: unknown here); ``can_run(cls)`` is the class's (ok, why)
+    for this layer, as the engine asks its own kernels."""
+    if p.small is None:
+        return None, p
+    cls = kernel_class(p.small)
+    if cls is None:
+        return None, Plan(None, 0, f"{p.small} is not a kernel this engine has: {large} alone")
+    ok, why = can_run(cls)
+    if not ok:
+        return None, Plan(None, 0, f"{p.small} cannot run this layer ({why}): {large} alone")
+    return cls, p
 
 
 def entry_from_timings(large: str, timings: dict[str, dict[int, float]],
