@@ -1,17 +1,19 @@
-"""Measure, per layer shape, every mixed-precision kernel this vLLM can run on it, at each token count M.
+"""Measure, per layer shape, every mixed-precision kernel an engine can run on it, at each token count M.
 
-The kernels: vLLM's own choice for the layer (``choose_mp_linear_kernel``: Machete on Hopper by
-default) and the others a user can pick with one flag (Humming, Marlin), plus grace_qat's Triton
-kernel. Writes under --out: ``kernel_table.json`` (what ``grace_qat.kernels.table`` reads, keyed by
-this device name and vLLM version: copy it to ``grace_qat/kernels/table-<gpu>-vllm<version>.json``
-or point ``GRACE_QAT_CROSSOVER_FILE`` at it; a second kernel only where it is >= 1.05x vLLM's
-choice at every M it serves), ``timings.json`` (microseconds per GEMM, every kernel, every M) and
+The kernels, with ``--engine vllm`` (default): vLLM's own choice for the layer
+(``choose_mp_linear_kernel``: Machete on Hopper by default) and the others a user can pick with one
+flag (Humming, Marlin), plus grace_qat's own (Triton, CUDA GEMV); with ``--engine sglang``: SGLang's
+GPTQ-Marlin (what stock SGLang runs GPTQ layers with on CUDA) and grace_qat's own. Writes under
+--out: ``kernel_table.json`` (what ``grace_qat.kernels.table`` reads, keyed by this device name and
+the engine's version: copy it to ``grace_qat/kernels/table-<gpu>-<engine><version>.json`` or point
+``GRACE_QAT_CROSSOVER_FILE`` at it; a second kernel only where it is >= 1.05x the engine's choice at
+every M it serves), ``timings.json`` (microseconds per GEMM, every kernel, every M) and
 ``timings.png``.
 
 Each GEMM is timed inside a CUDA graph (as vLLM runs decode), cycling through enough copies of the
 weights that they do not stay in L2, so the numbers are HBM-bound like a real decode step.
 
-    python benchmarks/kernel_crossover.py --out /tmp/xover
+    python benchmarks/kernel_crossover.py --out /tmp/xover [--engine sglang]
 """
 from __future__ import annotations
 
@@ -60,19 +62,50 @@ KERNELS = ("MarlinLinearKernel", "MacheteLinearKernel", "HummingLinearKernel", "
            "CudaGemvKernel")
 
 
+SGLANG_MARLIN = "GPTQMarlinLinearKernel"
+
+
+def kernel_class(name: str, engine: str) -> type | None:
+    """A kernel by class name: grace_qat's own, or the engine's (vLLM: any registered mixed-precision
+    kernel; SGLang: its GPTQ-Marlin, built by ``_sglang_marlin``)."""
+    from grace_qat.kernels.own import OWN_KERNELS
+    if engine == "vllm":
+        from grace_vllm.dispatch import kernel_class as vllm_kernel_class
+        return vllm_kernel_class(name)
+    if name == SGLANG_MARLIN:
+        from grace_sglang.linear import MarlinKernel
+        return MarlinKernel
+    return OWN_KERNELS.get(name)
+
+
+def _sglang_marlin(bits: int, group: int, n: int, k: int, codes: torch.Tensor, scales: torch.Tensor):
+    """SGLang's GPTQ-Marlin on one shape, built as grace_sglang builds a layer's: (kernel, module)."""
+    from grace_qat.packing import pack_gptq
+    from grace_sglang.config import _scalar_types
+    from grace_sglang.linear import MarlinKernel, gptq_parameters, new_marlin_kernel
+    st = _scalar_types()
+    gptq = pack_gptq(codes - 2 ** (bits - 1), scales, bits, group, scale_dtype=torch.bfloat16)
+    mod = torch.nn.Module()
+    gptq_parameters(mod, gptq["qweight"].cuda(), gptq["scales"].cuda(), bits)
+    kernel = new_marlin_kernel(mod, st.uint4b8 if bits == 4 else st.uint8b128, group, (k, n), (k, n),
+                               torch.bfloat16)
+    return MarlinKernel(kernel), mod
+
+
 def _kernels(bits: int, group: int, n: int, k: int, copies: int,
-             names=("MarlinLinearKernel", "MacheteLinearKernel")):
+             names=("MarlinLinearKernel", "MacheteLinearKernel"), engine: str = "vllm"):
     """``copies`` lists of (kernel, module) on random codes of one shape, one per name in ``names``
     (in that order), each module holding its own repacked copy."""
-    from grace_qat.packing import pack_int32
     from grace_qat.kernels.own import OWN_KERNELS
-    from grace_vllm.dispatch import kernel_class
-    from grace_vllm.linear import kernel_holder, mp_layer_config, new_kernel
-    cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
+    from grace_qat.packing import pack_int32
+    cfg = None
+    if engine == "vllm":
+        from grace_vllm.linear import kernel_holder, mp_layer_config, new_kernel
+        cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
     classes = []
     for name in names:
-        cls = kernel_class(name)
-        ok, why = cls.can_implement(cfg) if cls is not None else (False, "not in this vLLM")
+        cls = kernel_class(name, engine)
+        ok, why = _can_run(cls, cfg, bits, group, k) if cls is not None else (False, f"not in this {engine}")
         if not ok:
             raise RuntimeError(f"{name} cannot run w{bits}g{group} n{n} k{k}: {why}")
         classes.append(cls)
@@ -82,9 +115,13 @@ def _kernels(bits: int, group: int, n: int, k: int, copies: int,
         packed = pack_int32(codes, bits, dim=1)
         scales = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
         row = []
-        for cls in classes:
-            mod = kernel_holder(input_size=k, input_size_per_partition=k, output_size=n,
-                                output_partition_sizes=[n], params_dtype=torch.bfloat16, has_bias=False)
+        for name, cls in zip(names, classes):
+            if engine == "sglang" and name == SGLANG_MARLIN:
+                row.append(_sglang_marlin(bits, group, n, k, codes.cpu(), scales.cpu()))
+                continue
+            mod = (kernel_holder(input_size=k, input_size_per_partition=k, output_size=n,
+                                 output_partition_sizes=[n], params_dtype=torch.bfloat16, has_bias=False)
+                   if engine == "vllm" else torch.nn.Module())
             if cls in OWN_KERNELS.values():          # grace_qat's own: their layout on the holder
                 row.append((cls.attach(mod, packed, scales, bits, group), mod))
             else:
@@ -93,18 +130,31 @@ def _kernels(bits: int, group: int, n: int, k: int, copies: int,
     return sets
 
 
-def usable_kernels(bits: int, group: int, n: int, k: int) -> tuple[str, list[str], dict]:
-    """(vLLM's choice for this layer, the kernels that can run it, why the others cannot)."""
-    from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+def _can_run(cls: type, vllm_config, bits: int, group: int, k: int) -> tuple[bool, str | None]:
+    """vLLM's kernels (and grace_qat's beside them) judge vLLM's layer config; with SGLang, Marlin
+    runs what stock SGLang gives it and grace_qat's kernels judge the plain facts."""
+    if vllm_config is not None:
+        return cls.can_implement(vllm_config)
+    return cls.can_run(bits, group, k, torch.bfloat16) if hasattr(cls, "can_run") else (True, None)
 
-    from grace_vllm.dispatch import kernel_class
-    from grace_vllm.linear import mp_layer_config
-    cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
-    large = choose_mp_linear_kernel(cfg).__name__
+
+def usable_kernels(bits: int, group: int, n: int, k: int, engine: str = "vllm") -> tuple[str, list[str], dict]:
+    """(the engine's choice for this layer, the kernels that can run it, why the others cannot)."""
+    cfg = None
+    if engine == "vllm":
+        from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
+
+        from grace_vllm.linear import mp_layer_config
+        cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
+        large = choose_mp_linear_kernel(cfg).__name__
+        candidates = (large,) + KERNELS
+    else:
+        large = SGLANG_MARLIN
+        candidates = (large,) + tuple(name for name in KERNELS if kernel_class(name, engine) is not None)
     names, skipped = [], {}
-    for name in dict.fromkeys((large,) + KERNELS):
-        cls = kernel_class(name)
-        ok, why = cls.can_implement(cfg) if cls is not None else (False, "not in this vLLM")
+    for name in dict.fromkeys(candidates):
+        cls = kernel_class(name, engine)
+        ok, why = _can_run(cls, cfg, bits, group, k) if cls is not None else (False, f"not in this {engine}")
         if ok and getattr(cls, "get_min_capability", lambda: 0)() > _capability():
             ok, why = False, "needs a newer GPU"
         (names.append(name) if ok else skipped.__setitem__(name, str(why)))
@@ -219,16 +269,16 @@ def _time_us(fns, replays: int = 20) -> float:
     return statistics.median(samples)
 
 
-def measure(bits: int, group: int, n: int, k: int, ladder=LADDER) -> dict:
+def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = "vllm") -> dict:
     """Microseconds per GEMM of every usable kernel at every M, checked against each other."""
     from grace_qat.kernels.table import entry_from_timings
-    large, names, skipped = usable_kernels(bits, group, n, k)
+    large, names, skipped = usable_kernels(bits, group, n, k, engine)
     weight_bytes = n * k * bits // 8
     copies = max(1, -(-3 * L2_BYTES // weight_bytes))
     sets, failed = None, {}
     while sets is None:
         try:
-            sets = _kernels(bits, group, n, k, copies, names)
+            sets = _kernels(bits, group, n, k, copies, names, engine)
         except Exception as e:            # a kernel that fails to build here: time the others
             bad = next((nm for nm in names if nm in str(e)), names[-1])
             if bad == large:
@@ -239,7 +289,7 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER) -> dict:
     for m in ladder:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for idx, name in enumerate(names):
-            if m > getattr(kernel_class(name), "MAX_M", m):
+            if m > getattr(kernel_class(name, engine), "MAX_M", m):
                 continue                      # a kernel for small M only: its run of M ends here
             fns = [lambda kern=row[idx][0], mod=row[idx][1]: kern.apply_weights(mod, x) for row in sets]
             us[name][m] = _time_us(fns)
@@ -310,26 +360,34 @@ def _single_rank() -> None:
 
 
 def main() -> None:
-    _single_rank()
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="qwen3vl-2b,llava-7b")
     ap.add_argument("--tp", default="1,2")
     ap.add_argument("--bits", default="4,8", help="qwen3vl: these; llava (released as W4): 4 only")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--engine", choices=("vllm", "sglang"), default="vllm",
+                    help="whose kernel the table is measured against (and keyed by its version)")
     ap.add_argument("--marlin-variants", action="store_true",
                     help="also time Marlin's atomic-add / bf16-reduce options at small M (issue 9)")
     args = ap.parse_args()
+    if args.marlin_variants and args.engine != "vllm":
+        ap.error("--marlin-variants times vLLM's Marlin options")
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name()
-    import vllm
+    if args.engine == "vllm":
+        _single_rank()
+        import vllm as engine_module
+    else:
+        import sglang as engine_module
+    version = engine_module.__version__
     timings, shapes = [], {}
     from grace_qat.kernels.table import shape_key
     for model, tp, bits, layer, n, k in bench_shapes(args.models, args.tp, args.bits):
         key = shape_key(bits, args.group, n, k)
         if key in shapes:
             continue
-        r = measure(bits, args.group, n, k)
+        r = measure(bits, args.group, n, k, engine=args.engine)
         if args.marlin_variants:
             r["marlin_variants"] = measure_marlin_variants(bits, args.group, n, k)
             for name, row in r["marlin_variants"].items():
@@ -344,14 +402,14 @@ def main() -> None:
               f"{model} tp{tp} {layer:13s} {key:24s} {e['small']} <= M {e['max_m']} (>= {e['gain']}x)",
               f"| {r['large']} time / other's: {speed}" + (f" | failed: {list(r['failed'])}" if r["failed"] else ""),
               flush=True)
-    table = {"device": device, "engine": "vllm", "engine_version": vllm.__version__,
+    table = {"device": device, "engine": args.engine, "engine_version": version,
              "measured": f"benchmarks/kernel_crossover.py, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
                          "bf16 activations, CUDA-graph timing, weights rotated out of L2",
              "shapes": shapes}
     with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     with open(os.path.join(args.out, "timings.json"), "w") as f:
-        json.dump({"device": device, "vllm": vllm.__version__, "torch": torch.__version__,
+        json.dump({"device": device, "engine": args.engine, "engine_version": version, "torch": torch.__version__,
                    "ladder": list(LADDER), "timings": timings}, f, indent=1)
     try:
         import matplotlib
@@ -366,8 +424,8 @@ def main() -> None:
                 ax.plot(ms, [t["us"][t["large"]][m] / us[m] for m in ms], marker=".",
                         label=f"{t['model']} tp{t['tp']} {t['layer']} {t['key'].split()[0]} {name[:-12]}")
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set(xscale="log", xlabel="tokens in the GEMM (M)", ylabel="vLLM's choice time / kernel's time",
-               title=f"Mixed-precision kernels per layer shape ({device}, vLLM {vllm.__version__})")
+        ax.set(xscale="log", xlabel="tokens in the GEMM (M)", ylabel=f"{args.engine}'s choice time / kernel's time",
+               title=f"Mixed-precision kernels per layer shape ({device}, {args.engine} {version})")
         ax.legend(fontsize=5, ncol=2)
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "timings.png"), dpi=110)

@@ -302,10 +302,10 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     s.set_defaults(func=_fixture)
 
-    s = add("kernels", help="print the kernel table (second kernel per layer shape) the vLLM "
-                       "plugin uses on a device and engine version")
+    s = add("kernels", help="print the kernel table (second kernel per layer shape) the vLLM or "
+                       "SGLang plugin uses on a device and engine version")
     s.add_argument("--device", help="device name as torch reports it (default: this machine's GPU)")
-    s.add_argument("--engine", default="vllm")
+    s.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
     s.add_argument("--engine-version", help="default: the installed engine's")
     s.add_argument("--table", help="an extra table file (as GRACE_QAT_CROSSOVER_FILE)")
     s.set_defaults(func=_kernels)

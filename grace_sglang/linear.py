@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn import Parameter
 from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+from sglang.srt.layers.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
 from grace_qat import formats, settings, tensor_parallel
@@ -52,6 +53,34 @@ ENGINE = "sglang"
 MARLIN = "GPTQMarlinLinearKernel"     # the kernel stock SGLang gives GPTQ layers on CUDA
 _warned_fp16_scales = False
 _announced: set[tuple] = set()
+
+
+def new_marlin_kernel(layer: torch.nn.Module, quant_type, group: int, full: tuple[int, int],
+                      part: tuple[int, int], act_dtype: torch.dtype):
+    """SGLang's GPTQ-Marlin kernel for a layer holding GPTQ ``qweight``/``scales`` (repacked now), as
+    stock SGLang's GPTQMarlinLinearMethod makes it; shapes are (in, out), full and on this rank."""
+    import sglang.srt.layers.quantization  # noqa: F401  (gptq_kernels has an import cycle otherwise)
+    from sglang.srt.hardware_backend.gpu.quantization.gptq_kernels import (
+        GPTQMarlinLinearKernel, MarlinLinearLayerConfig)
+    from sglang.srt.layers.quantization.marlin_utils import verify_marlin_supported
+
+    verify_marlin_supported(quant_type=quant_type, group_size=group)
+    kernel = GPTQMarlinLinearKernel(None)     # the config is read only by the MoE kernel
+    kernel.kernel_config = MarlinLinearLayerConfig(
+        full_weight_shape=full, partition_weight_shape=part, weight_type=quant_type, act_type=act_dtype,
+        group_size=group, zero_points=False, has_g_idx=False)
+    kernel.process_weights_after_loading(layer)
+    return kernel
+
+
+def gptq_parameters(layer: torch.nn.Module, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> None:
+    """GPTQ ``qweight`` (in/pf, out) int32 and ``scales`` (groups, out) on ``layer``, as SGLang's GPTQ
+    layers register them (Marlin's repack reads their dims); they cannot be reloaded."""
+    layer.register_parameter("qweight", PackedvLLMParameter(
+        data=qweight, input_dim=0, output_dim=1, packed_dim=0, packed_factor=pack_factor(bits),
+        weight_loader=_refuse_loading))
+    layer.register_parameter("scales", GroupQuantScaleParameter(
+        data=scales, input_dim=0, output_dim=1, weight_loader=_refuse_loading))
 
 
 class MarlinKernel:
@@ -199,8 +228,6 @@ class GraceQATLinearMethod(LinearMethodBase):
             if t.source == "stream" and missing:
                 raise GraceFormatError(f"grace_qat: {self.prefix}: no {t.leaf} was loaded for {missing}; "
                                        f"the checkpoint and the model's layer names do not match")
-        from sglang.srt.layers.parameter import GroupQuantScaleParameter, PackedvLLMParameter
-
         ckpt = self.config.checkpoint()
         self.feed_from_checkpoint(layer)
         loaded = {t.leaf: getattr(layer, t.leaf).data for t in self.tensors}
@@ -219,13 +246,7 @@ class GraceQATLinearMethod(LinearMethodBase):
         del loaded
         for t in self.tensors:
             delattr(layer, t.leaf)
-        qweight = PackedvLLMParameter(data=packed["qweight"].to(device), input_dim=0,
-                                      output_dim=1, packed_dim=0, packed_factor=pack_factor(self.bits),
-                                      weight_loader=_refuse_loading)
-        scales = GroupQuantScaleParameter(data=packed["scales"].to(device), input_dim=0,
-                                          output_dim=1, weight_loader=_refuse_loading)
-        layer.register_parameter("qweight", qweight)
-        layer.register_parameter("scales", scales)
+        gptq_parameters(layer, packed["qweight"].to(device), packed["scales"].to(device), self.bits)
         return codes, steps
 
     def _check_scale_dtype(self, steps: torch.Tensor, cast: torch.Tensor) -> None:
@@ -240,25 +261,11 @@ class GraceQATLinearMethod(LinearMethodBase):
 
     def setup_marlin(self, layer: torch.nn.Module) -> None:
         """Hand the GPTQ tensors to SGLang's GPTQ-Marlin kernel (repack + scale permutation). CUDA only."""
-        import sglang.srt.layers.quantization  # noqa: F401  (gptq_kernels has an import cycle otherwise)
-        from sglang.srt.hardware_backend.gpu.quantization.gptq_kernels import (
-            GPTQMarlinLinearKernel, MarlinLinearLayerConfig)
-        from sglang.srt.layers.quantization.marlin_utils import verify_marlin_supported
-
-        verify_marlin_supported(quant_type=self.config.quant_type, group_size=self.marlin_group)
-        kernel = GPTQMarlinLinearKernel(self.config)
-        kernel.kernel_config = MarlinLinearLayerConfig(
-            full_weight_shape=(self.input_size, self.output_size),
-            partition_weight_shape=(self.in_pp, self.out_pp),
-            weight_type=self.config.quant_type,
-            act_type=self.params_dtype,
-            group_size=self.marlin_group,
-            zero_points=False,
-            has_g_idx=False,
-        )
-        kernel.process_weights_after_loading(layer)
-        self.kernel = kernel
-        (logger.info if ".layers.0." in f".{self.prefix}" else logger.debug)("grace_qat: %s runs SGLang's %s (%s)", self.prefix, type(kernel).__name__, self.config.quant_type)
+        self.kernel = new_marlin_kernel(layer, self.config.quant_type, self.marlin_group,
+                                        (self.input_size, self.output_size), (self.in_pp, self.out_pp),
+                                        self.params_dtype)
+        (logger.info if ".layers.0." in f".{self.prefix}" else logger.debug)(
+            "grace_qat: %s runs SGLang's %s (%s)", self.prefix, MARLIN, self.config.quant_type)
 
     def keep_small_m_kernel(self, layer: torch.nn.Module, codes: torch.Tensor, steps: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> None:

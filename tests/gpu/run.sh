@@ -20,6 +20,8 @@
 #                  the background logs as $OUT/bg/; exits 1 when a finished stage failed
 #   crossover    - every mixed-precision kernel per layer shape and M -> /tmp/xover/kernel_table.json (this
 #                  device and vLLM version; used by later stages)
+#   sglang-crossover - (SGLang) grace_qat's kernels vs SGLang's Marlin per layer shape and M ->
+#                  /tmp/xover-sglang/kernel_table.json (this device and SGLang version; used by later SGLang stages)
 #   marlin-variants - Marlin's atomic-add / bf16-reduce options at small M, per layer shape
 #   bench-llava  - LLaVA-1.5-7B shape: grace_qat vs stock GPTQ (original and llava-hf layout) vs BF16
 #   bench-qwen   - Qwen3-VL-2B: grace_qat vs stock GPTQ with each one-flag kernel (default, humming,
@@ -73,7 +75,8 @@ RES=${GRACE_GPU_RES:-/tmp/res}      # the chain's results
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}   # an engine reachable through PYTHONPATH counts as installed
 # FlashInfer's sampler JIT costs ~110 s per start.
 export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-[ -f /tmp/xover/kernel_table.json ] && export GRACE_QAT_CROSSOVER_FILE=/tmp/xover/kernel_table.json  # measured in this lease
+XOVER=/tmp/xover; [ "$ENGINE" = sglang ] && XOVER=/tmp/xover-sglang   # kernel tables measured in this lease
+[ -f $XOVER/kernel_table.json ] && export GRACE_QAT_CROSSOVER_FILE=$XOVER/kernel_table.json
 [ -f /tmp/engine-env ] && source /tmp/engine-env
 mkdir -p "$OUT"
 WORK=/tmp/grace-bench
@@ -160,7 +163,7 @@ case "$stage" in   # the engine a stage runs on (bundle or installed; see the to
   gemv) use_engine 0 > /dev/null || ENGINE_FROM="" ;;
   engine|sglang-engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
   install) use_engine 0 || [ "${GRACE_GPU_SANITY:-1}" = 0 ] || exit 1 ;;
-  crossover|marlin-variants|bench-llava|bench-qwen|profile-qwen|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
+  crossover|sglang-crossover|marlin-variants|bench-llava|bench-qwen|profile-qwen|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
   workflow-vllm|sglang-workflow|\
   serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|\
   sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang)
@@ -257,9 +260,11 @@ EOF
     mkdir -p $OUT/bg && cp $BG/*.log $OUT/bg/ 2>/dev/null; ls -la $OUT
     grep -E " rc=[1-9]" $RES/chain.status && exit 1
     [ -f $RES/chain.done ] || { echo "poll: the chain has not finished (waited ${1:-540} s); poll again"; exit 3; } ;;
-  crossover)
-    python3 benchmarks/kernel_crossover.py --out /tmp/xover "$@" > $OUT/crossover.log 2>&1; rc=$?
-    cat $OUT/crossover.log; cp /tmp/xover/* $OUT/ 2>/dev/null; exit $rc ;;
+  crossover|sglang-crossover)
+    [ "$ENGINE" = sglang ] && { wait_sglang_jit || exit 1; }
+    wait_gpu || exit 1
+    python3 benchmarks/kernel_crossover.py --engine $ENGINE --out $XOVER "$@" > $OUT/crossover.log 2>&1; rc=$?
+    cat $OUT/crossover.log; cp $XOVER/* $OUT/ 2>/dev/null; exit $rc ;;
   marlin-variants)   # issue 9: can a Marlin setting make batch 1 faster still? (7B shapes, ~1 min)
     wait_gpu || exit 1
     python3 benchmarks/kernel_crossover.py --models llava-7b,qwen3vl-2b --tp 1 --bits 4 --marlin-variants \
