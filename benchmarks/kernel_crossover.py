@@ -62,34 +62,39 @@ KERNELS = ("MarlinLinearKernel", "MacheteLinearKernel", "HummingLinearKernel", "
            "CudaGemvKernel")
 
 
-SGLANG_MARLIN = "GPTQMarlinLinearKernel"
+SGLANG_KERNELS = ("GPTQMarlinLinearKernel", "HummingLinearMethod")   # stock SGLang's, for GPTQ weights
 
 
 def kernel_class(name: str, engine: str) -> type | None:
     """A kernel by class name: grace_qat's own, or the engine's (vLLM: any registered mixed-precision
-    kernel; SGLang: its GPTQ-Marlin, built by ``_sglang_marlin``)."""
+    kernel; SGLang: its GPTQ-Marlin or Humming, built by ``_sglang_kernel``)."""
     from grace_qat.kernels.own import OWN_KERNELS
     if engine == "vllm":
         from grace_vllm.dispatch import kernel_class as vllm_kernel_class
         return vllm_kernel_class(name)
-    if name == SGLANG_MARLIN:
-        from grace_sglang.linear import MarlinKernel
-        return MarlinKernel
+    if name in SGLANG_KERNELS:
+        from grace_sglang.linear import EngineKernel
+        return EngineKernel
     return OWN_KERNELS.get(name)
 
 
-def _sglang_marlin(bits: int, group: int, n: int, k: int, codes: torch.Tensor, scales: torch.Tensor):
-    """SGLang's GPTQ-Marlin on one shape, built as grace_sglang builds a layer's: (kernel, module)."""
+def _sglang_kernel(name: str, bits: int, group: int, n: int, k: int, codes: torch.Tensor, scales: torch.Tensor):
+    """SGLang's GPTQ-Marlin or Humming on one shape, built as grace_sglang builds a layer's:
+    (kernel, module)."""
     from grace_qat.packing import pack_gptq
     from grace_sglang.config import _scalar_types
-    from grace_sglang.linear import MarlinKernel, gptq_parameters, new_marlin_kernel
+    from grace_sglang.linear import HUMMING, EngineKernel, gptq_parameters, new_humming_kernel, new_marlin_kernel
     st = _scalar_types()
     gptq = pack_gptq(codes - 2 ** (bits - 1), scales, bits, group, scale_dtype=torch.bfloat16)
     mod = torch.nn.Module()
+    mod.with_bias = False
     gptq_parameters(mod, gptq["qweight"].cuda(), gptq["scales"].cuda(), bits)
-    kernel = new_marlin_kernel(mod, st.uint4b8 if bits == 4 else st.uint8b128, group, (k, n), (k, n),
-                               torch.bfloat16)
-    return MarlinKernel(kernel), mod
+    if name == HUMMING:
+        kernel = new_humming_kernel(mod, bits, group, (k, n), k, [n], torch.bfloat16)
+    else:
+        kernel = new_marlin_kernel(mod, st.uint4b8 if bits == 4 else st.uint8b128, group, (k, n), (k, n),
+                                   torch.bfloat16)
+    return EngineKernel(name, kernel), mod
 
 
 def _kernels(bits: int, group: int, n: int, k: int, copies: int,
@@ -116,8 +121,8 @@ def _kernels(bits: int, group: int, n: int, k: int, copies: int,
         scales = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
         row = []
         for name, cls in zip(names, classes):
-            if engine == "sglang" and name == SGLANG_MARLIN:
-                row.append(_sglang_marlin(bits, group, n, k, codes.cpu(), scales.cpu()))
+            if engine == "sglang" and name in SGLANG_KERNELS:
+                row.append(_sglang_kernel(name, bits, group, n, k, codes.cpu(), scales.cpu()))
                 continue
             mod = (kernel_holder(input_size=k, input_size_per_partition=k, output_size=n,
                                  output_partition_sizes=[n], params_dtype=torch.bfloat16, has_bias=False)
@@ -131,8 +136,8 @@ def _kernels(bits: int, group: int, n: int, k: int, copies: int,
 
 
 def _can_run(cls: type, vllm_config, bits: int, group: int, k: int) -> tuple[bool, str | None]:
-    """vLLM's kernels (and grace_qat's beside them) judge vLLM's layer config; with SGLang, Marlin
-    runs what stock SGLang gives it and grace_qat's kernels judge the plain facts."""
+    """vLLM's kernels (and grace_qat's beside them) judge vLLM's layer config; with SGLang, its
+    kernels run what stock SGLang gives them and grace_qat's kernels judge the plain facts."""
     if vllm_config is not None:
         return cls.can_implement(vllm_config)
     return cls.can_run(bits, group, k, torch.bfloat16) if hasattr(cls, "can_run") else (True, None)
@@ -149,8 +154,10 @@ def usable_kernels(bits: int, group: int, n: int, k: int, engine: str = "vllm") 
         large = choose_mp_linear_kernel(cfg).__name__
         candidates = (large,) + KERNELS
     else:
-        large = SGLANG_MARLIN
-        candidates = (large,) + tuple(name for name in KERNELS if kernel_class(name, engine) is not None)
+        from grace_sglang.linear import engine_kernel
+        large = engine_kernel()[0]            # Marlin, or what GRACE_QAT_SGLANG_KERNEL / a table say
+        candidates = (large,) + SGLANG_KERNELS + tuple(name for name in KERNELS
+                                                       if kernel_class(name, engine) is not None)
     names, skipped = [], {}
     for name in dict.fromkeys(candidates):
         cls = kernel_class(name, engine)

@@ -48,6 +48,7 @@ SYSTEMS = {
     # SGLang: the plugin on its GPTQ-/AWQ-Marlin, and stock SGLang (plugin off) on the GPTQ export
     "sglang-grace-a": ("qat-sidecar", 4, None, "sglang:grace_qat"),
     "sglang-grace-b": ("awq", 4, None, "sglang:grace_qat"),
+    "sglang-grace-a-humming": ("qat-sidecar", 4, None, "sglang:grace_qat"),   # GRACE_QAT_SGLANG_KERNEL=humming
     "sglang-gptq": ("qat-sidecar", 4, "gptq", "sglang:none"),
     # stock SGLang's one-flag alternative on the same GPTQ export: its Humming kernels
     "sglang-gptq-humming": ("qat-sidecar", 4, "gptq", "sglang:humming"),
@@ -57,6 +58,7 @@ SYSTEMS = {
 # Environment per system (the engine reads it at start-up)
 SYSTEM_ENV = {
     "grace-a-single": {"GRACE_QAT_DUAL_KERNEL": "0"},
+    "sglang-grace-a-humming": {"GRACE_QAT_SGLANG_KERNEL": "humming"},
 }
 # The one flag a user gives to pick another kernel (vLLM >= 0.34: --linear-backend); the kernel that
 # actually ran is read from each system's log and recorded
@@ -71,7 +73,7 @@ SGLANG_STOCK_CHOICES = ("sglang-gptq", "sglang-gptq-humming")
 # not identical with, the stock run: reported, and checked against BF16 instead.
 PEERS = {"grace-a": "gptq", "grace-a-single": "gptq", "grace-a-inline": "gptq", "grace-a-w8": "gptq-w8",
          "grace-b": "gptq-from-b", "grace-a-marlin": "gptq-marlin", "grace-a-humming": "gptq-humming",
-         "sglang-grace-a": "sglang-gptq"}
+         "sglang-grace-a": "sglang-gptq", "sglang-grace-a-humming": "sglang-gptq-humming"}
 BF16_REFS = ("bf16", "bf16-hf", "bf16-grid")
 
 
@@ -166,7 +168,7 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
     if m:
         result["engine_init_s"], result["compile_s"] = float(m[-1][0]), float(m[-1][1])
     if runner == "sglang_run.py":
-        result["kernels"] = sglang_kernels_in_log(text)
+        result["kernels"] = sglang_kernels_in_log(text, quantization)
     elif quantization == "grace_qat":   # the plugin's own lines: the kernel it used, or its fallback
         from grace_qat.vllm_server import kernels_in_log
         result["kernels"] = kernels_in_log(text)
@@ -184,20 +186,25 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
 
 
 DUAL_KERNEL_LINE = r"grace_qat: W\d+ g\d+ \d+x\d+ layers: \w+ for <= \d+ tokens"
-# grace_sglang/linear.py logs the kernel object each format A layer runs (decoder layer 0); format B
-# layers are SGLang's own AWQ-Marlin method, named by the config line the plugin logs at start-up
-SGLANG_KERNEL_LINE = r"grace_qat: \S+ runs SGLang's (\w+)"
+# grace_sglang/linear.py logs the SGLang kernel format A layers run (once per kernel and bit width);
+# format B layers are SGLang's own AWQ-Marlin method, named by the config line the plugin logs at start-up
+SGLANG_KERNEL_LINE = r"grace_qat: using SGLang's (\w+) for W\d+"
 SGLANG_AWQ_CONFIG_LINE = r"grace_qat: GraceQATConfig\(format=awq\b"
 SGLANG_STOCK_MARLIN_LINE = r"convertible to \w+ during runtime\. Using (\w+) kernel"   # stock GPTQ / AWQ
+SGLANG_STOCK_NAMES = {"gptq_marlin": "GPTQMarlinLinearKernel"}    # stock's name in its log -> the plugin's
 
 
-def sglang_kernels_in_log(text: str) -> list[str]:
-    """Kernels an SGLang run used, from its log: the plugin's own lines, else what stock SGLang names."""
+def sglang_kernels_in_log(text: str, quantization: str | None = None) -> list[str]:
+    """Kernels an SGLang run used, from its log: the plugin's own lines, else what stock SGLang names
+    (as the plugin names it, so that a plugin run and its stock peer on one kernel compare equal);
+    stock SGLang logs nothing for ``--quantization humming``: there, what that flag runs."""
     found = set(re.findall(SGLANG_KERNEL_LINE, text))
     if re.search(SGLANG_AWQ_CONFIG_LINE, text):
         found.add("AWQMarlinLinearMethod")
     if not found:
-        found.update(re.findall(SGLANG_STOCK_MARLIN_LINE, text))
+        found.update(SGLANG_STOCK_NAMES.get(k, k) for k in re.findall(SGLANG_STOCK_MARLIN_LINE, text))
+    if not found and quantization == "humming":
+        found.add("HummingLinearMethod")
     return sorted(found)
 
 

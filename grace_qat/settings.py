@@ -15,6 +15,8 @@ CLIP_PATH = "GRACE_CLIP_PATH"                      # LLaVA-1.5: the CLIP vision 
 DUAL_KERNEL = "GRACE_QAT_DUAL_KERNEL"              # Hopper: second packed copy for small batches
 MARLIN_MAX_M = "GRACE_QAT_MARLIN_MAX_M"            # Hopper: Marlin for calls of at most N tokens
 CROSSOVER_FILE = "GRACE_QAT_CROSSOVER_FILE"        # Hopper: a kernel table measured on this GPU
+SGLANG_KERNEL = "GRACE_QAT_SGLANG_KERNEL"          # SGLang: marlin or humming for every layer
+SGLANG_KERNELS = ("marlin", "humming")             # what stock SGLang runs GPTQ with: by default / --quantization humming
 HF_HUB_OFFLINE = "HF_HUB_OFFLINE"                  # huggingface_hub's: the local cache only
 
 _TRUE = ("1", "true", "yes", "on")
@@ -52,6 +54,17 @@ def integer(name: str, minimum: int = 0) -> int | None:
     return value
 
 
+def choice(name: str, options: tuple[str, ...]) -> str | None:
+    """One of ``options`` (any case); None when unset or empty."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in options:
+        raise GraceFormatError(f"environment variable {name}={os.environ[name]!r}: expected one of "
+                               f"{', '.join(options)}")
+    return raw
+
+
 def text(name: str) -> str | None:
     """A path-like variable; None when unset or empty."""
     return os.environ.get(name) or None
@@ -84,6 +97,10 @@ def marlin_max_m() -> int | None:
 
 def crossover_file() -> str | None:
     return text(CROSSOVER_FILE)
+
+
+def sglang_kernel() -> str | None:
+    return choice(SGLANG_KERNEL, SGLANG_KERNELS)
 
 
 def hub_offline() -> bool:

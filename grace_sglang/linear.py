@@ -50,7 +50,9 @@ from grace_qat.packing import pack_compressed_tensors, pack_factor, pack_gptq
 logger = logging.getLogger(__name__)
 
 ENGINE = "sglang"
-MARLIN = "GPTQMarlinLinearKernel"     # the kernel stock SGLang gives GPTQ layers on CUDA
+MARLIN = "GPTQMarlinLinearKernel"     # what stock SGLang runs GPTQ layers with on CUDA, by default
+HUMMING = "HummingLinearMethod"       # ... and with --quantization humming (SGLang 0.5.23 ships humming-kernels)
+KERNEL_NAMES = {"marlin": MARLIN, "humming": HUMMING}    # GRACE_QAT_SGLANG_KERNEL's values
 _warned_fp16_scales = False
 _announced: set[tuple] = set()
 
@@ -83,26 +85,67 @@ def gptq_parameters(layer: torch.nn.Module, qweight: torch.Tensor, scales: torch
         data=scales, input_dim=0, output_dim=1, weight_loader=_refuse_loading))
 
 
-class MarlinKernel:
-    """SGLang's Marlin kernel object, called as the two-kernel op calls kernels."""
+def new_humming_kernel(layer: torch.nn.Module, bits: int, group: int, full: tuple[int, int],
+                       part_in: int, output_partition_sizes: list[int], act_dtype: torch.dtype):
+    """SGLang's Humming method for a layer holding GPTQ ``qweight``/``scales``, as stock SGLang's
+    ``--quantization humming`` makes it for a symmetric GPTQ checkpoint without act order: its
+    parameters, filled with those tensors instead of a checkpoint's, then its own conversion and
+    repack. ``full``: (in, out)."""
+    from sglang.srt.layers.quantization.humming import HummingLayerQuantizationConfig, HummingLinearMethod
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+    gptq = {name: getattr(layer, name).data for name in ("qweight", "scales")}
+    method = HummingLinearMethod(HummingLayerQuantizationConfig.from_config(
+        {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": True}))
+    # stock SGLang creates these while it builds the model, under the model's device
+    with torch.device(gptq["qweight"].device):
+        method.create_weights(layer, part_in, list(output_partition_sizes), full[0], full[1], act_dtype,
+                              weight_loader=_refuse_loading)
+        for name, data in gptq.items():
+            getattr(layer, name).data = data
+        method.process_weights_after_loading(layer)
+    return method
+
+
+class EngineKernel:
+    """One of SGLang's kernels for a layer (``name``: MARLIN or HUMMING), called as the two-kernel op
+    calls kernels."""
+
+    def __init__(self, name: str, kernel):
+        self.name, self.kernel = name, kernel
 
     def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
         return self.kernel.apply(layer, x, bias)
 
 
-def small_m_partner(bits: int, group: int, n: int, k: int, act_type: torch.dtype
+def engine_kernel() -> tuple[str, str]:
+    """(the SGLang kernel every layer runs, why): ``GRACE_QAT_SGLANG_KERNEL`` where set (the user's
+    choice, as ``--quantization humming`` is for stock SGLang); else the kernel table's
+    ``engine_default`` where one of this device and SGLang version measured stock SGLang faster with
+    Humming at every batch (off with GRACE_QAT_DUAL_KERNEL=0); else Marlin, stock SGLang's default."""
+    chosen = settings.sglang_kernel()
+    if chosen:
+        return KERNEL_NAMES[chosen], f"{settings.SGLANG_KERNEL}={chosen}"
+    if kernel_table.second_kernels_allowed(logger):
+        import sglang
+        t = kernel_table.table_for(kernel_table.device_name(), ENGINE, sglang.__version__,
+                                   extra=settings.crossover_file())
+        pick = (t or {}).get("engine_default") or {}
+        if pick.get("instead_of") == MARLIN and pick.get("use") == HUMMING:
+            return HUMMING, f"{HUMMING} instead of {MARLIN}: {pick.get('measured', 'measured')}"
+    return MARLIN, "stock SGLang's kernel for GPTQ"
+
+
+def small_m_partner(large: str, bits: int, group: int, n: int, k: int, act_type: torch.dtype
                     ) -> tuple[Optional[type], kernel_table.Plan]:
-    """(grace_qat kernel class, plan) for a layer of shape (n, k) on this rank next to Marlin, where
-    the kernel table of this device and SGLang version has one; (None, plan saying why) otherwise."""
+    """(grace_qat kernel class, plan) for a layer of shape (n, k) on this rank next to ``large`` (the
+    SGLang kernel it runs), where the kernel table of this device and SGLang version has one; (None,
+    plan saying why) otherwise."""
     if not kernel_table.second_kernels_allowed(logger):
-        return None, kernel_table.Plan(None, 0, f"{settings.DUAL_KERNEL}=0: one copy, {MARLIN}")
+        return None, kernel_table.Plan(None, 0, f"{settings.DUAL_KERNEL}=0: one copy, {large}")
     import sglang
-    p = kernel_table.plan(kernel_table.device_name(), ENGINE, sglang.__version__, MARLIN, bits, group,
+    p = kernel_table.plan(kernel_table.device_name(), ENGINE, sglang.__version__, large, bits, group,
                           n, k, extra=settings.crossover_file())
-    return kernel_table.partner(p, MARLIN, OWN_KERNELS.get, lambda cls: cls.can_run(bits, group, k, act_type))
+    return kernel_table.partner(p, large, OWN_KERNELS.get, lambda cls: cls.can_run(bits, group, k, act_type))
 
 
 def _set_attrs(param: torch.Tensor, attrs: dict) -> None:
@@ -154,6 +197,7 @@ class GraceQATLinearMethod(LinearMethodBase):
                                    f"(out {n}, in {k} per rank): {e}") from None
         self.group = g
         self.in_pp, self.out_pp = k, n
+        self.output_partition_sizes = list(output_partition_sizes)
         self.input_size, self.output_size = input_size, output_size
         self.params_dtype = params_dtype
         self.bits, self.bits_inferred = ckpt.bits, ckpt.bits_inferred
@@ -259,21 +303,31 @@ class GraceQATLinearMethod(LinearMethodBase):
                                "precision when cast to the fp16 activation dtype", self.prefix,
                                int(tiny.sum()))
 
-    def setup_marlin(self, layer: torch.nn.Module) -> None:
-        """Hand the GPTQ tensors to SGLang's GPTQ-Marlin kernel (repack + scale permutation). CUDA only."""
-        self.kernel = new_marlin_kernel(layer, self.config.quant_type, self.marlin_group,
-                                        (self.input_size, self.output_size), (self.in_pp, self.out_pp),
-                                        self.params_dtype)
-        (logger.info if ".layers.0." in f".{self.prefix}" else logger.debug)(
-            "grace_qat: %s runs SGLang's %s (%s)", self.prefix, MARLIN, self.config.quant_type)
+    def setup_kernel(self, layer: torch.nn.Module) -> None:
+        """Hand the GPTQ tensors to the SGLang kernel ``engine_kernel`` names (Marlin: repack + scale
+        permutation; Humming: its conversion and repack). CUDA only."""
+        name, why = engine_kernel()
+        if name == HUMMING:
+            kernel = new_humming_kernel(layer, self.bits, self.group, (self.input_size, self.output_size),
+                                        self.in_pp, self.output_partition_sizes, self.params_dtype)
+        else:
+            kernel = new_marlin_kernel(layer, self.config.quant_type, self.marlin_group,
+                                       (self.input_size, self.output_size), (self.in_pp, self.out_pp),
+                                       self.params_dtype)
+        self.kernel = EngineKernel(name, kernel)
+        key = (name, self.bits, self.group, self.params_dtype)
+        if key not in _announced:
+            _announced.add(key)
+            logger.info("grace_qat: using SGLang's %s for W%d g%d (%s activations, %s; %s)", name, self.bits,
+                        self.group, str(self.params_dtype).split(".")[-1], self.config.quant_type, why)
 
     def keep_small_m_kernel(self, layer: torch.nn.Module, codes: torch.Tensor, steps: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> None:
         """Where this device's kernel table says so, a second kernel of grace_qat's own with its copy
         of ``codes``/``steps`` (what ``pack_gptq_layout`` packed) and of ``bias`` (as it was before
-        Marlin's set-up, which may permute the layer's) for small token counts; else nothing."""
-        g = self.marlin_group
-        cls, plan = small_m_partner(self.bits, g, self.out_pp, self.in_pp, self.params_dtype)
+        the engine kernel's set-up, which may convert the layer's) for small token counts; else nothing."""
+        g, large = self.marlin_group, self.kernel.name
+        cls, plan = small_m_partner(large, self.bits, g, self.out_pp, self.in_pp, self.params_dtype)
         shape = (self.bits, g, self.out_pp, self.in_pp, cls)
         if cls is None:
             if shape not in _announced:
@@ -287,12 +341,12 @@ class GraceQATLinearMethod(LinearMethodBase):
         small = cls.attach(holder, ct["weight_packed"].to(codes.device), ct["weight_scale"].to(codes.device),
                            self.bits, g, plan.configs)
         setattr(layer, KernelDispatch.HOLDER, holder)
-        self.dispatch = KernelDispatch(layer, MarlinKernel(self.kernel), self.out_pp, small, plan.max_m)
+        self.dispatch = KernelDispatch(layer, self.kernel, self.out_pp, small, plan.max_m)
         if shape not in _announced:
             _announced.add(shape)
             logger.info("grace_qat: W%d g%d %dx%d layers: %s for <= %d tokens, %s above (%s); second "
                         "packed copy kept (%s=0 keeps one)", self.bits, self.group, self.out_pp, self.in_pp,
-                        cls.__name__, plan.max_m, MARLIN, plan.reason, settings.DUAL_KERNEL)
+                        cls.__name__, plan.max_m, large, plan.reason, settings.DUAL_KERNEL)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.kernel is not None:
@@ -303,7 +357,7 @@ class GraceQATLinearMethod(LinearMethodBase):
             self.config.layer_done()        # this layer reads the checkpoint no more
         bias = getattr(layer, "bias", None)
         bias = None if bias is None else bias.data.clone()
-        self.setup_marlin(layer)
+        self.setup_kernel(layer)
         if codes is not None:
             self.keep_small_m_kernel(layer, codes, steps, bias)
 
@@ -313,7 +367,7 @@ class GraceQATLinearMethod(LinearMethodBase):
             return self.dispatch.apply(layer, x, bias)
         if self.kernel is None:
             raise RuntimeError(f"grace_qat: {self.prefix}: weights were not processed after loading")
-        return self.kernel.apply(layer, x, bias)
+        return self.kernel.apply_weights(layer, x, bias)
 
 
 __all__ = ["GraceQATLinearMethod"]

@@ -20,12 +20,13 @@ if ! "$VENV/bin/python" -c "import sglang.srt.server_args" >/dev/null 2>&1; then
   pip_install --no-deps sglang==0.5.23
   "$VENV/bin/python" -c "import sglang.srt.server_args" || { echo "[setup-sglang] SGLang install failed" >&2; exit 1; }
 fi
-if [ "$(installed_checkout "$VENV" "pytest, hypothesis, PIL, yaml, sentencepiece, numpy")" = "$PWD" ]; then
+if [ "$(installed_checkout "$VENV" "pytest, hypothesis, PIL, yaml, sentencepiece, numpy, humming")" = "$PWD" ]; then
   say "grace-qat (this checkout) and the test suite's dependencies already installed"
 else
   pip_install --no-deps --no-build-isolation -e .
-  # what the SGLang suite imports beyond SGLang's own dependencies (also on a venv made earlier)
-  pip_install "pytest>=8" "hypothesis>=6" pillow pyyaml sentencepiece==0.2.1 numpy
+  # what the SGLang suite imports beyond the packages above (also on a venv made earlier): humming-kernels
+  # is SGLang's own dependency for --quantization humming (the Python half runs on a CPU)
+  pip_install "pytest>=8" "hypothesis>=6" pillow pyyaml sentencepiece==0.2.1 numpy humming-kernels==0.1.12
 fi
 say "ready: $VENV ($("$VENV/bin/python" -c 'import sglang; print("sglang", sglang.__version__)'))"
 

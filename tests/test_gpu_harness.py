@@ -249,14 +249,16 @@ def test_http_serve_check_fails_on_a_token_mismatch():
 
 def test_sglang_kernel_is_read_from_the_plugins_own_log_line():
     src = (ROOT / "grace_sglang" / "linear.py").read_text()
-    fmt = re.search(r'\)\("(grace_qat: %s runs SGLang\'s %s \(%s\))"', src).group(1)
-    line = fmt % ("model.language_model.layers.0.self_attn.qkv_proj", "GPTQMarlinLinearKernel", "uint4b8")
-    assert vllm_bench.sglang_kernels_in_log(f"[2026-12-01 TP0] {line}\nother\n") == ["GPTQMarlinLinearKernel"]
+    fmt = re.search(r'"(grace_qat: using SGLang\'s %s for W%d g%d \(%s activations, %s; %s\))"', src).group(1)
+    for kernel in ("GPTQMarlinLinearKernel", "HummingLinearMethod"):
+        line = fmt % (kernel, 4, 128, "bfloat16", "uint4b8", "stock SGLang's kernel for GPTQ")
+        assert vllm_bench.sglang_kernels_in_log(f"[2026-12-01 TP0] {line}\nother\n") == [kernel]
     config = "grace_qat: GraceQATConfig(format=awq, bits=4, group_size=128, modules=196, path='/m')"
     assert vllm_bench.sglang_kernels_in_log(config) == ["AWQMarlinLinearMethod"]
     stock = "The model is convertible to gptq_marlin during runtime. Using gptq_marlin kernel."
-    assert vllm_bench.sglang_kernels_in_log(stock) == ["gptq_marlin"]
+    assert vllm_bench.sglang_kernels_in_log(stock) == ["GPTQMarlinLinearKernel"]    # the plugin's name for it
     assert vllm_bench.sglang_kernels_in_log("nothing here") == []
+    assert vllm_bench.sglang_kernels_in_log("nothing here", "humming") == ["HummingLinearMethod"]
 
 
 # -- SGLang's vision attention -----------------------------------------------------------------

@@ -18,6 +18,17 @@ def test_whole_numbers_are_parsed_strictly(monkeypatch):
                                 f"number >= 0")
 
 
+def test_choices_are_parsed_strictly(monkeypatch):
+    monkeypatch.delenv(settings.SGLANG_KERNEL, raising=False)
+    assert settings.sglang_kernel() is None
+    monkeypatch.setenv(settings.SGLANG_KERNEL, " Humming ")
+    assert settings.sglang_kernel() == "humming"
+    monkeypatch.setenv(settings.SGLANG_KERNEL, "machete")
+    with pytest.raises(GraceFormatError) as e:
+        settings.sglang_kernel()
+    assert str(e.value) == "environment variable GRACE_QAT_SGLANG_KERNEL='machete': expected one of marlin, humming"
+
+
 def test_defaults_and_precedence(monkeypatch):
     for name in (settings.AUTODETECT, settings.SGLANG_AUTODETECT, settings.TRACEBACK, settings.DUAL_KERNEL,
                  settings.CLIP_PATH, settings.CROSSOVER_FILE):

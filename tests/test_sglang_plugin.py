@@ -308,17 +308,19 @@ def tp_partition(rank: int, size: int):
             yield {}
 
 
-def _build_layer0(qc, path, rank, size, dtype=torch.bfloat16):
+def _build_layer0(qc, path, rank, size, dtype=torch.bfloat16, tensors=None):
     """SGLang's four quantizable layers of decoder layer 0, loaded as the Qwen3-VL model does
-    (at TP 4 without o_proj, whose 256 inputs = 2 groups cannot be split 4 ways)."""
+    (at TP 4 without o_proj, whose 256 inputs = 2 groups cannot be split 4 ways), from the GRACE
+    checkpoint at ``path`` or, for stock SGLang's layers, from ``tensors`` (name -> tensor)."""
     from sglang.srt.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                           RowParallelLinear)
     tc = _text_cfg(path)
     h, inter = tc["hidden_size"], tc["intermediate_size"]
     nh, nkv, hd = tc["num_attention_heads"], tc["num_key_value_heads"], tc["head_dim"]
     p = "model.language_model.layers.0."
-    ckpt = GraceCheckpoint.open(path)
-    get = ckpt.tensors.get
+    ckpt = GraceCheckpoint.open(path) if tensors is None else None
+    names = ckpt.tensors if tensors is None else tensors
+    get = ckpt.tensors.get if tensors is None else tensors.__getitem__
     with tp_partition(rank, size) as kw:
         layers = {
             "qkv": QKVParallelLinear(h, hd, nh, nkv, bias=False, quant_config=qc, params_dtype=dtype,
@@ -339,8 +341,8 @@ def _build_layer0(qc, path, rank, size, dtype=torch.bfloat16):
             params = dict(layer.named_parameters())
             for mod, shard in parts:
                 # what the model's load_weights hands this layer: every tensor of the module in the files
-                leaves = [leaf for leaf in ("weight", "log_scale", "qweight", "qzeros", "scales")
-                          if f"{p}{mod}.{leaf}" in ckpt.tensors]
+                leaves = [leaf for leaf in ("weight", "log_scale", "qweight", "qzeros", "scales", "g_idx")
+                          if f"{p}{mod}.{leaf}" in names]
                 assert leaves, (path, mod)
                 for leaf in leaves:
                     param = params[leaf]
@@ -607,7 +609,105 @@ def test_second_kernel_computes_the_checkpoints_product(plugins_loaded, ckpts, t
         ref = x.double() @ w_dq.t()
         err = ((y - ref).norm() / ref.norm()).item()
         assert err < 2 ** -8, (m, err)
-    assert r["calls"].get("TritonWNA16Kernel") == 3 and r["calls"].get("MarlinKernel") == 1, r["calls"]
+    assert r["calls"].get("TritonWNA16Kernel") == 3 and r["calls"].get("GPTQMarlinLinearKernel") == 1, r["calls"]
+
+
+@pytest.mark.parametrize("env,table,expected", [
+    ({}, None, "GPTQMarlinLinearKernel"),                                   # stock SGLang's default
+    ({"GRACE_QAT_SGLANG_KERNEL": "humming"}, None, "HummingLinearMethod"),  # the user's choice
+    ({}, "this", "HummingLinearMethod"),                                     # measured here: faster
+    ({"GRACE_QAT_SGLANG_KERNEL": "marlin"}, "this", "GPTQMarlinLinearKernel"),   # the user's choice wins
+    ({"GRACE_QAT_DUAL_KERNEL": "0"}, "this", "GPTQMarlinLinearKernel"),     # stock's choice, nothing else
+    ({}, "other-version", "GPTQMarlinLinearKernel"),                         # measured with another SGLang
+])
+def test_the_sglang_kernel_is_the_users_then_the_measured_then_marlin(plugins_loaded, monkeypatch, tmp_path,
+                                                                      env, table, expected):
+    from grace_sglang.linear import engine_kernel
+    for name in ("GRACE_QAT_SGLANG_KERNEL", "GRACE_QAT_DUAL_KERNEL", "GRACE_QAT_CROSSOVER_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if table:
+        path = tmp_path / "t.json"
+        path.write_text(json.dumps({
+            "device": "cpu", "engine": "sglang", "measured": "a test", "shapes": {},
+            "engine_version": _sglang_version() if table == "this" else "0.0.1",
+            "engine_default": {"instead_of": "GPTQMarlinLinearKernel", "use": "HummingLinearMethod"}}))
+        monkeypatch.setenv("GRACE_QAT_CROSSOVER_FILE", str(path))
+    name, why = engine_kernel()
+    assert name == expected, why
+
+
+def _stub_humming_kernel_prep(monkeypatch):
+    """Humming's last two set-up steps (its layer metadata and the repack for its CUDA kernel) need a
+    GPU: skipped here, so that a layer holds what Humming's own conversion made of the GPTQ tensors."""
+    from humming.layer import HummingMethod
+    monkeypatch.setattr(HummingMethod, "prepare_layer_meta", staticmethod(lambda **kw: None))
+    monkeypatch.setattr(HummingMethod, "transform_humming_layer", staticmethod(lambda layer: None))
+
+
+@pytest.mark.parametrize("key,bits", [("qat-sidecar", 4), ("w8", 8)])
+@pytest.mark.parametrize("tp,rank", [(1, 0), (2, 1)])
+def test_humming_gets_what_stock_sglang_loads_from_the_gptq_checkpoint(plugins_loaded, ckpts, monkeypatch,
+                                                                        key, bits, tp, rank):
+    """GRACE_QAT_SGLANG_KERNEL=humming: every layer hands SGLang's Humming method exactly the tensors
+    stock SGLang's --quantization humming loads from a GPTQ checkpoint of the same weights (written
+    by tests/reference.py from the files, plain code), per rank."""
+    require("humming", reason="humming-kernels (a dependency of SGLang 0.5.23) is not installed")
+    from sglang.srt.layers.quantization.humming import HummingConfig
+    from grace_sglang.config import GraceQATConfig
+    _stub_humming_kernel_prep(monkeypatch)
+    monkeypatch.setenv("GRACE_QAT_SGLANG_KERNEL", "humming")
+    gptq = ckpts["gptq:" + key]
+    plugin, _ = _build_layer0(GraceQATConfig(ckpts[key]), ckpts[key], rank, tp)
+    stock_qc = HummingConfig.from_config(read_quantization_config(gptq))
+    stock, _ = _build_layer0(stock_qc, ckpts[key], rank, tp, tensors=reference.tensors(gptq))
+    for name in plugin:
+        for layer in (plugin[name], stock[name]):
+            layer.quant_method.process_weights_after_loading(layer)
+        ours, theirs = plugin[name].state_dict(), stock[name].state_dict()
+        assert sorted(ours) == sorted(theirs), (name, sorted(ours), sorted(theirs))
+        for t in ours:
+            assert torch.equal(ours[t], theirs[t]), (name, t)
+        assert {"weight", "weight_scale"} <= set(ours), (name, sorted(ours))
+        assert type(stock[name].quant_method).__name__ == "HummingLinearMethod" == plugin[name].quant_method.kernel.name
+
+
+def read_quantization_config(path) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)["quantization_config"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["marlin", "humming"])
+def test_gpu_layers_equal_stock_sglang_layers_bit_for_bit(plugins_loaded, ckpts, monkeypatch, kernel):
+    """On the GPU, each plugin layer (one copy, GRACE_QAT_SGLANG_KERNEL=marlin / humming) computes
+    exactly what stock SGLang's layer computes on a GPTQ checkpoint of the same weights with the same
+    kernel (GPTQ-Marlin by default, or --quantization humming), M = 1, 5, 64; stock run twice
+    (the kernel's determinism, which the comparison relies on)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: SGLang's kernels")
+    from sglang.srt.layers.quantization.gptq.gptq import GPTQMarlinConfig
+    from sglang.srt.layers.quantization.humming import HummingConfig
+    from grace_sglang.config import GraceQATConfig
+    monkeypatch.setenv("GRACE_QAT_SGLANG_KERNEL", kernel)
+    monkeypatch.setenv("GRACE_QAT_DUAL_KERNEL", "0")
+    key, gptq = "qat-sidecar", ckpts["gptq:qat-sidecar"]
+    stock_cls = HummingConfig if kernel == "humming" else GPTQMarlinConfig
+    with torch.device("cuda"):
+        plugin, _ = _build_layer0(GraceQATConfig(ckpts[key]), ckpts[key], 0, 1)
+        stock, _ = _build_layer0(stock_cls.from_config(read_quantization_config(gptq)), ckpts[key], 0, 1,
+                                 tensors={k: v.cuda() for k, v in reference.tensors(gptq).items()})
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name in plugin:
+        for layer in (plugin[name], stock[name]):
+            layer.quant_method.process_weights_after_loading(layer)
+        for m in (1, 5, 64):
+            k = plugin[name].input_size_per_partition
+            x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+            want = stock[name].quant_method.apply(stock[name], x)
+            assert torch.equal(stock[name].quant_method.apply(stock[name], x), want), (name, m, "stock")
+            assert torch.equal(plugin[name].quant_method.apply(plugin[name], x), want), (name, m, kernel)
 
 
 def _second_kernel_worker(spec_path: str) -> int:

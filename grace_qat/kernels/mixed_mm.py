@@ -43,6 +43,11 @@ class KernelDispatch:
         return torch.ops.grace_qat.mixed_mm(x, bias, getattr(layer, self.KEY), self.out_features)
 
 
+def _name(kernel) -> str:
+    """A kernel's name for CALLS: its ``name`` (an adapter's wrapper of an engine kernel) or its class's."""
+    return getattr(kernel, "name", None) or type(kernel).__name__
+
+
 def _mixed_mm(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor, out_features: int) -> torch.Tensor:
     layer = _LAYERS.get(weight.data_ptr())     # ``weight``: the layer's key buffer
     if layer is None:
@@ -51,11 +56,11 @@ def _mixed_mm(x: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor, 
     d: KernelDispatch = layer.quant_method.dispatch
     if d.small is not None and x.numel() // x.shape[-1] <= d.max_m:
         holder = getattr(layer, KernelDispatch.HOLDER)
-        CALLS[type(d.small).__name__] += 1
+        CALLS[_name(d.small)] += 1
         # The holder keeps its kernel's copy of the bias (Marlin permutes it); the engine passes None
         # where it must not be added (tensor-parallel ranks > 0, skip_bias_add).
         return d.small.apply_weights(holder, x, None if bias is None else holder.bias)
-    CALLS[type(d.large).__name__] += 1
+    CALLS[_name(d.large)] += 1
     return d.large.apply_weights(layer, x, bias)
 
 

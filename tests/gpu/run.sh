@@ -53,6 +53,8 @@
 #                  next to BF16, the Triton kernel and (when a vLLM is there) Marlin/Machete/Humming -> $OUT/gemv/
 #                  small_m.json, and one Nsight Compute profile (7B gate_up, M=1) -> $OUT/gemv/ncu.json; no
 #                  engine needed (GRACE_GEMV_BENCH_ARGS adds benchmark flags, e.g. "--bits 4,8 --tp 1,2")
+#   sglang-gpu-tests - (SGLang) the `-m "sglang and gpu"` tests of tests/test_sglang_plugin.py: each plugin layer
+#                  equal bit for bit to stock SGLang's on the GPTQ export, with Marlin and with Humming
 #   gpu-tests    - (vLLM) the `-m gpu` tests of tests/test_vllm_plugin.py (exact codes after the repack) and
 #                  tests/test_small_m_kernel.py (the Triton kernel, exact)
 #   workflow-vllm - the vllm job of .github/workflows/engine-images.yml, step by step as written, with the
@@ -166,7 +168,7 @@ case "$stage" in   # the engine a stage runs on (bundle or installed; see the to
   crossover|sglang-crossover|marlin-variants|bench-llava|bench-qwen|profile-qwen|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
   workflow-vllm|sglang-workflow|\
   serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|\
-  sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang)
+  sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang|sglang-gpu-tests)
     use_engine "${GRACE_GPU_BUNDLE_WAIT:-900}" || exit 1 ;;
   *) echo "unknown stage '$stage' (stages: the comment at the top of $0)"; exit 2 ;;
 esac
@@ -376,6 +378,13 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     tail -25 $OUT/suite.log; echo "pytest rc=$rc"
     llava_check 400 || rc=1
     exit $rc ;;
+  sglang-gpu-tests)
+    cuda_visible || exit 1
+    wait_sglang_jit || exit 1
+    export PYTHONPATH=/tmp/site-test:$PYTHONPATH
+    timeout 500 python3 -m pytest -q -rs -m "sglang and gpu" -p no:cacheprovider tests/test_sglang_plugin.py \
+      > $OUT/sglang-gpu-tests.log 2>&1; rc=$?
+    tail -25 $OUT/sglang-gpu-tests.log; echo "pytest rc=$rc"; exit $rc ;;
   gpu-tests)
     cuda_visible || exit 1
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH

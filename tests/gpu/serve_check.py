@@ -15,7 +15,8 @@ Why identical tokens are the right expectation: the plugin hands the engine the 
 the GPTQ export stores, and the engine runs them on the kernel it picks for that export. On vLLM the
 plugin therefore runs with ``GRACE_QAT_DUAL_KERNEL=0`` (one packed copy, vLLM's own kernel choice;
 ``--dual-kernel`` keeps Marlin at small batches, whose tokens may part from stock's Machete: reported,
-not failed). On SGLang both sides run GPTQ-Marlin (format B: AWQ-Marlin on the plugin's side, the
+not failed). On SGLang both sides run GPTQ-Marlin (the plugin with ``GRACE_QAT_DUAL_KERNEL=0`` too, so
+no kernel table adds a second kernel; format B: AWQ-Marlin on the plugin's side, the
 export's GPTQ-Marlin on stock's: reported, not failed) and the stock server has the plugin switched
 off (``SGLANG_PLUGINS`` set to a name no plugin has). Where no export is given, one is written with
 ``grace_qat.convert.convert(DIR, COPY, to="gptq")``.
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--startup-timeout", type=int, default=900, help="seconds per server start")
     p.add_argument("--dual-kernel", action="store_true",
-                   help="vLLM: keep the plugin's dual kernel (tokens may part from stock: not a failure)")
+                   help="keep the plugin's second kernels where a kernel table has them (tokens may part "
+                        "from stock: not a failure)")
     p.add_argument("--tokenizer-path", help="SGLang: tokenizer/processor directory (original-layout LLaVA)")
     p.add_argument("--chat-template", help="SGLang: chat template name")
     p.add_argument("--engine-arg", action="append", default=[], help="one more server argument")
@@ -112,6 +114,8 @@ def server_setup(args, model: str, plugin: bool, work: str) -> tuple[type, list[
     env = {"PYTHONPATH": os.pathsep.join(x for x in (ROOT, eps, os.environ.get("PYTHONPATH")) if x)}
     if plugin:
         srv += ["--quantization", "grace_qat"]
+        if not args.dual_kernel:         # Marlin alone, as stock runs the export (no table's second kernel)
+            env["GRACE_QAT_DUAL_KERNEL"] = "0"
     else:
         env["SGLANG_PLUGINS"] = DISABLED_PLUGINS
         if architecture(model) == "LlavaLlamaForCausalLM":   # as sglang_serve_check: the processor's <image> id
@@ -224,7 +228,7 @@ def main(argv=None) -> int:
         except PackageNotFoundError:
             result[f"{dist}_version"] = None
     # identical tokens are expected where both sides run one and the same kernel (module docstring)
-    result["expect_identical"] = not (args.engine == "vllm" and args.dual_kernel) and not (
+    result["expect_identical"] = not args.dual_kernel and not (
         args.engine == "sglang" and ckpt.format == "awq")
     logs = os.path.splitext(os.path.abspath(args.out))[0] + "_logs"
     os.makedirs(logs, exist_ok=True)

@@ -280,6 +280,8 @@ def child_layer(args):
 def child_engine(args):
     if args.child_quantization == "none":
         os.environ["SGLANG_PLUGINS"] = DISABLED_PLUGINS   # stock SGLang, in every child process too
+    else:   # the plugin on Marlin alone, as stock runs the export: no kernel table's second kernel
+        os.environ.setdefault("GRACE_QAT_DUAL_KERNEL", "0")
     import torch
     import sglang
 
