@@ -368,7 +368,7 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     wait_sglang_jit || exit 1
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --timeout 420 \
-      --systems "${GRACE_BENCH_SGLANG_SYSTEMS:-sglang-gptq,sglang-gptq-humming,sglang-grace-a,sglang-grace-b}" \
+      --systems "${GRACE_BENCH_SGLANG_SYSTEMS:-sglang-gptq,sglang-gptq-humming,sglang-grace-a,sglang-grace-a-humming,sglang-grace-b}" \
       --out $OUT/qwen2b-sglang "$@" ;;
   suite)
     cuda_visible || exit 1
