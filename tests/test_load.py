@@ -42,7 +42,9 @@ SCALE = max(1, int(os.environ.get("GRACE_LOAD_SCALE", "1")))
 N_REQUESTS = 24 * SCALE
 CONCURRENCY = 8 * SCALE
 MAX_TOKENS = 8
-CANCELLED_MAX_TOKENS = 512    # what the abandoned requests ask for (ignore_eos): they must be aborted
+CANCELLED_MAX_TOKENS = 1536   # what the abandoned requests ask for (ignore_eos): they must be aborted. Long
+# enough that a client giving up after 1 s of silence is still mid-generation on a loaded 2-core machine
+# (512 tokens took 2.4 s there once: a client thread scheduled late found the whole reply waiting)
 LOAD_TIMEOUT_S = 120 * SCALE  # the whole burst; each request also has its own timeout
 QUESTION = "What colour is the square in the picture?"
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0", "VLLM_NO_USAGE_STATS": "1",
