@@ -3,7 +3,8 @@
 The kernels, with ``--engine vllm`` (default): vLLM's own choice for the layer
 (``choose_mp_linear_kernel``: Machete on Hopper by default) and the others a user can pick with one
 flag (Humming, Marlin), plus grace_qat's own (Triton, CUDA GEMV); with ``--engine sglang``: SGLang's
-GPTQ-Marlin (what stock SGLang runs GPTQ layers with on CUDA) and grace_qat's own. Writes under
+GPTQ-Marlin (what stock SGLang runs GPTQ layers with on CUDA), its Humming (``--quantization
+humming``) and grace_qat's own, next to the kernel grace_sglang would choose. Writes under
 --out: ``kernel_table.json`` (what ``grace_qat.kernels.table`` reads, keyed by this device name and
 the engine's version: copy it to ``grace_qat/kernels/table-<gpu>-<engine><version>.json`` or point
 ``GRACE_QAT_CROSSOVER_FILE`` at it; a second kernel only where it is >= 1.05x the engine's choice at
