@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
+from grace_qat import settings
 from grace_qat.engine_config import GraceQATConfigBase
 from grace_qat.errors import GraceFormatError
 
@@ -109,6 +110,7 @@ class GraceQATConfig(GraceQATConfigBase, QuantizationConfig):
                    packed_modules_mapping=config.get("packed_modules_mapping"))
 
     def on_validated(self) -> None:
+        settings.sglang_kernel()    # misspelt: one line here, before any layer is built, not in a worker
         st = _scalar_types()
         if self.stock_config is not None:
             self.quant_type = st.uint4          # what AWQ-Marlin runs (zero points as a tensor)

@@ -638,6 +638,14 @@ def test_the_sglang_kernel_is_the_users_then_the_measured_then_marlin(plugins_lo
     assert name == expected, why
 
 
+def test_a_misspelt_kernel_choice_stops_at_the_config_in_one_line(plugins_loaded, ckpts, monkeypatch):
+    from grace_sglang.config import GraceQATConfig
+    monkeypatch.setenv("GRACE_QAT_SGLANG_KERNEL", "machete")
+    with pytest.raises(GraceFormatError) as e:
+        GraceQATConfig(ckpts["qat-sidecar"])
+    assert str(e.value) == "environment variable GRACE_QAT_SGLANG_KERNEL='machete': expected one of marlin, humming"
+
+
 def _stub_humming_kernel_prep(monkeypatch):
     """Humming's last two set-up steps (its layer metadata and the repack for its CUDA kernel) need a
     GPU: skipped here, so that a layer holds what Humming's own conversion made of the GPTQ tensors."""
