@@ -11,6 +11,8 @@ little-endian: element k of a pack occupies bits [k*bits, (k+1)*bits) of the int
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .errors import GraceFormatError
@@ -26,20 +28,24 @@ def pack_factor(bits: int) -> int:
 
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack unsigned ``bits``-bit values (any int dtype) along ``dim`` into int32."""
+    """Pack unsigned 4- or 8-bit values (any int dtype) along ``dim`` into int32: value i of a word at
+    bits [bits*i, bits*(i+1))."""
+    if bits not in (4, 8) or sys.byteorder != "little":
+        raise GraceFormatError(f"packing {bits}-bit values on a {sys.byteorder}-endian machine is not supported")
     pf = pack_factor(bits)
-    v = values.to(torch.int64).movedim(dim, -1)
+    v = values.movedim(dim, -1)
     if v.shape[-1] % pf:
         raise GraceFormatError(f"cannot pack {v.shape[-1]} values along dim {dim} in groups of {pf}")
     if v.numel():
         lo, hi = torch.aminmax(v)
         if lo < 0 or hi >= (1 << bits):
             raise GraceFormatError(f"values to pack must lie in [0, {(1 << bits) - 1}]")
-    v = v.reshape(*v.shape[:-1], v.shape[-1] // pf, pf)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=v.device)
-    packed = (v << shifts).sum(-1)                       # disjoint bit ranges: sum == bitwise or
-    packed = torch.where(packed >= (1 << 31), packed - (1 << 32), packed).to(torch.int32)
-    return packed.movedim(-1, dim).contiguous()
+    # Little-endian: the bytes of an int32 in memory order hold its fields from the lowest bits up, so
+    # packing is one pass over bytes (an int64 shift-and-sum way spent 17 s of a 2B model's CPU load)
+    u8 = v.to(torch.uint8)
+    if bits == 4:
+        u8 = u8[..., 0::2] | (u8[..., 1::2] << 4)
+    return u8.contiguous().view(torch.int32).movedim(-1, dim).contiguous()
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
