@@ -118,7 +118,8 @@ _PIP_NAME = {"PIL": "pillow", "yaml": "pyyaml", "compressed_tensors": "compresse
 # Provided by the engine's own dependencies (vLLM / SGLang pull them in).
 _FROM_ENGINE = {"torch", "safetensors", "transformers", "huggingface_hub", "numpy", "vllm", "sglang",
                 "tokenizers", "openai", "torchvision", "triton",   # triton: torch's CUDA build pulls it in
-                "cuda"}   # cuda-bindings (NVRTC for the CUDA GEMV's tests): torch's CUDA build pulls it in
+                "cuda",   # cuda-bindings (NVRTC for the CUDA GEMV's tests): torch's CUDA build pulls it in
+                "humming"}   # humming-kernels: SGLang's (setup-sglang.sh names it, SGLang goes in with --no-deps)
 
 
 def _suite_imports() -> set[str]:
