@@ -173,12 +173,12 @@ def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_s
         raise GraceFormatError(f"{name}: steps must be finite and > 0")
     # Full-size passes are kept few (this runs on every quantized weight at load time): reductions
     # find the rare bad cases, which are then located in detail.
-    w = _grouped(weight.to(torch.float32), g)
+    w = _grouped(weight.to(torch.float32, copy=True), g)     # a copy: worked on in place below
     lo, hi = torch.aminmax(w)                      # NaN and inf both surface here
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise GraceFormatError(f"{name}.weight: contains NaN or inf")
     s = scales.to(torch.float32).unsqueeze(-1)
-    q = torch.round(w / s)
+    q = w.div_(s).round_()
     q_lo, q_hi = torch.aminmax(q)
     check_width(float(q_lo), float(q_hi), bits, inferred, name)
     if q_lo < qmin or q_hi > qmax:
@@ -190,7 +190,9 @@ def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_s
         raise GraceFormatError(
             f"{name}.weight: {int(out_of_range.sum())} codes outside the {bits}-bit range "
             f"[{qmin}, {qmax}] (worst code {float(worst):.0f}); {why}")
-    recon = (q * s).reshape(out_f, in_f).to(weight.dtype)
+    dtype = torch.int8 if bits == 4 else torch.int16
+    codes = q.reshape(out_f, in_f).to(dtype)
+    recon = q.mul_(s).reshape(out_f, in_f).to(weight.dtype)      # q is done with: reuse it
     mismatch = recon != weight
     # exp() may differ by an fp32 ulp between machines: a neighbouring value is still on the grid
     if mismatch.any() and bool((ulps_apart(recon[mismatch], weight[mismatch]) > 1).any()):
@@ -201,8 +203,7 @@ def recover_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_s
             f"{name}.weight: {int((apart > 1).sum())} of {weight.numel()} values are off the quantization "
             f"grid (worst at [{o}, {rest}]: {weight.flatten()[flat].item():.6g}, nearest grid value "
             f"{recon.flatten()[flat].item():.6g}); not a GRACE {bits}-bit weight for these scales")
-    dtype = torch.int8 if bits == 4 else torch.int16
-    return q.reshape(out_f, in_f).to(dtype)
+    return codes
 
 
 def derive_scales(weight: torch.Tensor, bits: int, group_size: int, name: str = "?",

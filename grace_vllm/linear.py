@@ -315,7 +315,7 @@ class GraceLinearMethod(LinearMethodBase):
         packed = torch.empty(g.out_pp, g.in_pp // pack_factor(self.bits), dtype=torch.int32,
                              device=codes.device)
         for _, _, r0, r1 in self._chunks(layer):
-            packed[r0:r1] = pack_int32(codes[r0:r1].to(torch.int32) + offset, self.bits, dim=1)
+            packed[r0:r1] = pack_int32(codes[r0:r1] + offset, self.bits, dim=1)   # int8 / int16 hold u
         return packed
 
     def _dequantized(self, layer, packed: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@
 #                  marlin) vs BF16 (GRACE_BENCH_SYSTEMS / GRACE_BENCH_BATCHES narrow it)
 #   profile-qwen - Qwen3-VL-2B batch 1: GPU kernels per decode step (torch profiler) of stock Humming and
 #                  grace_qat (GRACE_PROFILE_SYSTEMS: which systems; default gptq-humming,grace-a)
+#   profile-load - where an engine start goes, function by function (cProfile, benchmarks/startup_profile.py):
+#                  the plugin on the 2B format A and stock vLLM on its GPTQ export -> $OUT/startup-{plugin,stock}.json
 #   bench-w8     - Qwen3-VL-2B W8: grace_qat vs stock GPTQ int8
 #   bench-hf     - Qwen3-VL-2B: plain Transformers generate on the BF16-on-grid checkpoint
 #   suite        - (vLLM) the engine test suite on tiny fixtures + the LLaVA original-layout checks
@@ -165,7 +167,7 @@ case "$stage" in   # the engine a stage runs on (bundle or installed; see the to
   gemv) use_engine 0 > /dev/null || ENGINE_FROM="" ;;
   engine|sglang-engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
   install) use_engine 0 || [ "${GRACE_GPU_SANITY:-1}" = 0 ] || exit 1 ;;
-  crossover|sglang-crossover|marlin-variants|bench-llava|bench-qwen|profile-qwen|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
+  crossover|sglang-crossover|marlin-variants|bench-llava|bench-qwen|profile-qwen|profile-load|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
   workflow-vllm|sglang-workflow|\
   serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|\
   sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang|sglang-gpu-tests)
@@ -288,6 +290,17 @@ EOF
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches 1 --image-batches "" \
       --profile-tokens 16 --timeout 300 --out $OUT/qwen2b-profile \
       --systems "${GRACE_PROFILE_SYSTEMS:-gptq-humming,grace-a}" "$@" ;;
+  profile-load)   # where a start goes, by function: the plugin on the 2B format A, stock on its GPTQ export
+    wait_prep || exit 1
+    rc=0
+    for side in plugin stock; do
+      model=$WORK/qwen3vl-2b-qat-sidecar-w4; q=(--quantization grace_qat)
+      [ $side = stock ] && { model=$model-gptq; q=(); }
+      timeout 600 python3 benchmarks/startup_profile.py --model $model "${q[@]}" --out $OUT/startup-$side.json "$@" \
+        > $OUT/startup-$side.log 2>&1 || { rc=1; tail -20 $OUT/startup-$side.log; }
+      grep -A13 "^start" $OUT/startup-$side.log
+    done
+    exit $rc ;;
   bench-w8)
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --systems gptq-w8,grace-a-w8 \
