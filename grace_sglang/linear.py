@@ -22,10 +22,12 @@ activation dtype, exactly what ``grace-qat convert --to gptq`` writes); the load
 dropped, and SGLang's own ``GPTQMarlinLinearKernel`` (the kernel object behind
 ``GPTQMarlinLinearMethod``) repacks them (``gptq_marlin_repack``, ``marlin_permute_scales``) and
 later runs ``apply_gptq_marlin_linear``: on the same weights, the layer runs what stock SGLang runs.
+``GRACE_QAT_SGLANG_KERNEL=humming`` (or a kernel table's ``engine_default``) hands them to SGLang's
+Humming method instead, as stock SGLang's ``--quantization humming`` does for a GPTQ checkpoint.
 
 A second kernel for small batches (grace_qat's own, ``grace_qat.kernels.own``) with its own copy of
 the codes is kept only where a kernel table measured on this device and SGLang version says it beats
-Marlin for the layer's shape (``grace_qat.kernels.table``; ``benchmarks/kernel_crossover.py --engine
+the engine kernel for the layer's shape (``grace_qat.kernels.table``; ``benchmarks/kernel_crossover.py --engine
 sglang``); the layer then runs the two-kernel custom op (``grace_qat.kernels.mixed_mm``).
 ``GRACE_QAT_DUAL_KERNEL=0`` keeps one copy everywhere.
 """
