@@ -30,8 +30,10 @@ def pack_factor(bits: int) -> int:
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Pack unsigned 4- or 8-bit values (any int dtype) along ``dim`` into int32: value i of a word at
     bits [bits*i, bits*(i+1))."""
-    if bits not in (4, 8) or sys.byteorder != "little":
-        raise GraceFormatError(f"packing {bits}-bit values on a {sys.byteorder}-endian machine is not supported")
+    if bits not in (4, 8):
+        raise GraceFormatError(f"cannot pack {bits}-bit values: GRACE codes are 4 or 8 bits")
+    if sys.byteorder != "little":
+        raise GraceFormatError("packing codes needs a little-endian machine (as every engine's kernels do)")
     pf = pack_factor(bits)
     v = values.movedim(dim, -1)
     if v.shape[-1] % pf:

@@ -2,9 +2,10 @@
 
 They run as vLLM's ``MPLinearKernel`` objects do (``apply_weights(module, x, bias)``) and say which
 layers they can run (``can_implement`` from vLLM's layer config, ``can_run`` from plain facts), so
-either adapter can keep one as a layer's second kernel where a kernel table measured it faster (``grace_qat.kernels.table``). Each lays out its
-own copy of the layer's codes on a holder module (``attach``), from the compressed-tensors packing
-(out, in/pf) int32 as uint4b8 / uint8b128 and the steps (out, groups) in the activation dtype.
+either adapter can keep one as a layer's second kernel where a kernel table measured it faster
+(``grace_qat.kernels.table``). Each lays out its own copy of the layer's codes on a holder module
+(``attach``), from the compressed-tensors packing (out, in/pf) int32 as uint4b8 / uint8b128 and the
+steps (out, groups) in the activation dtype.
 """
 from __future__ import annotations
 
