@@ -304,7 +304,8 @@ def tp_partition(rank: int, size: int):
         yield {"tp_rank": rank, "tp_size": size}
     else:
         from sglang.test.test_utils import published_topology
-        with published_topology(ranks={"world_rank": rank}, tp_size=size, device="cpu"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"     # where the layers are built
+        with published_topology(ranks={"world_rank": rank}, tp_size=size, device=device):
             yield {}
 
 
