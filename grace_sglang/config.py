@@ -131,25 +131,31 @@ class GraceQATConfig(GraceQATConfigBase, QuantizationConfig):
         if names is None:
             return UnquantizedLinearMethod()
         if self.stock_config is not None:
-            return self.awq_config().get_quant_method(layer, prefix)
+            return self.stock_method_config().get_quant_method(layer, prefix)
         from .linear import GraceQATLinearMethod
         self.layer_started()
         return GraceQATLinearMethod(self, prefix, names)
 
     # -- files a stock SGLang method loads as they are ---------------------------------------
 
-    def awq_config(self):
-        """SGLang's own config for the format's stock layout (AWQ: AWQMarlinConfig; zero points
-        already checked by the format)."""
+    def stock_method_config(self):
+        """SGLang's own config for the format's stock layout (AWQ; zero points already checked by the
+        format): AWQ-Marlin, what stock SGLang runs an AWQ checkpoint with, or its Humming method where
+        ``grace_sglang.linear.engine_kernel`` picks Humming (stock's ``--quantization humming``)."""
         if self._stock is None:
-            from sglang.srt.layers.quantization.awq import AWQMarlinConfig
+            from .linear import HUMMING, engine_kernel
             self.ensure_validated()
-            try:
-                stock = AWQMarlinConfig.from_config(self.stock_config)
-            except ValueError as e:
-                raise GraceFormatError(f"grace_qat: SGLang's AWQ-Marlin kernel cannot run here "
-                                       f"({e}); it needs a CUDA GPU of compute capability >= 8.0"
-                                       ) from None
+            if engine_kernel()[0] == HUMMING:
+                from sglang.srt.layers.quantization.humming import HummingConfig
+                stock = HummingConfig.from_config(self.stock_config)
+            else:
+                from sglang.srt.layers.quantization.awq import AWQMarlinConfig
+                try:
+                    stock = AWQMarlinConfig.from_config(self.stock_config)
+                except ValueError as e:
+                    raise GraceFormatError(f"grace_qat: SGLang's AWQ-Marlin kernel cannot run here "
+                                           f"({e}); it needs a CUDA GPU of compute capability >= 8.0"
+                                           ) from None
             stock.packed_modules_mapping = self.packed_modules_mapping
             self._stock = stock
         return self._stock

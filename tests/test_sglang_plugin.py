@@ -806,17 +806,27 @@ def test_unloaded_weights_are_reported(plugins_loaded, ckpts):
                             f"{(w.shape[0], w.shape[1] - 128)}, the checkpoint says {tuple(w.shape)}"), str(e.value)
 
 
+@pytest.mark.parametrize("kernel", ["marlin", "humming"])
 @pytest.mark.parametrize("tp,rank", [(1, 0), (2, 1)])
-def test_awq_delegates_to_awq_marlin(plugins_loaded, ckpts, monkeypatch, tp, rank):
-    """Format B: SGLang's own AWQ-Marlin method and loaders (Marlin support check stubbed: no GPU)."""
+def test_awq_delegates_to_sglangs_own_awq_method(plugins_loaded, ckpts, monkeypatch, tp, rank, kernel):
+    """Format B: SGLang's own AWQ-Marlin method and loaders (Marlin support check stubbed: no GPU),
+    or with GRACE_QAT_SGLANG_KERNEL=humming its Humming method, as stock SGLang's --quantization
+    humming runs an AWQ checkpoint; the layers hold the files' tensors for their rank."""
     from sglang.srt.layers.quantization.awq import awq as awq_mod
     from grace_sglang.config import GraceQATConfig
     monkeypatch.setattr(awq_mod, "verify_marlin_supported", lambda *a, **k: None)
+    if kernel == "humming":
+        require("humming", reason="humming-kernels (a dependency of SGLang 0.5.23) is not installed")
+        monkeypatch.setenv("GRACE_QAT_SGLANG_KERNEL", "humming")
     qc = GraceQATConfig(ckpts["awq"])
     layers, ckpt = _build_layer0(qc, ckpts["awq"], rank, tp)
-    assert qc.awq_config().get_name() == "awq_marlin"
-    assert type(layers["qkv"].quant_method).__name__ == "AWQLinearMethod"
-    assert type(layers["qkv"].scheme).__name__ == "AWQMarlinLinearScheme"
+    if kernel == "humming":
+        assert qc.stock_method_config().get_name() == "humming"
+        assert type(layers["qkv"].quant_method).__name__ == "HummingLinearMethod"
+    else:
+        assert qc.stock_method_config().get_name() == "awq_marlin"
+        assert type(layers["qkv"].quant_method).__name__ == "AWQLinearMethod"
+        assert type(layers["qkv"].scheme).__name__ == "AWQMarlinLinearScheme"
     p = "model.language_model.layers.0."
     get = ckpt.tensors.get
     nkv = _text_cfg(ckpts["awq"])["num_key_value_heads"]
