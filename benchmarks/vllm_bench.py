@@ -187,9 +187,10 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
 
 DUAL_KERNEL_LINE = r"grace_qat: W\d+ g\d+ \d+x\d+ layers: \w+ for <= \d+ tokens"
 # grace_sglang/linear.py logs the SGLang kernel format A layers run (once per kernel and bit width);
-# format B layers are SGLang's own AWQ-Marlin method, named by the config line the plugin logs at start-up
+# format B layers are SGLang's own AWQ method, named in the line grace_sglang/config.py logs for them
 SGLANG_KERNEL_LINE = r"grace_qat: using SGLang's (\w+) for W\d+"
-SGLANG_AWQ_CONFIG_LINE = r"grace_qat: GraceQATConfig\(format=awq\b"
+SGLANG_STOCK_METHOD_LINE = r"grace_qat: \w+ layers on SGLang's own ([\w-]+) method"
+SGLANG_STOCK_METHODS = {"AWQ-Marlin": "AWQMarlinLinearMethod", "Humming": "HummingLinearMethod"}
 SGLANG_STOCK_MARLIN_LINE = r"convertible to \w+ during runtime\. Using (\w+) kernel"   # stock GPTQ / AWQ
 SGLANG_STOCK_NAMES = {"gptq_marlin": "GPTQMarlinLinearKernel"}    # stock's name in its log -> the plugin's
 
@@ -199,8 +200,7 @@ def sglang_kernels_in_log(text: str, quantization: str | None = None) -> list[st
     (as the plugin names it, so that a plugin run and its stock peer on one kernel compare equal);
     stock SGLang logs nothing for ``--quantization humming``: there, what that flag runs."""
     found = set(re.findall(SGLANG_KERNEL_LINE, text))
-    if re.search(SGLANG_AWQ_CONFIG_LINE, text):
-        found.add("AWQMarlinLinearMethod")
+    found.update(SGLANG_STOCK_METHODS.get(m, m) for m in re.findall(SGLANG_STOCK_METHOD_LINE, text))
     if not found:
         found.update(SGLANG_STOCK_NAMES.get(k, k) for k in re.findall(SGLANG_STOCK_MARLIN_LINE, text))
     if not found and quantization == "humming":

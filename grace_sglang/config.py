@@ -145,7 +145,10 @@ class GraceQATConfig(GraceQATConfigBase, QuantizationConfig):
         if self._stock is None:
             from .linear import HUMMING, engine_kernel
             self.ensure_validated()
-            if engine_kernel()[0] == HUMMING:
+            name, why = engine_kernel()
+            logger.info("grace_qat: %s layers on SGLang's own %s method (%s)", self.format,
+                        "Humming" if name == HUMMING else "AWQ-Marlin", why)
+            if name == HUMMING:
                 from sglang.srt.layers.quantization.humming import HummingConfig
                 stock = HummingConfig.from_config(self.stock_config)
             else:

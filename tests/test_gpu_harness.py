@@ -253,8 +253,11 @@ def test_sglang_kernel_is_read_from_the_plugins_own_log_line():
     for kernel in ("GPTQMarlinLinearKernel", "HummingLinearMethod"):
         line = fmt % (kernel, 4, 128, "bfloat16", "uint4b8", "stock SGLang's kernel for GPTQ")
         assert vllm_bench.sglang_kernels_in_log(f"[2026-12-01 TP0] {line}\nother\n") == [kernel]
-    config = "grace_qat: GraceQATConfig(format=awq, bits=4, group_size=128, modules=196, path='/m')"
-    assert vllm_bench.sglang_kernels_in_log(config) == ["AWQMarlinLinearMethod"]
+    src = (ROOT / "grace_sglang" / "config.py").read_text()
+    fmt_b = re.search(r'"(grace_qat: %s layers on SGLang\'s own %s method \(%s\))"', src).group(1)
+    for method, kernel in (("AWQ-Marlin", "AWQMarlinLinearMethod"), ("Humming", "HummingLinearMethod")):
+        line = fmt_b % ("awq", method, "stock SGLang's kernel for GPTQ")
+        assert vllm_bench.sglang_kernels_in_log(line) == [kernel]
     stock = "The model is convertible to gptq_marlin during runtime. Using gptq_marlin kernel."
     assert vllm_bench.sglang_kernels_in_log(stock) == ["GPTQMarlinLinearKernel"]    # the plugin's name for it
     assert vllm_bench.sglang_kernels_in_log("nothing here") == []
