@@ -16,7 +16,7 @@ DUAL_KERNEL = "GRACE_QAT_DUAL_KERNEL"              # Hopper: second packed copy 
 MARLIN_MAX_M = "GRACE_QAT_MARLIN_MAX_M"            # Hopper: Marlin for calls of at most N tokens
 CROSSOVER_FILE = "GRACE_QAT_CROSSOVER_FILE"        # Hopper: a kernel table measured on this GPU
 SGLANG_KERNEL = "GRACE_QAT_SGLANG_KERNEL"          # SGLang: marlin or humming for every layer
-SGLANG_KERNELS = ("marlin", "humming")             # what stock SGLang runs GPTQ with: by default / --quantization humming
+SGLANG_KERNELS = ("marlin", "humming")             # stock SGLang's GPTQ kernel / --quantization humming
 HF_HUB_OFFLINE = "HF_HUB_OFFLINE"                  # huggingface_hub's: the local cache only
 
 _TRUE = ("1", "true", "yes", "on")

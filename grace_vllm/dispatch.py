@@ -41,7 +41,6 @@ ENGINE = "vllm"
 MARLIN = "MarlinLinearKernel"
 
 
-
 def enabled() -> bool:
     """``GRACE_QAT_DUAL_KERNEL`` (on unless set off; a misspelt value is warned about and stays on)."""
     return kernel_table.second_kernels_allowed(logging.getLogger("vllm.grace_qat"))
