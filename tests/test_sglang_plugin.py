@@ -549,13 +549,13 @@ def _stub_marlin(monkeypatch=None):
 
 
 def _second_kernel_table(path, ckpt_path, version, max_m=4) -> str:
-    """A kernel table for this machine ("cpu"), SGLang ``version``: the tiny checkpoint's down_proj
-    shape at TP 1 gets grace_qat's Triton kernel next to Marlin for M <= ``max_m``."""
-    from grace_qat.kernels.table import shape_key
+    """A kernel table for this machine ("cpu" without a GPU), SGLang ``version``: the tiny checkpoint's
+    down_proj shape at TP 1 gets grace_qat's Triton kernel next to Marlin for M <= ``max_m``."""
+    from grace_qat.kernels.table import device_name, shape_key
     tc = _text_cfg(ckpt_path)
     key = shape_key(4, 128, tc["hidden_size"], tc["intermediate_size"])
     with open(path, "w") as f:
-        json.dump({"device": "cpu", "engine": "sglang", "engine_version": version, "measured": "a test",
+        json.dump({"device": device_name(), "engine": "sglang", "engine_version": version, "measured": "a test",
                    "shapes": {key: {"large": "GPTQMarlinLinearKernel", "small": "TritonWNA16Kernel",
                                     "max_m": max_m, "gain": 1.2, "configs": [[4, [4, 16, 16, 2, 0, 1, 1]]]}}}, f)
     return str(path)
@@ -630,8 +630,9 @@ def test_the_sglang_kernel_is_the_users_then_the_measured_then_marlin(plugins_lo
         monkeypatch.setenv(name, value)
     if table:
         path = tmp_path / "t.json"
+        from grace_qat.kernels.table import device_name
         path.write_text(json.dumps({
-            "device": "cpu", "engine": "sglang", "measured": "a test", "shapes": {},
+            "device": device_name(), "engine": "sglang", "measured": "a test", "shapes": {},
             "engine_version": _sglang_version() if table == "this" else "0.0.1",
             "engine_default": {"instead_of": "GPTQMarlinLinearKernel", "use": "HummingLinearMethod"}}))
         monkeypatch.setenv("GRACE_QAT_CROSSOVER_FILE", str(path))
