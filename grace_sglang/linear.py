@@ -129,10 +129,8 @@ def engine_kernel() -> tuple[str, str]:
         return KERNEL_NAMES[chosen], f"{settings.SGLANG_KERNEL}={chosen}"
     if kernel_table.second_kernels_allowed(logger):
         import sglang
-        t = kernel_table.table_for(kernel_table.device_name(), ENGINE, sglang.__version__,
-                                   extra=settings.crossover_file())
-        pick = (t or {}).get("engine_default") or {}
-        if pick.get("instead_of") == MARLIN and pick.get("use") == HUMMING:
+        pick = kernel_table.engine_default(ENGINE, sglang.__version__, MARLIN) or {}
+        if pick.get("use") == HUMMING:
             return HUMMING, f"{HUMMING} instead of {MARLIN}: {pick.get('measured', 'measured')}"
     return MARLIN, "stock SGLang's kernel for GPTQ"
 

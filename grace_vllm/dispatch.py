@@ -101,9 +101,8 @@ def engine_default(chosen: type, mp_config) -> tuple[type, str | None]:
     was measured. The reason, for the log, where the table's kernel is taken or cannot be."""
     if not enabled() or user_chose_kernel():
         return chosen, None
-    t = kernel_table.table_for(kernel_table.device_name(), ENGINE, engine_version(), extra=settings.crossover_file())
-    pick = (t or {}).get("engine_default") or {}
-    if pick.get("instead_of") != chosen.__name__:
+    pick = kernel_table.engine_default(ENGINE, engine_version(), chosen.__name__)
+    if pick is None:
         return chosen, None
     cls = kernel_class(pick["use"])
     if cls is None or cls in OWN_KERNELS.values():

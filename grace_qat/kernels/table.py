@@ -92,6 +92,14 @@ def table_for(device: str, engine: str, version: str, extra: str | None = None) 
     return dict(found[-1], shapes=shapes)
 
 
+def engine_default(engine: str, version: str, instead_of: str) -> dict | None:
+    """The ``engine_default`` entry of the table for this device (``device_name``), ``engine`` and
+    ``version`` (with ``GRACE_QAT_CROSSOVER_FILE``) where it replaces ``instead_of``, else None."""
+    t = table_for(device_name(), engine, version, extra=settings.crossover_file())
+    pick = (t or {}).get("engine_default") or {}
+    return pick if pick.get("instead_of") == instead_of else None
+
+
 def plan(device: str, engine: str, version: str, large: str, bits: int, group: int, n: int, k: int,
          extra: str | None = None) -> Plan:
     """The small-M partner of ``large`` (the kernel the engine chose) for one layer shape."""
