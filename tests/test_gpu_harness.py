@@ -141,8 +141,8 @@ def test_poll_fails_when_a_chained_stage_failed(tmp_path):
 # -- verdicts: a mismatch fails ------------------------------------------------------------------
 
 def _result(name, tokens, ok=True, dual=False, runs=((1, 100.0),), **kw):
-    return dict(name=name, ok=ok, tokens=tokens, logprobs=[], dual_kernel=dual, load_s=10.0, kernels=["K"],
-                runs=[{"batch": b, "decode_tok_s": v} for b, v in runs], **kw)
+    return dict(dict(name=name, ok=ok, tokens=tokens, logprobs=[], dual_kernel=dual, load_s=10.0, kernels=["K"],
+                     runs=[{"batch": b, "decode_tok_s": v} for b, v in runs]), **kw)
 
 
 def test_bench_fails_on_a_same_kernel_token_mismatch_only(tmp_path):
@@ -326,6 +326,41 @@ def test_bench_counts_no_tokens_on_both_sides_as_no_evidence(tmp_path):
         "grace-a-single: greedy tokens differ from stock gptq (same kernel) from position 0 (0 vs 0 tokens)"]
 
 
+def test_bench_holds_a_not_reproducible_kernel_to_the_stock_kernels_gap_not_to_tokens(tmp_path):
+    """Humming's stream-K sums in arrival order: stock on it gave other tokens from one lease to the next
+    (H100, vLLM 0.34). A plugin run on it passes with other tokens when its teacher-forced gap to stock
+    Humming is within twice the gap between two stock kernels of the run; a larger gap fails, and so
+    does a run with nothing to bound it by."""
+    meta = {"model": "qwen3vl", "size": "tiny"}
+    humming = dict(kernels=["HummingLinearKernel"])
+
+    def run(plugin_lp, with_machete=True):
+        res = ([_result("gptq", [1, 2, 3], prompt_logprobs=[None, -10.0, -11.0, -12.0], kernels=["MacheteLinearKernel"])]
+               if with_machete else [])
+        res += [_result("gptq-humming", [1, 2, 3], prompt_logprobs=[None, -10.1, -11.0, -12.0], **humming),
+                _result("grace-a", [1, 2, 4], prompt_logprobs=[None] + plugin_lp, **humming)]
+        vllm_bench.write_report(res, meta, str(tmp_path))
+        return res
+
+    close = run([-10.0, -11.1, -12.0])          # 0.1 from stock Humming; stock Machete vs Humming: 0.1
+    assert close[-1]["peer"] == "gptq-humming" and close[-1]["tokens_equal_peer"] is False
+    assert close[-1]["peer_gap_bound"] == pytest.approx(0.2) and vllm_bench.failures(close) == []
+    assert "gap 0.100 <= 0.200 (not reproducible)" in (tmp_path / "results.md").read_text()
+    far = run([-10.1, -11.0, -12.5])            # a wrong layer: 0.5 from stock Humming
+    assert vllm_bench.failures(far) == [
+        "grace-a: teacher-forced log-probs 0.500 from stock gptq-humming (HummingLinearKernel, not reproducible "
+        "run to run), more than 2x the largest gap between two stock systems of this run (0.100)"]
+    alone = run([-10.1, -11.0, -12.0], with_machete=False)
+    assert vllm_bench.failures(alone) == [
+        "grace-a: HummingLinearKernel is not reproducible run to run and this run has no two stock systems "
+        "that scored the sequence to bound its gap to stock gptq-humming (run two of gptq, gptq-humming, "
+        "gptq-marlin)"]
+    exact = [_result("gptq", [1, 2, 3], kernels=["MacheteLinearKernel"]),
+             _result("grace-a", [1, 2, 4], kernels=["MacheteLinearKernel"])]
+    vllm_bench.write_report(exact, meta, str(tmp_path))     # a reproducible kernel: tokens must match
+    assert vllm_bench.failures(exact)[0].startswith("grace-a: greedy tokens differ from stock gptq (same kernel)")
+
+
 def test_bench_fails_a_plugin_system_that_ran_no_quantized_kernel_on_a_gpu(tmp_path):
     base = dict(quantization="grace_qat", gpu="NVIDIA H100 80GB HBM3")
     fell_back = _result("grace-a", [1], fallback=True, **base)
@@ -429,16 +464,16 @@ def test_bench_peer_is_the_stock_system_on_the_plugins_kernel(tmp_path):
     are held to the one-flag stock system that ran that kernel, not to the default's."""
     def res(grace_tokens):
         return [dict(_result("gptq", [1, 2, 3]), kernels=["MacheteLinearKernel"]),
-                dict(_result("gptq-humming", [1, 2, 4]), kernels=["HummingLinearKernel"]),
-                dict(_result("grace-a", grace_tokens), kernels=["HummingLinearKernel"])]
+                dict(_result("gptq-marlin", [1, 2, 4]), kernels=["MarlinLinearKernel"]),
+                dict(_result("grace-a", grace_tokens), kernels=["MarlinLinearKernel"])]
     good = res([1, 2, 4])
     vllm_bench.write_report(good, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
-    assert good[2]["peer"] == "gptq-humming" and vllm_bench.failures(good) == []
+    assert good[2]["peer"] == "gptq-marlin" and vllm_bench.failures(good) == []
     bad = res([1, 2, 3])
     vllm_bench.write_report(bad, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
     assert vllm_bench.failures(bad) == [
-        "grace-a: greedy tokens differ from stock gptq-humming (same kernel) from position 2 (3 vs 3 tokens)"]
+        "grace-a: greedy tokens differ from stock gptq-marlin (same kernel) from position 2 (3 vs 3 tokens)"]
     alone = [dict(_result("gptq", [1, 2, 3]), kernels=["MacheteLinearKernel"]),
-             dict(_result("grace-a", [1, 2, 4]), kernels=["HummingLinearKernel"])]
+             dict(_result("grace-a", [1, 2, 4]), kernels=["MarlinLinearKernel"])]
     vllm_bench.write_report(alone, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
     assert alone[1]["peer_must_match"] is False and vllm_bench.failures(alone) == []   # no same-kernel peer
