@@ -1127,17 +1127,23 @@ def test_engine_generation_is_not_degenerate_across_requests(engines):
 @pytest.mark.engine
 @pytest.mark.gpu
 def test_engine_dual_kernel_dispatch(engines):
-    """Hopper: Marlin for the 2-token decode steps, Machete for the prefill, one model, and the
-    output as close to the BF16 reference as either kernel alone."""
+    """Hopper: Marlin for the 2-token decode steps, the large kernel for the prefill, one model, and
+    the output as close to the BF16 reference as either kernel alone. The large kernel is vLLM's own
+    choice (Machete), or the engine default a kernel table of this GPU and vLLM version names."""
+    import vllm
+
+    from grace_qat.kernels import table as kernel_table
     res = engines.get("gq_w4_dual")
     cap = engines["_meta"]["capability"]
     if res is None or cap != [9, 0]:
         pytest.skip(f"the dual dispatch is for sm90 GPUs (here: {'CPU' if cap is None else cap})")
-    # sm90: Machete without its Marlin partner is the regression to catch, never a skip
-    assert set(res["kernels"]) == {"MacheteLinearKernel", "MarlinLinearKernel"}, res["kernels"]
+    pick = kernel_table.engine_default("vllm", vllm.__version__, "MacheteLinearKernel")
+    large = pick["use"] if pick else "MacheteLinearKernel"
+    # sm90: the large kernel without its Marlin partner is the regression to catch, never a skip
+    assert set(res["kernels"]) == {large, "MarlinLinearKernel"}, (res["kernels"], large)
     calls = res["dispatch_calls"]
-    assert calls.get("MarlinLinearKernel", 0) > 0 and calls.get("MacheteLinearKernel", 0) > 0, calls
-    assert any("MarlinLinearKernel for <= 8 tokens, MacheteLinearKernel above" in x for x in res["log"]), res["log"]
+    assert calls.get("MarlinLinearKernel", 0) > 0 and calls.get(large, 0) > 0, calls
+    assert any(f"MarlinLinearKernel for <= 8 tokens, {large} above" in x for x in res["log"]), res["log"]
     _assert_close(res, engines["bf16_w4"], "dual-kernel grace_qat vs bf16")
 
 
