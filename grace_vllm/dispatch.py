@@ -32,6 +32,8 @@ import json
 import logging
 import os
 
+import torch
+
 from grace_qat import settings
 from grace_qat.kernels import table as kernel_table
 from grace_qat.kernels.own import OWN_KERNELS
@@ -92,6 +94,22 @@ def user_chose_kernel() -> str | None:
         return "linear_backend_per_quant"
     backend = getattr(kc, "linear_backend", "auto")
     return None if backend in (None, "auto") else f"--linear-backend {backend}"
+
+
+def batch_invariant_linear():
+    """vLLM's GPTQ linear for ``VLLM_BATCH_INVARIANT=1`` (dequantize, then its batch-invariant matmul:
+    what its GPTQ, AWQ and compressed-tensors W4A16 layers run in that mode since 0.34, because the
+    mixed-precision kernels pick their tiling from the token count), where the variable is set and
+    this vLLM has it, on CUDA (its matmul is a Triton kernel); else None (older vLLM runs its kernels
+    in that mode, and so do we)."""
+    try:
+        import vllm.envs as envs
+        if not envs.VLLM_BATCH_INVARIANT or not torch.cuda.is_available():
+            return None
+        from vllm.model_executor.determinism.batch_invariant import gptq_linear_batch_invariant
+    except (ImportError, AttributeError):
+        return None
+    return gptq_linear_batch_invariant
 
 
 def engine_default(chosen: type, mp_config) -> tuple[type, str | None]:

@@ -165,6 +165,7 @@ class GraceLinearMethod(LinearMethodBase):
         self.small_m_kernel_cls: type | None = None    # Hopper: a small-M kernel next to vLLM's (dispatch.py)
         self.small_m_plan: Plan | None = None
         self.dispatch: KernelDispatch | None = None   # two kernels: the custom-op route
+        self.batch_invariant = None   # VLLM_BATCH_INVARIANT=1: vLLM's GPTQ dequantize + matmul (dispatch.py)
         self.act_dtype: torch.dtype | None = None
         # Built now, while vLLM's config is current (it reads the linear backend from it).
         self._unquantized = UnquantizedLinearMethod()
@@ -177,6 +178,14 @@ class GraceLinearMethod(LinearMethodBase):
         self.mp_config = mp_layer_config(self.bits, self.geo.kernel_group, (input_size, output_size),
                                          (in_pp, out_pp), params_dtype)
         why = None
+        self.batch_invariant = dispatch.batch_invariant_linear()
+        if self.batch_invariant is not None:
+            key = (self.batch_invariant.__name__, self.bits, self.geo.kernel_group)
+            if key not in _announced:
+                _announced.add(key)
+                logger.info("grace_qat: using %s for W%d g%d (VLLM_BATCH_INVARIANT=1: dequantize, then vLLM's "
+                            "batch-invariant matmul, as its GPTQ layers do)", key[0], self.bits, self.geo.group)
+            return
         try:
             kernel = choose_mp_linear_kernel(self.mp_config)
             if torch.cuda.is_available():
@@ -299,6 +308,9 @@ class GraceLinearMethod(LinearMethodBase):
             delattr(layer, t.leaf)
         packed = self._pack(layer, codes)
         del codes
+        if self.batch_invariant is not None:
+            self._attach_gptq_layout(layer, packed, steps)
+            return self._finish(layer)
         if self.kernel_cls is None:
             layer.register_parameter("weight", ModelWeightParameter(
                 data=self._dequantized(layer, packed, steps), input_dim=1, output_dim=0,
@@ -333,6 +345,13 @@ class GraceLinearMethod(LinearMethodBase):
             q = (u - cfg.weight_type.bias).to(torch.float32)
             weight[r0:r1] = (q * steps[r0:r1].repeat_interleave(group, dim=1)).to(self.act_dtype)
         return weight
+
+    def _attach_gptq_layout(self, layer, packed: torch.Tensor, steps: torch.Tensor) -> None:
+        """``qweight`` (in/pf, out) int32 and ``scales`` (groups, out) in the activation dtype: the GPTQ
+        checkpoint layout vLLM's batch-invariant GPTQ linear reads (``_pack``'s layout transposed)."""
+        for name, data in (("qweight", packed.t().contiguous()),
+                           ("scales", steps.to(self.act_dtype).t().contiguous())):
+            layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
 
     def _attach_kernel(self, layer, packed: torch.Tensor, scales: torch.Tensor) -> None:
         """Hand the packed codes (see ``_pack``) to the chosen kernel (and, where this GPU's table says
@@ -380,6 +399,10 @@ class GraceLinearMethod(LinearMethodBase):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.dispatch is not None:
             return self.dispatch.apply(layer, x, bias)
+        if self.batch_invariant is not None:
+            return self.batch_invariant(x, layer.qweight, layer.scales, num_bits=self.bits,
+                                        group_size=self.geo.kernel_group, zero_bias=-code_range(self.bits)[0],
+                                        bias=bias)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
         return self._unquantized.apply(layer, x, bias)

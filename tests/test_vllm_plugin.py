@@ -627,7 +627,7 @@ _STOCK_CHOICES = {"default": "", "no-machete": "MacheteLinearKernel",
 @pytest.mark.parametrize("choice", list(_STOCK_CHOICES))
 @pytest.mark.parametrize("key,gptq", [("w4_sidecar", "w4_gptq"), ("w4_awq", "awq_gptq"), ("w8_sidecar", "w8_gptq")])
 def test_layers_equal_stock_gptq_layers_bit_for_bit(ckpts, opened, key, gptq, choice, monkeypatch):
-    """Each grace_qat layer (through its custom op on CUDA) and stock vLLM's GPTQ layer on the export of
+    """Each grace_qat layer (one kernel, called as stock calls it) and stock vLLM's GPTQ layer on the export of
     the same weights (written by tests/reference.py, not by grace_qat) run the same kernel and give
     identical outputs for M = 1, 5, 64: the layer-level form of "tokens identical to stock". vLLM's
     GPTQ layer is run twice, so a kernel that is not deterministic shows as that, not as a plugin bug."""
@@ -660,6 +660,61 @@ def test_layers_equal_stock_gptq_layers_bit_for_bit(ckpts, opened, key, gptq, ch
             diff = (got.float() - want.float()).abs()
             assert torch.equal(got, want), (f"{key} {name} M={m} {kernel}: {int((diff > 0).sum())} of "
                                             f"{diff.numel()} outputs differ from stock GPTQ, max {diff.max().item():.3g}")
+
+
+_GPTQ_PAIRS = [("w4_sidecar", "w4_gptq"), ("w4_awq", "awq_gptq"), ("w8_sidecar", "w8_gptq")]
+
+
+@pytest.mark.parametrize("key,gptq", _GPTQ_PAIRS)
+def test_batch_invariant_layers_hold_the_gptq_export_tensors(ckpts, opened, key, gptq, monkeypatch):
+    """VLLM_BATCH_INVARIANT=1 (vLLM >= 0.34 on CUDA): each layer hands vLLM's batch-invariant GPTQ linear
+    the qweight and scales a GPTQ checkpoint of the same weights holds (the export tests/reference.py
+    writes, shards in vLLM's order), with the spec's zero point, and nothing else runs."""
+    from grace_vllm import dispatch
+    calls = []
+
+    def gptq_linear_batch_invariant(x, qweight, scales, **kw):     # stands in for vLLM's (CUDA only)
+        calls.append(kw)
+        return torch.zeros(x.shape[0], qweight.shape[1], dtype=x.dtype)
+
+    monkeypatch.setattr(dispatch, "batch_invariant_linear", lambda: gptq_linear_batch_invariant)
+    cfg, ckpt, files = _config(ckpts[key]), opened[key], reference.tensors(ckpts[gptq])
+    bits = opened[key].bits
+    for name in LAYERS:
+        layer = _make(name, cfg, ckpt)
+        method = layer.quant_method
+        assert method.kernel is None and method.dispatch is None, name
+        for leaf in ("qweight", "scales"):
+            want = torch.cat([files[HF + m + "." + leaf] for m in LAYERS[name][0]], dim=1)
+            got = getattr(layer, leaf).data.cpu()
+            want = want.to(got.dtype)
+            assert got.shape == want.shape and torch.equal(got, want), f"{key} {name}.{leaf}"
+        x = torch.randn(3, layer.input_size_per_partition).to(torch.bfloat16)
+        assert method.apply(layer, x).shape == (3, sum(layer.output_partition_sizes))
+        assert calls[-1] == dict(num_bits=bits, group_size=128, zero_bias=1 << (bits - 1), bias=None), calls[-1]
+
+
+@pytest.mark.stock_kernels
+@pytest.mark.parametrize("key,gptq", _GPTQ_PAIRS)
+def test_batch_invariant_layers_equal_stock_gptq_layers_bit_for_bit(ckpts, opened, key, gptq, monkeypatch):
+    """VLLM_BATCH_INVARIANT=1: stock vLLM's GPTQ layers dequantize and run its batch-invariant matmul
+    (0.34); grace_qat's layers give identical outputs, and a token's output does not depend on the
+    batch it is in."""
+    bi = pytest.importorskip("vllm.model_executor.determinism.batch_invariant")
+    if not torch.cuda.is_available() or not hasattr(bi, "gptq_linear_batch_invariant"):
+        pytest.skip("vLLM's batch-invariant GPTQ linear: vLLM >= 0.34 on CUDA")
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    cfg, ckpt, files = _config(ckpts[key]), opened[key], reference.tensors(ckpts[gptq])
+    for name in LAYERS:
+        plugin, stock = _make(name, cfg, ckpt), _stock_layer(name, ckpts[gptq], files)
+        assert stock.quant_method.use_batch_invariant and plugin.quant_method.batch_invariant is not None, name
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(64, stock.input_size_per_partition, generator=gen).to(torch.bfloat16).to(DEVICE)
+        for m in (1, 5, 64):
+            want = stock.quant_method.apply(stock, x[:m])
+            got = plugin.quant_method.apply(plugin, x[:m])
+            assert torch.equal(got, want), f"{key} {name} M={m}: differs from stock GPTQ"
+            assert torch.equal(got[:1], plugin.quant_method.apply(plugin, x[:1])), f"{key} {name} M={m}: batch"
 
 
 @pytest.mark.parametrize("src,fmt", [("w4_sidecar", "qat-sidecar"), ("w4_awq", "awq")])
