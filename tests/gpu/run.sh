@@ -276,9 +276,10 @@ EOF
     grep -v "^ *$" $OUT/variants.log; exit $rc ;;
   bench-llava)
     wait_prep || exit 1
+    # GRACE_LLAVA_SYSTEMS narrows it (the llava-hf systems need `prepare-bg llava`, not llava-gptq)
     PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 benchmarks/vllm_bench.py --model llava --size 7b --work $WORK \
-      --systems gptq,grace-a,gptq-hf,bf16-hf --batches $BATCHES --image-batches 1,8 --timeout 300 \
-      --out $OUT/llava7b "$@" ;;
+      --systems "${GRACE_LLAVA_SYSTEMS:-gptq,gptq-humming,grace-a,gptq-hf,bf16-hf}" \
+      --batches "${GRACE_BENCH_BATCHES:-$BATCHES}" --image-batches 1,8 --timeout 300 --out $OUT/llava7b "$@" ;;
   bench-qwen)
     wait_prep || exit 1
     # GRACE_BENCH_SYSTEMS / _BATCHES / _IMAGE_BATCHES narrow a run to what a lease has time for
@@ -287,9 +288,16 @@ EOF
       --systems "${GRACE_BENCH_SYSTEMS:-gptq,gptq-humming,gptq-marlin,grace-a,grace-a-single,grace-a-humming,bf16-grid}" "$@" ;;
   profile-qwen)
     wait_prep || exit 1
+    stamp=$(mktemp); rc=0
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches 1 --image-batches "" \
       --profile-tokens 16 --timeout 300 --out $OUT/qwen2b-profile \
-      --systems "${GRACE_PROFILE_SYSTEMS:-gptq-humming,grace-a}" "$@" ;;
+      --systems "${GRACE_PROFILE_SYSTEMS:-gptq-humming,grace-a}" "$@" || rc=$?
+    # the modules Inductor generated for each system (kernel sources inside), to diff what the profile
+    # shows apart: $OUT/qwen2b-profile/compiled-<system>-<ns>.tgz
+    for d in $(find $WORK/vllm-cache -mindepth 1 -maxdepth 1 -newer $stamp 2>/dev/null); do
+      (cd $d && grep -rl --include='*.py' "def call(" . | tar -czf $OUT/qwen2b-profile/compiled-$(basename $d).tgz -T -)
+    done
+    exit $rc ;;
   profile-load)   # where a start goes, by function: the plugin on the 2B format A, stock on its GPTQ export
     wait_prep || exit 1
     rc=0
