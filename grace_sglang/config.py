@@ -145,7 +145,7 @@ class GraceQATConfig(GraceQATConfigBase, QuantizationConfig):
         if self._stock is None:
             from .linear import HUMMING, engine_kernel
             self.ensure_validated()
-            name, why = engine_kernel()
+            name, why = engine_kernel(self.bits)
             logger.info("grace_qat: %s layers on SGLang's own %s method (%s)", self.format,
                         "Humming" if name == HUMMING else "AWQ-Marlin", why)
             if name == HUMMING:

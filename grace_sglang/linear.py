@@ -119,17 +119,18 @@ class EngineKernel:
         return self.kernel.apply(layer, x, bias)
 
 
-def engine_kernel() -> tuple[str, str]:
-    """(the SGLang kernel every layer runs, why): ``GRACE_QAT_SGLANG_KERNEL`` where set (the user's
-    choice, as ``--quantization humming`` is for stock SGLang); else the kernel table's
+def engine_kernel(bits: int) -> tuple[str, str]:
+    """(the SGLang kernel ``bits``-bit layers run, why): ``GRACE_QAT_SGLANG_KERNEL`` where set (the
+    user's choice, as ``--quantization humming`` is for stock SGLang); else the kernel table's
     ``engine_default`` where one of this device and SGLang version measured stock SGLang faster with
-    Humming at every batch (off with GRACE_QAT_DUAL_KERNEL=0); else Marlin, stock SGLang's default."""
+    Humming at every batch for that width (off with GRACE_QAT_DUAL_KERNEL=0); else Marlin, stock
+    SGLang's default."""
     chosen = settings.sglang_kernel()
     if chosen:
         return KERNEL_NAMES[chosen], f"{settings.SGLANG_KERNEL}={chosen}"
     if kernel_table.second_kernels_allowed(logger):
         import sglang
-        pick = kernel_table.engine_default(ENGINE, sglang.__version__, MARLIN) or {}
+        pick = kernel_table.engine_default(ENGINE, sglang.__version__, MARLIN, bits=bits) or {}
         if pick.get("use") == HUMMING:
             return HUMMING, f"{HUMMING} instead of {MARLIN}: {pick.get('measured', 'measured')}"
     return MARLIN, "stock SGLang's kernel for GPTQ"
@@ -306,7 +307,7 @@ class GraceQATLinearMethod(LinearMethodBase):
     def setup_kernel(self, layer: torch.nn.Module) -> None:
         """Hand the GPTQ tensors to the SGLang kernel ``engine_kernel`` names (Marlin: repack + scale
         permutation; Humming: its conversion and repack). CUDA only."""
-        name, why = engine_kernel()
+        name, why = engine_kernel(self.bits)
         if name == HUMMING:
             kernel = new_humming_kernel(layer, self.bits, self.group, (self.input_size, self.output_size),
                                         self.in_pp, self.output_partition_sizes, self.params_dtype)

@@ -119,7 +119,8 @@ def engine_default(chosen: type, mp_config) -> tuple[type, str | None]:
     was measured. The reason, for the log, where the table's kernel is taken or cannot be."""
     if not enabled() or user_chose_kernel():
         return chosen, None
-    pick = kernel_table.engine_default(ENGINE, engine_version(), chosen.__name__)
+    pick = kernel_table.engine_default(ENGINE, engine_version(), chosen.__name__,
+                                       bits=mp_config.weight_type.size_bits)
     if pick is None:
         return chosen, None
     cls = kernel_class(pick["use"])

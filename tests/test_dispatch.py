@@ -76,14 +76,15 @@ def test_an_entry_applies_only_on_its_device_engine_version_and_engine_kernel(di
 
 def test_engine_default_replaces_vllms_own_ranking_only(dispatch, tmp_path, monkeypatch):
     """A table's ``engine_default`` swaps the kernel vLLM picked by its own ranking (one copy), never a
-    kernel the user picked, never with two kernels off, never on another device or vLLM version, and
-    never for a kernel that cannot run the layer. On a CPU the swap's target is vLLM's CPUWNA16."""
+    kernel the user picked, never with two kernels off, never on another device or vLLM version or
+    weight width, and never for a kernel that cannot run the layer. On a CPU the swap's target is vLLM's CPUWNA16."""
     from vllm.config import KernelConfig, VllmConfig, set_current_vllm_config
 
     from grace_vllm.linear import mp_layer_config
     table = {"device": "Test GPU", "engine": "vllm", "engine_version": "9.9.1", "measured": "by this test",
              "shapes": {}}
-    table["engine_default"] = {"instead_of": MACHETE, "use": "CPUWNA16LinearKernel", "measured": "by this test"}
+    table["engine_default"] = {"instead_of": MACHETE, "use": "CPUWNA16LinearKernel", "bits": [4],
+                               "measured": "by this test"}
     (tmp_path / "t.json").write_text(json.dumps(table))
     monkeypatch.setenv(dispatch.ENV_TABLE, str(tmp_path / "t.json"))
     monkeypatch.delenv("VLLM_DISABLED_KERNELS", raising=False)
@@ -100,6 +101,8 @@ def test_engine_default_replaces_vllms_own_ranking_only(dispatch, tmp_path, monk
         assert cls is machete and "cannot run this layer" in why
     other = type(MARLIN, (), {})
     assert dispatch.engine_default(other, cfg) == (other, None)            # measured against Machete only
+    w8 = mp_layer_config(8, 128, (2048, 4096), (2048, 4096), torch.bfloat16)
+    assert dispatch.engine_default(machete, w8) == (machete, None)         # measured on W4 only
     with set_current_vllm_config(VllmConfig(kernel_config=KernelConfig(linear_backend="machete"))):
         assert dispatch.engine_default(machete, cfg) == (machete, None)    # the user's --linear-backend
     assert dispatch.user_chose_kernel() is None

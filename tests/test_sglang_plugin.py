@@ -620,6 +620,7 @@ def test_second_kernel_computes_the_checkpoints_product(plugins_loaded, ckpts, t
     ({"GRACE_QAT_SGLANG_KERNEL": "marlin"}, "this", "GPTQMarlinLinearKernel"),   # the user's choice wins
     ({"GRACE_QAT_DUAL_KERNEL": "0"}, "this", "GPTQMarlinLinearKernel"),     # stock's choice, nothing else
     ({}, "other-version", "GPTQMarlinLinearKernel"),                         # measured with another SGLang
+    ({}, "this-w8", "GPTQMarlinLinearKernel"),                               # measured on W8, the layer is W4
 ])
 def test_the_sglang_kernel_is_the_users_then_the_measured_then_marlin(plugins_loaded, monkeypatch, tmp_path,
                                                                       env, table, expected):
@@ -633,10 +634,11 @@ def test_the_sglang_kernel_is_the_users_then_the_measured_then_marlin(plugins_lo
         from grace_qat.kernels.table import device_name
         path.write_text(json.dumps({
             "device": device_name(), "engine": "sglang", "measured": "a test", "shapes": {},
-            "engine_version": _sglang_version() if table == "this" else "0.0.1",
-            "engine_default": {"instead_of": "GPTQMarlinLinearKernel", "use": "HummingLinearMethod"}}))
+            "engine_version": "0.0.1" if table == "other-version" else _sglang_version(),
+            "engine_default": {"instead_of": "GPTQMarlinLinearKernel", "use": "HummingLinearMethod",
+                               "bits": [8] if table == "this-w8" else [4, 8]}}))
         monkeypatch.setenv("GRACE_QAT_CROSSOVER_FILE", str(path))
-    name, why = engine_kernel()
+    name, why = engine_kernel(4)
     assert name == expected, why
 
 

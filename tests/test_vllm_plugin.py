@@ -1192,7 +1192,7 @@ def test_engine_dual_kernel_dispatch(engines):
     cap = engines["_meta"]["capability"]
     if res is None or cap != [9, 0]:
         pytest.skip(f"the dual dispatch is for sm90 GPUs (here: {'CPU' if cap is None else cap})")
-    pick = kernel_table.engine_default("vllm", vllm.__version__, "MacheteLinearKernel")
+    pick = kernel_table.engine_default("vllm", vllm.__version__, "MacheteLinearKernel", bits=4)
     large = pick["use"] if pick else "MacheteLinearKernel"
     # sm90: the large kernel without its Marlin partner is the regression to catch, never a skip
     assert set(res["kernels"]) == {large, "MarlinLinearKernel"}, (res["kernels"], large)

@@ -24,9 +24,10 @@ ranking (no ``--linear-backend`` or other choice of the user's), because stock v
 chosen by a flag decoded faster at every measured batch size on this device and engine version::
 
     "engine_default": {"instead_of": "MacheteLinearKernel", "use": "HummingLinearKernel",
-                       "measured": "what, where, ratios"}
+                       "bits": [4], "measured": "what, where, ratios"}
 
-The shapes' second kernels then apply next to ``use`` (their ``large`` must name it).
+``bits``: the weight widths it was measured with (absent: all); layers of another width keep the
+engine's choice. The shapes' second kernels then apply next to ``use`` (their ``large`` must name it).
 """
 from __future__ import annotations
 
@@ -92,12 +93,15 @@ def table_for(device: str, engine: str, version: str, extra: str | None = None) 
     return dict(found[-1], shapes=shapes)
 
 
-def engine_default(engine: str, version: str, instead_of: str) -> dict | None:
+def engine_default(engine: str, version: str, instead_of: str, bits: int | None = None) -> dict | None:
     """The ``engine_default`` entry of the table for this device (``device_name``), ``engine`` and
-    ``version`` (with ``GRACE_QAT_CROSSOVER_FILE``) where it replaces ``instead_of``, else None."""
+    ``version`` (with ``GRACE_QAT_CROSSOVER_FILE``) where it replaces ``instead_of`` for ``bits``-bit
+    weights (None: any width), else None."""
     t = table_for(device_name(), engine, version, extra=settings.crossover_file())
     pick = (t or {}).get("engine_default") or {}
-    return pick if pick.get("instead_of") == instead_of else None
+    if pick.get("instead_of") != instead_of:
+        return None
+    return None if bits is not None and "bits" in pick and bits not in pick["bits"] else pick
 
 
 def plan(device: str, engine: str, version: str, large: str, bits: int, group: int, n: int, k: int,
