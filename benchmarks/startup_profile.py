@@ -31,7 +31,7 @@ def top(stats: pstats.Stats, n: int, match: str = "") -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--quantization", default=None, help="grace_qat for the plugin; none for stock")
+    ap.add_argument("--quantization", default=None, help="grace_qat for the plugin; leave out for stock (the checkpoint's own method)")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
