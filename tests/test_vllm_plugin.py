@@ -197,20 +197,26 @@ LAYERS = {   # vLLM layer -> (checkpoint modules in shard order, shard ids)
 }
 
 
-def _build(name, cfg, rank, size, bias=False):
+TINY = dict(hidden=256, head_dim=64, heads=4, kv_heads=2, intermediate=512)      # the tiny Qwen3-VL
+QWEN_2B = dict(hidden=2048, head_dim=128, heads=16, kv_heads=8, intermediate=6144)  # Qwen3-VL-2B
+
+
+def _build(name, cfg, rank, size, bias=False, dims=TINY):
     from vllm.model_executor.layers import linear as vl
     kw = dict(bias=bias, params_dtype=torch.bfloat16, quant_config=cfg, prefix=VLLM + name)
+    hidden, inter = dims["hidden"], dims["intermediate"]
     with _tensor_parallel(rank, size), torch.device(DEVICE):
         if name == "self_attn.qkv_proj":
-            return vl.QKVParallelLinear(256, 64, 4, 2, **kw)
+            return vl.QKVParallelLinear(hidden, dims["head_dim"], dims["heads"], dims["kv_heads"], **kw)
         if name == "mlp.gate_up_proj":
-            return vl.MergedColumnParallelLinear(256, [512, 512], **kw)
-        return vl.RowParallelLinear(256 if name == "self_attn.o_proj" else 512, 256, **kw)
+            return vl.MergedColumnParallelLinear(hidden, [inter, inter], **kw)
+        return vl.RowParallelLinear(dims["heads"] * dims["head_dim"] if name == "self_attn.o_proj" else inter,
+                                    hidden, **kw)
 
 
-def _make(name, cfg, ckpt, rank=0, size=1, tamper=None, bias=None):
+def _make(name, cfg, ckpt, rank=0, size=1, tamper=None, bias=None, dims=TINY):
     """Build, load and post-process one layer as rank ``rank`` of ``size``, like vLLM's loader."""
-    layer = _build(name, cfg, rank, size, bias=bias is not None)
+    layer = _build(name, cfg, rank, size, bias=bias is not None, dims=dims)
     _load(layer, name, ckpt, tamper)
     if bias is not None:
         layer.bias.data.copy_(bias)
@@ -593,7 +599,7 @@ def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeyp
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-def _stock_layer(name, gptq_dir, files):
+def _stock_layer(name, gptq_dir, files, dims=TINY):
     """vLLM's own GPTQ layer for ``name`` (the quantization config stock vLLM builds from the export's
     config.json, mapped to vLLM's layer names as the engine maps it), loaded with the export's tensors
     through vLLM's loaders and post-processed: the layer a stock ``vllm serve`` of the export runs."""
@@ -605,7 +611,7 @@ def _stock_layer(name, gptq_dir, files):
     mapper = Qwen3VL.hf_to_vllm_mapper
     cfg.apply_vllm_mapper((getattr(mapper, "get_rename_mapper", None) or mapper.get_unstacked_mapper)())
     cfg.packed_modules_mapping = Qwen3VL.packed_modules_mapping
-    layer = _build(name, cfg, 0, 1)
+    layer = _build(name, cfg, 0, 1, dims=dims)
     assert {"qweight", "scales"} <= {n for n, _ in layer.named_parameters()}, \
         f"{name}: stock vLLM did not quantize this layer ({type(layer.quant_method).__name__})"
     for module, shard in zip(*LAYERS[name]):
@@ -660,6 +666,59 @@ def test_layers_equal_stock_gptq_layers_bit_for_bit(ckpts, opened, key, gptq, ch
             diff = (got.float() - want.float()).abs()
             assert torch.equal(got, want), (f"{key} {name} M={m} {kernel}: {int((diff > 0).sum())} of "
                                             f"{diff.numel()} outputs differ from stock GPTQ, max {diff.max().item():.3g}")
+
+
+@pytest.fixture(scope="module")
+def one_2b_layer(tmp_path_factory):
+    """A GRACE checkpoint (format A, W4) with one decoder layer of Qwen3-VL-2B's shapes (in_features
+    2048 and 6144, where Humming splits K across thread blocks: the tiny model's <= 512 never do) and
+    a tiny vocabulary and vision tower, plus its GPTQ export written by tests/reference.py."""
+    if not torch.cuda.is_available():
+        pytest.skip("the full-size layer comparison is for CUDA kernels")
+    from grace_qat import synthetic
+    root = tmp_path_factory.mktemp("one_2b_layer")
+    spec = dict(synthetic.QWEN3VL_SIZES_SPEC["2b"], layers=1, base_vocab=1024, vocab_size=1152, max_pos=32768,
+                v_depth=1, deepstack=[0])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(synthetic.QWEN3VL_SIZES_SPEC, "2b-one-layer", spec)
+        src = synthetic.write_qwen3vl(str(root / "grace"), size="2b-one-layer")
+    return src, reference.write_standard(src, str(root / "gptq"), "qat-sidecar", 4, "gptq")
+
+
+@pytest.mark.stock_kernels
+def test_humming_layers_equal_stock_at_full_size_in_a_fixed_sum_order(one_2b_layer, monkeypatch):
+    """Qwen3-VL-2B's layer shapes on Humming: with its batch-invariant compute config (no split of K
+    across thread blocks, so one sum order) every grace_qat layer equals stock vLLM's GPTQ layer bit
+    for bit; with the default config stock may differ from itself (its stream-K partial sums are
+    added in arrival order), and grace_qat's output is then within stock's own spread."""
+    monkeypatch.setenv("VLLM_DISABLED_KERNELS", "MacheteLinearKernel")
+    monkeypatch.setenv("GRACE_QAT_DUAL_KERNEL", "0")
+    src, gptq = one_2b_layer
+    cfg, ckpt, files = _config(src), Files.open(src, "qat-sidecar", 4), reference.tensors(gptq)
+    gen = torch.Generator().manual_seed(4)
+    for name in LAYERS:
+        plugin, stock = _make(name, cfg, ckpt, dims=QWEN_2B), _stock_layer(name, gptq, files, dims=QWEN_2B)
+        kernels = {type(plugin.quant_method.kernel).__name__, type(stock.quant_method.kernel).__name__}
+        if kernels != {"HummingLinearKernel"}:
+            pytest.skip(f"Humming is not vLLM's kernel here with Machete disabled: {kernels}")
+        x = torch.randn(64, stock.input_size_per_partition, generator=gen).to(torch.bfloat16).to(DEVICE)
+        default = stock.quant_method.kernel.compute_config
+        for m in (1, 64):
+            outs = [stock.quant_method.apply(stock, x[:m]) for _ in range(8)]
+            spread = max((o.float() - outs[0].float()).abs().max().item() for o in outs)
+            got = plugin.quant_method.apply(plugin, x[:m]).float()
+            gap = min((got - o.float()).abs().max().item() for o in outs)
+            print(f"{name} M={m} default config: stock's spread over 8 runs {spread:.3g}, grace_qat's gap {gap:.3g}")
+            assert gap <= spread, f"{name} M={m}: {gap:.3g} from stock Humming, whose own spread is {spread:.3g}"
+        fixed = json.dumps(dict(json.loads(default), use_batch_invariant=True))
+        for layer in (plugin, stock):
+            layer.quant_method.kernel.compute_config = fixed
+        for m in (1, 64):
+            want, again = stock.quant_method.apply(stock, x[:m]), stock.quant_method.apply(stock, x[:m])
+            assert torch.equal(want, again), f"{name} M={m}: stock Humming in its fixed-order config differs from itself"
+            got = plugin.quant_method.apply(plugin, x[:m])
+            assert torch.equal(got, want), (f"{name} M={m}: {int((got != want).sum())} of {got.numel()} outputs "
+                                            f"differ from stock Humming in its fixed-order config")
 
 
 _GPTQ_PAIRS = [("w4_sidecar", "w4_gptq"), ("w4_awq", "awq_gptq"), ("w8_sidecar", "w8_gptq")]
