@@ -26,6 +26,7 @@ machine; where recovery is exact (stored steps) the result equals the checkpoint
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import torch
@@ -178,9 +179,12 @@ class GraceLinearMethod(LinearMethodBase):
         self.mp_config = mp_layer_config(self.bits, self.geo.kernel_group, (input_size, output_size),
                                          (in_pp, out_pp), params_dtype)
         why = None
-        self.batch_invariant = dispatch.batch_invariant_linear()
-        if self.batch_invariant is not None:
-            key = (self.batch_invariant.__name__, self.bits, self.geo.kernel_group)
+        linear = dispatch.batch_invariant_linear()
+        if linear is not None:
+            # bound once: the layer's widths and the spec's zero point 2^(bits-1)
+            self.batch_invariant = functools.partial(linear, num_bits=self.bits, group_size=self.geo.kernel_group,
+                                                     zero_bias=-code_range(self.bits)[0])
+            key = (linear.__name__, self.bits, self.geo.kernel_group)
             if key not in _announced:
                 _announced.add(key)
                 logger.info("grace_qat: using %s for W%d g%d (VLLM_BATCH_INVARIANT=1: dequantize, then vLLM's "
@@ -400,9 +404,7 @@ class GraceLinearMethod(LinearMethodBase):
         if self.dispatch is not None:
             return self.dispatch.apply(layer, x, bias)
         if self.batch_invariant is not None:
-            return self.batch_invariant(x, layer.qweight, layer.scales, num_bits=self.bits,
-                                        group_size=self.geo.kernel_group, zero_bias=-code_range(self.bits)[0],
-                                        bias=bias)
+            return self.batch_invariant(x, layer.qweight, layer.scales, bias=bias)
         if self.kernel is not None:
             return self.kernel.apply_weights(layer, x, bias)
         return self._unquantized.apply(layer, x, bias)
