@@ -432,12 +432,18 @@ def merge_runs(paths: list[str]) -> tuple[list[dict], list[dict]]:
     return list(merged.values()), metas
 
 
+def _gap_and_bound(r: dict) -> tuple[float | None, float | None]:
+    """A system on a kernel that is not reproducible: its largest teacher-forced gap to the stock peer
+    and the bound it is held to (either None where the run could not measure it)."""
+    return (r.get("prompt_logprob_gap_peer") or {}).get("max"), r["peer_gap_bound"]
+
+
 def _peer_verdict(r: dict) -> str:
     """The report's cell: tokens equal (True/False), or for a kernel that is not reproducible run to
     run, the teacher-forced gap to the peer against its bound."""
     if "peer_gap_bound" not in r:
         return "" if r.get("tokens_equal_peer") is None else str(r["tokens_equal_peer"])
-    gap, bound = (r.get("prompt_logprob_gap_peer") or {}).get("max"), r["peer_gap_bound"]
+    gap, bound = _gap_and_bound(r)
     if gap is None or bound is None:
         return "unchecked (not reproducible)"
     return f"gap {gap:.3f} {'<=' if gap <= bound else '>'} {bound:.3f} (not reproducible)"
@@ -470,7 +476,7 @@ def failures(results: list[dict]) -> list[str]:
                 r.get("kernels")):
             bad.append(f"{r['name']}: no quantized kernel on the GPU ({r.get('kernels') or 'none reported'})")
         elif r.get("peer") and "peer_gap_bound" in r:
-            gap, bound = (r.get("prompt_logprob_gap_peer") or {}).get("max"), r["peer_gap_bound"]
+            gap, bound = _gap_and_bound(r)
             kernel = ",".join(sorted(_kernels(r)))
             if gap is None or bound is None:
                 bad.append(f"{r['name']}: {kernel} is not reproducible run to run and this run has no two stock "

@@ -288,15 +288,15 @@ EOF
       --systems "${GRACE_BENCH_SYSTEMS:-gptq,gptq-humming,gptq-marlin,grace-a,grace-a-single,grace-a-humming,bf16-grid}" "$@" ;;
   profile-qwen)
     wait_prep || exit 1
-    stamp=$(mktemp); rc=0
-    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches 1 --image-batches "" \
-      --profile-tokens 16 --timeout 300 --out $OUT/qwen2b-profile \
-      --systems "${GRACE_PROFILE_SYSTEMS:-gptq-humming,grace-a}" "$@" || rc=$?
+    stamp=$(mktemp); rc=0; systems=${GRACE_PROFILE_SYSTEMS:-gptq-humming,grace-a}
+    profile() {   # OUT-DIR SYSTEMS [more vllm_bench options]
+      python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches 1 --image-batches "" \
+        --profile-tokens 16 --timeout 300 --out "$1" --systems "$2" "${@:3}"
+    }
+    profile $OUT/qwen2b-profile "$systems" "$@" || rc=$?
     # the first system compiled and profiled once more: how far two compiles of one system differ
     # (Inductor picks combo kernels by timing them), the yardstick for the systems' difference
-    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches 1 --image-batches "" \
-      --profile-tokens 16 --timeout 300 --out $OUT/qwen2b-profile-again \
-      --systems "$(echo ${GRACE_PROFILE_SYSTEMS:-gptq-humming,grace-a} | cut -d, -f1)" "$@" || rc=$?
+    profile $OUT/qwen2b-profile-again "${systems%%,*}" "$@" || rc=$?
     # the modules Inductor generated for each system (kernel sources inside), to diff what the profile
     # shows apart: $OUT/qwen2b-profile/compiled-<system>-<ns>.tgz
     for d in $(find $WORK/vllm-cache -mindepth 1 -maxdepth 1 -newer $stamp 2>/dev/null); do
