@@ -393,7 +393,8 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
   bench-sglang)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on the full-size 2B, formats A and B
     wait_sglang_jit || exit 1
     wait_prep || exit 1
-    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches $BATCHES --timeout 420 \
+    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches "${GRACE_BENCH_BATCHES:-$BATCHES}" \
+      --image-batches "${GRACE_BENCH_IMAGE_BATCHES-1,8}" --timeout 420 \
       --systems "${GRACE_BENCH_SGLANG_SYSTEMS:-sglang-gptq,sglang-gptq-humming,sglang-grace-a,sglang-grace-a-humming,sglang-grace-b}" \
       --out $OUT/qwen2b-sglang "$@" ;;
   suite)
