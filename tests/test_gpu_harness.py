@@ -477,3 +477,75 @@ def test_bench_peer_is_the_stock_system_on_the_plugins_kernel(tmp_path):
              dict(_result("grace-a", [1, 2, 4]), kernels=["MarlinLinearKernel"])]
     vllm_bench.write_report(alone, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
     assert alone[1]["peer_must_match"] is False and vllm_bench.failures(alone) == []   # no same-kernel peer
+
+
+# -- SGLang's JIT cache, carried from one lease to the next ----------------------------------------
+
+def _jit_cache(root: Path) -> dict[str, bytes]:
+    """A cache laid out as SGLang 0.5.23 lays it: target / module / build key / deps key / files."""
+    leaf = root / "sm90a" / "sgl_kernel_jit_gptq_marlin" / "build-0123456789abcdef" / "deps-fedcba9876543210"
+    leaf.mkdir(parents=True)
+    files = {"module.so": os.urandom(3 * 2**20 + 17), "sgl_deps.json": b'{"deps": []}'}
+    for name, data in files.items():
+        (leaf / name).write_bytes(data)
+    (leaf.parent / ".staging-0a1b2c").mkdir()          # a build in progress: never saved
+    (leaf.parent / ".staging-0a1b2c" / "half.o").write_bytes(b"x")
+    return {str((leaf / n).relative_to(root)): d for n, d in files.items()}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_jit_cache_comes_back_in_parts_and_unpacks_byte_for_byte(tmp_path, monkeypatch):
+    import sglang_jit_warmup as jit
+    want = _jit_cache(tmp_path / "cache")
+    monkeypatch.setattr(jit, "PART_BYTES", 2**20)          # random bytes do not compress: 4 parts
+    parts = jit.save_cache(tmp_path / "cache", tmp_path / "out")
+    assert len(parts) == 4 and all(p.stat().st_size <= 2**20 for p in parts)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([p.name for p in parts] + ["SHA256SUMS"])
+    assert jit.restore_cache(tmp_path / "out", tmp_path / "fresh")
+    assert _files(tmp_path / "fresh") == want                # the staging folder stayed behind
+
+
+def test_jit_cache_part_that_fails_its_checksum_unpacks_nothing(tmp_path, monkeypatch):
+    import sglang_jit_warmup as jit
+    _jit_cache(tmp_path / "cache")
+    monkeypatch.setattr(jit, "PART_BYTES", 2**20)
+    parts = jit.save_cache(tmp_path / "cache", tmp_path / "out")
+    damaged = bytearray(parts[-1].read_bytes())
+    damaged[-1] ^= 1
+    parts[-1].write_bytes(bytes(damaged))
+    assert not jit.restore_cache(tmp_path / "out", tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    parts[-1].unlink()                                       # a missing part: the same
+    assert not jit.restore_cache(tmp_path / "out", tmp_path / "fresh")
+    assert not jit.restore_cache(tmp_path / "nothing-carried", tmp_path / "fresh")
+
+
+def test_jit_cache_archive_cannot_write_outside_the_cache(tmp_path):
+    import hashlib
+    import io
+    import tarfile
+    import sglang_jit_warmup as jit
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        info = tarfile.TarInfo("../escaped.so")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    (tmp_path / "in").mkdir()
+    part = tmp_path / "in" / f"{jit.ARCHIVE}.part00"
+    part.write_bytes(buf.getvalue())
+    (tmp_path / "in" / "SHA256SUMS").write_text(f"{hashlib.sha256(part.read_bytes()).hexdigest()}  {part.name}\n")
+    assert not jit.restore_cache(tmp_path / "in", tmp_path / "cache")
+    assert not (tmp_path / "escaped.so").exists()
+
+
+def test_jit_cache_too_large_to_bring_back_is_not_saved(tmp_path, monkeypatch, capsys):
+    import sglang_jit_warmup as jit
+    _jit_cache(tmp_path / "cache")
+    monkeypatch.setattr(jit, "PART_BYTES", 2**20)
+    monkeypatch.setattr(jit, "MAX_PARTS", 3)
+    assert jit.save_cache(tmp_path / "cache", tmp_path / "out") == []
+    assert not (tmp_path / "out").exists() and "not saved" in capsys.readouterr().out
+    assert jit.save_cache(tmp_path / "empty", tmp_path / "out") == []

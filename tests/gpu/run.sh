@@ -44,7 +44,10 @@
 #   sglang-serve-llava-w4a - (SGLang) LLaVA-1.5-7B, tokenizer from `grace-qat llava-processor`
 #   tp2          - (2-GPU kind) tensor parallel 2: tiny and 2B, grace_qat vs stock GPTQ
 #   load         - the HTTP load test, 4x larger, on the full-size 2B
-#   sglang-jit-bg - (SGLang) build its JIT Marlin kernels once, in the background (sglang* stages wait)
+#   sglang-jit-bg - (SGLang) build its JIT Marlin kernels once, in the background (sglang* stages wait),
+#                  after unpacking a cache an earlier lease saved (carried to /tmp/sglang-jit-in)
+#   sglang-jit-save - (SGLang) this machine's SGLang JIT cache -> $OUT as checksummed parts (a call of its
+#                  own at the end of a lease; keep them in .jit-cache/sglang-VERSION/ for the next lease)
 #   sglang-tiny  - (SGLang) tests/gpu/sglang_serve_check.py on tiny Qwen3-VL (layer check, plugin vs stock)
 #   sglang       - (SGLang) tests/gpu/sglang_serve_check.py on tiny and 2B Qwen3-VL
 #   sglang-llava - (SGLang) the same on a tiny original-layout LLaVA-1.5 (local CLIP tower)
@@ -165,7 +168,7 @@ serve_fixture() {   # serve_fixture FORMAT: "MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTE
 case "$stage" in   # the engine a stage runs on (bundle or installed; see the top)
   prepare-bg|chain|poll|bench-hf) ;;
   gemv) use_engine 0 > /dev/null || ENGINE_FROM="" ;;
-  engine|sglang-engine|sglang-jit-bg) use_engine 0 || exit 1 ;;
+  engine|sglang-engine|sglang-jit-bg|sglang-jit-save) use_engine 0 || exit 1 ;;
   install) use_engine 0 || [ "${GRACE_GPU_SANITY:-1}" = 0 ] || exit 1 ;;
   crossover|sglang-crossover|marlin-variants|bench-llava|bench-qwen|profile-qwen|profile-load|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
   workflow-vllm|sglang-workflow|\
@@ -358,8 +361,11 @@ EOF
     # >5 min per dtype with nvcc; an engine killed mid-build loses it (tests/gpu/sglang_jit_warmup.py)
     rm -f /tmp/sglang-jit.done
     D=$(snapshot jit) || exit 1
-    start_bg sglang-jit "$D" "PYTHONPATH=$D${PYTHONPATH#$ROOT} nice -n 5 python3 tests/gpu/sglang_jit_warmup.py && touch /tmp/sglang-jit.done"
+    # a cache saved by an earlier lease's sglang-jit-save, carried to /tmp/sglang-jit-in, is unpacked first
+    start_bg sglang-jit "$D" "PYTHONPATH=$D${PYTHONPATH#$ROOT} nice -n 5 python3 tests/gpu/sglang_jit_warmup.py --cache-in /tmp/sglang-jit-in && touch /tmp/sglang-jit.done"
     sleep 2; echo "SGLang JIT warm-up started from $D" ;;
+  sglang-jit-save)   # (SGLang, last call of a lease) this machine's SGLang JIT cache -> $OUT in parts
+    python3 tests/gpu/sglang_jit_warmup.py --save-cache $OUT ;;
   sglang-tiny)   # plugin vs stock SGLang GPTQ on tiny Qwen3-VL: layer check, image+text and text requests
     wait_sglang_jit || exit 1
     python3 -c "from grace_qat import synthetic; synthetic.write_qwen3vl('/tmp/sg-tiny', size='tiny')" || exit 1

@@ -10,16 +10,29 @@ tvm-ffi cache for every later engine process. The build targets the compute capa
 nvidia-smi reports, with the GPU hidden from this process, so it can run beside an engine without
 holding GPU memory (a neighbour that frees memory breaks vLLM's memory profiling).
 
-    python3 tests/gpu/sglang_jit_warmup.py [--dtypes bfloat16,float16]
+A lease starts on a fresh machine, so every lease paid those minutes again. SGLang's JIT cache is
+content-addressed (a build is reused only where its sources, flags, compilers and package versions
+hash the same), so a cache built on the GPU machine can travel: ``--save-cache DIR`` packs the whole
+cache (the Marlin modules and whatever the engines compiled on their own) into checksummed parts
+small enough to come back from the device; ``--cache-in DIR`` unpacks such parts before building,
+and a build that still applies is then a cache hit. A part that fails its checksum is refused and
+the kernels are built as before.
+
+    python3 tests/gpu/sglang_jit_warmup.py [--dtypes bfloat16,float16] [--cache-in DIR]
+    python3 tests/gpu/sglang_jit_warmup.py --save-cache DIR
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
+import io
 import os
+import pathlib
 import subprocess
 import sys
+import tarfile
 import time
 
 # the module that defines _jit_gptq_marlin_module moved between SGLang releases
@@ -27,6 +40,12 @@ GEMM_MODULES = ("sglang.kernels.ops.gemm.gptq_marlin",           # 0.5.23
                 "sglang.kernels.ops.quantization.gptq_marlin")   # 0.5.17
 REPACKS = (("sglang.kernels.ops.quantization.gptq_marlin_repack", "_jit_gptq_marlin_repack_module"),
            ("sglang.kernels.ops.quantization.awq_marlin_repack", "_jit_awq_marlin_repack_module"))
+
+
+# Files come back from the device machine at most 8 per call and 16 MiB each: parts and SHA256SUMS
+PART_BYTES = 15 * 2**20
+MAX_PARTS = 7
+ARCHIVE = "sglang-jit.tar.xz"
 
 
 class NoJitModule(Exception):
@@ -57,12 +76,82 @@ def _gpu_arch() -> contextlib.AbstractContextManager:
     return override_jit_cuda_arch(major, minor)
 
 
+def jit_cache_root() -> pathlib.Path:
+    """Where this SGLang keeps its JIT builds (SGLANG_JIT_CACHE_DIR, else its default)."""
+    try:
+        from sglang.kernels.jit.utils.compile.cache import cache_root
+        return pathlib.Path(cache_root())
+    except ImportError:          # an SGLang without the content-addressed cache (0.5.17)
+        return pathlib.Path(os.environ.get("SGLANG_JIT_CACHE_DIR") or "~/.cache/sglang/jit").expanduser()
+
+
+def save_cache(root: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path]:
+    """Pack ``root`` into parts of at most PART_BYTES under ``out`` plus SHA256SUMS; none where the
+    cache is empty or would take more than MAX_PARTS parts (said on stdout)."""
+    if not root.is_dir() or not any(root.iterdir()):
+        print(f"[jit] nothing to save: {root} is empty or missing", flush=True)
+        return []
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        tar.add(root, arcname=".", filter=lambda info: None if "/.staging-" in info.name else info)
+    data = buf.getvalue()
+    chunks = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
+    if len(chunks) > MAX_PARTS:
+        print(f"[jit] not saved: {root} packs to {len(data) / 2**20:.0f} MiB, more than {MAX_PARTS} "
+              f"parts of {PART_BYTES // 2**20} MiB can bring back", flush=True)
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, chunk in enumerate(chunks):
+        paths.append(out / f"{ARCHIVE}.part{i:02d}")
+        paths[-1].write_bytes(chunk)
+    (out / "SHA256SUMS").write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+                                            for p in paths))
+    print(f"[jit] saved {root} as {len(paths)} parts ({len(data) / 2**20:.1f} MiB) in {out}", flush=True)
+    return paths
+
+
+def restore_cache(src: pathlib.Path, root: pathlib.Path) -> bool:
+    """Unpack the parts that ``save_cache`` wrote into ``root``; False (and nothing unpacked) where
+    there are none, a part is missing or fails its checksum, or the archive does not read."""
+    sums = src / "SHA256SUMS"
+    if not sums.is_file():
+        print(f"[jit] no saved cache in {src}: building", flush=True)
+        return False
+    data = b""
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        part = src / name
+        if not part.is_file() or hashlib.sha256(part.read_bytes()).hexdigest() != digest:
+            print(f"[jit] saved cache refused: {part} is missing or fails its SHA-256: building", flush=True)
+            return False
+        data += part.read_bytes()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
+            root.mkdir(parents=True, exist_ok=True)
+            tar.extractall(root, filter="data")    # no absolute paths, no '..', no device files
+    except (tarfile.TarError, OSError) as exc:
+        print(f"[jit] saved cache refused: {exc}: building", flush=True)
+        return False
+    print(f"[jit] restored the saved cache from {src} into {root}", flush=True)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="bfloat16,float16",
                     help="activation dtypes (Qwen3-VL serves in bf16, LLaVA-1.5 in fp16)")
+    ap.add_argument("--cache-in", type=pathlib.Path,
+                    help="a folder of parts written by --save-cache: unpacked before building")
+    ap.add_argument("--save-cache", type=pathlib.Path, metavar="DIR",
+                    help="only pack this machine's SGLang JIT cache into DIR (parts + SHA256SUMS)")
     ap.add_argument("--only", help=argparse.SUPPRESS)    # one module, in a child process
     args = ap.parse_args()
+    if args.save_cache:
+        save_cache(jit_cache_root(), args.save_cache)
+        return
+    if args.cache_in:
+        restore_cache(args.cache_in, jit_cache_root())
     if args.only:
         with _gpu_arch():
             try:
