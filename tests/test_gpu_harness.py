@@ -530,15 +530,16 @@ def test_jit_cache_archive_cannot_write_outside_the_cache(tmp_path):
     import sglang_jit_warmup as jit
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:xz") as tar:
-        info = tarfile.TarInfo("../escaped.so")
-        info.size = 3
-        tar.addfile(info, io.BytesIO(b"bad"))
+        for name in ("./sm90a/fine.so", "../escaped.so"):     # a good member first: not written either
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"bad"))
     (tmp_path / "in").mkdir()
     part = tmp_path / "in" / f"{jit.ARCHIVE}.part00"
     part.write_bytes(buf.getvalue())
     (tmp_path / "in" / "SHA256SUMS").write_text(f"{hashlib.sha256(part.read_bytes()).hexdigest()}  {part.name}\n")
     assert not jit.restore_cache(tmp_path / "in", tmp_path / "cache")
-    assert not (tmp_path / "escaped.so").exists()
+    assert not (tmp_path / "escaped.so").exists() and not list((tmp_path / "cache").rglob("*.so"))
 
 
 def test_jit_cache_too_large_to_bring_back_is_not_saved(tmp_path, monkeypatch, capsys):

@@ -129,7 +129,9 @@ def restore_cache(src: pathlib.Path, root: pathlib.Path) -> bool:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
             root.mkdir(parents=True, exist_ok=True)
-            tar.extractall(root, filter="data")    # no absolute paths, no '..', no device files
+            for member in tar.getmembers():       # every member checked before anything is written
+                tarfile.data_filter(member, str(root))    # no absolute paths, no '..', no device files
+            tar.extractall(root, filter="data")
     except (tarfile.TarError, OSError) as exc:
         print(f"[jit] saved cache refused: {exc}: building", flush=True)
         return False
