@@ -197,12 +197,11 @@ LAYERS = {   # vLLM layer -> (checkpoint modules in shard order, shard ids)
 }
 
 
-TINY = dict(hidden=256, head_dim=64, heads=4, kv_heads=2, intermediate=512)      # the tiny Qwen3-VL
-QWEN_2B = dict(hidden=2048, head_dim=128, heads=16, kv_heads=8, intermediate=6144)  # Qwen3-VL-2B
-
-
-def _build(name, cfg, rank, size, bias=False, dims=TINY):
+def _build(name, cfg, rank, size, bias=False, model="tiny"):
+    """One vLLM layer of the Qwen3-VL size ``model`` (the shapes grace_qat.synthetic writes)."""
     from vllm.model_executor.layers import linear as vl
+    from grace_qat.synthetic import QWEN3VL_SIZES_SPEC
+    dims = QWEN3VL_SIZES_SPEC[model]
     kw = dict(bias=bias, params_dtype=torch.bfloat16, quant_config=cfg, prefix=VLLM + name)
     hidden, inter = dims["hidden"], dims["intermediate"]
     with _tensor_parallel(rank, size), torch.device(DEVICE):
@@ -214,9 +213,9 @@ def _build(name, cfg, rank, size, bias=False, dims=TINY):
                                     hidden, **kw)
 
 
-def _make(name, cfg, ckpt, rank=0, size=1, tamper=None, bias=None, dims=TINY):
+def _make(name, cfg, ckpt, rank=0, size=1, tamper=None, bias=None, model="tiny"):
     """Build, load and post-process one layer as rank ``rank`` of ``size``, like vLLM's loader."""
-    layer = _build(name, cfg, rank, size, bias=bias is not None, dims=dims)
+    layer = _build(name, cfg, rank, size, bias=bias is not None, model=model)
     _load(layer, name, ckpt, tamper)
     if bias is not None:
         layer.bias.data.copy_(bias)
@@ -599,7 +598,7 @@ def test_dual_kernel_layer_dispatches_by_token_count(ckpts, opened, key, monkeyp
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-def _stock_layer(name, gptq_dir, files, dims=TINY):
+def _stock_layer(name, gptq_dir, files, model="tiny"):
     """vLLM's own GPTQ layer for ``name`` (the quantization config stock vLLM builds from the export's
     config.json, mapped to vLLM's layer names as the engine maps it), loaded with the export's tensors
     through vLLM's loaders and post-processed: the layer a stock ``vllm serve`` of the export runs."""
@@ -611,7 +610,7 @@ def _stock_layer(name, gptq_dir, files, dims=TINY):
     mapper = Qwen3VL.hf_to_vllm_mapper
     cfg.apply_vllm_mapper((getattr(mapper, "get_rename_mapper", None) or mapper.get_unstacked_mapper)())
     cfg.packed_modules_mapping = Qwen3VL.packed_modules_mapping
-    layer = _build(name, cfg, 0, 1, dims=dims)
+    layer = _build(name, cfg, 0, 1, model=model)
     assert {"qweight", "scales"} <= {n for n, _ in layer.named_parameters()}, \
         f"{name}: stock vLLM did not quantize this layer ({type(layer.quant_method).__name__})"
     for module, shard in zip(*LAYERS[name]):
@@ -697,7 +696,7 @@ def test_humming_layers_equal_stock_at_full_size_in_a_fixed_sum_order(one_2b_lay
     cfg, ckpt, files = _config(src), Files.open(src, "qat-sidecar", 4), reference.tensors(gptq)
     gen = torch.Generator().manual_seed(4)
     for name in LAYERS:
-        plugin, stock = _make(name, cfg, ckpt, dims=QWEN_2B), _stock_layer(name, gptq, files, dims=QWEN_2B)
+        plugin, stock = _make(name, cfg, ckpt, model="2b"), _stock_layer(name, gptq, files, model="2b")
         kernels = {type(plugin.quant_method.kernel).__name__, type(stock.quant_method.kernel).__name__}
         if kernels != {"HummingLinearKernel"}:
             pytest.skip(f"Humming is not vLLM's kernel here with Machete disabled: {kernels}")
