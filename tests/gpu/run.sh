@@ -88,6 +88,8 @@ XOVER=/tmp/xover; [ "$ENGINE" = sglang ] && XOVER=/tmp/xover-sglang   # kernel t
 mkdir -p "$OUT"
 WORK=/tmp/grace-bench
 BATCHES=1,2,4,8,16,32,64,128
+# what a bench stage times; GRACE_BENCH_BATCHES / GRACE_BENCH_IMAGE_BATCHES (may be empty) narrow it to a lease
+BENCH_BATCHES=${GRACE_BENCH_BATCHES:-$BATCHES} BENCH_IMAGE_BATCHES=${GRACE_BENCH_IMAGE_BATCHES-1,8}
 
 engine_importable() {   # engine_importable MODULE: installed in this python3 (without importing it)
   python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('$1') is None)" 2>/dev/null
@@ -282,12 +284,12 @@ EOF
     # GRACE_LLAVA_SYSTEMS narrows it (the llava-hf systems need `prepare-bg llava`, not llava-gptq)
     PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 benchmarks/vllm_bench.py --model llava --size 7b --work $WORK \
       --systems "${GRACE_LLAVA_SYSTEMS:-gptq,gptq-humming,grace-a,gptq-hf,bf16-hf}" \
-      --batches "${GRACE_BENCH_BATCHES:-$BATCHES}" --image-batches 1,8 --timeout 300 --out $OUT/llava7b "$@" ;;
+      --batches "$BENCH_BATCHES" --image-batches "$BENCH_IMAGE_BATCHES" --timeout 300 --out $OUT/llava7b "$@" ;;
   bench-qwen)
     wait_prep || exit 1
     # GRACE_BENCH_SYSTEMS / _BATCHES / _IMAGE_BATCHES narrow a run to what a lease has time for
-    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches "${GRACE_BENCH_BATCHES:-$BATCHES}" \
-      --image-batches "${GRACE_BENCH_IMAGE_BATCHES-1,8}" --timeout 300 --out $OUT/qwen2b \
+    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches "$BENCH_BATCHES" \
+      --image-batches "$BENCH_IMAGE_BATCHES" --timeout 300 --out $OUT/qwen2b \
       --systems "${GRACE_BENCH_SYSTEMS:-gptq,gptq-humming,gptq-marlin,grace-a,grace-a-single,grace-a-humming,bf16-grid}" "$@" ;;
   profile-qwen)
     wait_prep || exit 1
@@ -399,8 +401,8 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
   bench-sglang)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on the full-size 2B, formats A and B
     wait_sglang_jit || exit 1
     wait_prep || exit 1
-    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches "${GRACE_BENCH_BATCHES:-$BATCHES}" \
-      --image-batches "${GRACE_BENCH_IMAGE_BATCHES-1,8}" --timeout 420 \
+    python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches "$BENCH_BATCHES" \
+      --image-batches "$BENCH_IMAGE_BATCHES" --timeout 420 \
       --systems "${GRACE_BENCH_SGLANG_SYSTEMS:-sglang-gptq,sglang-gptq-humming,sglang-grace-a,sglang-grace-a-humming,sglang-grace-b}" \
       --out $OUT/qwen2b-sglang "$@" ;;
   suite)

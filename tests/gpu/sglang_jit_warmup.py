@@ -101,12 +101,11 @@ def save_cache(root: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path]:
               f"parts of {PART_BYTES // 2**20} MiB can bring back", flush=True)
         return []
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, chunk in enumerate(chunks):
-        paths.append(out / f"{ARCHIVE}.part{i:02d}")
-        paths[-1].write_bytes(chunk)
-    (out / "SHA256SUMS").write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
-                                            for p in paths))
+    paths = [out / f"{ARCHIVE}.part{i:02d}" for i in range(len(chunks))]
+    for path, chunk in zip(paths, chunks):
+        path.write_bytes(chunk)
+    (out / "SHA256SUMS").write_text("".join(f"{hashlib.sha256(chunk).hexdigest()}  {path.name}\n"
+                                            for path, chunk in zip(paths, chunks)))
     print(f"[jit] saved {root} as {len(paths)} parts ({len(data) / 2**20:.1f} MiB) in {out}", flush=True)
     return paths
 
@@ -118,16 +117,16 @@ def restore_cache(src: pathlib.Path, root: pathlib.Path) -> bool:
     if not sums.is_file():
         print(f"[jit] no saved cache in {src}: building", flush=True)
         return False
-    data = b""
+    chunks = []
     for line in sums.read_text().splitlines():
         digest, name = line.split(maxsplit=1)
         part = src / name
-        if not part.is_file() or hashlib.sha256(part.read_bytes()).hexdigest() != digest:
+        chunks.append(part.read_bytes() if part.is_file() else None)
+        if chunks[-1] is None or hashlib.sha256(chunks[-1]).hexdigest() != digest:
             print(f"[jit] saved cache refused: {part} is missing or fails its SHA-256: building", flush=True)
             return False
-        data += part.read_bytes()
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r:xz") as tar:
             root.mkdir(parents=True, exist_ok=True)
             for member in tar.getmembers():       # every member checked before anything is written
                 tarfile.data_filter(member, str(root))    # no absolute paths, no '..', no device files
