@@ -104,7 +104,8 @@ def test_unpacked_bundle_wins(tmp_path):
 def test_chain_runs_from_a_copy_and_outlives_the_tree(tmp_path):
     """Each device call lays the working tree anew: a chain started from it must not live in it."""
     tree = tmp_path / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv*", ".sglang-*", ".jit-cache", "__pycache__",
+                                                              "*.egg-info"))
     bg, res = tmp_path / "bg", tmp_path / "res"
     env = dict(GRACE_GPU_BG=str(bg), GRACE_GPU_RES=str(res), GRACE_GPU_SITES=str(tmp_path))
     stage = "engine" if _engine_of_this_python() == "vllm" else "sglang-engine"

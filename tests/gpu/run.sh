@@ -127,7 +127,8 @@ engine_env() {   # variables only some engine versions accept: set by feature, n
 snapshot() {   # snapshot NAME: a fresh copy of the tree in $BG/NAME for a background job; prints its path
   local d=$BG/$1
   rm -rf "$d" && mkdir -p "$d" \
-    && tar --exclude=./.git --exclude='./.devbundle*' --exclude='./.venv*' --exclude=./.whl -cf - . | tar -xf - -C "$d" \
+    && tar --exclude=./.git --exclude='./.devbundle*' --exclude='./.venv*' --exclude='./.sglang-*' --exclude=./.whl \
+           --exclude=./.jit-cache --exclude=./.hypothesis --exclude=./.pytest_cache -cf - . | tar -xf - -C "$d" \
     && echo "$d"
 }
 start_bg() {   # start_bg NAME DIR COMMAND: bash COMMAND in its own session, working directory DIR, log $BG/NAME.log
