@@ -5,8 +5,10 @@
 Run it on a GRACE checkpoint with the plugin and on its GPTQ export without, on the same machine:
 the JSON holds the wall time of the start and the functions with the most cumulative time (all of
 them, and grace_qat's own), so the two starts compare by function (issue: start-up within 10% of
-stock). vLLM's engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the
-profile sees the weight loading and the plugin's processing; the engine is otherwise as served.
+stock). Compare starts on the same kernel (``--linear-backend`` for stock: Humming, for one, builds
+its kernels at the first start) and with caches of their own (``run.sh profile-load`` does both).
+vLLM's engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the profile sees
+the weight loading and the plugin's processing; the engine is otherwise as served.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
+    ap.add_argument("--linear-backend", default=None, help="vLLM's --linear-backend (machete, humming, marlin, ...)")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -49,6 +52,8 @@ def main() -> None:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.quantization:
         kwargs["quantization"] = args.quantization
+    if args.linear_backend:
+        kwargs["linear_backend"] = args.linear_backend
     profile = cProfile.Profile()
     start = time.perf_counter()
     profile.enable()
@@ -58,7 +63,8 @@ def main() -> None:
     stats = pstats.Stats(profile)
     result = {"meta": {"model": args.model, "quantization": args.quantization, "vllm": vllm.__version__,
                        "torch": torch.__version__, "device": torch.cuda.get_device_name()
-                       if torch.cuda.is_available() else "cpu", "eager": args.eager},
+                       if torch.cuda.is_available() else "cpu", "eager": args.eager,
+                       "linear_backend": args.linear_backend},
               "start_s": round(wall, 2), "top": top(stats, args.top),
               "grace_qat": top(stats, args.top, "grace_")}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

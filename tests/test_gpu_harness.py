@@ -362,6 +362,39 @@ def test_bench_holds_a_not_reproducible_kernel_to_the_stock_kernels_gap_not_to_t
     assert vllm_bench.failures(exact)[0].startswith("grace-a: greedy tokens differ from stock gptq (same kernel)")
 
 
+def test_bench_compares_start_up_with_stock_on_the_same_kernel(tmp_path):
+    """Humming builds its kernels at a first start, Machete does not: the plugin on Humming is held to
+    stock Humming's start-up of the same run, not to stock's default kernel."""
+    res = [_result("gptq", [1], load_s=100.0, kernels=["MacheteLinearKernel"]),
+           _result("gptq-humming", [1], load_s=150.0, kernels=["HummingLinearKernel"]),
+           _result("grace-a", [1], load_s=120.0, kernels=["HummingLinearKernel"]),
+           _result("grace-a-single", [1], load_s=50.0, kernels=["MacheteLinearKernel"], run="another lease")]
+    vllm_bench.write_report(res, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    assert res[2]["peer"] == "gptq-humming" and res[2]["load_vs_peer"] == pytest.approx(0.8)
+    assert res[2]["load_vs_gptq"] == pytest.approx(1.2)
+    assert res[3]["peer"] == "gptq" and "load_vs_peer" not in res[3]   # its peer ran in another run: no ratio
+    row = next(ln for ln in (tmp_path / "results.md").read_text().splitlines() if ln.startswith("| grace-a |"))
+    assert row.rstrip().endswith("| 0.80 |"), row
+
+
+def test_bench_systems_start_with_compile_and_humming_caches_of_their_own(tmp_path):
+    """--compile-cache fresh: each system's vLLM compile cache and Humming kernel cache are new and its
+    own (a shared Humming cache let the second system on Humming start warm); Humming itself (the
+    SGLang venv's humming-kernels) must read the variable."""
+    a, b = (vllm_bench.system_env(n, "fresh", str(tmp_path)) for n in ("gptq-humming", "grace-a"))
+    for var in ("VLLM_CACHE_ROOT", "HUMMING_CACHE_DIR"):
+        assert a[var] != b[var] and a[var].startswith(str(tmp_path)) and not os.path.exists(a[var])
+    assert vllm_bench.system_env("grace-a-single", "shared", str(tmp_path)) == {"GRACE_QAT_DUAL_KERNEL": "0"}
+    python = SGLANG_VENV / "bin" / "python"
+    if not python.exists():
+        if in_ci():
+            pytest.fail(f"no SGLang venv at {SGLANG_VENV} (set GRACE_SGLANG_VENV)")
+        pytest.skip(f"no SGLang venv at {SGLANG_VENV}")
+    r = subprocess.run([str(python), "-c", "from humming.utils import jit; print(jit.get_humming_cache_dir())"],
+                       env=dict(os.environ, **a), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == a["HUMMING_CACHE_DIR"], r.stdout + r.stderr
+
+
 def test_bench_fails_a_plugin_system_that_ran_no_quantized_kernel_on_a_gpu(tmp_path):
     base = dict(quantization="grace_qat", gpu="NVIDIA H100 80GB HBM3")
     fell_back = _result("grace-a", [1], fallback=True, **base)

@@ -29,7 +29,8 @@
 #   profile-qwen - Qwen3-VL-2B batch 1: GPU kernels per decode step (torch profiler) of stock Humming and
 #                  grace_qat (GRACE_PROFILE_SYSTEMS: which systems; default gptq-humming,grace-a)
 #   profile-load - where an engine start goes, function by function (cProfile, benchmarks/startup_profile.py):
-#                  the plugin on the 2B format A and stock vLLM on its GPTQ export -> $OUT/startup-{plugin,stock}.json
+#                  the plugin on the 2B format A and stock vLLM on its GPTQ export with the kernel the plugin
+#                  chose, each with empty caches of its own -> $OUT/startup-{plugin,stock}.json
 #   bench-w8     - Qwen3-VL-2B W8: grace_qat vs stock GPTQ int8
 #   bench-hf     - Qwen3-VL-2B: plain Transformers generate on the BF16-on-grid checkpoint
 #   suite        - (vLLM) the engine test suite on tiny fixtures + the LLaVA original-layout checks
@@ -310,14 +311,26 @@ EOF
     done
     exit $rc ;;
   profile-load)   # where a start goes, by function: the plugin on the 2B format A, stock on its GPTQ export
+    # with the kernel the plugin chose (Humming JIT-builds at a first start, Machete does not), each
+    # side with empty caches of its own (compile, Humming), so that the two starts compare like for like
     wait_prep || exit 1
-    rc=0
+    rc=0 q=(--quantization grace_qat)
     for side in plugin stock; do
-      model=$WORK/qwen3vl-2b-qat-sidecar-w4; q=(--quantization grace_qat)
-      [ $side = stock ] && { model=$model-gptq; q=(); }
-      timeout 600 python3 benchmarks/startup_profile.py --model $model "${q[@]}" --out $OUT/startup-$side.json "$@" \
-        > $OUT/startup-$side.log 2>&1 || { rc=1; tail -20 $OUT/startup-$side.log; }
+      model=$WORK/qwen3vl-2b-qat-sidecar-w4
+      [ $side = stock ] && model=$model-gptq
+      c=$WORK/startup-cache/$side; rm -rf $c
+      VLLM_CACHE_ROOT=$c/vllm HUMMING_CACHE_DIR=$c/humming timeout 600 python3 benchmarks/startup_profile.py \
+        --model $model "${q[@]}" --out $OUT/startup-$side.json "$@" > $OUT/startup-$side.log 2>&1 \
+        || { rc=1; tail -20 $OUT/startup-$side.log; }
       grep -A13 "^start" $OUT/startup-$side.log
+      k=$(grep -oE "grace_qat: using [A-Za-z]+LinearKernel" $OUT/startup-$side.log | head -1 | awk '{print $3}')
+      case $k in
+        MacheteLinearKernel) q=(--linear-backend machete) ;;
+        HummingLinearKernel) q=(--linear-backend humming) ;;
+        MarlinLinearKernel)  q=(--linear-backend marlin) ;;
+        *) q=() ;;
+      esac
+      [ $side = plugin ] && echo "stock starts on the plugin's kernel: ${k:-not in its log} (${q[*]:-the engine default})"
     done
     exit $rc ;;
   bench-w8)
