@@ -52,6 +52,8 @@ SYSTEMS = {
     "sglang-gptq": ("qat-sidecar", 4, "gptq", "sglang:none"),
     # stock SGLang's one-flag alternative on the same GPTQ export: its Humming kernels
     "sglang-gptq-humming": ("qat-sidecar", 4, "gptq", "sglang:humming"),
+    # stock SGLang (plugin off) on format A's own BF16 on-grid weights: served unquantized
+    "sglang-bf16-grid": ("qat-sidecar", 4, None, "sglang:none"),
     # what users have today: Transformers generate on the BF16-on-grid checkpoint (the card's path)
     "hf-generate": ("qat-sidecar", 4, None, "transformers"),
 }
@@ -64,7 +66,8 @@ SYSTEM_ENV = {
 # actually ran is read from each system's log and recorded
 SYSTEM_BACKEND = {"gptq-marlin": "marlin", "gptq-humming": "humming",
                   "grace-a-marlin": "marlin", "grace-a-humming": "humming"}
-# stock systems a user reaches with one flag on the same GPTQ weights: "best stock" per batch
+# stock kernels a user reaches with one flag on the same GPTQ weights (their gaps bound rounding-order
+# differences; see NOT_REPRODUCIBLE)
 STOCK_CHOICES = ("gptq", "gptq-humming", "gptq-marlin")
 SGLANG_STOCK_CHOICES = ("sglang-gptq", "sglang-gptq-humming")
 # grace_qat system -> stock system on the same codes and scales. Where both ran one kernel the tokens
@@ -75,6 +78,10 @@ PEERS = {"grace-a": "gptq", "grace-a-single": "gptq", "grace-a-inline": "gptq", 
          "grace-b": "gptq-from-b", "grace-a-marlin": "gptq-marlin", "grace-a-humming": "gptq-humming",
          "sglang-grace-a": "sglang-gptq", "sglang-grace-a-humming": "sglang-gptq-humming"}
 BF16_REFS = ("bf16", "bf16-hf", "bf16-grid")
+SGLANG_BF16_REFS = ("sglang-bf16-grid",)
+# "best stock" per batch: the best of every stock system a user reaches with one flag on the same
+# weights, the unquantized BF16 ones included (at large batches they can be the fastest)
+BEST_STOCK = {"vllm": STOCK_CHOICES + BF16_REFS, "sglang": SGLANG_STOCK_CHOICES + SGLANG_BF16_REFS}
 # Kernels whose output on the same inputs is not reproducible from one run to the next: Humming's
 # stream-K (K > 1024 on a short grid) adds the partial sums of a tile's K slices in the order the
 # thread blocks arrive (humming-kernels 0.1.19, epilogue/pipeline.cuh: every slice after the first
@@ -296,7 +303,9 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
             continue
         runs = {x["batch"]: x for x in r["runs"]}
         bw = r.get("copy_bandwidth_gbs", meta.get("copy_bandwidth_gbs"))
-        for key, ref in (("gptq", "gptq"), ("bf16", next((b for b in BF16_REFS if b in base), None))):
+        sglang = r["name"].startswith("sglang-")
+        bf16_refs = SGLANG_BF16_REFS if sglang else BF16_REFS
+        for key, ref in (("gptq", "gptq"), ("bf16", next((b for b in bf16_refs if b in base), None))):
             if ref in base and ref != r["name"] and not same_run(r, ref):
                 r.setdefault("ratios_not_computed", []).append(f"vs {ref}: measured in another run")
             elif ref in base and ref != r["name"]:
@@ -308,18 +317,18 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
         if 1 in runs and bw and r.get("bytes_per_token"):
             sec_per_tok = 1.0 / runs[1]["decode_tok_s"]
             r["bandwidth_efficiency_b1"] = r["bytes_per_token"] / sec_per_tok / 1e9 / bw
-        choices = SGLANG_STOCK_CHOICES if r["name"].startswith("sglang-") else STOCK_CHOICES
-        stock = [b for b in choices if b in base and same_run(r, b)]
-        if stock and r["name"] not in choices:
+        stock = [b for b in (SGLANG_STOCK_CHOICES if sglang else STOCK_CHOICES) if b in base and same_run(r, b)]
+        best_of = [b for b in BEST_STOCK["sglang" if sglang else "vllm"] if b in base and same_run(r, b)]
+        if best_of and r["name"] not in best_of:
             best = {}
             for b in runs:
-                rates = {ref: {x["batch"]: x["decode_tok_s"] for x in base[ref]["runs"]}.get(b) for ref in stock}
+                rates = {ref: {x["batch"]: x["decode_tok_s"] for x in base[ref]["runs"]}.get(b) for ref in best_of}
                 rates = {ref: v for ref, v in rates.items() if v}
                 if rates:
                     ref = max(rates, key=rates.get)
                     best[b] = {"ratio": runs[b]["decode_tok_s"] / rates[ref], "stock": ref}
             r["vs_best_stock"] = best
-        ref16 = next((b for b in BF16_REFS if b in base and b != r["name"]), None)
+        ref16 = next((b for b in bf16_refs if b in base and b != r["name"]), None)
         if ref16:
             r["max_logprob_diff_bf16"] = _max_logprob_diff(r, base[ref16])
             r["prompt_logprob_gap_bf16"] = _prompt_logprob_gap(r, base[ref16])
@@ -388,9 +397,9 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
                     + " | " + ("" if seq is None else f"{seq['max']:.4f} / {seq['mean']:.4f}") + " |")
     best_rows = [r for r in results if r.get("ok") and r.get("vs_best_stock")]
     if best_rows:
-        lines += ["", "Decode tokens/s relative to the best stock kernel a user can pick with one flag, per batch "
-                  f"(the best of {', '.join(STOCK_CHOICES)} on vLLM, of {', '.join(SGLANG_STOCK_CHOICES)} on SGLang, "
-                  "in this run; which one in brackets):", "",
+        lines += ["", "Decode tokens/s relative to the best stock system a user can pick with one flag on the same "
+                  f"weights, per batch (the best of {', '.join(BEST_STOCK['vllm'])} on vLLM, of "
+                  f"{', '.join(BEST_STOCK['sglang'])} on SGLang that ran in this run; which one in brackets):", "",
                   "| system | " + " | ".join(f"b={b}" for b in batches) + " |", "|---" * (1 + len(batches)) + "|"]
         for r in best_rows:
             v = r["vs_best_stock"]
@@ -492,10 +501,11 @@ def failures(results: list[dict]) -> list[str]:
         elif r.get("peer") and "peer_gap_bound" in r:
             gap, bound = _gap_and_bound(r)
             kernel = ",".join(sorted(_kernels(r)))
+            kin = SGLANG_STOCK_CHOICES if r["name"].startswith("sglang-") else STOCK_CHOICES
             if gap is None or bound is None:
                 bad.append(f"{r['name']}: {kernel} is not reproducible run to run and this run has no two stock "
                            f"systems that scored the sequence to bound its gap to stock {r['peer']} "
-                           f"(run two of {', '.join(STOCK_CHOICES)})")
+                           f"(run two of {', '.join(kin)})")
             elif gap > bound:
                 bad.append(f"{r['name']}: teacher-forced log-probs {gap:.3f} from stock {r['peer']} ({kernel}, not "
                            f"reproducible run to run), more than {NOT_REPRODUCIBLE_MARGIN:g}x the largest gap "

@@ -424,6 +424,29 @@ def test_bench_reports_each_system_against_the_best_one_flag_stock_kernel_per_ba
     assert sg[2]["vs_best_stock"][1] == {"ratio": 340.0 / 350.0, "stock": "sglang-gptq-humming"}
 
 
+def test_best_stock_includes_the_unquantized_weights_but_their_gap_bounds_no_rounding(tmp_path):
+    """BF16 on the same weights is one flag away too (no quantization): where it decodes faster (large
+    batches) it is the stock to beat. Its gap to the quantized kernels is quantization error, not
+    rounding order: it must not widen the bound a not-reproducible kernel is held to."""
+    humming = dict(kernels=["HummingLinearKernel"])
+    res = [_result("gptq", [1], runs=((1, 400.0), (128, 20000.0)), kernels=["MacheteLinearKernel"],
+                   prompt_logprobs=[None, -10.0, -11.0]),
+           _result("gptq-humming", [1], runs=((1, 500.0), (128, 21000.0)), prompt_logprobs=[None, -10.1, -11.0],
+                   **humming),
+           _result("bf16-grid", [1], runs=((1, 250.0), (128, 24000.0)), kernels=[], prompt_logprobs=[None, -9.0, -12.0]),
+           _result("grace-a", [2], runs=((1, 505.0), (128, 21500.0)), prompt_logprobs=[None, -10.0, -11.0], **humming)]
+    vllm_bench.write_report(res, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    best = res[3]["vs_best_stock"]
+    assert best[1] == {"ratio": 505.0 / 500.0, "stock": "gptq-humming"}
+    assert best[128] == {"ratio": 21500.0 / 24000.0, "stock": "bf16-grid"}
+    assert res[3]["peer_gap_bound"] == pytest.approx(0.2)        # Machete vs Humming only, not BF16's 1.0
+    sg = [_result("sglang-gptq", [1], runs=((1, 300.0),)), _result("sglang-bf16-grid", [1], runs=((1, 320.0),), kernels=[]),
+          _result("sglang-grace-a", [1], runs=((1, 310.0),))]
+    vllm_bench.write_report(sg, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    assert sg[2]["vs_best_stock"][1] == {"ratio": 310.0 / 320.0, "stock": "sglang-bf16-grid"}
+    assert sg[2]["vs_bf16"] == {1: 310.0 / 320.0}
+
+
 def test_http_serve_check_fails_a_plugin_that_served_no_quantized_kernel_on_a_gpu():
     def side(kernels):
         return {"requests": {"image_text": {"tokens": ["t:1"]}, "text": {"tokens": ["t:2"]}}, "kernels": kernels}

@@ -417,7 +417,7 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches "$BENCH_BATCHES" \
       --image-batches "$BENCH_IMAGE_BATCHES" --timeout 420 \
-      --systems "${GRACE_BENCH_SGLANG_SYSTEMS:-sglang-gptq,sglang-gptq-humming,sglang-grace-a,sglang-grace-a-humming,sglang-grace-b}" \
+      --systems "${GRACE_BENCH_SGLANG_SYSTEMS:-sglang-gptq,sglang-gptq-humming,sglang-bf16-grid,sglang-grace-a,sglang-grace-a-humming,sglang-grace-b}" \
       --out $OUT/qwen2b-sglang "$@" ;;
   suite)
     cuda_visible || exit 1
