@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(256) grace_gemv(
   constexpr int CK = BITS == 4 ? 64 : 32;      // input features per chunk
   constexpr int STEPS = BITS == 4 ? 4 : 2;     // mma steps per chunk
   constexpr int WPS = BITS == 4 ? 1 : 2;       // packed words per step
-  constexpr int XV = CK / 8;                   // 16-byte activation loads per lane per chunk
+  constexpr int XV = CK / 32;                  // 16-byte activation loads per lane per chunk (CK / 4 features)
   constexpr int ACC = NT * MT * 4;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
