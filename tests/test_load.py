@@ -43,8 +43,11 @@ SCALE = max(1, int(os.environ.get("GRACE_LOAD_SCALE", "1")))
 N_REQUESTS = 24 * SCALE
 CONCURRENCY = 8 * SCALE
 MAX_TOKENS = 8
-CANCELLED_MAX_TOKENS = 1536   # what the abandoned requests ask for (ignore_eos): they must be aborted
-# (more than a loaded 2-core machine generates in the second a client waits before it gives up)
+CANCELLED_MAX_TOKENS = 6144   # what the abandoned requests ask for (ignore_eos): they must be aborted
+# (far more than an engine generates in the second a client waits before it gives up: with 1536 the
+# check below, a quarter of it per request, failed once at 2760 tokens against a bound of 2416; 680
+# another time: the tokens before an abort vary 4x with the machine's load)
+MAX_MODEL_LEN = 8192          # room for them
 LOAD_TIMEOUT_S = 120 * SCALE  # the whole burst; each request also has its own timeout
 QUESTION = "What colour is the square in the picture?"
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_INT4_W4A8": "0", "VLLM_NO_USAGE_STATS": "1",
@@ -73,7 +76,7 @@ def server(tmp_path_factory, tiny):
     vllm_server = require("grace_qat.vllm_server")
     root = tmp_path_factory.mktemp("load")
     model = os.environ.get("GRACE_LOAD_MODEL") or tiny["qat-sidecar"]
-    args = ["--quantization", "grace_qat", "--dtype", "bfloat16", "--max-model-len", "2048",
+    args = ["--quantization", "grace_qat", "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN),
             "--max-num-seqs", str(CONCURRENCY), "--limit-mm-per-prompt", json.dumps({"image": 1}),
             "--disable-uvicorn-access-log"]
     if not os.environ.get("GRACE_LOAD_MODEL"):
