@@ -15,12 +15,14 @@ Writes under --out:
 Timing as kernel_crossover.py: each GEMM inside a CUDA graph cycling through enough copies of the
 weights that they do not stay in L2 (as decode runs).
 
-``--ncu``: instead, profile one shape and M (``--ncu-shape``, ``--ncu-m``) under Nsight Compute
-with a few metrics (DRAM and SM throughput, achieved occupancy, issue-slot use, warp stall
-reasons) -> ``ncu.json`` and ``ncu.csv``.
+``--ncu``: instead, profile the kernel under Nsight Compute, one launch per layer shape
+(``--ncu-shape``: every TP-1 shape of ``--models``, or a list) and M (``--ncu-m``), each with the
+config the timing run in the same ``--out`` chose, with a few metrics (DRAM and SM throughput,
+achieved occupancy, issue-slot use, warp stall reasons) and what bounds it (``bound_of``: DRAM
+bandwidth, SM, or latency) -> ``ncu.json``, ``ncu.csv``, and each bound into ``small_m.json``.
 
     python benchmarks/gemv_kernel.py --out /tmp/gemv
-    python benchmarks/gemv_kernel.py --out /tmp/gemv --ncu --ncu-shape llava-7b:gate_up --ncu-m 1
+    python benchmarks/gemv_kernel.py --out /tmp/gemv --ncu --ncu-m 1
 """
 from __future__ import annotations
 
@@ -219,21 +221,93 @@ def _shape(spec: str) -> tuple[int, int]:
     raise SystemExit(f"no layer {layer} in {model}")
 
 
+def ncu_cases(args) -> list[dict]:
+    """What --ncu profiles, one launch each: every distinct TP-1 layer shape of --models at --ncu-bits
+    (--ncu-shape all) or the listed shapes, at each --ncu-m; with the config the timing run of the same
+    --out chose (its small_m.json), else --ncu-config, else the heuristic's."""
+    bits = args.ncu_bits
+    if args.ncu_shape == "all":
+        shapes = []
+        for model, _, _, layer, n, k in bench_shapes(args.models, "1", str(bits)):
+            if (n, k) not in [(a, b) for _, a, b in shapes] and cg.supports(bits, args.group, k):
+                shapes.append((f"{model}:{layer}", n, k))
+    else:
+        shapes = [(spec, *_shape(spec)) for spec in args.ncu_shape.split(",")]
+    timed = {}
+    path = os.path.join(args.out, "small_m.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            for row in json.load(f)["shapes"]:
+                for m, r in row["m"].items():
+                    timed[row["bits"], row["n"], row["k"], int(m)] = r["kernels"]["cuda_gemv"]["config"]
+    cases = []
+    for name, n, k in shapes:
+        for m in (int(v) for v in str(args.ncu_m).split(",")):
+            cfg = timed.get((bits, n, k, m)) or (json.loads(args.ncu_config) if args.ncu_config else None) \
+                or cg.heuristic(m, n, k, bits).as_list()
+            cases.append({"shape": name, "n": n, "k": k, "bits": bits, "m": m, "config": cfg,
+                          "config_from": "small_m.json" if (bits, n, k, m) in timed else
+                          "--ncu-config" if args.ncu_config else "heuristic"})
+    return cases
+
+
 def ncu_child(args) -> None:
-    """Run the kernel a few times on one shape (under ncu: it profiles the last launch)."""
+    """Launch the kernel once per case of --ncu-cases (under ncu, which profiles every launch of it:
+    its replays flush the caches, so each profile reads the weights from DRAM as decode does)."""
     from grace_qat.packing import pack_int32
-    n, k = _shape(args.ncu_shape)
-    bits, m = args.ncu_bits, args.ncu_m
-    u = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
-    s = (torch.rand(n, k // args.group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
-    wq, st = cg.pack(pack_int32(u, bits, dim=1), s, bits)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    cfg = cg.Config.from_list(json.loads(args.ncu_config)) if args.ncu_config else None
-    for _ in range(4):
-        y = cg.gemv(x, wq, st, bits, n, config=cfg)
-    torch.cuda.synchronize()
-    print(f"ncu child: n{n} k{k} w{bits} M={m} config "
-          f"{(cfg or cg.heuristic(m, n, k, bits)).as_list()} sum {float(y.float().sum()):.3f}", flush=True)
+    with open(args.ncu_cases) as f:
+        cases = json.load(f)
+    for c in cases:
+        n, k, bits, m = c["n"], c["k"], c["bits"], c["m"]
+        cg.prepare(torch.cuda.current_device(), bits, torch.bfloat16)
+        u = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
+        s = (torch.rand(n, k // args.group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
+        wq, st = cg.pack(pack_int32(u, bits, dim=1), s, bits)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = cg.gemv(x, wq, st, bits, n, config=cg.Config.from_list(c["config"]))
+        torch.cuda.synchronize()
+        print(f"ncu child: {c['shape']} n{n} k{k} w{bits} M={m} config {c['config']} "
+              f"sum {float(y.float().sum()):.3f}", flush=True)
+
+
+def parse_ncu_csv(text: str) -> list[dict]:
+    """ncu --csv --page raw: a header row, a units row, then one row per profiled launch, in launch
+    order -> [{metric: (value, unit)}] for the metrics of NCU_METRICS and the kernel name."""
+    rows = list(csv.reader(io.StringIO("\n".join(ln for ln in text.splitlines() if ln.startswith('"')))))
+    if len(rows) < 3:
+        return []
+    header, units = rows[0], rows[1]
+    return [{h: (v, u) for h, u, v in zip(header, units, row) if h in NCU_METRICS or h == "Kernel Name"}
+            for row in rows[2:]]
+
+
+def _number(metrics: dict, name: str) -> float | None:
+    try:
+        return float(metrics[name][0].replace(",", ""))
+    except (KeyError, ValueError):
+        return None
+
+
+def bound_of(metrics: dict) -> dict:
+    """What limits one launch, from its ncu metrics: DRAM bandwidth where DRAM throughput is at 60% of
+    its peak or more; the SM (issue slots or a pipe) where SM throughput or issue activity is; else
+    latency (neither busy: too few bytes in flight), with the largest warp stall reason."""
+    dram = _number(metrics, "dram__throughput.avg.pct_of_peak_sustained_elapsed")
+    sm = _number(metrics, "sm__throughput.avg.pct_of_peak_sustained_elapsed")
+    issue = _number(metrics, "smsp__issue_active.avg.pct_of_peak_sustained_active")
+    stalls = {name.split("stalled_")[1].split("_per_issue")[0]: v for name in NCU_METRICS
+              if "stalled_" in name and (v := _number(metrics, name)) is not None}
+    top = max(stalls, key=stalls.get) if stalls else None
+    if dram is None:
+        kind = "unknown"
+    elif dram >= 60:
+        kind = "DRAM bandwidth"
+    elif max(sm or 0, issue or 0) >= 60:
+        kind = "SM (issue slots / pipes)"
+    else:
+        kind = "latency"
+    return {"bound": kind, "dram_pct": dram, "sm_pct": sm, "issue_pct": issue, "top_stall": top,
+            "stalls_per_issue": stalls}
 
 
 def run_ncu(args) -> int:
@@ -242,10 +316,13 @@ def run_ncu(args) -> int:
     if ncu is None:
         print("ncu not found on PATH")
         return 1
+    cases = ncu_cases(args)
+    cases_path = os.path.join(args.out, "ncu-cases.json")
+    with open(cases_path, "w") as f:
+        json.dump(cases, f)
     child = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--ncu-child",
-             "--ncu-shape", args.ncu_shape, "--ncu-m", str(args.ncu_m), "--ncu-bits", str(args.ncu_bits),
-             "--group", str(args.group)] + (["--ncu-config", args.ncu_config] if args.ncu_config else [])
-    cmd = [ncu, "--kernel-name", "regex:grace_gemv", "--launch-skip", "3", "--launch-count", "1",
+             "--ncu-cases", cases_path, "--group", str(args.group)]
+    cmd = [ncu, "--kernel-name", "regex:grace_gemv", "--launch-count", str(len(cases)),
            "--clock-control", "none", "--csv", "--page", "raw", "--metrics", ",".join(NCU_METRICS)] + child
     print(" ".join(cmd), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.ncu_timeout)
@@ -258,20 +335,38 @@ def run_ncu(args) -> int:
     with open(os.path.join(args.out, "ncu.csv"), "w") as f:
         f.write(p.stdout)
     print(p.stderr[-3000:])
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith('"')]
-    metrics = {}
-    if len(lines) >= 2:
-        rows = list(csv.reader(io.StringIO("\n".join(lines))))
-        header, units, values = rows[0], rows[1], rows[-1]
-        metrics = {h: (v, u) for h, u, v in zip(header, units, values) if h in NCU_METRICS or h == "Kernel Name"}
-    out = {"shape": args.ncu_shape, "m": args.ncu_m, "bits": args.ncu_bits, "rc": p.returncode,
-           "metrics": {h: {"value": v, "unit": u} for h, (v, u) in metrics.items()},
+    launches = parse_ncu_csv(p.stdout)
+    for c, metrics in zip(cases, launches):
+        c["metrics"] = {h: {"value": v, "unit": u} for h, (v, u) in metrics.items()}
+        c.update(bound_of(metrics))
+    complete = p.returncode == 0 and len(launches) == len(cases)
+    out = {"rc": p.returncode, "complete": complete, "cases": cases,
            "child_output": [ln for ln in p.stdout.splitlines() if ln.startswith("ncu child")]}
     with open(os.path.join(args.out, "ncu.json"), "w") as f:
         json.dump(out, f, indent=1)
-    for h, (v, u) in metrics.items():
-        print(f"  {h:80s} {v} {u}")
-    return 0 if p.returncode == 0 and metrics else 1
+    merge_ncu_into_timings(args.out, cases)
+    for c in cases:
+        if "bound" in c:
+            print(f"  {c['shape']:22s} n{c['n']:6d} k{c['k']:6d} M={c['m']:2d} cfg {c['config']}: {c['bound']} "
+                  f"(DRAM {c['dram_pct']}%, SM {c['sm_pct']}%, issue {c['issue_pct']}%, top stall {c['top_stall']})")
+    return 0 if complete else 1
+
+
+def merge_ncu_into_timings(out: str, cases: list[dict]) -> None:
+    """Each profiled case's bound into small_m.json (beside the timings of its shape and M), where the
+    timing run wrote one in the same --out."""
+    path = os.path.join(out, "small_m.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        data = json.load(f)
+    for c in (c for c in cases if "bound" in c):
+        for row in data["shapes"]:
+            r = row["m"].get(str(c["m"])) if (row["bits"], row["n"], row["k"]) == (c["bits"], c["n"], c["k"]) else None
+            if r is not None:
+                r["ncu"] = {key: c[key] for key in ("bound", "dram_pct", "sm_pct", "issue_pct", "top_stall", "config")}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def main() -> None:
@@ -284,13 +379,17 @@ def main() -> None:
     ap.add_argument("--sweep-seconds", type=float, default=120.0,
                     help="after this long, time only the heuristic's config")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--ncu", action="store_true", help="profile one shape under Nsight Compute instead")
-    ap.add_argument("--ncu-shape", default="llava-7b:gate_up", help="MODEL:LAYER (TP 1) or NxK")
-    ap.add_argument("--ncu-m", type=int, default=1)
+    ap.add_argument("--ncu", action="store_true",
+                    help="profile the kernel under Nsight Compute instead: one launch per shape and M, each "
+                         "with a bound (DRAM, SM, latency) -> ncu.json, and into small_m.json when --out has one")
+    ap.add_argument("--ncu-shape", default="all",
+                    help="all (every TP-1 layer shape of --models) or a list of MODEL:LAYER / NxK")
+    ap.add_argument("--ncu-m", default="1", help="token counts, comma-separated")
     ap.add_argument("--ncu-bits", type=int, default=4)
     ap.add_argument("--ncu-config", default=None, help="a config as JSON [nt, warps, split, unroll]")
     ap.add_argument("--ncu-timeout", type=float, default=300)
     ap.add_argument("--ncu-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ncu-cases", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.ncu_child:

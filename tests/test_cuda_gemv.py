@@ -12,6 +12,9 @@ random data within the error of the BF16 GEMM; split-K, CUDA-graph capture and r
 left at zero for the next replay), programmatic dependent launch, and torch.compile through a
 custom op without recompiles.
 
+The benchmark's Nsight Compute step (benchmarks/gemv_kernel.py --ncu) on a CPU: Nsight Compute's
+CSV read per launch, the bound each launch gets, one case per layer shape with the timed config.
+
 Exactness as in tests/test_small_m_kernel.py: integer activations in [-1, 1] and power-of-two
 steps make every product and fp32 sum exact, so the output must equal the float64 result rounded
 once to the output dtype."""
@@ -490,3 +493,75 @@ def test_gpu_plugin_op_routes_small_m_to_the_cuda_kernel_under_compile_and_graph
         graph.replay()
         assert torch.equal(out, want(xs)), m
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+# --- the benchmark's Nsight Compute profiles (benchmarks/gemv_kernel.py --ncu) ------------------
+
+def _gemv_bench():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gemv_kernel
+    return gemv_kernel
+
+
+def _ncu_csv(launches: list[dict]) -> str:
+    """ncu --csv --page raw as Nsight Compute prints it: its own lines, a header row, a units row,
+    one row per profiled launch (values with thousands separators), the program's output between."""
+    names = ["ID", "Process ID", "Kernel Name"] + list(launches[0])
+    units = ["", "", ""] + ["%" if "pct" in n else "" for n in launches[0]]
+    q = lambda row: ",".join(f'"{v}"' for v in row)       # noqa: E731
+    return "\n".join(["==PROF== Connected to process 1234", "ncu child: llava-7b:qkv_proj ...", q(names), q(units)]
+                     + [q([i, 1234, "grace_gemv<4, true, 1, 2, 2>"] + list(m.values())) for i, m in enumerate(launches)]
+                     + ["==PROF== Disconnected from process 1234"])
+
+
+def test_ncu_bound_per_launch_from_nsight_computes_csv(tmp_path):
+    """Each profiled launch gets its own metrics, in launch order, and what bounds it: DRAM at 60% of
+    its peak or more; the SM where its throughput or issue activity is; else latency, with the
+    largest stall reason."""
+    g = _gemv_bench()
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    base = {"gpu__time_duration.sum": "1,234.5", "dram__throughput.avg.pct_of_peak_sustained_elapsed": "0",
+            "sm__throughput.avg.pct_of_peak_sustained_elapsed": "10",
+            "smsp__issue_active.avg.pct_of_peak_sustained_active": "10",
+            stall.format("long_scoreboard"): "3.5", stall.format("barrier"): "0.2"}
+    launches = [dict(base, **{"dram__throughput.avg.pct_of_peak_sustained_elapsed": "71.3"}),
+                dict(base, **{"dram__throughput.avg.pct_of_peak_sustained_elapsed": "40",
+                              "smsp__issue_active.avg.pct_of_peak_sustained_active": "64"}),
+                dict(base, **{"dram__throughput.avg.pct_of_peak_sustained_elapsed": "35"})]
+    parsed = g.parse_ncu_csv(_ncu_csv(launches))
+    assert len(parsed) == 3 and parsed[0]["gpu__time_duration.sum"] == ("1,234.5", "")
+    assert [g.bound_of(m)["bound"] for m in parsed] == ["DRAM bandwidth", "SM (issue slots / pipes)", "latency"]
+    last = g.bound_of(parsed[2])
+    assert last["dram_pct"] == 35.0 and last["top_stall"] == "long_scoreboard"
+    assert g.bound_of({})["bound"] == "unknown"
+    assert g.parse_ncu_csv("==PROF== no kernels were profiled") == []
+
+
+def test_ncu_profiles_every_layer_shape_with_the_config_the_timing_run_chose(tmp_path):
+    """--ncu-shape all: one case per distinct TP-1 layer shape of both models (and M), each with the
+    config small_m.json of the same --out holds for it, else the heuristic's; the bounds go back into
+    small_m.json beside the timings."""
+    import argparse
+    import json
+    g = _gemv_bench()
+    args = argparse.Namespace(ncu_bits=4, ncu_shape="all", models="llava-7b,qwen3vl-2b", group=128,
+                              out=str(tmp_path), ncu_m="1,4", ncu_config=None)
+    timed = {"meta": {}, "shapes": [{"bits": 4, "n": 22016, "k": 4096,
+                                     "m": {"1": {"kernels": {"cuda_gemv": {"us": 30.0, "config": [4, 8, 2, 1]}}}}}]}
+    (tmp_path / "small_m.json").write_text(json.dumps(timed))
+    cases = g.ncu_cases(args)
+    assert sorted({(c["n"], c["k"]) for c in cases}) == sorted({(n, k) for _, n, k in model_shapes(tps=(1,))})
+    assert len(cases) == 2 * 8
+    gate_up = {c["m"]: c for c in cases if (c["n"], c["k"]) == (22016, 4096)}
+    assert gate_up[1]["config"] == [4, 8, 2, 1] and gate_up[1]["config_from"] == "small_m.json"
+    assert gate_up[4]["config"] == cg.heuristic(4, 22016, 4096, 4).as_list()
+    assert gate_up[4]["config_from"] == "heuristic"
+    gate_up[1].update(g.bound_of({"dram__throughput.avg.pct_of_peak_sustained_elapsed": ("61", "%")}))
+    g.merge_ncu_into_timings(str(tmp_path), cases)
+    merged = json.loads((tmp_path / "small_m.json").read_text())["shapes"][0]["m"]["1"]
+    assert merged["ncu"]["bound"] == "DRAM bandwidth" and merged["ncu"]["config"] == [4, 8, 2, 1]
+    one = argparse.Namespace(**dict(vars(args), ncu_shape="llava-7b:down,4096x2048", ncu_m="1"))
+    assert [(c["shape"], c["n"], c["k"]) for c in g.ncu_cases(one)] == [("llava-7b:down", 4096, 11008),
+                                                                       ("4096x2048", 4096, 2048)]
