@@ -221,16 +221,21 @@ def _shape(spec: str) -> tuple[int, int]:
     raise SystemExit(f"no layer {layer} in {model}")
 
 
+def kernel_shapes(models: str, tps: str, bits: str, group: int) -> list[tuple]:
+    """bench_shapes' rows (model, tp, bits, layer, n, k) the kernel can run."""
+    return [s for s in bench_shapes(models, tps, bits) if cg.supports(s[2], group, s[5])]
+
+
 def ncu_cases(args) -> list[dict]:
     """What --ncu profiles, one launch each: every distinct TP-1 layer shape of --models at --ncu-bits
     (--ncu-shape all) or the listed shapes, at each --ncu-m; with the config the timing run of the same
     --out chose (its small_m.json), else --ncu-config, else the heuristic's."""
     bits = args.ncu_bits
-    if args.ncu_shape == "all":
-        shapes = []
-        for model, _, _, layer, n, k in bench_shapes(args.models, "1", str(bits)):
-            if (n, k) not in [(a, b) for _, a, b in shapes] and cg.supports(bits, args.group, k):
-                shapes.append((f"{model}:{layer}", n, k))
+    if args.ncu_shape == "all":      # the first layer of each distinct shape names it
+        first = {}
+        for model, _, _, layer, n, k in kernel_shapes(args.models, "1", str(bits), args.group):
+            first.setdefault((n, k), f"{model}:{layer}")
+        shapes = [(name, n, k) for (n, k), name in first.items()]
     else:
         shapes = [(spec, *_shape(spec)) for spec in args.ncu_shape.split(",")]
     timed = {}
@@ -257,9 +262,10 @@ def ncu_child(args) -> None:
     from grace_qat.packing import pack_int32
     with open(args.ncu_cases) as f:
         cases = json.load(f)
+    for bits in {c["bits"] for c in cases}:
+        cg.prepare(torch.cuda.current_device(), bits, torch.bfloat16)
     for c in cases:
         n, k, bits, m = c["n"], c["k"], c["bits"], c["m"]
-        cg.prepare(torch.cuda.current_device(), bits, torch.bfloat16)
         u = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
         s = (torch.rand(n, k // args.group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
         wq, st = cg.pack(pack_int32(u, bits, dim=1), s, bits)
@@ -406,7 +412,7 @@ def main() -> None:
     print(f"NVRTC build / cache: {time.time() - t0:.1f} s", flush=True)
     deadline = time.time() + args.sweep_seconds
     ms = [int(m) for m in args.ms.split(",")]
-    shapes = [s for s in bench_shapes(args.models, args.tp, args.bits) if cg.supports(s[2], args.group, s[5])]
+    shapes = kernel_shapes(args.models, args.tp, args.bits, args.group)
     rows = measure_each_shape(shapes, lambda bits, n, k: measure_shape(
         bits, args.group, n, k, ms, copy_bw, vllm_version is not None, deadline))
     targets = check_targets(rows)

@@ -315,24 +315,19 @@ EOF
     # with the kernel the plugin chose (Humming JIT-builds at a first start, Machete does not), each
     # side with empty caches of its own (compile, Humming), so that the two starts compare like for like
     wait_prep || exit 1
-    rc=0 q=(--quantization grace_qat)
-    for side in plugin stock; do
-      model=$WORK/qwen3vl-2b-qat-sidecar-w4
-      [ $side = stock ] && model=$model-gptq
-      c=$WORK/startup-cache/$side; rm -rf $c
+    rc=0 model=$WORK/qwen3vl-2b-qat-sidecar-w4
+    profile_start() {   # SIDE MODEL [startup_profile.py options]
+      local c=$WORK/startup-cache/$1; rm -rf $c
       VLLM_CACHE_ROOT=$c/vllm HUMMING_CACHE_DIR=$c/humming timeout 600 python3 benchmarks/startup_profile.py \
-        --model $model "${q[@]}" --out $OUT/startup-$side.json "$@" > $OUT/startup-$side.log 2>&1 \
-        || { rc=1; tail -20 $OUT/startup-$side.log; }
-      grep -A13 "^start" $OUT/startup-$side.log
-      k=$(grep -oE "grace_qat: using [A-Za-z]+LinearKernel" $OUT/startup-$side.log | head -1 | awk '{print $3}')
-      case $k in
-        MacheteLinearKernel) q=(--linear-backend machete) ;;
-        HummingLinearKernel) q=(--linear-backend humming) ;;
-        MarlinLinearKernel)  q=(--linear-backend marlin) ;;
-        *) q=() ;;
-      esac
-      [ $side = plugin ] && echo "stock starts on the plugin's kernel: ${k:-not in its log} (${q[*]:-the engine default})"
-    done
+        --model $2 "${@:3}" --out $OUT/startup-$1.json > $OUT/startup-$1.log 2>&1 || { rc=1; tail -20 $OUT/startup-$1.log; }
+      grep -A13 "^start" $OUT/startup-$1.log
+    }
+    profile_start plugin $model --quantization grace_qat "$@"
+    k=$(grep -oE "grace_qat: using [A-Za-z]+LinearKernel" $OUT/startup-plugin.log | head -1 | awk '{print $3}')
+    b=$(printf %s "$k" | sed -n 's/LinearKernel$//p' | tr A-Z a-z)    # MacheteLinearKernel -> machete
+    case $b in machete|marlin|humming) q=(--linear-backend $b) ;; *) q=() ;; esac
+    echo "stock starts on the plugin's kernel: ${k:-not in its log} (${q[*]:-the engine default})"
+    profile_start stock $model-gptq "${q[@]}" "$@"
     exit $rc ;;
   bench-w8)
     wait_prep || exit 1
