@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 
 import torch
 from safetensors import safe_open
@@ -62,6 +63,16 @@ def _torch_reason(text: str) -> str:
     return ""
 
 
+def _load_tensors_only(path: str):
+    """torch.load with PyTorch's restricted unpickler, memory-mapped where the file allows it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:       # legacy (non-zip) torch.save files cannot be memory-mapped
+        if "mmap" not in str(e) and "zip" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_sidecar(path: str) -> dict[str, torch.Tensor]:
     """Open ``qat_quantized_weights.bin`` lazily and safely: tensors only, memory-mapped.
 
@@ -76,21 +87,22 @@ def load_sidecar(path: str) -> dict[str, torch.Tensor]:
     if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):
         what = "it is empty" if not head else f"it starts with {head!r}, neither a zip archive nor a pickle"
         raise GraceFormatError(f"{path}: not a readable torch.save file ({what})")
-    try:
+    # torch.load's warnings (e.g. "Detected pickle protocol 55" on garbage after a pickle's first
+    # byte) are held back: a refused file gets our one line alone, a loaded one its warnings re-issued
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:       # legacy (non-zip) torch.save files cannot be memory-mapped
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = _torch_reason(str(e)) or "an object that is not a tensor"
-        raise GraceFormatError(f"{path}: refused to load: it holds more than tensors ({reason}); a GRACE "
-                               f"sidecar holds tensors only") from None
-    except Exception as e:   # noqa: BLE001 - corrupt zips/pickles raise many types (KeyError, ValueError,
-        # struct.error, zipfile.BadZipFile, UnicodeDecodeError, ...): all mean "not a torch.save file"
-        raise GraceFormatError(f"{path}: not a readable torch.save file "
-                               f"({type(e).__name__}: {_torch_reason(str(e))})") from None
+            data = _load_tensors_only(path)
+        except pickle.UnpicklingError as e:
+            reason = _torch_reason(str(e)) or "an object that is not a tensor"
+            raise GraceFormatError(f"{path}: refused to load: it holds more than tensors ({reason}); a GRACE "
+                                   f"sidecar holds tensors only") from None
+        except Exception as e:   # noqa: BLE001 - corrupt zips/pickles raise many types (KeyError, ValueError,
+            # struct.error, zipfile.BadZipFile, UnicodeDecodeError, ...): all mean "not a torch.save file"
+            raise GraceFormatError(f"{path}: not a readable torch.save file "
+                                   f"({type(e).__name__}: {_torch_reason(str(e))})") from None
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(data, dict):
         raise GraceFormatError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
     for k, v in data.items():

@@ -361,6 +361,11 @@ CORPUS = [
          "not a readable torch.save file"),
     Case("sidecar-garbage", "s4", lambda d: open(os.path.join(d, SIDECAR), "wb").write(os.urandom(2048)),
          SIDECAR, None, "not a readable torch.save file|refused to load"),
+    # a pickle's first byte, then a protocol torch.save never writes: torch.load warns before it
+    # refuses (CI once drew such bytes from os.urandom above); the user still sees one line
+    Case("sidecar-garbage-after-a-pickle-header", "s4",
+         lambda d: open(os.path.join(d, SIDECAR), "wb").write(b"\x80\x37" + bytes(i * 7 % 256 for i in range(2046))),
+         SIDECAR, None, "refused to load|not a readable torch.save file"),
     Case("sidecar-a-directory", "s4",
          lambda d: (os.remove(os.path.join(d, SIDECAR)), os.mkdir(os.path.join(d, SIDECAR))),
          SIDECAR, None, "not a readable torch.save file"),
@@ -547,7 +552,8 @@ def test_corpus_bases_load_cleanly(bases):
 # -- the CLI on a sample of the corpus -------------------------------------------------------------
 
 CLI_SAMPLE = ["off-grid-weight-mid-module", "safetensors-truncated-in-header", "sidecar-missing-mid-module",
-              "sidecar-garbage", "awq-group-size-96", "config-grace-bits-3", "weight-float64",
+              "sidecar-garbage", "sidecar-garbage-after-a-pickle-header", "awq-group-size-96", "config-grace-bits-3",
+              "weight-float64",
               "config-architecture-llava-on-qwen"]
 
 
