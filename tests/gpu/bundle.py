@@ -135,20 +135,23 @@ PROFILES = {
               r"vllm/_deepselect_C\.abi3\.so$", r"vllm/third_party/deep_gemm/_C\.cpython-3(?!12)"],
     ),
     "sglang": dict(
-        skip=dict(COMMON_SKIP, **{
+        # soundfile and its cffi ship: SGLang 0.5.23's HTTP server imports its audio chunking at start-up
+        # (`sglang.launch_server` died on `import soundfile`, H100, 2026-12-07)
+        skip=dict({k: v for k, v in COMMON_SKIP.items() if k not in ("cffi", "pycparser")}, **{
             "flashinfer-cubin": "prebuilt FlashInfer kernels", "flashinfer-jit-cache": "prebuilt FlashInfer JIT",
             "flash-attn-4": "FA4 (Blackwell)", "kernels": "Hub kernels loader", "kernels-data": "Hub kernels",
             "deepseek-recipe": "DeepSeek models", "sgl-deep-ep": "expert parallelism (multi-GPU MoE)",
             "sgl-deep-gemm": "FP8 DeepGEMM (MoE / DeepSeek)", "sgl-flash-mla": "MLA attention (DeepSeek)",
             "nvidia-mathdx": "cuBLASDx/cuFFTDx for CuTe-DSL kernels", "nvshmem4py-cu13": "multi-GPU NVSHMEM",
-            "quack-kernels": "CuTe-DSL kernels (Blackwell)", "nvidia-cutlass-dsl": "CuTe DSL",
-            "nvidia-cutlass-dsl-libs-base": "CuTe DSL", "nvidia-cutlass-dsl-libs-cu12": "CuTe DSL",
-            "nvidia-cutlass-dsl-libs-cu13": "CuTe DSL", "nvidia-cutlass-dsl-libs-core": "CuTe DSL",
+            # nvidia-cutlass-dsl ships: SGLang 0.5.23's Llama and Qwen2/3 MLPs (layers/dual_gemm.py) import
+            # `cutlass` when the model is built, on every CUDA engine (H100, 2026-12-07: no model started)
+            "quack-kernels": "CuTe-DSL kernels (Blackwell)",
+            "nvidia-cutlass-dsl-libs-cu12": "CuTe DSL for CUDA 12 (the machine is CUDA 13)",
             "cuda-tile": "cuTile kernels (Blackwell)", "datasets": "benchmark datasets",
             "modelscope": "ModelScope hub downloads", "modelscope-hub": "ModelScope hub downloads",
             "smg-grpc-servicer": "gRPC server mode", "smg-grpc-proto": "gRPC server mode",
             "grpcio-health-checking": "gRPC server mode", "grpcio-reflection": "gRPC server mode",
-            "soundfile": "audio inputs", "py-spy": "profiling", "tml-renderers": "Thinking Machines renderers",
+            "py-spy": "profiling", "tml-renderers": "Thinking Machines renderers",
             "timm": "some vision towers (the image has timm)", "pyarrow": "datasets (the image has pyarrow)",
             "multiprocess": "datasets", "pandas": "datasets (the image has pandas)",
         }),

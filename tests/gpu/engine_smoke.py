@@ -1,10 +1,11 @@
 """The bundle's smoke test on the GPU machine: the engine's start-up path, not only its imports.
 
 install.sh runs this once the bundle is unpacked (``python3 smoke.py ENGINE``). It imports what a
-server imports (the OpenAI-compatible API server), writes a tiny random Llama (no tokenizer: token
-ids in, token ids out), starts the engine with its default settings (torch.compile, CUDA graphs,
-kernel warm-up: where vLLM 0.34 imports its CuTe-DSL warm-ups) and generates four tokens. An engine
-that cannot start or generate fails the install, so /tmp/site-ENGINE.done is never written.
+server imports (the OpenAI-compatible API server; SGLang 0.5.23's imports soundfile), writes a tiny
+random Llama (no tokenizer: token ids in, token ids out), starts the engine with its default settings
+(torch.compile, CUDA graphs, kernel warm-up: vLLM 0.34 imports its CuTe-DSL warm-ups there, SGLang
+0.5.23's Llama MLP imports CuTe DSL when built) and generates four tokens. An engine that cannot
+start or generate fails the install, so /tmp/site-ENGINE.done is never written.
 Stand-alone on purpose: it runs from the bundle's folder, beside no project code.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def vllm_generate(path: str) -> list[int]:
 def sglang_generate(path: str) -> list[int]:
     import sgl_kernel  # noqa: F401
     import sglang
-    from sglang.srt.server_args import ServerArgs  # noqa: F401
+    import sglang.srt.entrypoints.http_server  # noqa: F401  (what `sglang.launch_server` imports)
     engine = sglang.Engine(model_path=path, skip_tokenizer_init=True, mem_fraction_static=0.25,
                            context_length=256, attention_backend="triton")
     try:
