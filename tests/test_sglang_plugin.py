@@ -40,6 +40,8 @@ from grace_qat.errors import GraceFormatError  # noqa: E402
 import reference  # noqa: E402  (tests/reference.py: plain code, nothing from grace_qat)
 from ckpt_files import with_inline_log_scales  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))   # sglang_serve_check
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FORMATS_A = ["qat-sidecar", "qat-inline", "qat-grid"]
@@ -287,26 +289,11 @@ def test_bad_checkpoints_are_refused(plugins_loaded, ckpts, tmp_path):
 
 # -- parallel linear layers: weight and step sharding ---------------------------------------------
 
-def _layer_api() -> str:
-    from sglang.srt.layers.linear import ColumnParallelLinear
-    params = inspect.signature(ColumnParallelLinear.__init__).parameters
-    return "kwargs" if "tp_rank" in params else "topology"
-
-
-@contextlib.contextmanager
 def tp_partition(rank: int, size: int):
-    """Build layers as TP rank ``rank`` of ``size`` without other processes.
-
-    SGLang 0.5.17 layers take ``tp_rank``/``tp_size`` arguments; 0.5.23 reads the partition from
-    the published runtime context (``sglang.test.test_utils.published_topology``).
-    """
-    if _layer_api() == "kwargs":
-        yield {"tp_rank": rank, "tp_size": size}
-    else:
-        from sglang.test.test_utils import published_topology
-        device = "cuda" if torch.cuda.is_available() else "cpu"     # where the layers are built
-        with published_topology(ranks={"world_rank": rank}, tp_size=size, device=device):
-            yield {}
+    """Build layers as TP rank ``rank`` of ``size`` without other processes, on the GPU where there
+    is one (as a GPU server builds them), through the serve check's helper."""
+    from sglang_serve_check import tp_partition as partition
+    return partition(rank, size, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _build_layer0(qc, path, rank, size, dtype=torch.bfloat16, tensors=None):

@@ -157,15 +157,28 @@ def build_prompts(model_dir, tokenizer_dir, question):
 
 
 @contextlib.contextmanager
-def tp_partition(rank, size):
-    """Build SGLang layers as TP rank ``rank`` of ``size`` (0.5.17: kwargs; 0.5.23: published topology)."""
+def tp_partition(rank: int, size: int, device: str = "cuda"):
+    """Build SGLang layers as TP rank ``rank`` of ``size`` on ``device``, without other processes;
+    yields the layers' extra keyword arguments.
+
+    SGLang 0.5.17's layers take ``tp_rank``/``tp_size``; 0.5.23's read the partition from the
+    runtime context a launched worker publishes, published here as SGLang's own test helper
+    (``sglang.test.test_utils.published_topology``) does: the GPU machine's engine bundle leaves the
+    engines' test packages out (and that module imports SGLang's benchmark and eval code).
+    """
     from sglang.srt.layers.linear import ColumnParallelLinear
     if "tp_rank" in inspect.signature(ColumnParallelLinear.__init__).parameters:
         yield {"tp_rank": rank, "tp_size": size}
-    else:
-        from sglang.test.test_utils import published_topology
-        with published_topology(ranks={"world_rank": rank}, tp_size=size, device="cuda"):
-            yield {}
+        return
+    from sglang.srt.runtime_context import SpawnRanks, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+    reset_context()
+    publish(ServerArgs(model_path="dummy", tp_size=size, device=device), role="test",
+            ranks=SpawnRanks(world_rank=rank, dp_rank=None))
+    try:
+        yield {}
+    finally:
+        reset_context()
 
 
 def sglang_vision_attention() -> dict:
