@@ -35,6 +35,13 @@ def _decode_tps(engine, batch: int, prompt_len: int, out_len: int, vocab: int) -
     return dict(steady_decode(timed, batch, out_len), prompt="text")
 
 
+def plugin_installed() -> bool:
+    """SGLang finds plugins only through their entry points; without grace_qat's, a grace_qat run
+    fails late in SGLang's argument checks ("Unknown quantization method")."""
+    from importlib.metadata import entry_points
+    return any(ep.name == "grace_qat" for ep in entry_points(group="sglang.srt.plugins"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -53,6 +60,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quantization in ("none", "humming"):             # stock SGLang: the plugin stays out
         os.environ["SGLANG_PLUGINS"] = DISABLED_PLUGINS     # inherited by SGLang's scheduler processes
+    elif args.quantization == "grace_qat" and not plugin_installed():
+        sys.exit("sglang_run: grace_qat is not installed for SGLang (no 'grace_qat' entry point in the "
+                 "sglang.srt.plugins group): pip install -e . (on the GPU machine: tests/gpu/run.sh install)")
     import sglang
     import torch
 

@@ -607,3 +607,16 @@ def test_jit_cache_too_large_to_bring_back_is_not_saved(tmp_path, monkeypatch, c
     assert jit.save_cache(tmp_path / "cache", tmp_path / "out") == []
     assert not (tmp_path / "out").exists() and "not saved" in capsys.readouterr().out
     assert jit.save_cache(tmp_path / "empty", tmp_path / "out") == []
+
+
+def test_sglang_benchmark_refuses_a_plugin_run_when_the_plugin_is_not_installed(monkeypatch):
+    """Without grace_qat's entry point, SGLang fails a grace_qat run late with "Unknown quantization
+    method" (H100, 2026-12-07: a lease that skipped `run.sh install`); the benchmark's runner says why
+    in one line. This checkout declares the entry point (pyproject)."""
+    import sglang_run
+    assert sglang_run.plugin_installed()
+    monkeypatch.setattr(sglang_run, "plugin_installed", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["sglang_run.py", "--model", "/nowhere", "--quantization", "grace_qat"])
+    with pytest.raises(SystemExit) as e:
+        sglang_run.main()
+    assert "grace_qat is not installed for SGLang" in str(e.value) and "run.sh install" in str(e.value)
