@@ -620,3 +620,57 @@ def test_sglang_benchmark_refuses_a_plugin_run_when_the_plugin_is_not_installed(
     with pytest.raises(SystemExit) as e:
         sglang_run.main()
     assert "grace_qat is not installed for SGLang" in str(e.value) and "run.sh install" in str(e.value)
+
+
+# -- both servers of a serve check at once --------------------------------------------------------
+
+@pytest.mark.sglang
+def test_sglang_servers_side_by_side_have_capped_kv_pools_this_sglang_accepts(tmp_path):
+    """Side by side, each SGLang server gets a capped KV pool (--max-total-tokens) and 0.45 of the memory,
+    so that each one's measurement of free memory stays positive whatever the other holds; alone, 0.6
+    and no cap. Parsed by this SGLang's own argument parser (0.5.23 and the 0.5.17 overlay)."""
+    require("sglang")
+    import argparse
+
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+    load_plugins()                       # grace_qat among the --quantization choices, as in a server
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3VLForConditionalGeneration"]}))
+    for side_by_side, fraction, cap in ((True, 0.45, serve_check.SGLANG_SIDE_BY_SIDE_TOKENS), (False, 0.6, None)):
+        args = serve_check.parse_args(["--engine", "sglang", "--model", "m", "--out", "o"]
+                                      + (["--side-by-side"] if side_by_side else []))
+        for plugin in (True, False):
+            _, srv, _ = serve_check.server_setup(args, str(tmp_path), plugin, str(tmp_path))
+            ns = parser.parse_args(["--model-path", "m"] + srv)
+            assert (ns.mem_fraction_static, ns.max_total_tokens) == (fraction, cap)
+
+
+def test_serve_check_starts_a_side_again_alone_when_it_did_not_start_beside_the_other(tmp_path, monkeypatch):
+    """A server that cannot start beside the other (memory, a port) is started again alone, so the check
+    is not lost to sharing the GPU; the failed attempt stays in the JSON. The servers here are stand-ins
+    for the engines (serve_once), the checkpoint a real tiny GRACE one."""
+    from grace_qat import synthetic
+    model, ref = tmp_path / "a", tmp_path / "ref"
+    synthetic.write_qwen3vl(str(model), size="tiny")
+    ref.mkdir()
+    (ref / "config.json").write_text("{}")
+    calls = []
+
+    def stand_in(args, m, plugin, work, log_path, port=None):
+        calls.append(("plugin" if plugin else "stock", args.side_by_side))
+        if plugin and args.side_by_side:
+            return {"exception": "RuntimeError: not enough memory", "log": log_path, "requests": {}}
+        tokens = {"tokens": ["token_id:1", "token_id:2"]}
+        return {"startup_s": 1.0, "requests": {"image_text": tokens, "text": tokens}, "kernels": ["K"]}
+
+    monkeypatch.setattr(serve_check, "serve_once", stand_in)
+    out = tmp_path / "r.json"
+    rc = serve_check.main(["--engine", "vllm", "--model", str(model), "--reference", str(ref),
+                           "--out", str(out), "--side-by-side"])
+    result = json.loads(out.read_text())
+    assert sorted(calls) == [("plugin", False), ("plugin", True), ("stock", True)]
+    assert result["started_again_alone"] == ["plugin"]
+    assert result["plugin_beside"]["exception"] == "RuntimeError: not enough memory"
+    assert result["plugin"]["startup_s"] == 1.0 and result["passed"] and rc == 0

@@ -364,9 +364,11 @@ EOF
       extra=(--tokenizer-path $WORK/$dir-proc)
     fi
     [ "$model" = llava ] && export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
-    # vLLM >= 0.34 (a fixed KV cache size, --kv-cache-memory-bytes): both servers start at once
-    [ "$ENGINE" = vllm ] && python3 -c "import vllm.engine.arg_utils as a, sys; sys.exit('kv_cache_memory_bytes' not in a.EngineArgs.__dataclass_fields__)" 2>/dev/null \
-      && extra+=(--side-by-side)
+    # both servers start at once where each can have a fixed KV cache: vLLM >= 0.34
+    # (--kv-cache-memory-bytes), SGLang (--max-total-tokens)
+    if [ "$ENGINE" = sglang ] || python3 -c "import vllm.engine.arg_utils as a, sys; sys.exit('kv_cache_memory_bytes' not in a.EngineArgs.__dataclass_fields__)" 2>/dev/null; then
+      extra+=(--side-by-side)
+    fi
     timeout 1500 python3 tests/gpu/serve_check.py --engine $ENGINE --model $WORK/$dir --reference $WORK/$dir-gptq \
       --out "$OUT/${stage%-$fmt}-$fmt.json" --startup-timeout 600 ${extra[@]+"${extra[@]}"} "$@" ;;
   sglang-jit-bg)   # (after the SGLang bundle) build SGLang's JIT Marlin kernels in the background:

@@ -46,6 +46,7 @@ for p in (ROOT, HERE, os.path.join(ROOT, "benchmarks")):
 from grace_qat.vllm_server import VLLMServer, kernels_in_log, no_quantized_kernel, wait_healthy  # noqa: E402  (plain HTTP helpers, no vLLM import)
 
 QUESTION = "Describe the image in one sentence."
+SGLANG_SIDE_BY_SIDE_TOKENS = 16384      # KV pool per server side by side: 1.8 GiB (2B), 8 GiB (7B)
 TEXT_QUESTION = "Write one sentence about the sea."
 
 
@@ -64,8 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--chat-template", help="SGLang: chat template name")
     p.add_argument("--engine-arg", action="append", default=[], help="one more server argument")
     p.add_argument("--side-by-side", action="store_true",
-                   help="vLLM: start the plugin's and the stock server at once on one GPU (each a fixed "
-                        "KV cache, --kv-cache-memory-bytes, and 0.4 of the memory), halving the wall time")
+                   help="start the plugin's and the stock server at once on one GPU, each with a fixed KV "
+                        "cache (vLLM: --kv-cache-memory-bytes and 0.4 of the memory; SGLang: "
+                        "--max-total-tokens and 0.45), halving the wall time; a side that fails to "
+                        "start so is started again alone")
     return p.parse_args(argv)
 
 
@@ -103,8 +106,14 @@ def server_setup(args, model: str, plugin: bool, work: str) -> tuple[type, list[
         return VLLMServer, srv, env
     from sglang_serve_check import (DISABLED_PLUGINS, architecture, ensure_entry_point, read_config,
                                     sglang_vision_attention)
-    srv = ["--attention-backend", "triton", "--mem-fraction-static", "0.6", "--context-length", "4096",
-           "--random-seed", "0", "--disable-radix-cache", "--log-level", "info"]
+    # SGLang sizes its KV pool from the memory free when it measures, less (1 - fraction) of what was
+    # free before its weights loaded: beside a second server, capped pools keep both measurements
+    # positive whatever the order (each server holds its weights, ~2-8 GiB of pool, ~1 GiB of
+    # image buffers: far under 0.45 of an 80 GiB GPU)
+    share = ["--mem-fraction-static", "0.45", "--max-total-tokens", str(SGLANG_SIDE_BY_SIDE_TOKENS)] \
+        if args.side_by_side else ["--mem-fraction-static", "0.6"]
+    srv = ["--attention-backend", "triton", "--context-length", "4096", "--random-seed", "0",
+           "--disable-radix-cache", "--log-level", "info"] + share
     for key, val in sglang_vision_attention().items():
         srv += ["--" + key.replace("_", "-"), val]
     for flag, val in (("--tokenizer-path", args.tokenizer_path), ("--chat-template", args.chat_template)):
@@ -252,7 +261,7 @@ def main(argv=None) -> int:
     except ImportError:
         result["gpu"] = None
     sides = (("plugin", args.model, True), ("stock", os.path.abspath(ref), False))
-    if args.side_by_side and args.engine == "vllm":
+    if args.side_by_side:
         from concurrent.futures import ThreadPoolExecutor
 
         from grace_qat.vllm_server import free_port
@@ -266,6 +275,15 @@ def main(argv=None) -> int:
             for name, fut in futs.items():
                 result[name] = fut.result()
         result["side_by_side_s"] = round(time.perf_counter() - t, 1)
+        # a server that did not start beside the other (memory, a port) is started again alone: a
+        # failure of the plugin's own then shows on its own, and the check is not lost to sharing
+        for name, m, plugin in sides:
+            if result[name].get("startup_s") is None:
+                result.setdefault("started_again_alone", []).append(name)
+                result[name + "_beside"] = result[name]
+                save()
+                args_alone = argparse.Namespace(**dict(vars(args), side_by_side=False))
+                result[name] = serve_once(args_alone, m, plugin, work, os.path.join(logs, f"{name}-alone.log"))
     else:
         result["plugin"] = serve_once(args, args.model, True, work, os.path.join(logs, "plugin.log"))
         save()
