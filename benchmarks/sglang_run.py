@@ -35,11 +35,20 @@ def _decode_tps(engine, batch: int, prompt_len: int, out_len: int, vocab: int) -
     return dict(steady_decode(timed, batch, out_len), prompt="text")
 
 
-def plugin_installed() -> bool:
-    """SGLang finds plugins only through their entry points; without grace_qat's, a grace_qat run
-    fails late in SGLang's argument checks ("Unknown quantization method")."""
-    from importlib.metadata import entry_points
-    return any(ep.name == "grace_qat" for ep in entry_points(group="sglang.srt.plugins"))
+def expose_entry_point() -> None:
+    """SGLang finds plugins only through their ``sglang.srt.plugins`` entry points (in this process and
+    in its scheduler processes); where this repository is not pip-installed, the serve checks' shim
+    (``sglang_serve_check.ensure_entry_point``) goes on sys.path and PYTHONPATH. Without it a grace_qat
+    run failed in SGLang's argument checks ("Unknown quantization method", H100, 2026-12-07)."""
+    import importlib
+    import tempfile
+
+    from sglang_serve_check import ensure_entry_point
+    eps = ensure_entry_point(tempfile.mkdtemp(prefix="sglang_run_"))
+    if eps is not None:
+        sys.path.insert(0, eps)
+        os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (eps, os.environ.get("PYTHONPATH")) if x)
+        importlib.invalidate_caches()
 
 
 def main() -> None:
@@ -60,9 +69,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quantization in ("none", "humming"):             # stock SGLang: the plugin stays out
         os.environ["SGLANG_PLUGINS"] = DISABLED_PLUGINS     # inherited by SGLang's scheduler processes
-    elif args.quantization == "grace_qat" and not plugin_installed():
-        sys.exit("sglang_run: grace_qat is not installed for SGLang (no 'grace_qat' entry point in the "
-                 "sglang.srt.plugins group): pip install -e . (on the GPU machine: tests/gpu/run.sh install)")
+    elif args.quantization == "grace_qat":
+        expose_entry_point()
     import sglang
     import torch
 
