@@ -245,14 +245,15 @@ def ncu_cases(args) -> list[dict]:
             for row in json.load(f)["shapes"]:
                 for m, r in row["m"].items():
                     timed[row["bits"], row["n"], row["k"], int(m)] = r["kernels"]["cuda_gemv"]["config"]
+    given = json.loads(args.ncu_config) if args.ncu_config else None
     cases = []
     for name, n, k in shapes:
         for m in (int(v) for v in str(args.ncu_m).split(",")):
-            cfg = timed.get((bits, n, k, m)) or (json.loads(args.ncu_config) if args.ncu_config else None) \
-                or cg.heuristic(m, n, k, bits).as_list()
+            source, cfg = next((src, c) for src, c in (("small_m.json", timed.get((bits, n, k, m))),
+                                                        ("--ncu-config", given),
+                                                        ("heuristic", cg.heuristic(m, n, k, bits).as_list())) if c)
             cases.append({"shape": name, "n": n, "k": k, "bits": bits, "m": m, "config": cfg,
-                          "config_from": "small_m.json" if (bits, n, k, m) in timed else
-                          "--ncu-config" if args.ncu_config else "heuristic"})
+                          "config_from": source})
     return cases
 
 
