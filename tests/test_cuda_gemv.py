@@ -516,7 +516,7 @@ def _ncu_csv(launches: list[dict]) -> str:
                      + ["==PROF== Disconnected from process 1234"])
 
 
-def test_ncu_bound_per_launch_from_nsight_computes_csv(tmp_path):
+def test_ncu_bound_per_launch_from_nsight_computes_csv():
     """Each profiled launch gets its own metrics, in launch order, and what bounds it: DRAM at 60% of
     its peak or more; the SM where its throughput or issue activity is; else latency, with the
     largest stall reason."""
