@@ -63,7 +63,7 @@ LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligenc
 
 # -- where the CLIP tower is ------------------------------------------------------------------------
 
-def _hf_cache_snapshot(repo_id: str) -> str | None:
+def hf_cache_snapshot(repo_id: str) -> str | None:
     """The cached snapshot directory of a Hub repository (offline: never touches the network)."""
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -86,7 +86,7 @@ def find_clip_dir(mm_vision_tower: str | None) -> tuple[str | None, list[str]]:
         return None, ["mm_vision_tower (not set)"]
     if os.path.isdir(mm_vision_tower):
         return mm_vision_tower, []
-    snapshot = _hf_cache_snapshot(mm_vision_tower)
+    snapshot = hf_cache_snapshot(mm_vision_tower)
     if snapshot:
         return snapshot, []
     from huggingface_hub import constants

@@ -84,6 +84,27 @@ def write_clip(out_dir: str, *, size: str = "tiny", seed: int = 0, device: str |
     return out_dir
 
 
+def cache_clip(size: str = "tiny", *, seed: int = 0, device: str | None = None) -> str:
+    """The release's CLIP tower (``openai/clip-vit-large-patch14-336``, the hub id an original-layout
+    checkpoint's ``mm_vision_tower`` names) in this machine's Hugging Face cache, as a user who has
+    downloaded it has it, with random weights of ``size``; written only where the cache has none.
+    Returns the snapshot directory. Stock SGLang's LLaVA loads the tower by that id, offline from
+    the cache, and so does the plugin (``grace_qat.llava_hf.find_clip_dir``)."""
+    import tempfile
+
+    from huggingface_hub import constants
+
+    from grace_qat.llava_hf import hf_cache_snapshot
+    from hub_cache import add_to_hub_cache
+    found = hf_cache_snapshot(synthetic.LLAVA_CLIP_HUB_ID)
+    if found:
+        return found
+    os.makedirs(constants.HF_HOME, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=constants.HF_HOME) as tmp:
+        return add_to_hub_cache(constants.HF_HOME, synthetic.LLAVA_CLIP_HUB_ID,
+                                write_clip(tmp, size=size, seed=seed, device=device))
+
+
 def write_llava(out_dir: str, *, size: str = "tiny", seed: int = 0, clip_dir: str | None = None,
                 device: str | None = None, **kwargs) -> str:
     """:func:`grace_qat.synthetic.write_llava`, with its CLIP tower where ``clip_dir`` says.

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -212,3 +214,34 @@ def test_engine_matches_reference(ckpts, engines, kind, clip):
 @pytest.mark.engine
 def test_http_chat_with_image_qat_sidecar(ckpts):
     print(check_http(ckpts))
+
+
+def test_cache_clip_puts_the_release_tower_where_transformers_finds_it_offline(tmp_path):
+    """The GPU serve stage's CLIP (``llava_fixtures.cache_clip``): in an empty Hugging Face cache,
+    Transformers' own offline resolution of the release's hub id (what stock SGLang's LLaVA calls)
+    loads it, the plugin's lookup finds the same snapshot, and a second call writes nothing."""
+    require("transformers")
+    code = (
+        "import json, os, sys; sys.path.insert(0, 'tests')\n"
+        "import llava_fixtures\n"
+        "from transformers import CLIPVisionModel\n"
+        "from grace_qat.llava_hf import find_clip_dir\n"
+        "snap = llava_fixtures.cache_clip('tiny')\n"
+        "files = sorted(os.listdir(snap)); stamp = os.stat(os.path.join(snap, 'config.json')).st_mtime_ns\n"
+        f"tower = CLIPVisionModel.from_pretrained({CLIP_HUB_ID!r})\n"
+        "again = llava_fixtures.cache_clip('tiny')\n"
+        "print(json.dumps({'snap': snap, 'again': again, 'files': files, 'found': find_clip_dir("
+        f"{CLIP_HUB_ID!r})[0], 'rewritten': os.stat(os.path.join(again, 'config.json')).st_mtime_ns != stamp, "
+        "'size': tower.config.image_size, 'hidden': tower.config.hidden_size}))\n")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("GRACE_CLIP_PATH", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["snap"].startswith(str(tmp_path / "hf" / "hub" / "models--openai--clip-vit-large-patch14-336"))
+    assert got["again"] == got["found"] == got["snap"] and not got["rewritten"]
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(got["files"])
+    assert (got["size"], got["hidden"]) == (224, 128)      # the tiny tower written, not another one

@@ -362,6 +362,9 @@ EOF
     if [ "$ENGINE" = sglang ] && [ "$model" = llava ]; then   # LLaVA's own tokenizer has no <image> token
       python3 -m grace_qat.cli llava-processor $WORK/$dir $WORK/$dir-proc || exit 1
       extra=(--tokenizer-path $WORK/$dir-proc)
+      # SGLang's LLaVA (stock and plugin) loads the CLIP tower by the hub id mm_vision_tower names:
+      # put one of this size in the Hugging Face cache, as a user who downloaded it has it
+      python3 -c "import sys; sys.path.insert(0, 'tests'); import llava_fixtures; print('CLIP tower:', llava_fixtures.cache_clip('$size'))" || exit 1
     fi
     [ "$model" = llava ] && export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
     # both servers start at once where each can have a fixed KV cache: vLLM >= 0.34
