@@ -71,7 +71,8 @@ def test_wheel_installs_in_a_clean_venv_and_registers_both_plugins(dist):
     assert got["where"].startswith(str(venv)), got["where"]         # the installed copy, not the checkout
     assert got["scripts"] == ["grace_qat.cli:main"] and got["vllm"] == ["grace_vllm:register"], got
     assert got["sglang"] == ["grace_sglang:register"] and got["version"] == version, got
-    assert got["data"] == ["table-h100-vllm0.26.0.json", "table-h100-vllm0.34.0.json", "table-h200-vllm0.26.0.json",
+    assert got["data"] == ["table-h100-sglang0.5.23.json", "table-h100-vllm0.26.0.json", "table-h100-vllm0.34.0.json",
+                           "table-h200-vllm0.26.0.json",
                            "llava_vicuna_v1.jinja"], got
     # the console script runs (without torch: the engines' venvs bring it)
     r = subprocess.run([str(venv / "bin" / "grace-qat"), "--version"], capture_output=True, text=True, env=env,

@@ -629,6 +629,22 @@ def test_the_sglang_kernel_is_the_users_then_the_measured_then_marlin(plugins_lo
     assert name == expected, why
 
 
+def test_the_shipped_h100_table_runs_w4_on_humming_with_the_sglang_it_was_measured_on(plugins_loaded, monkeypatch):
+    """The shipped H100 table (2026-12-07: stock SGLang 0.5.23 decoded faster with --quantization humming
+    than with its GPTQ-Marlin at every batch): W4 layers on an H100 with SGLang 0.5.23 run Humming; W8
+    layers, another SGLang (0.5.17 in CI's overlay) and another GPU keep Marlin."""
+    from grace_qat.kernels import table
+    from grace_sglang.linear import engine_kernel
+    for name in ("GRACE_QAT_SGLANG_KERNEL", "GRACE_QAT_DUAL_KERNEL", "GRACE_QAT_CROSSOVER_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(table, "device_name", lambda: "NVIDIA H100 80GB HBM3")
+    measured_here = _sglang_version() == "0.5.23"
+    assert engine_kernel(4)[0] == ("HummingLinearMethod" if measured_here else "GPTQMarlinLinearKernel")
+    assert engine_kernel(8)[0] == "GPTQMarlinLinearKernel"
+    monkeypatch.setattr(table, "device_name", lambda: "NVIDIA H200")
+    assert engine_kernel(4)[0] == "GPTQMarlinLinearKernel"
+
+
 def test_a_misspelt_kernel_choice_stops_at_the_config_in_one_line(plugins_loaded, ckpts, monkeypatch):
     from grace_sglang.config import GraceQATConfig
     monkeypatch.setenv("GRACE_QAT_SGLANG_KERNEL", "machete")
