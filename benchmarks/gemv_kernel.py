@@ -7,7 +7,8 @@ Writes under --out:
   shape and M, for every kernel: microseconds, the fraction of the copy bandwidth it reaches (packed
   weight + step bytes per second), and its max / relative error against a float64 reference on the
   same dequantized weights; for the CUDA kernel also every launch config tried, with and without
-  programmatic dependent launch, and ``cuda_gemv_table`` per shape ([[M, config], ...], the
+  programmatic dependent launch (after itself, and after a foreign elementwise kernel as in an engine:
+  ``cuda_gemv_[pdl_]after_foreign``, the pair timed), and ``cuda_gemv_table`` per shape ([[M, config], ...], the
   ``configs`` of a kernel-table entry); ``targets``: the issue's goals checked (M=1 at >= 0.60 of the
   copy bandwidth on LLaVA-7B's layers, M <= 8 within 1.3x of M=1);
 * ``small_m.png`` when matplotlib is there.
@@ -162,6 +163,17 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline, dtype=torc
         us = _time_us([lambda e=e: cg.gemv(x, e["wq"], e["st"], bits, n, config=cfg, pdl=True) for e in sets])
         y = cg.gemv(x, sets[0]["wq"], sets[0]["st"], bits, n, config=cfg, pdl=True)
         r["kernels"]["cuda_gemv_pdl"] = {"us": us, "config": best["config"], **_stats(y, ref)}
+        # In an engine the kernel before the GEMV is another one (a norm, an activation) that does not
+        # trigger its dependents early: time foreign elementwise kernel + GEMV pairs, without and with
+        # PDL, so the difference is what PDL would buy the plugin there
+        xb, one = torch.empty_like(x), torch.ones(k, device="cuda", dtype=dtype)
+        def after_foreign(e, pdl):
+            torch.mul(x, one, out=xb)
+            return cg.gemv(xb, e["wq"], e["st"], bits, n, config=cfg, pdl=pdl)
+        for name, pdl in (("cuda_gemv_after_foreign", False), ("cuda_gemv_pdl_after_foreign", True)):
+            us = _time_us([lambda e=e, pdl=pdl: after_foreign(e, pdl) for e in sets])
+            r["kernels"][name] = {"us": us, "config": best["config"], "includes": "one elementwise kernel",
+                                  **_stats(after_foreign(sets[0], pdl), ref)}
         row["cuda_gemv_table"].append([m, best["config"]])
         if triton_wna16 is not None and triton_wna16.supports(bits, group, k):
             mm = triton_wna16.wna16_mm
@@ -178,7 +190,7 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline, dtype=torc
                 continue
             r["kernels"][name] = {"us": us, **_stats(y, ref)}
         for name, kr in r["kernels"].items():
-            if "us" in kr:
+            if "us" in kr and "includes" not in kr:      # a pair's time is not the GEMV's alone
                 kr["copy_fraction"] = frac(kr["us"], n * k * 2 if name == "bf16" else wbytes)
         row["m"][m] = r
         line = "  ".join(f"{name} {kr['us']:.2f}" for name, kr in r["kernels"].items()
