@@ -688,3 +688,21 @@ def test_serve_check_starts_a_side_again_alone_when_it_did_not_start_beside_the_
     assert result["started_again_alone"] == ["plugin"]
     assert result["plugin_beside"]["exception"] == "RuntimeError: not enough memory"
     assert result["plugin"]["startup_s"] == 1.0 and result["passed"] and rc == 0
+
+
+@pytest.mark.parametrize("engine", ["vllm", pytest.param("sglang", marks=pytest.mark.sglang)])
+def test_serve_checks_start_the_plugin_with_the_model_cards_command(tmp_path, engine):
+    """Issue 24: the serve checks serve each format as users do, with the plugin installed and no
+    --quantization flag where the plugin detects the checkpoint (sidecar, AWQ-packed); a grid-only
+    checkpoint, which nothing marks as GRACE, gets the flag; stock never gets it."""
+    from grace_qat import synthetic
+    if engine == "sglang":
+        require("sglang")         # its vision-attention argument is read from SGLang itself
+    args = serve_check.parse_args(["--engine", engine, "--model", "m", "--out", "o"])
+    for fmt, flagged in (("qat-sidecar", False), ("awq", False), ("qat-grid", True)):
+        model = str(tmp_path / fmt)
+        synthetic.write_qwen3vl(model, size="tiny", fmt=fmt)
+        _, plugin_args, _ = serve_check.server_setup(args, model, True, str(tmp_path))
+        _, stock_args, _ = serve_check.server_setup(args, model, False, str(tmp_path))
+        assert ("--quantization" in plugin_args) == flagged, (fmt, plugin_args)
+        assert "--quantization" not in stock_args, fmt

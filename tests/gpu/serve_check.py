@@ -4,6 +4,10 @@ then the GPTQ export of the same weights on the stock engine, and compare greedy
 
     python3 tests/gpu/serve_check.py --engine vllm|sglang --model DIR [--reference GPTQ_DIR] --out FILE
 
+The plugin's server starts with the command a model card gives (``grace_qat.vllm_server.serve_flags``:
+no ``--quantization`` where the plugin detects the checkpoint), so the check also proves the
+detection; a plugin side that then runs no quantized kernel fails.
+
 Two chats per server (temperature 0, ``ignore_eos``, ``--max-tokens`` tokens each): an image+text
 chat (a generated picture) and a text-only chat. The token sequences come from the response's
 ``logprobs`` (vLLM: ``return_tokens_as_token_ids``, so they are token ids). The exit status is 0
@@ -43,7 +47,8 @@ for p in (ROOT, HERE, os.path.join(ROOT, "benchmarks")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from grace_qat.vllm_server import VLLMServer, kernels_in_log, no_quantized_kernel, wait_healthy  # noqa: E402  (plain HTTP helpers, no vLLM import)
+from grace_qat.vllm_server import (VLLMServer, kernels_in_log, no_quantized_kernel, serve_flags,  # noqa: E402
+                                   wait_healthy)   # plain HTTP helpers, no vLLM import
 
 QUESTION = "Describe the image in one sentence."
 SGLANG_SIDE_BY_SIDE_TOKENS = 16384      # KV pool per server side by side: 1.8 GiB (2B), 8 GiB (7B)
@@ -100,7 +105,7 @@ def server_setup(args, model: str, plugin: bool, work: str) -> tuple[type, list[
         srv = ["--max-model-len", "4096", "--seed", "0"] + share + extra
         env = {}
         if plugin:
-            srv = ["--quantization", "grace_qat"] + srv
+            srv = serve_flags(model) + srv      # the model card's command: no flag where the plugin detects
             if not args.dual_kernel:
                 env["GRACE_QAT_DUAL_KERNEL"] = "0"
         return VLLMServer, srv, env
@@ -122,7 +127,7 @@ def server_setup(args, model: str, plugin: bool, work: str) -> tuple[type, list[
     eps = ensure_entry_point(work)      # the scheduler processes find the plugin by its entry point
     env = {"PYTHONPATH": os.pathsep.join(x for x in (ROOT, eps, os.environ.get("PYTHONPATH")) if x)}
     if plugin:
-        srv += ["--quantization", "grace_qat"]
+        srv += serve_flags(model)           # as for vLLM: no flag where the plugin detects the checkpoint
         if not args.dual_kernel:         # Marlin alone, as stock runs the export (no table's second kernel)
             env["GRACE_QAT_DUAL_KERNEL"] = "0"
     else:
