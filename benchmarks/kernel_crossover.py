@@ -147,16 +147,19 @@ def _can_run(cls: type, vllm_config, bits: int, group: int, k: int) -> tuple[boo
 def usable_kernels(bits: int, group: int, n: int, k: int, engine: str = "vllm") -> tuple[str, list[str], dict]:
     """(the engine's choice for this layer, the kernels that can run it, why the others cannot)."""
     cfg = None
+    # the kernel grace_qat runs the layer with: the engine's own choice, or a table's engine default
+    # (which the second kernels measured here are then partners of)
     if engine == "vllm":
         from vllm.model_executor.kernels.linear import choose_mp_linear_kernel
 
+        from grace_vllm import dispatch
         from grace_vllm.linear import mp_layer_config
         cfg = mp_layer_config(bits, group, (k, n), (k, n), torch.bfloat16)
-        large = choose_mp_linear_kernel(cfg).__name__
+        large = dispatch.engine_default(choose_mp_linear_kernel(cfg), cfg)[0].__name__
         candidates = (large,) + KERNELS
     else:
         from grace_sglang.linear import engine_kernel
-        large = engine_kernel()[0]            # Marlin, or what GRACE_QAT_SGLANG_KERNEL / a table say
+        large = engine_kernel(bits)[0]        # Marlin, or what GRACE_QAT_SGLANG_KERNEL / a table say
         candidates = (large,) + SGLANG_KERNELS + tuple(name for name in KERNELS
                                                        if kernel_class(name, engine) is not None)
     names, skipped = [], {}
@@ -367,6 +370,21 @@ def _single_rank() -> None:
     parameter.get_tensor_model_parallel_world_size = lambda: 1
 
 
+def lease_table(device: str, engine: str, version: str, shapes: dict) -> dict:
+    """The kernel table of this run: its shapes, and the engine default in effect while it ran (the
+    kernel its shapes' second kernels are partners of), so that the file stands alone when shipped."""
+    from grace_qat import settings
+    from grace_qat.kernels.table import table_for
+    table = {"device": device, "engine": engine, "engine_version": version,
+             "measured": f"benchmarks/kernel_crossover.py, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+                         "bf16 activations, CUDA-graph timing, weights rotated out of L2",
+             "shapes": shapes}
+    default = (table_for(device, engine, version, extra=settings.crossover_file()) or {}).get("engine_default")
+    if default and settings.dual_kernel():
+        table["engine_default"] = default
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="qwen3vl-2b,llava-7b")
@@ -410,10 +428,7 @@ def main() -> None:
               f"{model} tp{tp} {layer:13s} {key:24s} {e['small']} <= M {e['max_m']} (>= {e['gain']}x)",
               f"| {r['large']} time / other's: {speed}" + (f" | failed: {list(r['failed'])}" if r["failed"] else ""),
               flush=True)
-    table = {"device": device, "engine": args.engine, "engine_version": version,
-             "measured": f"benchmarks/kernel_crossover.py, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-                         "bf16 activations, CUDA-graph timing, weights rotated out of L2",
-             "shapes": shapes}
+    table = lease_table(device, args.engine, version, shapes)
     with open(os.path.join(args.out, "kernel_table.json"), "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     with open(os.path.join(args.out, "timings.json"), "w") as f:

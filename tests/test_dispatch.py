@@ -122,6 +122,52 @@ def test_engine_default_replaces_vllms_own_ranking_only(dispatch, tmp_path, monk
     assert cls is machete and "not a vLLM kernel" in why
 
 
+def test_a_lease_table_of_shapes_keeps_the_shipped_engine_default(dispatch, tmp_path, monkeypatch):
+    """A crossover file of shapes alone (GRACE_QAT_CROSSOVER_FILE, as a lease uses it) adds its
+    shapes to the shipped table of that device and version and keeps that table's engine default (a
+    file that names its own wins): the second kernels measured next to the default kernel then meet it.
+    And the crossover writes the default in effect into its own file, so the file stands alone."""
+    import kernel_crossover
+    from grace_qat.kernels import table as kt
+    shipped_dir = tmp_path / "shipped"
+    shipped_dir.mkdir()
+    key = {"device": "Test GPU", "engine": "vllm", "engine_version": "9.9.1"}
+    default = {"instead_of": MACHETE, "use": HUMMING, "bits": [4], "measured": "shipped"}
+    (shipped_dir / "table-test.json").write_text(json.dumps(dict(key, measured="m", engine_default=default,
+        shapes={"w4g128 n1 k128": {"large": HUMMING, "small": None, "max_m": 0}})))
+    lease = tmp_path / "lease.json"
+    lease.write_text(json.dumps(dict(key, measured="lease", shapes={
+        "w4g128 n4096 k2048": {"large": HUMMING, "small": "CudaGemvKernel", "max_m": 8, "gain": 1.4}})))
+    monkeypatch.setattr(kt, "TABLE_GLOB", str(shipped_dir / "table-*.json"))
+    kt.tables.cache_clear()
+    merged = kt.table_for("Test GPU", "vllm", "9.9.1", extra=str(lease))
+    assert merged["engine_default"] == default and set(merged["shapes"]) == {"w4g128 n1 k128", "w4g128 n4096 k2048"}
+    monkeypatch.setenv(dispatch.ENV_TABLE, str(lease))
+    written = kernel_crossover.lease_table("Test GPU", "vllm", "9.9.1", {})
+    assert written["engine_default"] == default
+    assert "engine_default" not in kernel_crossover.lease_table("Test GPU", "vllm", "9.9.2", {})
+    own = dict(default, use=MARLIN, measured="lease")
+    lease.write_text(json.dumps(dict(key, measured="lease", engine_default=own, shapes={})))
+    kt.tables.cache_clear()
+    assert kt.table_for("Test GPU", "vllm", "9.9.1", extra=str(lease))["engine_default"] == own
+
+
+def test_the_crossover_measures_next_to_the_kernel_grace_qat_runs(dispatch, monkeypatch):
+    """The crossover's reference kernel is the one the plugin runs the layer with, a table's engine
+    default included (vLLM's own ranking said Machete on Hopper, the table Humming): a second kernel
+    measured next to vLLM's own choice would never meet the layer's kernel."""
+    import kernel_crossover
+    seen = []
+
+    def table_says(chosen, cfg):
+        seen.append(chosen.__name__)
+        return type("ChosenByTheTable", (), {}), "a test"
+    monkeypatch.setattr(dispatch, "engine_default", table_says)
+    monkeypatch.setattr(kernel_crossover, "_capability", lambda: 90)      # a Hopper, on this CPU
+    large, _, _ = kernel_crossover.usable_kernels(4, 128, 4096, 2048)
+    assert large == "ChosenByTheTable" and len(seen) == 1
+
+
 def test_forced_marlin_and_its_strict_parse(dispatch, monkeypatch):
     monkeypatch.setattr(dispatch.kernel_table, "device_name", lambda: "Unmeasured GPU")
     monkeypatch.setenv(dispatch.ENV_MAX_M, "5")

@@ -645,6 +645,21 @@ def test_the_shipped_h100_table_runs_w4_on_humming_with_the_sglang_it_was_measur
     assert engine_kernel(4)[0] == "GPTQMarlinLinearKernel"
 
 
+@pytest.mark.parametrize("choice,large", [("marlin", "GPTQMarlinLinearKernel"), ("humming", "HummingLinearMethod")])
+def test_the_sglang_crossover_measures_next_to_the_kernel_the_layer_runs(plugins_loaded, monkeypatch, choice, large):
+    """``kernel_crossover.py --engine sglang``'s reference kernel is the one grace_sglang gives a layer
+    of that width (here chosen with GRACE_QAT_SGLANG_KERNEL; a table's engine default the same way),
+    and SGLang's two kernels and grace_qat's own are the candidates (the sglang-crossover stage)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import kernel_crossover
+    monkeypatch.setenv("GRACE_QAT_SGLANG_KERNEL", choice)
+    monkeypatch.setattr(kernel_crossover, "_capability", lambda: 90)      # a Hopper, on this CPU
+    got, names, skipped = kernel_crossover.usable_kernels(4, 128, 4096, 2048, engine="sglang")
+    assert got == large
+    assert {"GPTQMarlinLinearKernel", "HummingLinearMethod"} <= set(names) | set(skipped)
+    assert "TritonWNA16Kernel" in set(names) | set(skipped)
+
+
 def test_a_misspelt_kernel_choice_stops_at_the_config_in_one_line(plugins_loaded, ckpts, monkeypatch):
     from grace_sglang.config import GraceQATConfig
     monkeypatch.setenv("GRACE_QAT_SGLANG_KERNEL", "machete")

@@ -82,7 +82,9 @@ def tables(extra: str | None = None) -> tuple[dict, ...]:
 
 
 def table_for(device: str, engine: str, version: str, extra: str | None = None) -> dict | None:
-    """The shapes measured on exactly this device, engine and engine version (merged), or None."""
+    """The shapes measured on exactly this device, engine and engine version (merged), or None; its
+    ``engine_default`` is the last one any of those tables gives (a lease's crossover file of shapes
+    alone keeps the shipped table's engine default)."""
     found = [t for t in tables(extra)
              if (t["device"], t["engine"], t["engine_version"]) == (device, engine, version)]
     if not found:
@@ -90,7 +92,11 @@ def table_for(device: str, engine: str, version: str, extra: str | None = None) 
     shapes = {}
     for t in found:
         shapes.update(t["shapes"])
-    return dict(found[-1], shapes=shapes)
+    merged = dict(found[-1], shapes=shapes)
+    default = next((t["engine_default"] for t in reversed(found) if t.get("engine_default")), None)
+    if default:
+        merged["engine_default"] = default
+    return merged
 
 
 def engine_default(engine: str, version: str, instead_of: str, bits: int | None = None) -> dict | None:
