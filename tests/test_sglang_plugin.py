@@ -41,6 +41,7 @@ import reference  # noqa: E402  (tests/reference.py: plain code, nothing from gr
 from ckpt_files import with_inline_log_scales  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))   # sglang_serve_check
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -650,7 +651,6 @@ def test_the_sglang_crossover_measures_next_to_the_kernel_the_layer_runs(plugins
     """``kernel_crossover.py --engine sglang``'s reference kernel is the one grace_sglang gives a layer
     of that width (here chosen with GRACE_QAT_SGLANG_KERNEL; a table's engine default the same way),
     and SGLang's two kernels and grace_qat's own are the candidates (the sglang-crossover stage)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import kernel_crossover
     monkeypatch.setenv("GRACE_QAT_SGLANG_KERNEL", choice)
     monkeypatch.setattr(kernel_crossover, "_capability", lambda: 90)      # a Hopper, on this CPU
@@ -1022,15 +1022,8 @@ def _init_parallel_state(model_path: str) -> None:
     """SGLang's real parallel state on CPU: gloo backend, world size 1 (both 0.5.17 and 0.5.23)."""
     import socket
     from sglang.srt.distributed import parallel_state as ps
-    from sglang.srt.runtime_context import publish
-    from sglang.srt.server_args import ServerArgs
 
-    sa = ServerArgs(model_path=model_path, device="cpu")
-    if "ranks" in inspect.signature(publish).parameters:         # 0.5.23
-        from sglang.srt.runtime_context import SpawnRanks
-        publish(sa, role="test", ranks=SpawnRanks(world_rank=0, dp_rank=None))
-    else:                                                          # 0.5.17
-        publish(sa, role="scheduler")
+    _publish_server_args(model_path)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
