@@ -95,15 +95,17 @@ def candidates(m: int, n: int, k: int, bits: int, sms: int, occ) -> list[cg.Conf
     return out
 
 
-def _engine_kernels(bits, group, n, k, copies, vllm_ok):
-    """name -> [(kernel, module) per weight copy] for the engine kernels that build here."""
+def _engine_kernels(bits, group, n, k, weights, vllm_ok):
+    """name -> [(kernel, module) per weight copy] for the engine kernels that build here, each on the
+    benchmark's own codes and scales ``weights`` (their error is then against the same reference)."""
     if not vllm_ok:
         return {}, {}
     from kernel_crossover import _kernels
     out, failed = {}, {}
     for short, name in ENGINE_KERNELS.items():
         try:
-            out[short] = [row[0] for row in _kernels(bits, group, n, k, copies, names=(name,))]
+            out[short] = [row[0] for row in _kernels(bits, group, n, k, len(weights), names=(name,),
+                                                     weights=weights)]
         except Exception as e:               # not in this vLLM, cannot run the shape, fails to build
             failed[short] = str(e)[:200]
     return out, failed
@@ -133,7 +135,7 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline, dtype=torc
     del u0
     bf_copies = max(1, math.ceil(3 * L2_BYTES / (n * k * 2)))
     bf = [w_ref.to(dtype)] + [torch.randn(n, k, device="cuda", dtype=dtype) * 0.01 for _ in range(bf_copies - 1)]
-    engine, failed = _engine_kernels(bits, group, n, k, copies, vllm_ok)
+    engine, failed = _engine_kernels(bits, group, n, k, [(e["ct"], e["s"]) for e in sets], vllm_ok)
     try:
         from grace_qat.kernels import triton_wna16
     except ImportError:
@@ -201,6 +203,17 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline, dtype=torc
     del sets, engine, bf
     torch.cuda.empty_cache()
     return row
+
+
+MAX_REL_ERR = 0.02   # bf16 outputs of the same dequantized weights sit near 0.002 (2026-12-07, H100)
+
+
+def off_reference(rows: list[dict]) -> list[str]:
+    """Every kernel whose output is not the reference's (relative error above MAX_REL_ERR): its time
+    is then not comparable (another computation, or a set-up that fed it other weights)."""
+    return [f"w{r['bits']} n{r['n']} k{r['k']} M={m} {name}: relative error {kr['rel_err']:.3f}"
+            for r in rows for m, per in r["m"].items() for name, kr in per["kernels"].items()
+            if kr.get("rel_err", 0.0) > MAX_REL_ERR]
 
 
 def check_targets(rows: list[dict]) -> dict:
@@ -440,6 +453,10 @@ def main() -> None:
                ("fraction of copy bandwidth (cuda_gemv)", lambda r, m: r["m"][m]["kernels"]["cuda_gemv"]["copy_fraction"]),
                ("best other kernel's time / cuda_gemv's",
                 lambda r, m: best_other(r, m) / r["m"][m]["kernels"]["cuda_gemv"]["us"]))
+    bad = off_reference(rows)
+    if bad:
+        print("FAILED, off the reference: " + "; ".join(bad), flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -99,9 +99,13 @@ def _sglang_kernel(name: str, bits: int, group: int, n: int, k: int, codes: torc
 
 
 def _kernels(bits: int, group: int, n: int, k: int, copies: int,
-             names=("MarlinLinearKernel", "MacheteLinearKernel"), engine: str = "vllm"):
+             names=("MarlinLinearKernel", "MacheteLinearKernel"), engine: str = "vllm", weights=None):
     """``copies`` lists of (kernel, module) on random codes of one shape, one per name in ``names``
-    (in that order), each module holding its own repacked copy."""
+    (in that order), each module holding its own repacked copy; ``weights`` (vLLM's kernels and
+    grace_qat's only): the copies' (codes packed by ``pack_int32(codes, bits, dim=1)``, scales)
+    instead, so that a caller can check each kernel's output against its own reference."""
+    if weights is not None and engine != "vllm":
+        raise ValueError("weights are taken by vLLM's kernels and grace_qat's only")
     from grace_qat.kernels.own import OWN_KERNELS
     from grace_qat.packing import pack_int32
     cfg = None
@@ -116,10 +120,13 @@ def _kernels(bits: int, group: int, n: int, k: int, copies: int,
             raise RuntimeError(f"{name} cannot run w{bits}g{group} n{n} k{k}: {why}")
         classes.append(cls)
     sets = []
-    for _ in range(copies):
-        codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
-        packed = pack_int32(codes, bits, dim=1)
-        scales = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
+    for i in range(copies):
+        if weights is not None:
+            packed, scales = weights[i]
+        else:
+            codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.int32, device="cuda")
+            packed = pack_int32(codes, bits, dim=1)
+            scales = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.001).to(torch.bfloat16)
         row = []
         for name, cls in zip(names, classes):
             if engine == "sglang" and name in SGLANG_KERNELS:

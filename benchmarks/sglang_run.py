@@ -17,7 +17,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "gpu"))
-from vllm_run import _image_data_url, emit_result, prompt_ids, scoring_ids, steady_decode  # noqa: E402
+from vllm_run import _image_data_url, emit_result, prompt_ids, scoring_ids, short_prompts, steady_decode  # noqa: E402
 
 DISABLED_PLUGINS = "__grace_qat_disabled__"
 
@@ -33,6 +33,11 @@ def _decode_tps(engine, batch: int, prompt_len: int, out_len: int, vocab: int) -
         return time.perf_counter() - t
 
     return dict(steady_decode(timed, batch, out_len), prompt="text")
+
+
+def _input_logprobs(reply: dict) -> list[float | None]:
+    """The teacher-forced log-prob of each prompt token in a ``return_logprob`` reply (None first)."""
+    return [None if lp is None else float(lp) for lp, *_ in reply["meta_info"].get("input_token_logprobs") or []]
 
 
 def expose_entry_point() -> None:
@@ -99,8 +104,11 @@ def main() -> None:
             out = engine.generate(prompt=prompt, image_data=_image_data_url(), sampling_params=sp)
         scored = engine.generate(input_ids=scoring_ids(vocab), sampling_params={"max_new_tokens": 1},
                                  return_logprob=True, logprob_start_len=0)
-        prompt_logprobs = [None if lp is None else float(lp) for lp, *_ in
-                           scored["meta_info"].get("input_token_logprobs") or []]
+        prompt_logprobs = _input_logprobs(scored)
+        small_m_logprobs = []   # one request at a time (see vllm_run.short_prompts)
+        for ids in short_prompts(scoring_ids(vocab)):
+            small_m_logprobs += _input_logprobs(engine.generate(
+                input_ids=ids, sampling_params={"max_new_tokens": 1}, return_logprob=True, logprob_start_len=0))
         runs = [_decode_tps(engine, int(b), args.prompt_len, args.out_len, vocab)
                 for b in args.batches.split(",") if b]
         weights_gib = None
@@ -113,7 +121,7 @@ def main() -> None:
                      "prefix_caching": False, "engine_kwargs": kwargs,
                      "quantization": args.quantization, "tp": args.tp,
                      "load_s": load_s, "tokens": out.get("output_ids"), "text": out.get("text"),
-                     "logprobs": [], "prompt_logprobs": prompt_logprobs, "runs": runs, "image_runs": [],
+                     "logprobs": [], "prompt_logprobs": prompt_logprobs, "small_m_logprobs": small_m_logprobs, "runs": runs, "image_runs": [],
                      "weights_gib_measured": weights_gib,
                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}, args.out)
     finally:

@@ -60,6 +60,21 @@ def scoring_ids(vocab: int, length: int = 96) -> list[int]:
     return [(13 * j * j + 7 * j) % (vocab - 10) + 5 for j in range(length)]
 
 
+SHORT_PROMPT_LENGTHS = (8, 5, 2, 7, 4, 3, 6)
+
+
+def short_prompts(ids: list[int]) -> list[list[int]]:
+    """``ids`` cut into prompts of 2-8 tokens, each scored as a request of its own: a prefill of that
+    few tokens runs the layers' small-batch kernels (a second kernel routes M <= 8 or more), which the
+    96-token scored sequence never reaches."""
+    out, i = [], 0
+    while i + 2 <= len(ids):
+        n = SHORT_PROMPT_LENGTHS[len(out) % len(SHORT_PROMPT_LENGTHS)]
+        out.append(ids[i:i + n])
+        i += n
+    return out
+
+
 def emit_result(result: dict, out: str | None) -> None:
     """The one machine-readable line vllm_bench.py parses (and, optionally, a JSONL record)."""
     line = json.dumps(result)
@@ -183,6 +198,12 @@ def main() -> None:
                           SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     prompt_logprobs = [None if lp is None else float(lp[tok].logprob)
                        for tok, lp in zip(scored.prompt_token_ids, scored.prompt_logprobs)]
+    small_m_logprobs = []       # one request at a time: batched, the prefills would add up past M = 8
+    for ids in short_prompts(scoring_ids(vocab)):
+        s = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                         use_tqdm=False)[0]
+        small_m_logprobs += [None if lp is None else float(lp[tok].logprob)
+                             for tok, lp in zip(s.prompt_token_ids, s.prompt_logprobs)]
     runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab)
             for b in args.batches.split(",") if b]
     image_runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab, image=True)
@@ -192,7 +213,8 @@ def main() -> None:
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "quantization": args.quantization, "linear_backend": args.linear_backend, "tp": args.tp,
               "load_s": load_s, "tokens": tokens,
-              "text": out.text, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "runs": runs,
+              "text": out.text, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
+              "small_m_logprobs": small_m_logprobs, "runs": runs,
               "image_runs": image_runs}
     if args.profile_tokens:
         result["profile"] = decode_profile(llm, args.prompt_len, args.profile_tokens, vocab)

@@ -565,3 +565,39 @@ def test_ncu_profiles_every_layer_shape_with_the_config_the_timing_run_chose(tmp
     one = argparse.Namespace(**dict(vars(args), ncu_shape="llava-7b:down,4096x2048", ncu_m="1"))
     assert [(c["shape"], c["n"], c["k"]) for c in g.ncu_cases(one)] == [("llava-7b:down", 4096, 11008),
                                                                        ("4096x2048", 4096, 2048)]
+
+
+# --- the benchmark's engine kernels run on its own weights ----------------------------------------
+
+def test_benchmark_fails_where_a_kernel_is_off_the_reference():
+    """The H100 lease of 2026-12-07 built Marlin, Machete and Humming on random codes of their own
+    (kernel_crossover's), not the benchmark's: their "error" came out near sqrt(2), an unrelated
+    output. Its small_m.json, committed, is flagged on exactly those; the GEMV's rows are not."""
+    import json
+    from pathlib import Path
+    g = _gemv_bench()
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-vllm0.34-2026-12-07/gemv/gemv/small_m.json"
+    rows = json.loads(path.read_text())["shapes"]
+    flagged = g.off_reference(rows)
+    assert {line.split(": ")[0].split()[-1] for line in flagged} == {"marlin", "machete", "humming"}
+    assert len(flagged) == 3 * len(rows) * len(rows[0]["m"])
+    for r in rows:
+        for per in r["m"].values():
+            for name in ("marlin", "machete", "humming"):
+                per["kernels"][name]["rel_err"] = 0.0017
+    assert g.off_reference(rows) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_benchmark_builds_the_engine_kernels_on_its_own_weights():
+    """Each engine kernel of the benchmark (Marlin, Machete, Humming where vLLM has them) computes the
+    same product as the float64 reference on the benchmark's weights, as the GEMV does."""
+    require("vllm")
+    import time
+    g = _gemv_bench()
+    row = g.measure_shape(4, 128, 4096, 2048, [1, 8], 3e12, True, time.time())
+    assert not row["engine_failed"], row["engine_failed"]
+    for m, per in row["m"].items():
+        assert {"marlin", "machete", "humming"} & set(per["kernels"]), f"M={m}: no engine kernel ran"
+    assert g.off_reference([row]) == [], g.off_reference([row])

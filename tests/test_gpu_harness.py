@@ -156,9 +156,13 @@ def test_bench_fails_on_a_same_kernel_token_mismatch_only(tmp_path):
     assert vllm_bench.failures(wrong) == [
         "grace-a-single: greedy tokens differ from stock gptq (same kernel) from position 2 (3 vs 3 tokens)"]
     assert vllm_bench.report_failures(wrong) == 1
-    dual = [_result("gptq-w8", [1, 2, 3]), _result("grace-a-w8", [1, 9, 9], dual=True)]
+    # a second kernel for small batches: other tokens pass, held to the stock kernels' gap instead
+    scored = dict(prompt_logprobs=[None, -10.0, -11.0], small_m_logprobs=[None, -9.0, None, -8.0])
+    dual = [_result("gptq", [1, 2, 3], **scored),
+            _result("gptq-marlin", [1, 2, 3], **dict(scored, prompt_logprobs=[None, -10.1, -11.0])),
+            _result("grace-a", [1, 9, 9], dual=True, **scored)]
     vllm_bench.write_report(dual, meta, str(tmp_path))
-    assert dual[1]["tokens_equal_peer"] is False and vllm_bench.failures(dual) == []
+    assert dual[2]["tokens_equal_peer"] is False and vllm_bench.failures(dual) == []
     broken = [_result("gptq", None, ok=False)]
     vllm_bench.write_report(broken, meta, str(tmp_path))
     assert vllm_bench.failures(broken) == ["gptq did not run (see gptq.log)"]
@@ -346,14 +350,14 @@ def test_bench_holds_a_not_reproducible_kernel_to_the_stock_kernels_gap_not_to_t
     close = run([-10.0, -11.1, -12.0])          # 0.1 from stock Humming; stock Machete vs Humming: 0.1
     assert close[-1]["peer"] == "gptq-humming" and close[-1]["tokens_equal_peer"] is False
     assert close[-1]["peer_gap_bound"] == pytest.approx(0.2) and vllm_bench.failures(close) == []
-    assert "gap 0.100 <= 0.200 (not reproducible)" in (tmp_path / "results.md").read_text()
+    assert "gap 0.100 <= 0.200 (HummingLinearKernel, not reproducible run to run)" in (tmp_path / "results.md").read_text()
     far = run([-10.1, -11.0, -12.5])            # a wrong layer: 0.5 from stock Humming
     assert vllm_bench.failures(far) == [
         "grace-a: teacher-forced log-probs 0.500 from stock gptq-humming (HummingLinearKernel, not reproducible "
         "run to run), more than 2x the largest gap between two stock systems of this run (0.100)"]
     alone = run([-10.1, -11.0, -12.0], with_machete=False)
     assert vllm_bench.failures(alone) == [
-        "grace-a: HummingLinearKernel is not reproducible run to run and this run has no two stock systems "
+        "grace-a: HummingLinearKernel, not reproducible run to run, and this run has no two stock systems "
         "that scored the sequence to bound its gap to stock gptq-humming (run two of gptq, gptq-humming, "
         "gptq-marlin)"]
     exact = [_result("gptq", [1, 2, 3], kernels=["MacheteLinearKernel"]),
@@ -530,10 +534,48 @@ def test_bench_peer_is_the_stock_system_on_the_plugins_kernel(tmp_path):
     vllm_bench.write_report(bad, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
     assert vllm_bench.failures(bad) == [
         "grace-a: greedy tokens differ from stock gptq-marlin (same kernel) from position 2 (3 vs 3 tokens)"]
+    # no stock system on its kernel: held to the gap between the stock kernels of the run, and with
+    # only one of those nothing bounds it (it used to pass unchecked)
     alone = [dict(_result("gptq", [1, 2, 3]), kernels=["MacheteLinearKernel"]),
              dict(_result("grace-a", [1, 2, 4]), kernels=["MarlinLinearKernel"])]
     vllm_bench.write_report(alone, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
-    assert alone[1]["peer_must_match"] is False and vllm_bench.failures(alone) == []   # no same-kernel peer
+    assert alone[1]["peer_must_match"] is False and vllm_bench.failures(alone) == [
+        "grace-a: MarlinLinearKernel against MacheteLinearKernel, and this run has no two stock systems that "
+        "scored the sequence to bound its gap to stock gptq (run two of gptq, gptq-humming, gptq-marlin)"]
+
+
+def test_bench_holds_a_second_small_batch_kernel_to_the_stock_kernels_gap_on_short_prompts(tmp_path):
+    """A second kernel for small batches (CUDA GEMV next to Humming, H100 2026-12-07) never runs in the
+    96-token scored prefill: the short prompts score it. The peer is stock on the large-batch kernel; a
+    wrong small-batch kernel fails on the short prompts alone, and a plugin system whose stock peer
+    did not run fails (it passed unchecked in that lease's bench-llava)."""
+    humming, marlin = ["HummingLinearKernel"], ["MarlinLinearKernel"]
+    long = [None, -10.0, -11.0, -12.0]
+
+    def run(plugin_short, systems=("gptq-humming", "gptq-marlin")):
+        res = [_result("gptq-humming", [1, 2, 3], kernels=humming, prompt_logprobs=long,
+                       small_m_logprobs=[None, -9.0, None, -8.0]),
+               _result("gptq-marlin", [1, 2, 3], kernels=marlin, prompt_logprobs=[None, -10.1, -11.0, -12.0],
+                       small_m_logprobs=[None, -9.05, None, -8.0])]
+        res = [r for r in res if r["name"] in systems]
+        res.append(_result("grace-a", [7, 8, 9], kernels=["CudaGemvKernel"] + humming, dual=True,
+                           prompt_logprobs=long, small_m_logprobs=plugin_short))
+        vllm_bench.write_report(res, {"model": "llava", "size": "7b"}, str(tmp_path))
+        return res
+
+    good = run([None, -9.02, None, -8.05])
+    assert good[-1]["peer"] == "gptq-humming" and vllm_bench.failures(good) == []
+    assert good[-1]["small_m_gap_bound"] == pytest.approx(0.1)
+    assert "short-prompt gap 0.050 <= 0.100" in (tmp_path / "results.md").read_text()
+    bad = run([None, -9.0, None, -8.7])        # the long score equal, the small-batch kernel off by 0.7
+    assert vllm_bench.failures(bad) == [
+        "grace-a: teacher-forced log-probs of short prompts (small-batch kernels) 0.700 from stock gptq-humming "
+        "(CudaGemvKernel,HummingLinearKernel, a second kernel for small batches), more than 2x the largest gap "
+        "between two stock systems of this run (0.050)"]
+    unchecked = run([None, -9.0, None, -8.0], systems=())
+    assert vllm_bench.failures(unchecked) == [
+        "grace-a: no stock system on the same weights ran in this run (gptq or another one-flag kernel): "
+        "its output is unchecked"]
 
 
 # -- SGLang's JIT cache, carried from one lease to the next ----------------------------------------

@@ -19,7 +19,8 @@
 #   poll SECONDS - wait for the chain (at most SECONDS), then bring /tmp/res back as $OUT/res.tgz and
 #                  the background logs as $OUT/bg/; exits 1 when a finished stage failed
 #   crossover    - every mixed-precision kernel per layer shape and M -> /tmp/xover/kernel_table.json (this
-#                  device and vLLM version; used by later stages)
+#                  device and vLLM version; used by later stages; GRACE_CROSSOVER_ARGS narrows it to what
+#                  a lease's benches run, e.g. "--tp 1 --bits 4")
 #   sglang-crossover - (SGLang) grace_qat's kernels vs SGLang's Marlin per layer shape and M ->
 #                  /tmp/xover-sglang/kernel_table.json (this device and SGLang version; used by later SGLang stages)
 #   marlin-variants - Marlin's atomic-add / bf16-reduce options at small M, per layer shape
@@ -275,7 +276,7 @@ EOF
   crossover|sglang-crossover)
     [ "$ENGINE" = sglang ] && { wait_sglang_jit || exit 1; }
     wait_gpu || exit 1
-    python3 benchmarks/kernel_crossover.py --engine $ENGINE --out $XOVER "$@" > $OUT/crossover.log 2>&1; rc=$?
+    python3 benchmarks/kernel_crossover.py --engine $ENGINE --out $XOVER ${GRACE_CROSSOVER_ARGS:-} "$@" > $OUT/crossover.log 2>&1; rc=$?
     cat $OUT/crossover.log; cp $XOVER/* $OUT/ 2>/dev/null; exit $rc ;;
   marlin-variants)   # issue 9: can a Marlin setting make batch 1 faster still? (7B shapes, ~1 min)
     wait_gpu || exit 1
