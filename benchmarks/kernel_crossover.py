@@ -99,11 +99,13 @@ def _sglang_kernel(name: str, bits: int, group: int, n: int, k: int, codes: torc
 
 
 def _kernels(bits: int, group: int, n: int, k: int, copies: int,
-             names=("MarlinLinearKernel", "MacheteLinearKernel"), engine: str = "vllm", weights=None):
+             names=("MarlinLinearKernel", "MacheteLinearKernel"), engine: str = "vllm", weights=None,
+             own_configs: dict | None = None):
     """``copies`` lists of (kernel, module) on random codes of one shape, one per name in ``names``
     (in that order), each module holding its own repacked copy; ``weights`` (vLLM's kernels and
     grace_qat's only): the copies' (codes packed by ``pack_int32(codes, bits, dim=1)``, scales)
-    instead, so that a caller can check each kernel's output against its own reference."""
+    instead, so that a caller can check each kernel's output against its own reference;
+    ``own_configs``: grace_qat kernel name -> its launch-config table ([[max M, config], ...])."""
     if weights is not None and engine != "vllm":
         raise ValueError("weights are taken by vLLM's kernels and grace_qat's only")
     from grace_qat.kernels.own import OWN_KERNELS
@@ -136,7 +138,7 @@ def _kernels(bits: int, group: int, n: int, k: int, copies: int,
                                  output_partition_sizes=[n], params_dtype=torch.bfloat16, has_bias=False)
                    if engine == "vllm" else torch.nn.Module())
             if cls in OWN_KERNELS.values():          # grace_qat's own: their layout on the holder
-                row.append((cls.attach(mod, packed, scales, bits, group), mod))
+                row.append((cls.attach(mod, packed, scales, bits, group, (own_configs or {}).get(name, ())), mod))
             else:
                 row.append((new_kernel(cls, cfg, mod, packed.clone(), scales.clone()), mod))
         sets.append(row)
@@ -287,8 +289,21 @@ def _time_us(fns, replays: int = 20) -> float:
     return statistics.median(samples)
 
 
-def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = "vllm") -> dict:
-    """Microseconds per GEMM of every usable kernel at every M, checked against each other."""
+def gemv_configs(path: str | None) -> dict:
+    """(bits, n, k) -> the CUDA GEMV's launch configs per M that ``gemv_kernel.py``'s sweep chose on
+    this GPU (its small_m.json, ``cuda_gemv_table``); {} without a file: the kernel's heuristic."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = json.load(f)["shapes"]
+    return {(r["bits"], r["n"], r["k"]): [list(e) for e in r["cuda_gemv_table"]] for r in rows
+            if r.get("cuda_gemv_table")}
+
+
+def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = "vllm",
+            gemv_table: list | None = None) -> dict:
+    """Microseconds per GEMM of every usable kernel at every M, checked against each other; the CUDA
+    GEMV with ``gemv_table``'s launch configs (which a second-kernel entry then carries)."""
     from grace_qat.kernels.table import entry_from_timings
     large, names, skipped = usable_kernels(bits, group, n, k, engine)
     weight_bytes = n * k * bits // 8
@@ -296,7 +311,8 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = 
     sets, failed = None, {}
     while sets is None:
         try:
-            sets = _kernels(bits, group, n, k, copies, names, engine)
+            sets = _kernels(bits, group, n, k, copies, names, engine,
+                            own_configs={"CudaGemvKernel": gemv_table} if gemv_table else None)
         except Exception as e:            # a kernel that fails to build here: time the others
             bad = next((nm for nm in names if nm in str(e)), names[-1])
             if bad == large:
@@ -322,9 +338,10 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = 
                 raise RuntimeError(f"{name} and {large} disagree on w{bits}g{group} n{n} k{k} M={m}: rel {rel:.3g}")
     del sets
     torch.cuda.empty_cache()
-    out = {"large": large, "us": us, "copies": copies, "skipped": skipped, "failed": failed,
-           "entry": entry_from_timings(large, us)}
-    return out
+    entry = entry_from_timings(large, us)
+    if entry["small"] == "CudaGemvKernel" and gemv_table:
+        entry["configs"] = gemv_table
+    return {"large": large, "us": us, "copies": copies, "skipped": skipped, "failed": failed, "entry": entry}
 
 
 def measure_marlin_variants(bits: int, group: int, n: int, k: int, ms=(1, 4, 16, 32)) -> dict:
@@ -401,6 +418,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--engine", choices=("vllm", "sglang"), default="vllm",
                     help="whose kernel the table is measured against (and keyed by its version)")
+    ap.add_argument("--gemv-configs", default=None,
+                    help="small_m.json of gemv_kernel.py on this GPU: the CUDA GEMV runs (and the table "
+                         "carries) the launch configs its sweep chose")
     ap.add_argument("--marlin-variants", action="store_true",
                     help="also time Marlin's atomic-add / bf16-reduce options at small M (issue 9)")
     args = ap.parse_args()
@@ -415,12 +435,13 @@ def main() -> None:
         import sglang as engine_module
     version = engine_module.__version__
     timings, shapes = [], {}
+    tuned = gemv_configs(args.gemv_configs)
     from grace_qat.kernels.table import shape_key
     for model, tp, bits, layer, n, k in bench_shapes(args.models, args.tp, args.bits):
         key = shape_key(bits, args.group, n, k)
         if key in shapes:
             continue
-        r = measure(bits, args.group, n, k, engine=args.engine)
+        r = measure(bits, args.group, n, k, engine=args.engine, gemv_table=tuned.get((bits, n, k)))
         if args.marlin_variants:
             r["marlin_variants"] = measure_marlin_variants(bits, args.group, n, k)
             for name, row in r["marlin_variants"].items():

@@ -20,7 +20,8 @@
 #                  the background logs as $OUT/bg/; exits 1 when a finished stage failed
 #   crossover    - every mixed-precision kernel per layer shape and M -> /tmp/xover/kernel_table.json (this
 #                  device and vLLM version; used by later stages; GRACE_CROSSOVER_ARGS narrows it to what
-#                  a lease's benches run, e.g. "--tp 1 --bits 4")
+#                  a lease's benches run, e.g. "--tp 1 --bits 4"; after `gemv` in a chain, the CUDA GEMV
+#                  runs, and the table carries, the launch configs that stage's sweep chose)
 #   sglang-crossover - (SGLang) grace_qat's kernels vs SGLang's Marlin per layer shape and M ->
 #                  /tmp/xover-sglang/kernel_table.json (this device and SGLang version; used by later SGLang stages)
 #   marlin-variants - Marlin's atomic-add / bf16-reduce options at small M, per layer shape
@@ -276,6 +277,8 @@ EOF
   crossover|sglang-crossover)
     [ "$ENGINE" = sglang ] && { wait_sglang_jit || exit 1; }
     wait_gpu || exit 1
+    # the GEMV's launch configs from this lease's `gemv` sweep, where that stage ran before
+    tuned=$(dirname $OUT)/gemv/gemv/small_m.json; [ -f $tuned ] && set -- --gemv-configs $tuned "$@"
     python3 benchmarks/kernel_crossover.py --engine $ENGINE --out $XOVER ${GRACE_CROSSOVER_ARGS:-} "$@" > $OUT/crossover.log 2>&1; rc=$?
     cat $OUT/crossover.log; cp $XOVER/* $OUT/ 2>/dev/null; exit $rc ;;
   marlin-variants)   # issue 9: can a Marlin setting make batch 1 faster still? (7B shapes, ~1 min)
@@ -450,7 +453,7 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     timeout 170 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_gemv.py > $OUT/gemv-tests.log 2>&1 \
       || rc=1
     tail -15 $OUT/gemv-tests.log
-    timeout 200 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --bits 4 --ms 1,2,4,8,16 --sweep-seconds 45 \
+    timeout 200 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --bits 4 --ms 1,2,4,8,16 --sweep-seconds 75 \
       ${GRACE_GEMV_BENCH_ARGS:-} > $OUT/gemv-bench.log 2>&1 || { rc=1; echo "benchmark failed"; }
     grep -v "^ *$" $OUT/gemv-bench.log | tail -40
     timeout 170 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --ncu --ncu-m 1 --ncu-timeout 160 \
