@@ -10,8 +10,8 @@ One server for the whole file (startup dominates: about a minute on 2 CPU cores)
      non-image data URL, an image URL with a bad scheme), which must get a 4xx answer;
   3. afterwards: the server is healthy, holds no running or waiting request (the abandoned ones were
      aborted, not left generating), and answers the baseline request as before: the same greedy tokens
-     and teacher-forced prompt log-probs where the engine's kernels are reproducible (two scorings
-     before the load agree exactly), else log-probs within twice the gap between those two.
+     and teacher-forced prompt log-probs where the engine's kernels are reproducible (three scorings
+     before the load agree exactly), else log-probs within twice the largest gap between those.
 
 The baseline and the repeat after the load each carry a cache salt of their own, so both prefill the
 whole prompt: a repeat that hit the prefix cache would prefill only its last tokens, with another M,
@@ -235,8 +235,9 @@ def test_server_under_load(server, tmp_path, record_property):
     status, before = _post(server, _body(server, ref_content, cache_salt="before-the-load"), timeout=120)
     assert status == 200, before
     ref_text, ref_ids = _answer(before)
-    scores = [_scores(server, ref_content), _scores(server, ref_content)]
-    noise = max(abs(a - b) for a, b in zip(*scores))     # 0.0 where the kernels are reproducible
+    scores = [_scores(server, ref_content) for _ in range(3)]
+    # the run-to-run gap of this engine's kernels: 0.0 where they are reproducible
+    noise = max(abs(a - b) for i, s in enumerate(scores) for t in scores[i + 1:] for a, b in zip(s, t))
     assert before["usage"]["completion_tokens"] == MAX_TOKENS or before["choices"][0]["finish_reason"] == "stop"
 
     plan = _plan(png)
@@ -287,7 +288,7 @@ def test_server_under_load(server, tmp_path, record_property):
         "server_startup_s": server.startup_s,
         "after_load": {"running": running, "waiting": waiting, "same_greedy_answer": after_text == ref_text
                        and after_ids == ref_ids, "prompt_logprob_gap": after_gap,
-                       "prompt_logprob_gap_between_two_scorings_before": noise},
+                       "prompt_logprob_gap_between_scorings_before": noise},
         "before_load": {"text": ref_text, "token_ids": ref_ids},
         "server_errors_in_log": len(re.findall(r"Traceback|ERROR", log)),
     }
@@ -320,8 +321,8 @@ def test_server_under_load(server, tmp_path, record_property):
         if ref_ids is not None:
             assert after_ids == ref_ids
     else:                # e.g. Humming's stream-K: held to its own run-to-run gap
-        assert after_gap <= 2 * noise, f"prompt log-probs {after_gap} from before the load (two scorings " \
-            f"before it differed by {noise}): the load changed the server's answers"
+        assert after_gap <= 2 * noise, f"prompt log-probs {after_gap} from before the load (three scorings " \
+            f"before it differed by up to {noise}): the load changed the server's answers"
 
 
 def test_gauge_reads_samples_and_refuses_a_missing_metric():

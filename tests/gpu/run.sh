@@ -29,7 +29,8 @@
 #   bench-qwen   - Qwen3-VL-2B: grace_qat vs stock GPTQ with each one-flag kernel (default, humming,
 #                  marlin) vs BF16 (GRACE_BENCH_SYSTEMS / GRACE_BENCH_BATCHES narrow it)
 #   profile-qwen - Qwen3-VL-2B batch 1: GPU kernels per decode step (torch profiler) of stock Humming and
-#                  grace_qat (GRACE_PROFILE_SYSTEMS: which systems; default gptq-humming,grace-a)
+#                  grace_qat (GRACE_PROFILE_SYSTEMS: which systems; default gptq-humming,gptq-marlin,grace-a:
+#                  two stock kernels bound the plugin's gap on Humming, which is not reproducible)
 #   profile-load - where an engine start goes, function by function (cProfile, benchmarks/startup_profile.py):
 #                  the plugin on the 2B format A and stock vLLM on its GPTQ export with the kernel the plugin
 #                  chose, each with empty caches of its own -> $OUT/startup-{plugin,stock}.json
@@ -300,7 +301,7 @@ EOF
       --systems "${GRACE_BENCH_SYSTEMS:-gptq,gptq-humming,gptq-marlin,grace-a,grace-a-single,grace-a-humming,bf16-grid}" "$@" ;;
   profile-qwen)
     wait_prep || exit 1
-    stamp=$(mktemp); rc=0; systems=${GRACE_PROFILE_SYSTEMS:-gptq-humming,grace-a}
+    stamp=$(mktemp); rc=0; systems=${GRACE_PROFILE_SYSTEMS:-gptq-humming,gptq-marlin,grace-a}
     profile() {   # OUT-DIR SYSTEMS [more vllm_bench options]
       python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --work $WORK --batches 1 --image-batches "" \
         --profile-tokens 16 --timeout 300 --out "$1" --systems "$2" "${@:3}"
@@ -344,7 +345,7 @@ EOF
   tp2)        # on the 2-GPU kind: stock GPTQ vs grace_qat with tensor parallel 2, tiny then 2B
     rc=0
     python3 benchmarks/vllm_bench.py --size tiny --tp 2 --eager --batches 1 --image-batches "" --timeout 200 \
-      --out $OUT/tiny-tp2 --systems gptq,grace-a-single,grace-a,grace-b || rc=1
+      --out $OUT/tiny-tp2 --systems gptq,grace-a-single,grace-a,gptq-from-b,grace-b || rc=1
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --model qwen3vl --size 2b --tp 2 --work $WORK --batches 1,16,64 \
       --image-batches "" --timeout 200 --out $OUT/qwen2b-tp2 --systems gptq,grace-a-single || rc=1
