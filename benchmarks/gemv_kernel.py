@@ -258,6 +258,18 @@ def kernel_shapes(models: str, tps: str, bits: str, group: int) -> list[tuple]:
     return [s for s in bench_shapes(models, tps, bits) if cg.supports(s[2], group, s[5])]
 
 
+def swept_configs(path: str | None) -> dict:
+    """(bits, n, k) -> [[M, config], ...]: the launch configs this benchmark's sweep chose per M, read
+    from its small_m.json at ``path`` ({} where there is none)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = json.load(f)["shapes"]
+    return {(r["bits"], r["n"], r["k"]): [[int(m), per["kernels"]["cuda_gemv"]["config"]]
+                                          for m, per in sorted(r["m"].items(), key=lambda e: int(e[0]))]
+            for r in rows}
+
+
 def ncu_cases(args) -> list[dict]:
     """What --ncu profiles, one launch each: every distinct TP-1 layer shape of --models at --ncu-bits
     (--ncu-shape all) or the listed shapes, at each --ncu-m; with the config the timing run of the same
@@ -270,13 +282,8 @@ def ncu_cases(args) -> list[dict]:
         shapes = [(name, n, k) for (n, k), name in first.items()]
     else:
         shapes = [(spec, *_shape(spec)) for spec in args.ncu_shape.split(",")]
-    timed = {}
-    path = os.path.join(args.out, "small_m.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            for row in json.load(f)["shapes"]:
-                for m, r in row["m"].items():
-                    timed[row["bits"], row["n"], row["k"], int(m)] = r["kernels"]["cuda_gemv"]["config"]
+    timed = {(*shape, m): cfg for shape, table in swept_configs(os.path.join(args.out, "small_m.json")).items()
+             for m, cfg in table}
     given = json.loads(args.ncu_config) if args.ncu_config else None
     cases = []
     for name, n, k in shapes:

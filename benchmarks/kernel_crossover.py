@@ -289,17 +289,6 @@ def _time_us(fns, replays: int = 20) -> float:
     return statistics.median(samples)
 
 
-def gemv_configs(path: str | None) -> dict:
-    """(bits, n, k) -> the CUDA GEMV's launch configs per M that ``gemv_kernel.py``'s sweep chose on
-    this GPU (its small_m.json, ``cuda_gemv_table``); {} without a file: the kernel's heuristic."""
-    if not path or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        rows = json.load(f)["shapes"]
-    return {(r["bits"], r["n"], r["k"]): [list(e) for e in r["cuda_gemv_table"]] for r in rows
-            if r.get("cuda_gemv_table")}
-
-
 def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = "vllm",
             gemv_table: list | None = None) -> dict:
     """Microseconds per GEMM of every usable kernel at every M, checked against each other; the CUDA
@@ -435,7 +424,8 @@ def main() -> None:
         import sglang as engine_module
     version = engine_module.__version__
     timings, shapes = [], {}
-    tuned = gemv_configs(args.gemv_configs)
+    from gemv_kernel import swept_configs     # (it imports this module at its top)
+    tuned = swept_configs(args.gemv_configs)
     from grace_qat.kernels.table import shape_key
     for model, tp, bits, layer, n, k in bench_shapes(args.models, args.tp, args.bits):
         key = shape_key(bits, args.group, n, k)

@@ -121,7 +121,8 @@ def main() -> None:
                      "prefix_caching": False, "engine_kwargs": kwargs,
                      "quantization": args.quantization, "tp": args.tp,
                      "load_s": load_s, "tokens": out.get("output_ids"), "text": out.get("text"),
-                     "logprobs": [], "prompt_logprobs": prompt_logprobs, "small_m_logprobs": small_m_logprobs, "runs": runs, "image_runs": [],
+                     "logprobs": [], "prompt_logprobs": prompt_logprobs, "small_m_logprobs": small_m_logprobs,
+                     "runs": runs, "image_runs": [],
                      "weights_gib_measured": weights_gib,
                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}, args.out)
     finally:

@@ -281,9 +281,11 @@ def _max_logprob_diff(a: dict, b: dict) -> float | None:
 
 # The teacher-forced scores every runner records: the 96-token sequence in one prefill (the layers'
 # large-batch kernel) and the same tokens as short prompts of 2-8 tokens, one request each (their
-# small-batch kernel, where a second one routes small M); name -> how a failure names it.
-SCORES = {"prompt_logprobs": "teacher-forced log-probs",
-          "small_m_logprobs": "teacher-forced log-probs of short prompts (small-batch kernels)"}
+# small-batch kernel, where a second one routes small M). Result key -> (how a failure names it, how
+# the report names it, the result fields of the gap to the peer and of its bound).
+SCORES = {"prompt_logprobs": ("teacher-forced log-probs", "gap", "prompt_logprob_gap_peer", "peer_gap_bound"),
+          "small_m_logprobs": ("teacher-forced log-probs of short prompts (small-batch kernels)",
+                               "short-prompt gap", "small_m_logprob_gap_peer", "small_m_gap_bound")}
 
 
 def _prompt_logprob_gap(a: dict, b: dict, key: str = "prompt_logprobs") -> dict | None:
@@ -355,11 +357,11 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
                 r["peer_why"] = (f"{mine}, not reproducible run to run" if same_kernel
                                  else f"{mine}, a second kernel for small batches" if r.get("dual_kernel")
                                  else f"{mine} against {theirs}")
-                r["prompt_logprob_gap_peer"] = _prompt_logprob_gap(r, base[peer])
-                r["peer_gap_bound"] = _stock_gap_bound([base[s] for s in stock])
-                if r.get("small_m_logprobs") and base[peer].get("small_m_logprobs"):
-                    r["small_m_logprob_gap_peer"] = _prompt_logprob_gap(r, base[peer], "small_m_logprobs")
-                    r["small_m_gap_bound"] = _stock_gap_bound([base[s] for s in stock], "small_m_logprobs")
+                for key, (_, _, gap_field, bound_field) in SCORES.items():
+                    # the long score always (the bound's field marks the system); a short one where both have it
+                    if key == "prompt_logprobs" or r.get(key) and base[peer].get(key):
+                        r[gap_field] = _prompt_logprob_gap(r, base[peer], key)
+                        r[bound_field] = _stock_gap_bound([base[s] for s in stock], key)
             lp, lq = r.get("logprobs") or [], base[peer].get("logprobs") or []
             diffs = [abs(a - b) for a, b in zip(lp, lq) if a is not None and b is not None]
             r["max_logprob_diff_peer"] = max(diffs) if diffs else None
@@ -474,9 +476,8 @@ def merge_runs(paths: list[str]) -> tuple[list[dict], list[dict]]:
 def _gap_and_bound(r: dict, key: str = "prompt_logprobs") -> tuple[float | None, float | None]:
     """A system held to the stock kernels' gap: its largest teacher-forced gap (``SCORES`` key) to the
     stock peer and the bound it is held to (either None where the run could not measure it)."""
-    if key == "prompt_logprobs":
-        return (r.get("prompt_logprob_gap_peer") or {}).get("max"), r["peer_gap_bound"]
-    return (r.get("small_m_logprob_gap_peer") or {}).get("max"), r.get("small_m_gap_bound")
+    _, _, gap_field, bound_field = SCORES[key]
+    return (r.get(gap_field) or {}).get("max"), r.get(bound_field)
 
 
 def _peer_verdict(r: dict) -> str:
@@ -486,7 +487,7 @@ def _peer_verdict(r: dict) -> str:
     if "peer_gap_bound" not in r:
         return "" if r.get("tokens_equal_peer") is None else str(r["tokens_equal_peer"])
     cells = []
-    for key, what in (("prompt_logprobs", "gap"), ("small_m_logprobs", "short-prompt gap")):
+    for key, (_, what, _, _) in SCORES.items():
         gap, bound = _gap_and_bound(r, key)
         if key == "prompt_logprobs" or gap is not None:
             cells.append(f"{what} unchecked" if gap is None or bound is None
@@ -506,9 +507,9 @@ def _peer(r: dict, base: dict) -> str | None:
     peer = PEERS.get(r["name"])
     if peer in STOCK_CHOICES + SGLANG_STOCK_CHOICES and (peer not in base or _kernels(base[peer]) != _kernels(r)):
         choices = [c for c in (STOCK_CHOICES if peer in STOCK_CHOICES else SGLANG_STOCK_CHOICES) if c in base]
-        peer = next((c for c in choices if _kernels(base[c]) == _kernels(r)),
-                    next((c for c in choices if _kernels(base[c]) and _kernels(base[c]) <= _kernels(r)),
-                         peer if peer in base else next(iter(choices), peer)))
+        same = [c for c in choices if _kernels(base[c]) == _kernels(r)]
+        large = [c for c in choices if _kernels(base[c]) and _kernels(base[c]) <= _kernels(r)]
+        peer = (same + large + ([peer] if peer in base else choices) + [peer])[0]
     return peer
 
 
@@ -529,7 +530,7 @@ def failures(results: list[dict]) -> list[str]:
                        "or another one-flag kernel): its output is unchecked")
         elif r.get("peer") and "peer_gap_bound" in r:
             kin = SGLANG_STOCK_CHOICES if r["name"].startswith("sglang-") else STOCK_CHOICES
-            for key, what in SCORES.items():
+            for key, (what, _, _, _) in SCORES.items():
                 gap, bound = _gap_and_bound(r, key)
                 if key != "prompt_logprobs" and gap is None:
                     continue        # a runner from before the short prompts: the long score only

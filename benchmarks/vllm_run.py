@@ -75,6 +75,12 @@ def short_prompts(ids: list[int]) -> list[list[int]]:
     return out
 
 
+def prompt_logprobs_of(output) -> list[float | None]:
+    """The teacher-forced log-prob of each prompt token of a vLLM ``RequestOutput`` (None first)."""
+    return [None if lp is None else float(lp[tok].logprob)
+            for tok, lp in zip(output.prompt_token_ids, output.prompt_logprobs)]
+
+
 def emit_result(result: dict, out: str | None) -> None:
     """The one machine-readable line vllm_bench.py parses (and, optionally, a JSONL record)."""
     line = json.dumps(result)
@@ -196,14 +202,11 @@ def main() -> None:
     # also where their greedy outputs part (random weights give near-uniform, easily flipped argmaxes)
     scored = llm.generate([{"prompt_token_ids": scoring_ids(vocab)}],
                           SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    prompt_logprobs = [None if lp is None else float(lp[tok].logprob)
-                       for tok, lp in zip(scored.prompt_token_ids, scored.prompt_logprobs)]
+    prompt_logprobs = prompt_logprobs_of(scored)
     small_m_logprobs = []       # one request at a time: batched, the prefills would add up past M = 8
     for ids in short_prompts(scoring_ids(vocab)):
-        s = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                         use_tqdm=False)[0]
-        small_m_logprobs += [None if lp is None else float(lp[tok].logprob)
-                             for tok, lp in zip(s.prompt_token_ids, s.prompt_logprobs)]
+        small_m_logprobs += prompt_logprobs_of(llm.generate(
+            [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0])
     runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab)
             for b in args.batches.split(",") if b]
     image_runs = [_decode_tps(llm, int(b), args.prompt_len, args.out_len, vocab, image=True)

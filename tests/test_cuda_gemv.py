@@ -621,17 +621,17 @@ def test_gpu_benchmark_builds_the_engine_kernels_on_its_own_weights():
 
 def test_crossover_takes_the_gemv_sweeps_configs_into_the_table():
     """kernel_crossover --gemv-configs: the launch configs gemv_kernel.py's sweep chose per M on this
-    GPU (its small_m.json) are what the crossover times the GEMV with and what a table entry carries;
+    GPU (its small_m.json, read as --ncu reads it) are what the crossover times the GEMV with and what
+    a table entry carries;
     the plugin's kernel reads them back (a fifth 1: the L2 prefetch)."""
     import json
     from pathlib import Path
-    _gemv_bench()                      # benchmarks/ on the path
-    import kernel_crossover
+    g = _gemv_bench()
     path = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-vllm0.34-2026-12-07/gemv/gemv/small_m.json"
-    tuned = kernel_crossover.gemv_configs(str(path))
+    tuned = g.swept_configs(str(path))
     assert len(tuned) == 8 and tuned[(4, 12288, 4096)][0] == [1, [2, 4, 1, 2]]
     assert [m for m, _ in tuned[(4, 12288, 4096)]] == [1, 2, 4, 8, 16]
-    assert kernel_crossover.gemv_configs(None) == {} and kernel_crossover.gemv_configs("/nonexistent") == {}
+    assert g.swept_configs(None) == {} and g.swept_configs("/nonexistent") == {}
     table = [[1, [1, 4, 1, 4, 1]], [8, [1, 8, 2, 4]]]
     kern = own.CudaGemvKernel(4, 128, json.loads(json.dumps(table)))
     assert kern.table == [(1, cg.Config(1, 4, 1, 4, True)), (8, cg.Config(1, 8, 2, 4))]
