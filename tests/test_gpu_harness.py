@@ -748,3 +748,21 @@ def test_serve_checks_start_the_plugin_with_the_model_cards_command(tmp_path, en
         _, stock_args, _ = serve_check.server_setup(args, model, False, str(tmp_path))
         assert ("--quantization" in plugin_args) == flagged, (fmt, plugin_args)
         assert "--quantization" not in stock_args, fmt
+
+
+@pytest.mark.sglang
+def test_sglang_llava_serve_check_gives_stock_the_plugins_conversation(tmp_path):
+    """Stock SGLang failed its own warm-up on the LLaVA export with the processor's template (vLLM's:
+    string content), so the check starts it with the grace_llava_v1 conversation as a template file
+    (tests/test_sglang_plugin.py: the same token ids as the plugin); the plugin keeps the model card's
+    command."""
+    require("sglang")
+    from llava_fixtures import write_llava
+    from sglang_serve_check import STOCK_LLAVA_TEMPLATE
+    model = write_llava(str(tmp_path / "llava"), fmt="qat-sidecar", bits=4, seed=1)
+    args = serve_check.parse_args(["--engine", "sglang", "--model", model, "--out", "o"])
+    _, plugin_args, _ = serve_check.server_setup(args, model, True, str(tmp_path))
+    _, stock_args, _ = serve_check.server_setup(args, model, False, str(tmp_path))
+    assert "--chat-template" not in plugin_args, plugin_args
+    assert stock_args[stock_args.index("--chat-template") + 1] == STOCK_LLAVA_TEMPLATE
+    assert os.path.exists(STOCK_LLAVA_TEMPLATE)

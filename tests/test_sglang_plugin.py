@@ -994,6 +994,11 @@ def test_llava_inputs_through_sglang(plugins_loaded, llava_local, tmp_path):
     assert r["image_token_count"] == 1 and r["image_token_id"] == r["vocab_size"]
     # LLaVA's tokenizer_image_token: each chunk around <image> encoded on its own by SentencePiece
     assert r["ids"] == r["llava_reference_ids"], (r["ids"], r["llava_reference_ids"])
+    # stock SGLang with the serve check's template sees the plugin's ids exactly (the processor's
+    # template, written for vLLM, breaks on SGLang's list content: why the check passes its own)
+    assert r["stock_jinja_image_ids"] == r["ids"], r["stock_jinja_image_ids"]
+    assert r["stock_jinja_text_ids"] == r["plugin_text_ids"], r["stock_jinja_text_ids"]
+    assert "concatenate" in str(r["processor_jinja_image_ids"]), r["processor_jinja_image_ids"]
     assert r["pixel_shape"] == [3, r["clip_image_size"], r["clip_image_size"]]
     assert r["pixels_match_clip_reference"] <= 1e-3
     assert r["vision_tower_from_clip_dir"]
@@ -1241,6 +1246,27 @@ def _llava_inputs_worker(spec_path: str) -> int:
     out["llava_reference_ids"] = [sp.bos_id()] + sp.encode(before) + [cfg.image_token_index] + sp.encode(after)
     out["ids"] = ids
     out["prompt_len"] = len(ids)
+    # 3b. stock SGLang (no plugin) with the serve check's --chat-template, along SGLang's own Jinja
+    # path: content format, parts, render, encode, decode, then the text encoded again as the
+    # TokenizerManager does for a multimodal model
+    from sglang.srt.parser.jinja_template_utils import (detect_jinja_template_content_format,
+                                                        process_content_for_template_format)
+    text_req = [{"role": "user", "content": "What is in the picture?"}]
+    out["plugin_text_ids"] = tok(generate_chat_conv(ChatCompletionRequest(model="m", messages=text_req),
+                                                    template).get_prompt()).input_ids
+    from sglang_serve_check import STOCK_LLAVA_TEMPLATE
+    for name, path in (("stock", STOCK_LLAVA_TEMPLATE), ("processor", None)):
+        jinja = open(path).read() if path else tok.chat_template
+        fmt = detect_jinja_template_content_format(jinja)
+        for kind, messages in (("image", req.model_dump()["messages"]), ("text", text_req)):
+            try:
+                parts = [process_content_for_template_format(dict(m), fmt, [], [], [], []) for m in messages]
+                rendered = tok.apply_chat_template(parts, chat_template=jinja, tokenize=False,
+                                                   add_generation_prompt=True)
+                text = tok.decode(tok(rendered, add_special_tokens=False).input_ids)
+                out[f"{name}_jinja_{kind}_ids"] = tok(text).input_ids
+            except Exception as e:      # the processor's (vLLM's) template on SGLang's list content
+                out[f"{name}_jinja_{kind}_ids"] = f"{type(e).__name__}: {e}"
     # 4. SGLang's LLaVA image processor (as the TokenizerManager builds and calls it) against CLIP's
     # own preprocessing of LLaVA's padded square
     from types import SimpleNamespace

@@ -109,8 +109,8 @@ def server_setup(args, model: str, plugin: bool, work: str) -> tuple[type, list[
             if not args.dual_kernel:
                 env["GRACE_QAT_DUAL_KERNEL"] = "0"
         return VLLMServer, srv, env
-    from sglang_serve_check import (DISABLED_PLUGINS, architecture, ensure_entry_point, read_config,
-                                    sglang_vision_attention)
+    from sglang_serve_check import (DISABLED_PLUGINS, STOCK_LLAVA_TEMPLATE, architecture, ensure_entry_point,
+                                    read_config, sglang_vision_attention)
     # SGLang sizes its KV pool from the memory free when it measures, less (1 - fraction) of what was
     # free before its weights loaded: beside a second server, capped pools keep both measurements
     # positive whatever the order (each server holds its weights, ~2-8 GiB of pool, ~1 GiB of
@@ -135,6 +135,8 @@ def server_setup(args, model: str, plugin: bool, work: str) -> tuple[type, list[
         if architecture(model) == "LlavaLlamaForCausalLM":   # as sglang_serve_check: the processor's <image> id
             srv += ["--json-model-override-args",
                     json.dumps({"image_token_index": read_config(model)["vocab_size"]})]
+            if not args.chat_template:   # the processor's template is vLLM's: SGLang fails its warm-up on it
+                srv += ["--chat-template", STOCK_LLAVA_TEMPLATE]
     return SGLangServer, srv + extra, env
 
 

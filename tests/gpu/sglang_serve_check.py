@@ -67,6 +67,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 DISABLED_PLUGINS = "__grace_qat_disabled__"   # SGLANG_PLUGINS whitelist that matches no plugin
+# stock SGLang serves an original-layout LLaVA export with this template: the plugin's grace_llava_v1
+# conversation as stock SGLang can load it (tests/test_sglang_plugin.py: the same token ids)
+STOCK_LLAVA_TEMPLATE = os.path.join(HERE, "sglang_llava_v1.jinja")
 from grace_qat.llava_hf import LLAVA_V1_SYSTEM as LLAVA_SYSTEM  # noqa: E402  (LLaVA's llava_v1 prompt)
 
 
