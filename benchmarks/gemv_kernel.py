@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -79,13 +78,7 @@ NCU_METRICS = (
 
 
 def candidates(m: int, n: int, k: int, bits: int, sms: int, occ) -> list[cg.Config]:
-    """The heuristic's config first, then neighbours: tiles per block, warps, split, stage depth;
-    each followed by its twin with the L2 prefetch (same run, so the sweep says whether it pays)."""
-    return [c for cfg in _neighbours(m, n, k, bits, sms, occ)
-            for c in (cfg, dataclasses.replace(cfg, prefetch=True))]
-
-
-def _neighbours(m: int, n: int, k: int, bits: int, sms: int, occ) -> list[cg.Config]:
+    """The heuristic's config first, then neighbours: tiles per block, warps, split, stage depth."""
     base = cg.heuristic(m, n, k, bits, sms, occ)
     mt = cg.m_tiles(m)
     out = [base]

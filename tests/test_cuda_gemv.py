@@ -20,7 +20,6 @@ steps make every product and fp32 sum exact, so the output must equal the float6
 once to the output dtype."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import pytest
@@ -270,20 +269,6 @@ def test_nvrtc_reports_a_compile_error(monkeypatch):
         cg.compile_cubin(4, True, "sm_90", instances=(), cache_dir=None)
 
 
-def test_config_lists_keep_the_prefetch_and_read_tables_written_before_it():
-    """A kernel table stores a config as a list: four numbers (tables from before the L2 prefetch),
-    a fifth 1 where the prefetch is on; both read back to the same config."""
-    assert cg.Config.from_list([2, 4, 1, 2]) == cg.Config(2, 4, 1, 2, False)
-    assert cg.Config(2, 4, 1, 2).as_list() == [2, 4, 1, 2]
-    on = cg.Config(1, 8, 2, 4, True)
-    assert on.as_list() == [1, 8, 2, 4, 1] and cg.Config.from_list(on.as_list()) == on
-    g = _gemv_bench()
-    tried = g.candidates(1, 4096, 11008, 4, 132, lambda mt, nt, u, w: 2)
-    assert tried[0] == cg.heuristic(1, 4096, 11008, 4, 132, lambda mt, nt, u, w: 2)
-    assert tried[1] == dataclasses.replace(tried[0], prefetch=True)
-    assert [c for c in tried if c.prefetch] == [dataclasses.replace(c, prefetch=True) for c in tried if not c.prefetch]
-
-
 def test_source_ships_with_the_package():
     import pathlib
     import tomllib
@@ -340,8 +325,7 @@ def test_gpu_every_code_and_step_reads_back_through_the_identity(bits, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("cfg", [cg.Config(1, 4, 1, 1), cg.Config(2, 8, 4, 2), cg.Config(4, 4, 3, 1),
-                                 cg.Config(1, 8, 16, 4), cg.Config(2, 1, 1, 2), cg.Config(1, 4, 1, 4, True),
-                                 cg.Config(2, 8, 4, 2, True), cg.Config(4, 4, 3, 1, True)], ids=str)
+                                 cg.Config(1, 8, 16, 4), cg.Config(2, 1, 1, 2)], ids=str)
 @pytest.mark.parametrize("m", [1, 5, 12, 32])
 def test_gpu_every_config_is_exact(cfg, m):
     try:
@@ -623,7 +607,7 @@ def test_crossover_takes_the_gemv_sweeps_configs_into_the_table():
     """kernel_crossover --gemv-configs: the launch configs gemv_kernel.py's sweep chose per M on this
     GPU (its small_m.json, read as --ncu reads it) are what the crossover times the GEMV with and what
     a table entry carries;
-    the plugin's kernel reads them back (a fifth 1: the L2 prefetch)."""
+    the plugin's kernel reads them back."""
     import json
     from pathlib import Path
     g = _gemv_bench()
@@ -632,7 +616,8 @@ def test_crossover_takes_the_gemv_sweeps_configs_into_the_table():
     assert len(tuned) == 8 and tuned[(4, 12288, 4096)][0] == [1, [2, 4, 1, 2]]
     assert [m for m, _ in tuned[(4, 12288, 4096)]] == [1, 2, 4, 8, 16]
     assert g.swept_configs(None) == {} and g.swept_configs("/nonexistent") == {}
-    table = [[1, [1, 4, 1, 4, 1]], [8, [1, 8, 2, 4]]]
+    table = [[1, [1, 4, 1, 4]], [8, [1, 8, 2, 4]]]
     kern = own.CudaGemvKernel(4, 128, json.loads(json.dumps(table)))
-    assert kern.table == [(1, cg.Config(1, 4, 1, 4, True)), (8, cg.Config(1, 8, 2, 4))]
-    assert cg.choose(1, 4096, 11008, 4, kern.table).prefetch and not cg.choose(5, 4096, 11008, 4, kern.table).prefetch
+    assert kern.table == [(1, cg.Config(1, 4, 1, 4)), (8, cg.Config(1, 8, 2, 4))]
+    assert cg.choose(1, 4096, 11008, 4, kern.table) == cg.Config(1, 4, 1, 4)
+    assert cg.choose(5, 4096, 11008, 4, kern.table) == cg.Config(1, 8, 2, 4)

@@ -22,12 +22,6 @@
 // weight stream starts while the previous kernel finishes (launch attribute set from Python; the
 // instructions are no-ops without it). Activations, workspace, counters and the output are
 // touched only after the wait.
-//
-// L2 prefetch (l2_prefetch != 0, Hopper): warp 0 first asks the bulk-copy unit to bring the block's
-// whole weight range into L2 (cp.async.bulk.prefetch.L2, pieces of PF_PIECE bytes), so the stream
-// has more bytes in flight than the warps' registers hold (Nsight Compute, H100: every layer shape
-// latency-bound at M = 1, 30-54% of DRAM peak); the register loads then meet them in L2. A hint:
-// results do not change. Off unless a measured config turns it on.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -127,14 +121,6 @@ __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u3
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-constexpr int PF_PIECE = 4096;    // bytes per bulk prefetch
-
-__device__ __forceinline__ void prefetch_l2(const void* p, int bytes) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
-#endif
-}
-
 __device__ __forceinline__ void grid_dependency_wait() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -162,7 +148,7 @@ __global__ void __launch_bounds__(256) grace_gemv(
     float* ws,                          // (split, M, tiles * 16) fp32 when gridDim.y > 1
     int* counters,                      // (gridDim.x) zeros, left zero
     int M, int N, int tiles, int C, int groups, int group_shift, int ldx, int ldy,
-    int chunks_per_split, int l2_prefetch) {
+    int chunks_per_split) {
   constexpr int CK = BITS == 4 ? 64 : 32;      // input features per chunk
   constexpr int STEPS = BITS == 4 ? 4 : 2;     // mma steps per chunk
   constexpr int WPS = BITS == 4 ? 1 : 2;       // packed words per step
@@ -226,16 +212,6 @@ __global__ void __launch_bounds__(256) grace_gemv(
     }
   };
 
-  if (l2_prefetch && warp == 0 && c_hi > c_lo) {
-    // each tile's chunks c_lo .. c_hi - 1 are contiguous: (c_hi - c_lo) * 512 bytes
-    const int bytes = (c_hi - c_lo) * 512, pieces = (bytes + PF_PIECE - 1) / PF_PIECE;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if (tile0 + nt >= tiles) break;
-      const char* base = reinterpret_cast<const char*>(wq + ((size_t)(tile0 + nt) * C + c_lo) * 32);
-      for (int p = lane; p < pieces; p += 32) prefetch_l2(base + p * PF_PIECE, min(PF_PIECE, bytes - p * PF_PIECE));
-    }
-  }
   if (batches > 0) load_w(0, a_cur, s_cur);
   grid_dependency_wait();
   if (batches > 0) load_x(0, x_cur);

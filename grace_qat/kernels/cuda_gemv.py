@@ -62,15 +62,13 @@ class Config:
     warps: int         # warps per block, splitting the block's chunks
     split: int         # blocks along K (in-kernel split-K)
     unroll: int        # chunks per warp per pipeline stage (U)
-    prefetch: bool = False   # the block's weight range requested into L2 first (Hopper; cuda_gemv.cu)
 
     def as_list(self) -> list:
-        """[nt, warps, split, unroll], and a fifth 1 with the prefetch (tables written before it hold four)."""
-        return [self.nt, self.warps, self.split, self.unroll] + ([1] if self.prefetch else [])
+        return [self.nt, self.warps, self.split, self.unroll]
 
     @classmethod
     def from_list(cls, v) -> "Config":
-        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), bool(int(v[4])) if len(v) > 4 else False)
+        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]))
 
 
 def m_tiles(m: int) -> int:
@@ -550,8 +548,7 @@ def gemv(x: torch.Tensor, wq: torch.Tensor, st: torch.Tensor, bits: int, n: int 
             ctypes.c_void_p(bias.data_ptr() if bias is not None else 0), ctypes.c_void_p(y.data_ptr()),
             ctypes.c_void_p(ws.data_ptr() if ws is not None else 0), ctypes.c_void_p(ctr.data_ptr()),
             ctypes.c_int(m), ctypes.c_int(n), ctypes.c_int(tiles), ctypes.c_int(c), ctypes.c_int(groups),
-            ctypes.c_int(group_shift), ctypes.c_int(x2.stride(0)), ctypes.c_int(n), ctypes.c_int(per_split),
-            ctypes.c_int(int(cfg.prefetch))]
+            ctypes.c_int(group_shift), ctypes.c_int(x2.stride(0)), ctypes.c_int(n), ctypes.c_int(per_split)]
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     mod.launch(inst, (gx, split), 32 * cfg.warps, smem_bytes(inst[0], cfg.nt, cfg.warps),
                torch.cuda.current_stream(x.device).cuda_stream, ctypes.addressof(params), pdl)
