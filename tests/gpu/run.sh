@@ -51,7 +51,8 @@
 #   sglang-jit-bg - (SGLang) build its JIT Marlin kernels once, in the background (sglang* stages wait),
 #                  after unpacking a cache an earlier lease saved (carried to /tmp/sglang-jit-in)
 #   sglang-jit-save - (SGLang) this machine's SGLang JIT cache -> $OUT as checksummed parts (a call of its
-#                  own at the end of a lease; keep them in .jit-cache/sglang-VERSION/ for the next lease)
+#                  own at the end of a lease; keep them outside the checkout, e.g. ~/.cache, and copy
+#                  them to .jit-cache/sglang-VERSION/ to carry to the next lease)
 #   sglang-tiny  - (SGLang) tests/gpu/sglang_serve_check.py on tiny Qwen3-VL (layer check, plugin vs stock)
 #   sglang       - (SGLang) tests/gpu/sglang_serve_check.py on tiny and 2B Qwen3-VL
 #   sglang-llava - (SGLang) the same on a tiny original-layout LLaVA-1.5 (local CLIP tower)
