@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -281,11 +282,20 @@ def _max_logprob_diff(a: dict, b: dict) -> float | None:
 
 # The teacher-forced scores every runner records: the 96-token sequence in one prefill (the layers'
 # large-batch kernel) and the same tokens as short prompts of 2-8 tokens, one request each (their
-# small-batch kernel, where a second one routes small M). Result key -> (how a failure names it, how
-# the report names it, the result fields of the gap to the peer and of its bound).
-SCORES = {"prompt_logprobs": ("teacher-forced log-probs", "gap", "prompt_logprob_gap_peer", "peer_gap_bound"),
-          "small_m_logprobs": ("teacher-forced log-probs of short prompts (small-batch kernels)",
-                               "short-prompt gap", "small_m_logprob_gap_peer", "small_m_gap_bound")}
+# small-batch kernel, where a second one routes small M). The long score is required; the short one
+# is checked where both sides have it (runners from before it record the long one only).
+class Score(NamedTuple):
+    failure: str        # how a failure names it
+    cell: str           # how the report names it
+    gap_field: str      # result field: the gap to the peer
+    bound_field: str    # result field: the bound that gap is held to
+    required: bool
+
+
+SCORES = {"prompt_logprobs": Score("teacher-forced log-probs", "gap", "prompt_logprob_gap_peer",
+                                   "peer_gap_bound", True),
+          "small_m_logprobs": Score("teacher-forced log-probs of short prompts (small-batch kernels)",
+                                    "short-prompt gap", "small_m_logprob_gap_peer", "small_m_gap_bound", False)}
 
 
 def _prompt_logprob_gap(a: dict, b: dict, key: str = "prompt_logprobs") -> dict | None:
@@ -357,11 +367,9 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
                 r["peer_why"] = (f"{mine}, not reproducible run to run" if same_kernel
                                  else f"{mine}, a second kernel for small batches" if r.get("dual_kernel")
                                  else f"{mine} against {theirs}")
-                for key, (_, _, gap_field, bound_field) in SCORES.items():
-                    # the long score always (the bound's field marks the system); a short one where both have it
-                    if key == "prompt_logprobs" or r.get(key) and base[peer].get(key):
-                        r[gap_field] = _prompt_logprob_gap(r, base[peer], key)
-                        r[bound_field] = _stock_gap_bound([base[s] for s in stock], key)
+                for key, score in SCORES.items():   # (the long score's bound field marks the system)
+                    r[score.gap_field] = _prompt_logprob_gap(r, base[peer], key)
+                    r[score.bound_field] = _stock_gap_bound([base[s] for s in stock], key)
             lp, lq = r.get("logprobs") or [], base[peer].get("logprobs") or []
             diffs = [abs(a - b) for a, b in zip(lp, lq) if a is not None and b is not None]
             r["max_logprob_diff_peer"] = max(diffs) if diffs else None
@@ -476,8 +484,8 @@ def merge_runs(paths: list[str]) -> tuple[list[dict], list[dict]]:
 def _gap_and_bound(r: dict, key: str = "prompt_logprobs") -> tuple[float | None, float | None]:
     """A system held to the stock kernels' gap: its largest teacher-forced gap (``SCORES`` key) to the
     stock peer and the bound it is held to (either None where the run could not measure it)."""
-    _, _, gap_field, bound_field = SCORES[key]
-    return (r.get(gap_field) or {}).get("max"), r.get(bound_field)
+    score = SCORES[key]
+    return (r.get(score.gap_field) or {}).get("max"), r.get(score.bound_field)
 
 
 def _peer_verdict(r: dict) -> str:
@@ -487,11 +495,11 @@ def _peer_verdict(r: dict) -> str:
     if "peer_gap_bound" not in r:
         return "" if r.get("tokens_equal_peer") is None else str(r["tokens_equal_peer"])
     cells = []
-    for key, (_, what, _, _) in SCORES.items():
+    for key, score in SCORES.items():
         gap, bound = _gap_and_bound(r, key)
-        if key == "prompt_logprobs" or gap is not None:
-            cells.append(f"{what} unchecked" if gap is None or bound is None
-                         else f"{what} {gap:.3f} {'<=' if gap <= bound else '>'} {bound:.3f}")
+        if score.required or gap is not None:
+            cells.append(f"{score.cell} unchecked" if gap is None or bound is None
+                         else f"{score.cell} {gap:.3f} {'<=' if gap <= bound else '>'} {bound:.3f}")
     return "; ".join(cells) + f" ({r['peer_why']})"
 
 
@@ -530,17 +538,17 @@ def failures(results: list[dict]) -> list[str]:
                        "or another one-flag kernel): its output is unchecked")
         elif r.get("peer") and "peer_gap_bound" in r:
             kin = SGLANG_STOCK_CHOICES if r["name"].startswith("sglang-") else STOCK_CHOICES
-            for key, (what, _, _, _) in SCORES.items():
+            for key, score in SCORES.items():
                 gap, bound = _gap_and_bound(r, key)
-                if key != "prompt_logprobs" and gap is None:
-                    continue        # a runner from before the short prompts: the long score only
+                if not score.required and gap is None:
+                    continue
                 if gap is None or bound is None:
                     bad.append(f"{r['name']}: {r['peer_why']}, and this run has no two stock systems that "
                                f"scored the sequence to bound its gap to stock {r['peer']} "
                                f"(run two of {', '.join(kin)})")
                     break
                 if gap > bound:
-                    bad.append(f"{r['name']}: {what} {gap:.3f} from stock {r['peer']} ({r['peer_why']}), more "
+                    bad.append(f"{r['name']}: {score.failure} {gap:.3f} from stock {r['peer']} ({r['peer_why']}), more "
                                f"than {NOT_REPRODUCIBLE_MARGIN:g}x the largest gap between two stock systems "
                                f"of this run ({bound / NOT_REPRODUCIBLE_MARGIN:.3f})")
         elif r.get("peer") and r.get("peer_must_match") and not r.get("tokens_equal_peer"):

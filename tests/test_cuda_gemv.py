@@ -606,8 +606,7 @@ def test_gpu_benchmark_builds_the_engine_kernels_on_its_own_weights():
 def test_crossover_takes_the_gemv_sweeps_configs_into_the_table():
     """kernel_crossover --gemv-configs: the launch configs gemv_kernel.py's sweep chose per M on this
     GPU (its small_m.json, read as --ncu reads it) are what the crossover times the GEMV with and what
-    a table entry carries;
-    the plugin's kernel reads them back."""
+    a table entry carries; the plugin's kernel reads them back."""
     import json
     from pathlib import Path
     g = _gemv_bench()
