@@ -158,9 +158,9 @@ def _convert(args) -> int:
     from .convert import convert, exactness
 
     ckpt = convert(_model_dir(args.checkpoint), args.output, to=args.to, bits=args.bits, progress=sys.stderr.isatty(),
-                   layout=args.layout, clip_dir=args.clip_dir, force=args.force)
+                   layout=args.layout, clip_dir=args.clip_dir, force=args.force, dtype=args.dtype)
     print(f"wrote {args.output} ({args.to}, {ckpt.bits}-bit, group {ckpt.group_size}, "
-          f"{len(ckpt.modules)} modules: {exactness(args.to, ckpt)})")
+          f"{len(ckpt.modules)} modules: {exactness(args.to, ckpt, args.dtype)})")
     return 0
 
 
@@ -256,7 +256,7 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     if full:
         from . import formats
-        from .convert import LAYOUTS, TARGETS
+        from .convert import DTYPES, LAYOUTS, TARGETS
         from .quantizer import SUPPORTED_BITS
         add = sub.add_parser
     else:
@@ -281,6 +281,10 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--layout", choices=LAYOUTS, default="same",
                    help="llava-hf: write an original-layout LLaVA-1.5 checkpoint in the llava-hf layout")
     s.add_argument("--clip-dir", help="CLIP directory for --layout llava-hf when the checkpoint has no tower")
+    s.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="the dtype the engine serves the export in (default: config.json's): scales are "
+                        "rounded once to it, as the plugin rounds them, and config.json says it; SGLang "
+                        "serves original-layout LLaVA-1.5 in float16")
     s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     s.set_defaults(func=_convert)
 

@@ -13,8 +13,11 @@ original-layout LLaVA-1.5 checkpoint into the llava-hf layout (:mod:`grace_qat.l
 
 Every packed module is unpacked again and compared with the verified codes before it is written,
 so a conversion either is bit-exact or fails. Scales (``Target.written_scale_dtype``): an AWQ-packed source's
-fp16 scales stay fp16 (exact); a QAT source's fp32 steps are rounded once to the model's dtype, as
-the grace_qat plugin rounds them when it serves (AWQ targets: fp16, which that format fixes).
+fp16 scales stay fp16 (exact); a QAT source's fp32 steps are rounded once to the dtype the engine
+computes in, as the grace_qat plugin rounds them when it serves (AWQ targets: fp16, which that format
+fixes). That dtype is the model's (config.json) unless ``dtype`` names another: an engine that
+serves the model in another dtype than its config's (SGLang runs original-layout LLaVA-1.5 in fp16)
+gets the plugin's numbers only from an export in that dtype; its config.json then says it.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import filecmp
 import json
 import os
 import shutil
+
+import torch
 
 from . import formats, targets
 from .checkpoint import GraceCheckpoint
@@ -34,13 +39,14 @@ from .shards import ShardWriter
 # Every target: the standard layouts (grace_qat.targets), and a copy that only declares grace_qat.
 TARGETS = (*targets.names(), QUANT_METHOD)
 LAYOUTS = ("same", "llava-hf")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}   # what an export may be written for
 
 
-def exactness(target: str, ckpt: GraceCheckpoint) -> str:
+def exactness(target: str, ckpt: GraceCheckpoint, dtype: str | None = None) -> str:
     """What a conversion keeps exactly, in words, for the CLI's success line."""
     if target == QUANT_METHOD:
         return "files copied unchanged, only config.json declares quant_method grace_qat"
-    src, model = ckpt.steps_dtype(), model_dtype(ckpt.config)
+    src, model = ckpt.steps_dtype(), served_dtype(ckpt.config, dtype)
     dst = targets.get(target).written_scale_dtype(src, model)
     if dst is None:
         return (f"codes verified bit-exact, weights = codes x {dtype_name(src)} scales computed in fp32, "
@@ -50,6 +56,15 @@ def exactness(target: str, ckpt: GraceCheckpoint) -> str:
     else:
         how = f"scales rounded from {dtype_name(src)} to {dtype_name(dst)}"
     return f"codes bit-exact, {how}"
+
+
+def served_dtype(config: dict, dtype: str | None) -> torch.dtype:
+    """The dtype an export is written for: ``dtype`` (float16 / bfloat16) where given, else the model's."""
+    if dtype is None:
+        return model_dtype(config)
+    if dtype not in DTYPES:
+        raise GraceFormatError(f"unknown dtype {dtype!r}; choose one of {tuple(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def grace_quantization_config(ckpt: GraceCheckpoint) -> dict:
@@ -68,11 +83,13 @@ def _copy_side_files(src: str, dst: str) -> None:
 
 
 def convert(src: str, dst: str, to: str, bits: int | None = None, progress: bool = False,
-            layout: str = "same", clip_dir: str | None = None, force: bool = False) -> GraceCheckpoint:
+            layout: str = "same", clip_dir: str | None = None, force: bool = False,
+            dtype: str | None = None) -> GraceCheckpoint:
     """Write ``src`` (any GRACE format) into ``dst`` in the ``to`` format; returns the source reader.
     ``layout="llava-hf"`` (original-layout LLaVA-1.5 only) also renames into the llava-hf layout;
     ``clip_dir`` supplies the CLIP tower when the checkpoint does not carry it (default: found as
-    vLLM's shim finds it: ``$GRACE_CLIP_PATH``, a local ``mm_vision_tower``, the HF cache).
+    vLLM's shim finds it: ``$GRACE_CLIP_PATH``, a local ``mm_vision_tower``, the HF cache);
+    ``dtype`` (float16 / bfloat16; default: config.json's) is the dtype the export is written for.
 
     Nothing is lost: the output is written into a temporary directory next to ``dst``, read back and
     compared with what was meant to be written, and only then renamed to ``dst``; an existing non-empty
@@ -80,15 +97,19 @@ def convert(src: str, dst: str, to: str, bits: int | None = None, progress: bool
     :func:`grace_qat.output.write_dir`)."""
     if os.path.abspath(src) == os.path.abspath(dst):
         raise GraceFormatError("destination must differ from the source")
-    return write_dir(dst, lambda tmp: _convert_into(src, tmp, to, bits, progress, layout, clip_dir), force=force)
+    return write_dir(dst, lambda tmp: _convert_into(src, tmp, to, bits, progress, layout, clip_dir, dtype),
+                     force=force)
 
 
 def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool, layout: str,
-                  clip_dir: str | None) -> GraceCheckpoint:
+                  clip_dir: str | None, dtype_arg: str | None) -> GraceCheckpoint:
     if to not in TARGETS:
         raise GraceFormatError(f"unknown target {to!r}; choose one of {TARGETS}")
     if layout not in LAYOUTS:
         raise GraceFormatError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    if dtype_arg is not None and to == QUANT_METHOD:
+        raise GraceFormatError(f"--dtype applies to the standard targets; --to {QUANT_METHOD} copies the "
+                               f"checkpoint unchanged (the plugin serves it in the engine's dtype)")
     ckpt = GraceCheckpoint.open(src, bits=bits)
     if not formats.get(ckpt.format).quantizes:
         raise GraceFormatError(f"{src}: not a GRACE quantized checkpoint (no quantized modules found)")
@@ -101,7 +122,7 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
             f"{config.get('architectures')} to {to}")
     if to_hf and clip_dir is None:   # $GRACE_CLIP_PATH, a local mm_vision_tower, the HF cache
         clip_dir, _ = llava_hf.find_clip_dir(config.get("mm_vision_tower"))
-    dtype = model_dtype(config)
+    dtype = served_dtype(config, dtype_arg)
     name_of = llava_hf.rename if to_hf else (lambda n: n)
     modules = [name_of(m) for m in ckpt.modules]
 
@@ -145,6 +166,10 @@ def _convert_into(src: str, dst: str, to: str, bits: int | None, progress: bool,
 
     if to_hf:
         config = llava_hf.hf_config(config, config["vocab_size"], clip_dir)
+    if dtype_arg is not None:   # what the export was written for, where engines read it
+        for cfg in (config, config.get("text_config")):
+            if isinstance(cfg, dict):
+                cfg["dtype" if "dtype" in cfg else "torch_dtype"] = dtype_arg
     config.pop("awq_packing", None)
     config.pop("quantization_config", None)
     qc = grace_quantization_config(ckpt) if to == QUANT_METHOD else targets.get(to).quantization_config(

@@ -110,7 +110,7 @@ def compare(export_path: str, src_path: str, bits: int | None = None) -> str:
     if targets.declared(read_config(os.path.abspath(export_path))) is None:
         tensors = SafetensorsDir(os.path.abspath(export_path))
         name_of = _name_map(src, tensors.keys())
-        dtype = model_dtype(src.config)
+        dtype = model_dtype(read_config(os.path.abspath(export_path)))   # what the export was written for
         for q in src.iter_quantized():
             key = name_of(q.name) + ".weight"
             if key not in tensors:

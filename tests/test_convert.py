@@ -70,6 +70,28 @@ def test_gptq_export_dequantizes_to_source_grid(tmp_path, src, src8, which):
     assert not os.path.exists(os.path.join(out, "qat_quantized_weights.bin"))
 
 
+def test_gptq_export_for_fp16_rounds_the_fp32_steps_once(tmp_path, src):
+    """SGLang serves original-layout LLaVA in fp16 whatever config.json says, and the plugin rounds the
+    fp32 steps once to fp16 there: ``--dtype float16`` writes exactly those scales (not fp16 of the
+    default export's bf16 scales, which differ) and says so in config.json; inspect --against agrees."""
+    from grace_qat.cli import main as cli_main
+    out = str(tmp_path / "gptq-fp16")
+    assert cli_main(["convert", src, out, "--to", "gptq", "--dtype", "float16"]) == 0
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert (cfg.get("dtype") or cfg.get("torch_dtype")) == "float16"
+    t = _tensors(out)
+    side = torch.load(os.path.join(src, "qat_quantized_weights.bin"), weights_only=True)
+    double_rounded = 0
+    for name in GraceCheckpoint.open(src).modules:
+        s32 = torch.exp(side[name + ".log_scale"].float()).reshape(t[name + ".scales"].shape[1], -1)
+        assert t[name + ".scales"].dtype == torch.float16 and torch.equal(t[name + ".scales"], s32.t().half())
+        double_rounded += int((s32.t().half() != s32.t().bfloat16().half()).sum())
+    assert double_rounded > 0      # the bf16 export would not have given these numbers
+    assert cli_main(["inspect", out, "--against", src]) == 0
+    with pytest.raises(SystemExit):
+        cli_main(["convert", src, str(tmp_path / "x"), "--to", "gptq", "--dtype", "float32"])
+
+
 def test_awq_export_holds_the_source_codes(tmp_path, src):
     """The AWQ export decoded by plain nibble arithmetic (tests/reference.py, AutoAWQ order
     0,2,4,6,1,3,5,7, zero point 8) holds the source's codes and fp16(steps) for every module."""
