@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -19,8 +20,34 @@ import urllib.error
 import urllib.request
 
 
+# Ports for servers that bind only after a start-up of a minute or more: below the kernel's
+# ephemeral range, which it hands out to outgoing connections meanwhile, and above the range SGLang
+# draws its own later-bound ports from (22000-29999, sglang.srt.utils.network).
+LATER_BOUND_PORTS_FROM = 30000
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768      # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port for a server started now, which binds it a minute or more later. Not one
+    from ``bind(0)``: the kernel may give that one to any outgoing connection in the meantime (an
+    H100 serve check lost its stock server to "address already in use" that way, 2026-12-07)."""
+    rng = random.SystemRandom()      # independent of any seed set in this process
+    candidates = range(LATER_BOUND_PORTS_FROM, _ephemeral_low())
+    for port in rng.sample(candidates, min(64, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:      # no room below the ephemeral range on this machine
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

