@@ -38,6 +38,9 @@ SYSTEMS = {
     "gptq-w8": ("qat-sidecar", 8, "gptq", None),
     "awq-stock": ("qat-sidecar", 4, "awq", None),
     "gptq-from-b": ("awq", 4, "gptq", None),
+    # the GPTQ export written for fp16 (scales fp16(step), config float16): what stock SGLang computes
+    # original-layout LLaVA-1.5 in, whatever the config says (its reference in the SGLang serve check)
+    "gptq-fp16": ("qat-sidecar", 4, "gptq:same:float16", None),
     "bf16": ("qat-sidecar", 4, "bf16", None),
     # format A's own safetensors are the BF16 on-grid weights: stock vLLM serves them unquantized
     # (and ignores the sidecar), with no second copy on disk
@@ -113,11 +116,11 @@ def prepare(model: str, size: str, fmt: str, bits: int, convert_to: str | None, 
         print(f"[bench] wrote {src} in {time.perf_counter() - t:.1f}s", flush=True)
     if convert_to is None:
         return src
-    dst = f"{src}-{convert_to.replace(':', '-')}"
+    to, layout, dtype = (convert_to.split(":") + ["", ""])[:3]    # TARGET[:LAYOUT[:DTYPE]]
+    dst = "-".join([src, to] + [p for p in (layout, dtype) if p and p != "same"])
     if not os.path.exists(os.path.join(dst, "config.json")):
         t = time.perf_counter()
-        to, _, layout = convert_to.partition(":")
-        convert(src, dst, to=to, layout=layout or "same", force=True)
+        convert(src, dst, to=to, layout=layout or "same", force=True, dtype=dtype or None)
         print(f"[bench] converted -> {dst} in {time.perf_counter() - t:.1f}s", flush=True)
     return dst
 

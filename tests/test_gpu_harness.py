@@ -324,6 +324,28 @@ def test_server_ports_are_taken_below_the_ephemeral_range():
     assert all(30000 <= p < ephemeral_low for p in ports), sorted(ports)[-3:]
     assert len(set(ports)) > 100      # drawn at random: two servers started together rarely meet
 
+def test_sglang_llava_serve_check_compares_with_the_export_written_for_fp16(tmp_path):
+    """SGLang runs original-layout LLaVA in fp16 (stock and plugin alike) and the plugin rounds the fp32
+    steps once to fp16: the SGLang LLaVA stage's stock reference must be the export written for fp16
+    (lease 5 of 2026-12-07 compared with the bf16 export, and the tokens differed from position 2).
+    The run.sh override names a benchmark system whose prepared directory is the one it serves,
+    with fp16 scales; the prepare-bg set for it converts that system."""
+    text = RUN_SH.read_text()
+    m = re.search(r'\[ "\$ENGINE" = sglang \] && \[ "\$model" = llava \]; then ref_sys=([\w-]+); '
+                  r'ref_dir=\$dir-([\w-]+); fi', text)
+    assert m, "the SGLang LLaVA serve stage names no reference of its own"
+    ref_sys, suffix = m.groups()
+    fmt, bits, convert_to, quant = vllm_bench.SYSTEMS[ref_sys]
+    assert (fmt, bits, quant) == ("qat-sidecar", 4, None)
+    assert re.search(rf"llava-gptq-fp16\).*\n.*\n.*--systems {re.escape(ref_sys)} ", text)
+    served = vllm_bench.prepare("llava", "tiny", fmt, bits, convert_to, str(tmp_path))
+    assert served == str(tmp_path / f"llava-tiny-qat-sidecar-w4-{suffix}")
+    from safetensors import safe_open
+    shard = next(f for f in sorted(os.listdir(served)) if f.endswith(".safetensors"))
+    with safe_open(os.path.join(served, shard), "pt") as f:
+        scales = [k for k in f.keys() if k.endswith(".scales")]
+        assert scales and all(f.get_slice(k).get_dtype() == "F16" for k in scales)
+
 def test_every_documented_engine_stage_resolves_its_engine(tmp_path):
     """Each documented stage is known to the engine resolution, with the right engine (no stage
     falls through to 'unknown', no SGLang stage waits for the vLLM bundle)."""

@@ -11,9 +11,10 @@
 #   engine       - which vLLM the vLLM stages use (bundle or installed), its version, torch, GPU
 #   sglang-engine - the same for the SGLang stages
 #   prepare-bg SET.. - write + convert full-size fixtures in the background; SETs: llava, llava-gptq,
-#                  qwen, qwen-w8. Sources are generated on the GPU first (/tmp/prep-gpu.done), conversions
-#                  then run on the CPU with the GPU hidden (/tmp/prep.done), so nothing holds GPU memory
-#                  beside an engine and no benchmark starts while a conversion loads the CPU
+#                  llava-gptq-fp16 (SGLang's LLaVA reference), qwen, qwen-w8. Sources are generated on
+#                  the GPU first (/tmp/prep-gpu.done), conversions then run on the CPU with the GPU
+#                  hidden (/tmp/prep.done), so nothing holds GPU memory beside an engine and no
+#                  benchmark starts while a conversion loads the CPU
 #   install      - this package + test wheels (after a bundle is unpacked); engine sanity
 #   chain STAGE..- run stages one after another in the background, each with OUT=/tmp/res/STAGE
 #   poll SECONDS - wait for the chain (at most SECONDS), then bring /tmp/res back as $OUT/res.tgz and
@@ -212,6 +213,9 @@ PY
       llava-gptq)  # what serve-llava-w4a needs, without the llava-hf exports of bench-llava
                gpu+="$B --model llava --size 7b --systems grace-a || { touch /tmp/prep.failed; exit 1; }"$'\n'
                cpu+="( $B --model llava --size 7b --systems gptq || touch /tmp/prep.failed ) &"$'\n' ;;
+      llava-gptq-fp16)  # what sglang-serve-llava-w4a needs (its stock reference is the fp16 export)
+               gpu+="$B --model llava --size 7b --systems grace-a || { touch /tmp/prep.failed; exit 1; }"$'\n'
+               cpu+="( $B --model llava --size 7b --systems gptq-fp16 || touch /tmp/prep.failed ) &"$'\n' ;;
       qwen)    gpu+="$B --model qwen3vl --size 2b --systems grace-a,grace-b || { touch /tmp/prep.failed; exit 1; }"$'\n'
                cpu+="( $B --model qwen3vl --size 2b --systems gptq,gptq-from-b || touch /tmp/prep.failed ) &"$'\n' ;;
       qwen-w8) gpu+="$B --model qwen3vl --size 2b --systems grace-a-w8 || { touch /tmp/prep.failed; exit 1; }"$'\n'
@@ -360,6 +364,11 @@ EOF
   serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|sglang-serve-qwen-w8a|sglang-serve-llava-w4a)
     fmt=${stage#sglang-}; fmt=${fmt#serve-}
     read -r model size src_sys ref_sys dir <<< "$(serve_fixture "$fmt")"
+    ref_dir=$dir-gptq
+    # SGLang runs original-layout LLaVA-1.5 in fp16 whatever config.json says (its dtype comes from the
+    # text config, which has none): the plugin rounds the fp32 steps once to fp16, so stock gets the
+    # export written for fp16; the default bf16 export gives it fp16(bf16(step)) (lease 5: tokens differed)
+    if [ "$ENGINE" = sglang ] && [ "$model" = llava ]; then ref_sys=gptq-fp16; ref_dir=$dir-gptq-float16; fi
     [ "$ENGINE" = sglang ] && { wait_sglang_jit || exit 1; }
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --prepare-only --model $model --size $size --work $WORK \
@@ -378,7 +387,7 @@ EOF
     if [ "$ENGINE" = sglang ] || python3 -c "import vllm.engine.arg_utils as a, sys; sys.exit('kv_cache_memory_bytes' not in a.EngineArgs.__dataclass_fields__)" 2>/dev/null; then
       extra+=(--side-by-side)
     fi
-    timeout 1500 python3 tests/gpu/serve_check.py --engine $ENGINE --model $WORK/$dir --reference $WORK/$dir-gptq \
+    timeout 1500 python3 tests/gpu/serve_check.py --engine $ENGINE --model $WORK/$dir --reference $WORK/$ref_dir \
       --out "$OUT/${stage%-$fmt}-$fmt.json" --startup-timeout 600 ${extra[@]+"${extra[@]}"} "$@" ;;
   sglang-jit-bg)   # (after the SGLang bundle) build SGLang's JIT Marlin kernels in the background:
     # >5 min per dtype with nvcc; an engine killed mid-build loses it (tests/gpu/sglang_jit_warmup.py)
