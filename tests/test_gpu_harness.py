@@ -324,6 +324,7 @@ def test_server_ports_are_taken_below_the_ephemeral_range():
     assert all(30000 <= p < ephemeral_low for p in ports), sorted(ports)[-3:]
     assert len(set(ports)) > 100      # drawn at random: two servers started together rarely meet
 
+
 def test_sglang_llava_serve_check_compares_with_the_export_written_for_fp16(tmp_path):
     """SGLang runs original-layout LLaVA in fp16 (stock and plugin alike) and the plugin rounds the fp32
     steps once to fp16: the SGLang LLaVA stage's stock reference must be the export written for fp16
@@ -345,6 +346,7 @@ def test_sglang_llava_serve_check_compares_with_the_export_written_for_fp16(tmp_
     with safe_open(os.path.join(served, shard), "pt") as f:
         scales = [k for k in f.keys() if k.endswith(".scales")]
         assert scales and all(f.get_slice(k).get_dtype() == "F16" for k in scales)
+
 
 def test_every_documented_engine_stage_resolves_its_engine(tmp_path):
     """Each documented stage is known to the engine resolution, with the right engine (no stage
