@@ -260,7 +260,7 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
         from .quantizer import SUPPORTED_BITS
         add = sub.add_parser
     else:
-        formats, LAYOUTS, TARGETS, SUPPORTED_BITS = None, (), (), ()
+        formats, DTYPES, LAYOUTS, TARGETS, SUPPORTED_BITS = None, (), (), (), ()
         add = lambda *a, **k: _Lean(sub.add_parser(*a, **k))   # noqa: E731
 
     s = add("inspect", help="format, bits, codes histogram, sizes; verifies every module "
