@@ -30,7 +30,7 @@ import torch
 
 from . import formats, targets
 from .checkpoint import GraceCheckpoint
-from .files import CONFIG_NAME, QUANT_METHOD, SAFETENSORS_INDEX_NAME, dtype_name, model_dtype
+from .files import CONFIG_DTYPES, CONFIG_NAME, QUANT_METHOD, SAFETENSORS_INDEX_NAME, dtype_name, model_dtype
 from . import llava_hf
 from .errors import GraceFormatError
 from .output import write_dir
@@ -39,7 +39,8 @@ from .shards import ShardWriter
 # Every target: the standard layouts (grace_qat.targets), and a copy that only declares grace_qat.
 TARGETS = (*targets.names(), QUANT_METHOD)
 LAYOUTS = ("same", "llava-hf")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}   # what an export may be written for
+# what an export may be written for: the 16-bit dtypes config.json can name
+DTYPES = {name: d for name, d in CONFIG_DTYPES.items() if d.itemsize == 2}
 
 
 def exactness(target: str, ckpt: GraceCheckpoint, dtype: str | None = None) -> str:

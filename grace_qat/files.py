@@ -28,7 +28,8 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _OTHER_DTYPES = {"F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
                  "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# config.json dtype names -> torch dtypes
+CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SHORT_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -41,8 +42,8 @@ def model_dtype(config: dict) -> torch.dtype:
     """The dtype a checkpoint's unquantized tensors are meant to run in (bf16 unless stated)."""
     for cfg in (config, config.get("text_config") or {}):
         for key in ("dtype", "torch_dtype"):
-            if cfg.get(key) in _CONFIG_DTYPES:
-                return _CONFIG_DTYPES[cfg[key]]
+            if cfg.get(key) in CONFIG_DTYPES:
+                return CONFIG_DTYPES[cfg[key]]
     return torch.bfloat16
 
 def natural_key(name: str):
