@@ -105,14 +105,15 @@ def engine(tmp_path):
         Path(p).unlink(missing_ok=True)
 
 
-def _make_bundle(tmp_path, engine, files):
+def _make_bundle(tmp_path, engine, files, installed_bytes=0):
     label = engine + "-1.0"
     src = _archive(tmp_path, files, label + ".tar.xz")
     whole = hashlib.sha256(src.read_bytes()).hexdigest()
     out = tmp_path / "bundle"
     parts = bundle.split_file(src, out, part_bytes=700)
     bundle.write_install(out / parts[-1]["dir"], label, engine, parts, whole,
-                         "export BUNDLE_TEST_VAR=1\n", "import sys, pkg_in_bundle\nprint('smoke', pkg_in_bundle.X, sys.argv[1:])\n")
+                         "export BUNDLE_TEST_VAR=1\n", "import sys, pkg_in_bundle\nprint('smoke', pkg_in_bundle.X, sys.argv[1:])\n",
+                         installed_bytes=installed_bytes)
     return label, out, parts, bundle.call_sequence(engine, label, ".devbundle-" + label, parts)
 
 
@@ -151,6 +152,22 @@ def test_a_missing_part_stops_the_install(tmp_path, engine):
     res = _device(tmp_path / "repo", calls[:1] + calls[2:], out)
     assert res[-1].returncode != 0
     assert not Path("/tmp/site-%s.done" % engine).exists()
+
+
+def test_an_install_the_disk_cannot_hold_stops_in_one_line_before_unpacking(tmp_path, engine):
+    """Lease 6 of 2026-12-07: with the 7B fixtures on the GPU machine's disk, pip died mid-install
+    ("No space left on device") and left half a site. install.sh now compares the free space with
+    the archive, its unpacked copy and the site (here a site bigger than any disk) and stops first."""
+    label, out, parts, calls = _make_bundle(tmp_path, engine, {"pkg_in_bundle/__init__.py": b"X = 1\n"},
+                                            installed_bytes=2 ** 60)
+    res = _device(tmp_path / "repo", calls, out)
+    assert all(r.returncode == 0 for r in res[:-1])
+    last = res[-1]
+    assert last.returncode != 0
+    lines = last.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("install.sh: unpacking %s needs " % label), last.stderr
+    assert "GiB free under /tmp/asm-%s" % engine in lines[0]
+    assert not Path("/tmp/site-%s" % engine).exists() and not Path("/tmp/site-%s.done" % engine).exists()
 
 
 def test_make_archive_round_trips_through_the_standard_library(tmp_path):

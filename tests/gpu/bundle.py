@@ -225,6 +225,13 @@ ASM=/tmp/asm-{engine} SITE=/tmp/site-{engine}
 cp "$here/{last_file}" "$ASM/"
 cd "$ASM"
 sha256sum -c --quiet "$here/SHA256SUMS.parts"
+# the archive, its unpacked copy and the site beside the parts: say so in one line where they cannot fit
+# (lease 6 of 2026-12-07: a 7B fixture set left 4.8 GiB and pip died mid-install with "No space left")
+free_kib=$(df -Pk "$ASM" | awk 'NR == 2 {{print $4}}')
+if [ "$free_kib" -lt {need_kib} ]; then
+  echo "install.sh: unpacking {label} needs $(({need_kib} / 1048576 + 1)) GiB free under $ASM, $((free_kib / 1048576)) GiB are: delete what no later stage needs (fixtures under /tmp/grace-bench, another engine's /tmp/site-*) and call again" >&2
+  exit 1
+fi
 cat {part_glob} > {archive}
 echo "{whole_sha}  {archive}" | sha256sum -c --quiet
 rm -rf "$SITE" "$SITE.done"; mkdir -p "$SITE"
@@ -259,16 +266,28 @@ UNPACK = {
 }
 
 
+def unzipped_bytes(wheels: list[pathlib.Path]) -> int:
+    """What the wheels hold unpacked: the size of the site pip installs them into."""
+    total = 0
+    for w in wheels:
+        with zipfile.ZipFile(w) as z:
+            total += sum(i.file_size for i in z.infolist())
+    return total
+
+
 def write_install(last: pathlib.Path, label: str, engine: str, parts: list[dict], whole_sha: str,
-                  env_lines: str, smoke: str, fmt: str = "xz") -> None:
+                  env_lines: str, smoke: str, fmt: str = "xz", installed_bytes: int = 0) -> None:
     """Put SHA256SUMS.parts, install.sh (reassemble, verify, unpack, smoke test) and the smoke test
-    (``smoke``: a Python script's text, run with the engine name as its argument) beside the last part."""
+    (``smoke``: a Python script's text, run with the engine name as its argument) beside the last part.
+    ``installed_bytes``: the unpacked site's size, which install.sh checks the disk has room for."""
     archive = label + (".tar.xz" if fmt == "xz" else ".tar")
+    archive_bytes = sum((last.parent / p["dir"] / p["file"]).stat().st_size for p in parts)
+    need_kib = (2 * archive_bytes + installed_bytes) // 1024 + 1   # archive, its unpacked copy, the site
     (last / "SHA256SUMS.parts").write_text("".join("%s  %s\n" % (p["sha256"], p["file"]) for p in parts))
     (last / "smoke.py").write_text(smoke)
     (last / "install.sh").write_text(INSTALL_SH.format(
         label=label, engine=engine, last_file=parts[-1]["file"], part_glob=archive + ".part[0-9][0-9]",
-        archive=archive, whole_sha=whole_sha, env_lines=env_lines,
+        archive=archive, whole_sha=whole_sha, env_lines=env_lines, need_kib=need_kib,
         unpack=UNPACK[fmt].format(archive=archive)))
 
 
@@ -827,7 +846,8 @@ def build(args) -> None:
     if cd and cd[0] == "reuse" and pinned_cudnn and pinned_cudnn != IMAGE["nvidia-cudnn-cu13"]:
         # torch.backends.cudnn refuses a runtime cuDNN of a lower minor than it was built with
         cudnn_env += "export PYTORCH_SKIP_CUDNN_COMPATIBILITY_CHECK=1\n"
-    write_install(last, label, engine, parts, whole, cudnn_env, SMOKE.read_text(), args.format)
+    installed = saved["uncompressed"] if args.format == "xz" else unzipped_bytes(wheels)
+    write_install(last, label, engine, parts, whole, cudnn_env, SMOKE.read_text(), args.format, installed)
     if out.is_relative_to(repo):
         ensure_excluded(repo, out)
     rel = out.relative_to(repo).as_posix() if out.is_relative_to(repo) else str(out)
