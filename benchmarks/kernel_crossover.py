@@ -153,6 +153,18 @@ def _can_run(cls: type, vllm_config, bits: int, group: int, k: int) -> tuple[boo
     return cls.can_run(bits, group, k, torch.bfloat16) if hasattr(cls, "can_run") else (True, None)
 
 
+def table_entry(large: str, us: dict[str, dict[int, float]], engine: str) -> dict:
+    """One shape's kernel-table entry from its timings: the best second kernel among those the engine's
+    adapter can keep next to ``large``. vLLM's keeps any kernel it names; SGLang's only grace_qat's own
+    (SGLang's kernels are timed as references: lease 6 of 2026-12-07 wrote its Marlin into a table,
+    which the plugin then refused)."""
+    from grace_qat.kernels.table import entry_from_timings
+    if engine == "sglang":
+        from grace_sglang.linear import second_kernel_class
+        us = {name: t for name, t in us.items() if name == large or second_kernel_class(name) is not None}
+    return entry_from_timings(large, us)
+
+
 def usable_kernels(bits: int, group: int, n: int, k: int, engine: str = "vllm") -> tuple[str, list[str], dict]:
     """(the engine's choice for this layer, the kernels that can run it, why the others cannot)."""
     cfg = None
@@ -293,7 +305,6 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = 
             gemv_table: list | None = None) -> dict:
     """Microseconds per GEMM of every usable kernel at every M, checked against each other; the CUDA
     GEMV with ``gemv_table``'s launch configs (which a second-kernel entry then carries)."""
-    from grace_qat.kernels.table import entry_from_timings
     large, names, skipped = usable_kernels(bits, group, n, k, engine)
     weight_bytes = n * k * bits // 8
     copies = max(1, -(-3 * L2_BYTES // weight_bytes))
@@ -327,7 +338,7 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = 
                 raise RuntimeError(f"{name} and {large} disagree on w{bits}g{group} n{n} k{k} M={m}: rel {rel:.3g}")
     del sets
     torch.cuda.empty_cache()
-    entry = entry_from_timings(large, us)
+    entry = table_entry(large, us, engine)
     if entry["small"] == "CudaGemvKernel" and gemv_table:
         entry["configs"] = gemv_table
     return {"large": large, "us": us, "copies": copies, "skipped": skipped, "failed": failed, "entry": entry}

@@ -136,6 +136,12 @@ def engine_kernel(bits: int) -> tuple[str, str]:
     return MARLIN, "stock SGLang's kernel for GPTQ"
 
 
+def second_kernel_class(name: str) -> Optional[type]:
+    """The class of a kernel a layer can keep as its second copy here, or None: grace_qat's own kernels
+    only (the adapter builds SGLang's Marlin or Humming once per layer, on the layer's own parameters)."""
+    return OWN_KERNELS.get(name)
+
+
 def small_m_partner(large: str, bits: int, group: int, n: int, k: int, act_type: torch.dtype
                     ) -> tuple[Optional[type], kernel_table.Plan]:
     """(grace_qat kernel class, plan) for a layer of shape (n, k) on this rank next to ``large`` (the
@@ -146,7 +152,7 @@ def small_m_partner(large: str, bits: int, group: int, n: int, k: int, act_type:
     import sglang
     p = kernel_table.plan(kernel_table.device_name(), ENGINE, sglang.__version__, large, bits, group,
                           n, k, extra=settings.crossover_file())
-    return kernel_table.partner(p, large, OWN_KERNELS.get, lambda cls: cls.can_run(bits, group, k, act_type))
+    return kernel_table.partner(p, large, second_kernel_class, lambda cls: cls.can_run(bits, group, k, act_type))
 
 
 def _set_attrs(param: torch.Tensor, attrs: dict) -> None:

@@ -660,6 +660,20 @@ def test_the_sglang_crossover_measures_next_to_the_kernel_the_layer_runs(plugins
     assert "TritonWNA16Kernel" in set(names) | set(skipped)
 
 
+def test_the_sglang_crossover_writes_only_second_kernels_the_plugin_can_keep(plugins_loaded):
+    """grace_sglang keeps only grace_qat's own kernels as a layer's second copy, so the table entry
+    ``kernel_crossover.py --engine sglang`` writes chooses among those: lease 6 of 2026-12-07 (H100,
+    LLaVA-7B qkv 12288x4096, microseconds) timed SGLang's Marlin fastest up to M 16, and the entry
+    named it, which the plugin then refused; the CUDA GEMV was >= 1.05x Humming up to M 8."""
+    import kernel_crossover
+    us = {"HummingLinearMethod": {1: 23.9, 8: 24.1, 16: 24.6, 32: 25.0},
+          "GPTQMarlinLinearKernel": {1: 21.0, 8: 21.3, 16: 21.9, 32: 40.1},
+          "CudaGemvKernel": {1: 19.8, 8: 22.5, 16: 25.1}}
+    entry = kernel_crossover.table_entry("HummingLinearMethod", us, engine="sglang")
+    assert (entry["small"], entry["max_m"]) == ("CudaGemvKernel", 8)
+    assert entry["gain"] == pytest.approx(24.1 / 22.5, abs=1e-3)
+
+
 def test_a_misspelt_kernel_choice_stops_at_the_config_in_one_line(plugins_loaded, ckpts, monkeypatch):
     from grace_sglang.config import GraceQATConfig
     monkeypatch.setenv("GRACE_QAT_SGLANG_KERNEL", "machete")
