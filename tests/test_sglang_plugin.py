@@ -632,8 +632,9 @@ def test_the_sglang_kernel_is_the_users_then_the_measured_then_marlin(plugins_lo
 
 def test_the_shipped_h100_table_runs_w4_on_humming_with_the_sglang_it_was_measured_on(plugins_loaded, monkeypatch):
     """The shipped H100 table (2026-12-07: stock SGLang 0.5.23 decoded faster with --quantization humming
-    than with its GPTQ-Marlin at every batch): W4 layers on an H100 with SGLang 0.5.23 run Humming; W8
-    layers, another SGLang (0.5.17 in CI's overlay) and another GPU keep Marlin."""
+    than with its GPTQ-Marlin at every batch): W4 layers on an H100 with SGLang 0.5.23 run Humming, with
+    the CUDA GEMV at small M where lease 6 measured it faster; W8 layers, another SGLang (0.5.17 in CI's
+    overlay) and another GPU keep Marlin alone."""
     from grace_qat.kernels import table
     from grace_sglang.linear import engine_kernel
     for name in ("GRACE_QAT_SGLANG_KERNEL", "GRACE_QAT_DUAL_KERNEL", "GRACE_QAT_CROSSOVER_FILE"):
@@ -644,6 +645,13 @@ def test_the_shipped_h100_table_runs_w4_on_humming_with_the_sglang_it_was_measur
     assert engine_kernel(8)[0] == "GPTQMarlinLinearKernel"
     monkeypatch.setattr(table, "device_name", lambda: "NVIDIA H200")
     assert engine_kernel(4)[0] == "GPTQMarlinLinearKernel"
+    # lease 6 (2026-12-07): the CUDA GEMV beside Humming at small M where it was >= 1.05x per shape
+    # (2B qkv to M 16: 1.61x); none for the 7B gate_up, where nothing beat Humming
+    h100 = ("NVIDIA H100 80GB HBM3", "sglang", "0.5.23", "HummingLinearMethod", 4, 128)
+    chosen = lambda p: (p.small, p.max_m)   # noqa: E731
+    assert chosen(table.plan(*h100, 4096, 2048)) == ("CudaGemvKernel", 16)
+    assert chosen(table.plan(*h100, 22016, 4096)) == (None, 0)
+    assert chosen(table.plan(*h100[:2], "0.5.17", *h100[3:], 4096, 2048)) == (None, 0)
 
 
 @pytest.mark.parametrize("choice,large", [("marlin", "GPTQMarlinLinearKernel"), ("humming", "HummingLinearMethod")])
