@@ -290,24 +290,40 @@ def test_sglang_vision_attention_is_a_server_argument_this_sglang_accepts(monkey
     assert sglang_serve_check.sglang_vision_attention() == {}
 
 
-def test_serve_stages_serve_the_directories_the_benchmark_prepares():
-    """run.sh's serve-FORMAT stages name a source and a GPTQ-export system of vllm_bench.SYSTEMS and
-    the directory vllm_bench.prepare writes for them (a typo would serve a missing directory)."""
+def _serve_fixture(engine: str, fmt: str) -> list[str]:
+    """run.sh's serve_fixture function, run by bash: MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTEM DIR GPTQ-DIR."""
     text = RUN_SH.read_text()
-    body = text[text.index("serve_fixture() {"):]
-    rows = re.findall(r"^\s+([a-z0-9-]+)\)\s+echo \"(\w+) (\w+) ([\w-]+) ([\w-]+) ([\w-]+)\"", body, re.M)
-    assert {r[0] for r in rows} == {"qwen-w4a", "qwen-w4b", "qwen-w8a", "llava-w4a"}
+    start = text.index("serve_fixture() {")
+    body = text[start:text.index("\n}\n", start) + 3]
+    r = subprocess.run(["bash", "-c", body + f"serve_fixture {engine} {fmt}"], capture_output=True, text=True)
+    assert r.returncode == 0, (engine, fmt, r.stderr)
+    return r.stdout.split()
+
+
+SERVE_FORMATS = {"qwen-w4a": ("qat-sidecar", 4), "qwen-w4b": ("awq", 4), "qwen-w8a": ("qat-sidecar", 8),
+                 "llava-w4a": ("qat-sidecar", 4)}
+
+
+def test_serve_stages_serve_the_directories_the_benchmark_prepares(tmp_path):
+    """run.sh's serve-FORMAT stages (both engines) name a source and a GPTQ-export system of
+    vllm_bench.SYSTEMS and the directories vllm_bench.prepare writes for them (a typo would serve a
+    missing directory; the export's name is checked on the tiny size, which CI can write)."""
+    text = RUN_SH.read_text()
     stages = set(re.findall(r"\b((?:sglang-)?serve-[a-z0-9-]+)\b", text))
-    assert {f"{p}serve-{r[0]}" for r in rows for p in ("", "sglang-")} <= stages
-    expected = {"qwen-w4a": ("qat-sidecar", 4), "qwen-w4b": ("awq", 4), "qwen-w8a": ("qat-sidecar", 8),
-                "llava-w4a": ("qat-sidecar", 4)}
-    for fmt_name, model, size, src_sys, ref_sys, directory in rows:
-        fmt, bits, convert_to, quant = vllm_bench.SYSTEMS[src_sys]
-        assert (fmt, bits) == expected[fmt_name] and convert_to is None and quant == "grace_qat"
-        assert vllm_bench.SYSTEMS[ref_sys][:3] == (fmt, bits, "gptq")
-        assert directory == f"{model}-{size}-{fmt}-w{bits}"
-
-
+    assert {f"{p}serve-{f}" for f in SERVE_FORMATS for p in ("", "sglang-")} <= stages
+    prepared = {}
+    for engine in ("vllm", "sglang"):
+        for fmt_name, expected in SERVE_FORMATS.items():
+            model, size, src_sys, ref_sys, directory, ref_dir = _serve_fixture(engine, fmt_name)
+            fmt, bits, convert_to, quant = vllm_bench.SYSTEMS[src_sys]
+            assert (fmt, bits) == expected and convert_to is None and quant == "grace_qat"
+            ref = vllm_bench.SYSTEMS[ref_sys]
+            assert ref[:2] == (fmt, bits) and ref[2].split(":")[0] == "gptq" and ref[3] is None
+            assert directory == f"{model}-{size}-{fmt}-w{bits}"
+            if (model, ref_sys) not in prepared:
+                prepared[model, ref_sys] = os.path.basename(
+                    vllm_bench.prepare(model, "tiny", *vllm_bench.SYSTEMS[ref_sys][:3], str(tmp_path)))
+            assert prepared[model, ref_sys] == ref_dir.replace(f"-{size}-", "-tiny-"), (engine, fmt_name)
 
 
 def test_server_ports_are_taken_below_the_ephemeral_range():
@@ -328,19 +344,17 @@ def test_server_ports_are_taken_below_the_ephemeral_range():
 def test_sglang_llava_serve_check_compares_with_the_export_written_for_fp16(tmp_path):
     """SGLang runs original-layout LLaVA in fp16 (stock and plugin alike) and the plugin rounds the fp32
     steps once to fp16: the SGLang LLaVA stage's stock reference must be the export written for fp16
-    (lease 5 of 2026-12-07 compared with the bf16 export, and the tokens differed from position 2).
-    The run.sh override names a benchmark system whose prepared directory is the one it serves,
-    with fp16 scales; the prepare-bg set for it converts that system."""
+    (lease 5 of 2026-12-07 compared with the bf16 export, and the tokens differed from position 2;
+    lease 6, against the fp16 export: identical). vLLM's keeps the default export; the prepare-bg set
+    for SGLang's converts its system, and that export holds fp16 scales."""
     text = RUN_SH.read_text()
-    m = re.search(r'\[ "\$ENGINE" = sglang \] && \[ "\$model" = llava \]; then ref_sys=([\w-]+); '
-                  r'ref_dir=\$dir-([\w-]+); fi', text)
-    assert m, "the SGLang LLaVA serve stage names no reference of its own"
-    ref_sys, suffix = m.groups()
+    ref_sys, ref_dir = _serve_fixture("sglang", "llava-w4a")[3::2]
+    assert _serve_fixture("vllm", "llava-w4a")[3] == "gptq"
     fmt, bits, convert_to, quant = vllm_bench.SYSTEMS[ref_sys]
     assert (fmt, bits, quant) == ("qat-sidecar", 4, None)
     assert re.search(rf"llava-gptq-fp16\).*\n.*\n.*--systems {re.escape(ref_sys)} ", text)
     served = vllm_bench.prepare("llava", "tiny", fmt, bits, convert_to, str(tmp_path))
-    assert served == str(tmp_path / f"llava-tiny-qat-sidecar-w4-{suffix}")
+    assert os.path.basename(served) == ref_dir.replace("-7b-", "-tiny-")
     from safetensors import safe_open
     shard = next(f for f in sorted(os.listdir(served)) if f.endswith(".safetensors"))
     with safe_open(os.path.join(served, shard), "pt") as f:

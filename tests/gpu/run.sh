@@ -165,12 +165,16 @@ llava_check() {   # the original-layout LLaVA checks (vLLM 0.26 needs the Transf
   PYTHONPATH=/tmp/site-tf:$PYTHONPATH timeout "${1:-200}" python3 tests/llava_reference.py --check $OUT > $OUT/llava.log 2>&1
   local rc=$?; echo "llava rc=$rc"; tail -12 $OUT/llava.log; return $rc
 }
-serve_fixture() {   # serve_fixture FORMAT: "MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTEM DIR" of a serve stage
-  case "$1" in
-    qwen-w4a)  echo "qwen3vl 2b grace-a gptq qwen3vl-2b-qat-sidecar-w4" ;;
-    qwen-w4b)  echo "qwen3vl 2b grace-b gptq-from-b qwen3vl-2b-awq-w4" ;;
-    qwen-w8a)  echo "qwen3vl 2b grace-a-w8 gptq-w8 qwen3vl-2b-qat-sidecar-w8" ;;
-    llava-w4a) echo "llava 7b grace-a gptq llava-7b-qat-sidecar-w4" ;;
+serve_fixture() {   # serve_fixture ENGINE FORMAT: "MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTEM DIR GPTQ-DIR" of a serve stage
+  case "$1 $2" in
+    *" qwen-w4a")  echo "qwen3vl 2b grace-a gptq qwen3vl-2b-qat-sidecar-w4 qwen3vl-2b-qat-sidecar-w4-gptq" ;;
+    *" qwen-w4b")  echo "qwen3vl 2b grace-b gptq-from-b qwen3vl-2b-awq-w4 qwen3vl-2b-awq-w4-gptq" ;;
+    *" qwen-w8a")  echo "qwen3vl 2b grace-a-w8 gptq-w8 qwen3vl-2b-qat-sidecar-w8 qwen3vl-2b-qat-sidecar-w8-gptq" ;;
+    # SGLang runs original-layout LLaVA-1.5 in fp16 whatever config.json says (its dtype comes from the
+    # text config, which has none): the plugin rounds the fp32 steps once to fp16, so stock gets the
+    # export written for fp16; the default bf16 export gives it fp16(bf16(step)) (lease 5: tokens differed)
+    "sglang llava-w4a") echo "llava 7b grace-a gptq-fp16 llava-7b-qat-sidecar-w4 llava-7b-qat-sidecar-w4-gptq-float16" ;;
+    *" llava-w4a") echo "llava 7b grace-a gptq llava-7b-qat-sidecar-w4 llava-7b-qat-sidecar-w4-gptq" ;;
     *) return 1 ;;
   esac
 }
@@ -363,12 +367,7 @@ EOF
     tail -60 $OUT/load.log; echo "pytest rc=$rc"; exit $rc ;;
   serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|sglang-serve-qwen-w8a|sglang-serve-llava-w4a)
     fmt=${stage#sglang-}; fmt=${fmt#serve-}
-    read -r model size src_sys ref_sys dir <<< "$(serve_fixture "$fmt")"
-    ref_dir=$dir-gptq
-    # SGLang runs original-layout LLaVA-1.5 in fp16 whatever config.json says (its dtype comes from the
-    # text config, which has none): the plugin rounds the fp32 steps once to fp16, so stock gets the
-    # export written for fp16; the default bf16 export gives it fp16(bf16(step)) (lease 5: tokens differed)
-    if [ "$ENGINE" = sglang ] && [ "$model" = llava ]; then ref_sys=gptq-fp16; ref_dir=$dir-gptq-float16; fi
+    read -r model size src_sys ref_sys dir ref_dir <<< "$(serve_fixture "$ENGINE" "$fmt")"
     [ "$ENGINE" = sglang ] && { wait_sglang_jit || exit 1; }
     wait_prep || exit 1
     python3 benchmarks/vllm_bench.py --prepare-only --model $model --size $size --work $WORK \
