@@ -56,6 +56,25 @@ def expose_entry_point() -> None:
         importlib.invalidate_caches()
 
 
+def engine_kwargs(args) -> dict:
+    """sglang.Engine's arguments for one system: no radix (prefix) cache (the timed runs repeat the same
+    prompts, which would otherwise be cached), triton attention (no FA3 needed), and for stock SGLang on
+    an original-layout LLaVA the image-token id the serve check gives it."""
+    from sglang_serve_check import sglang_vision_attention, stock_llava_overrides   # tests/gpu
+    kwargs = dict(model_path=args.model, tp_size=args.tp, random_seed=0, attention_backend="triton",
+                  mem_fraction_static=0.7, context_length=2048, max_running_requests=128, log_level="info",
+                  disable_radix_cache=True, **sglang_vision_attention())
+    if args.quantization not in (None, "none"):
+        kwargs["quantization"] = args.quantization
+    if args.quantization in ("none", "humming"):
+        kwargs.update(stock_llava_overrides(args.model))
+    if args.tokenizer_path:
+        kwargs["tokenizer_path"] = args.tokenizer_path
+    if args.eager:
+        kwargs["disable_cuda_graph"] = True
+    return kwargs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -70,6 +89,8 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="disable CUDA graphs")
     ap.add_argument("--no-image", action="store_true")
     ap.add_argument("--image-batches", default="", help="(accepted for the harness; not timed here)")
+    ap.add_argument("--tokenizer-path", default=None,
+                    help="tokenizer/processor directory (original-layout LLaVA: `grace-qat llava-processor`)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quantization in ("none", "humming"):             # stock SGLang: the plugin stays out
@@ -79,16 +100,7 @@ def main() -> None:
     import sglang
     import torch
 
-    from sglang_serve_check import sglang_vision_attention   # triton_attn: no FA3 needed (tests/gpu)
-
-    # no radix (prefix) cache: the timed runs repeat the same prompts, which would otherwise be cached
-    kwargs = dict(model_path=args.model, tp_size=args.tp, random_seed=0, attention_backend="triton",
-                  mem_fraction_static=0.7, context_length=2048, max_running_requests=128, log_level="info",
-                  disable_radix_cache=True, **sglang_vision_attention())
-    if args.quantization not in (None, "none"):
-        kwargs["quantization"] = args.quantization
-    if args.eager:
-        kwargs["disable_cuda_graph"] = True
+    kwargs = engine_kwargs(args)
     t0 = time.perf_counter()
     engine = sglang.Engine(**kwargs)
     load_s = time.perf_counter() - t0

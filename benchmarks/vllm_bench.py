@@ -166,6 +166,8 @@ def run_system(name: str, model_dir: str, quantization: str | None, args, log_di
         cmd += ["--eager"]
     if args.no_image:
         cmd += ["--no-image"]
+    if getattr(args, "tokenizer_path", None) and runner == "sglang_run.py":
+        cmd += ["--tokenizer-path", args.tokenizer_path]
     if args.image_batches and runner == "vllm_run.py":
         cmd += ["--image-batches", args.image_batches]
     if getattr(args, "profile_tokens", 0) and runner == "vllm_run.py":
@@ -604,6 +606,8 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=24)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--no-image", action="store_true")
+    ap.add_argument("--tokenizer-path", default=None,
+                    help="(SGLang systems) tokenizer/processor directory, for an original-layout LLaVA")
     ap.add_argument("--image-batches", default="1,8", help="batch sizes also timed with image+text prompts")
     ap.add_argument("--profile-tokens", type=int, default=0,
                     help="vLLM runners: also profile this many batch-1 decode steps (the engine then runs "

@@ -269,6 +269,47 @@ def test_sglang_kernel_is_read_from_the_plugins_own_log_line():
     assert vllm_bench.sglang_kernels_in_log("nothing here", "humming") == ["HummingLinearMethod"]
 
 
+@pytest.mark.sglang
+def test_sglang_bench_gives_stock_llava_the_image_token_the_serve_check_gives_it(tmp_path):
+    """benchmarks/sglang_run.py on an original-layout LLaVA: stock SGLang (plain and --quantization
+    humming) gets the processor's <image> id, as the serve check gives it (otherwise stock keeps
+    LlavaConfig's 32000 while the plugin sets its own); the plugin's run gets none; the processor's
+    tokenizer is passed to both. A Qwen3-VL run gets no override."""
+    require("sglang")
+    import argparse
+
+    import sglang_run
+    from grace_qat import synthetic
+    llava = synthetic.write_llava(str(tmp_path / "llava"), size="tiny")
+    qwen = synthetic.write_qwen3vl(str(tmp_path / "qwen"), size="tiny")
+    vocab = json.loads((Path(llava) / "config.json").read_text())["vocab_size"]
+
+    def kwargs(model, quantization):
+        return sglang_run.engine_kwargs(argparse.Namespace(model=model, quantization=quantization, tp=1,
+                                                           eager=False, tokenizer_path=str(tmp_path / "proc")))
+    for stock in ("none", "humming"):
+        got = kwargs(llava, stock)
+        assert json.loads(got["json_model_override_args"]) == {"image_token_index": vocab}
+        assert got["tokenizer_path"] == str(tmp_path / "proc")
+    assert "json_model_override_args" not in kwargs(llava, "grace_qat")
+    assert kwargs(llava, "grace_qat")["quantization"] == "grace_qat"
+    assert "json_model_override_args" not in kwargs(qwen, "none")
+
+
+def test_the_bench_hands_the_tokenizer_path_to_sglang_runs_only(tmp_path, monkeypatch):
+    """vllm_bench --tokenizer-path reaches benchmarks/sglang_run.py (bench-sglang-llava needs the
+    processor's tokenizer there) and not vllm_run.py, which has no such option."""
+    import argparse
+    seen = []
+    monkeypatch.setattr(vllm_bench.subprocess, "run", lambda cmd, **kw: seen.append(cmd))
+    args = argparse.Namespace(batches="1", tp=1, gen_tokens=4, eager=False, no_image=True, image_batches="",
+                              tokenizer_path="/proc", timeout=5, compile_cache="shared", work=str(tmp_path))
+    vllm_bench.run_system("sglang-grace-a", "/m", "sglang:grace_qat", args, str(tmp_path))
+    vllm_bench.run_system("grace-a", "/m", "grace_qat", args, str(tmp_path))
+    assert os.path.basename(seen[0][1]) == "sglang_run.py" and seen[0][seen[0].index("--tokenizer-path") + 1] == "/proc"
+    assert os.path.basename(seen[1][1]) == "vllm_run.py" and "--tokenizer-path" not in seen[1]
+
+
 # -- SGLang's vision attention -----------------------------------------------------------------
 
 @pytest.mark.sglang
@@ -371,7 +412,7 @@ def test_every_documented_engine_stage_resolves_its_engine(tmp_path):
     for stage in sorted(set(documented) - runs_without_engine):
         r = _run_sh(stage, cwd=tmp_path, OUT=str(tmp_path / "o"), GRACE_GPU_SITES=str(tmp_path),
                     GRACE_GPU_ENGINE="bundle", GRACE_GPU_BUNDLE_WAIT="0", timeout=30)
-        engine = "sglang" if stage.startswith("sglang") or stage == "bench-sglang" else "vllm"
+        engine = "sglang" if stage.startswith(("sglang", "bench-sglang")) else "vllm"
         assert (r.returncode, r.stdout.split(":")[0]) == (1, f"no {engine} for stage {stage}"), (stage, r.stdout)
 
 

@@ -58,6 +58,8 @@
 #   sglang       - (SGLang) tests/gpu/sglang_serve_check.py on tiny and 2B Qwen3-VL
 #   sglang-llava - (SGLang) the same on a tiny original-layout LLaVA-1.5 (local CLIP tower)
 #   bench-sglang - (SGLang) SGLang + grace_qat vs stock SGLang GPTQ, 2B, batch 1..128
+#   bench-sglang-llava - (SGLang) the same on LLaVA-1.5-7B (original layout, fp16 as SGLang runs it; text
+#                  prompts; needs the `llava-gptq` fixtures)
 #   llava-check  - only the LLaVA original-layout checks of suite
 #   tiny         - every format on tiny Qwen3-VL through the benchmark harness, eager
 #   gemv         - the CUDA decode GEMV (grace_qat/kernels/cuda_gemv.py): its `-m gpu` tests, its benchmark
@@ -79,7 +81,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 stage=${1:-}; shift || true
 case "$stage" in
-  sglang*|bench-sglang) ENGINE=sglang ;;
+  sglang*|bench-sglang|bench-sglang-llava) ENGINE=sglang ;;
   *) ENGINE=vllm ;;
 esac
 SITES=${GRACE_GPU_SITES:-/tmp}
@@ -165,6 +167,13 @@ llava_check() {   # the original-layout LLaVA checks (vLLM 0.26 needs the Transf
   PYTHONPATH=/tmp/site-tf:$PYTHONPATH timeout "${1:-200}" python3 tests/llava_reference.py --check $OUT > $OUT/llava.log 2>&1
   local rc=$?; echo "llava rc=$rc"; tail -12 $OUT/llava.log; return $rc
 }
+sglang_llava_inputs() {   # sglang_llava_inputs DIR SIZE: what SGLang needs beside an original-layout LLaVA
+  # a tokenizer with <image> (LLaVA's own has none) in $WORK/DIR-proc; and, since SGLang's LLaVA (stock and
+  # plugin) loads the CLIP tower by the hub id mm_vision_tower names, one of this size in the Hugging Face
+  # cache, as a user who downloaded it has it
+  python3 -m grace_qat.cli llava-processor $WORK/$1 $WORK/$1-proc || return 1
+  python3 -c "import sys; sys.path.insert(0, 'tests'); import llava_fixtures; print('CLIP tower:', llava_fixtures.cache_clip('$2'))"
+}
 serve_fixture() {   # serve_fixture ENGINE FORMAT: "MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTEM DIR GPTQ-DIR" of a serve stage
   case "$1 $2" in
     *" qwen-w4a")  echo "qwen3vl 2b grace-a gptq qwen3vl-2b-qat-sidecar-w4 qwen3vl-2b-qat-sidecar-w4-gptq" ;;
@@ -187,7 +196,7 @@ case "$stage" in   # the engine a stage runs on (bundle or installed; see the to
   crossover|sglang-crossover|marlin-variants|bench-llava|bench-qwen|profile-qwen|profile-load|bench-w8|suite|llava-check|tiny|tp2|load|gpu-tests|\
   workflow-vllm|sglang-workflow|\
   serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|\
-  sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang|sglang-gpu-tests)
+  sglang-serve-qwen-w8a|sglang-serve-llava-w4a|sglang-tiny|sglang|sglang-llava|bench-sglang|bench-sglang-llava|sglang-gpu-tests)
     use_engine "${GRACE_GPU_BUNDLE_WAIT:-900}" || exit 1 ;;
   *) echo "unknown stage '$stage' (stages: the comment at the top of $0)"; exit 2 ;;
 esac
@@ -373,12 +382,9 @@ EOF
     python3 benchmarks/vllm_bench.py --prepare-only --model $model --size $size --work $WORK \
       --systems $src_sys,$ref_sys --out /tmp/prep-out || exit 1    # a no-op where prepare-bg wrote them
     extra=()
-    if [ "$ENGINE" = sglang ] && [ "$model" = llava ]; then   # LLaVA's own tokenizer has no <image> token
-      python3 -m grace_qat.cli llava-processor $WORK/$dir $WORK/$dir-proc || exit 1
+    if [ "$ENGINE" = sglang ] && [ "$model" = llava ]; then
+      sglang_llava_inputs $dir $size || exit 1
       extra=(--tokenizer-path $WORK/$dir-proc)
-      # SGLang's LLaVA (stock and plugin) loads the CLIP tower by the hub id mm_vision_tower names:
-      # put one of this size in the Hugging Face cache, as a user who downloaded it has it
-      python3 -c "import sys; sys.path.insert(0, 'tests'); import llava_fixtures; print('CLIP tower:', llava_fixtures.cache_clip('$size'))" || exit 1
     fi
     [ "$model" = llava ] && export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
     # both servers start at once where each can have a fixed KV cache: vLLM >= 0.34
@@ -434,6 +440,15 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
       --image-batches "$BENCH_IMAGE_BATCHES" --timeout 420 \
       --systems "${GRACE_BENCH_SGLANG_SYSTEMS:-sglang-gptq,sglang-gptq-humming,sglang-bf16-grid,sglang-grace-a,sglang-grace-a-humming,sglang-grace-b}" \
       --out $OUT/qwen2b-sglang "$@" ;;
+  bench-sglang-llava)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on LLaVA-1.5-7B, text prompts
+    wait_sglang_jit || exit 1
+    wait_prep || exit 1
+    dir=llava-7b-qat-sidecar-w4
+    sglang_llava_inputs $dir 7b || exit 1
+    python3 benchmarks/vllm_bench.py --model llava --size 7b --work $WORK --batches "$BENCH_BATCHES" \
+      --no-image --tokenizer-path $WORK/$dir-proc --timeout 600 \
+      --systems "${GRACE_BENCH_SGLANG_SYSTEMS:-sglang-gptq-humming,sglang-grace-a,sglang-gptq}" \
+      --out $OUT/llava7b-sglang "$@" ;;
   suite)
     cuda_visible || exit 1
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH

@@ -184,6 +184,15 @@ def tp_partition(rank: int, size: int, device: str = "cuda"):
         reset_context()
 
 
+def stock_llava_overrides(model_dir) -> dict:
+    """Engine kwargs stock SGLang needs for an original-layout LLaVA-1.5 (none for other models): it keeps
+    LlavaConfig's default <image> id (32000); tell it where the processor's is (the plugin sets it
+    itself), so both runs place the image alike on any vocabulary size."""
+    if architecture(model_dir) != "LlavaLlamaForCausalLM":
+        return {}
+    return {"json_model_override_args": json.dumps({"image_token_index": read_config(model_dir)["vocab_size"]})}
+
+
 def sglang_vision_attention() -> dict:
     """``{"mm_attention_backend": CHOICE}`` (default triton_attn) where this SGLang's server arguments
     offer it, else ``{}`` (feature detection through SGLang's own argument parser; see the module
@@ -313,10 +322,8 @@ def child_engine(args):
         kwargs["tokenizer_path"] = args.tokenizer_path
     if args.chat_template:
         kwargs["chat_template"] = args.chat_template
-    if args.child_quantization == "none" and architecture(args.model) == "LlavaLlamaForCausalLM":
-        # stock SGLang keeps LlavaConfig's default <image> id (32000); tell it where the processor's is
-        # (the plugin sets it itself), so both runs place the image alike on any vocabulary size
-        kwargs["json_model_override_args"] = json.dumps({"image_token_index": read_config(args.model)["vocab_size"]})
+    if args.child_quantization == "none":
+        kwargs.update(stock_llava_overrides(args.model))
     res = {"engine_kwargs": kwargs, "sglang": sglang.__version__, "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "prompts": {"image_text": mm_prompt, "text": text_prompt}}
