@@ -316,6 +316,12 @@ def _stock_gap_bound(stock: list[dict], key: str = "prompt_logprobs") -> float |
     return NOT_REPRODUCIBLE_MARGIN * max(gaps) if gaps else None
 
 
+def tensor_layout_differences(a: dict, b: dict) -> list[tuple[str, list, list]]:
+    """(name, a's, b's) for each tensor both models hold under one name whose layout differs
+    (vllm_run.model_tensors' entries); quantized weights have names of their own per method."""
+    return [(name, a[name], b[name]) for name in sorted(set(a) & set(b)) if a[name] != b[name]]
+
+
 def write_report(results: list[dict], meta: dict, out: str) -> None:
     """Ratios (speed, load time, memory, bandwidth efficiency) only between systems measured in the
     same run (``run`` key, set by --report-from; absent = this run): a baseline from another engine
@@ -445,6 +451,12 @@ def write_report(results: list[dict], meta: dict, out: str) -> None:
             p = r["profile"]
             top = "; ".join(f"{k[:60]} ({v['us']:.0f}, {v['launches']:.0f})" for k, v in list(p["kernels"].items())[:3])
             lines.append(f"| {r['name']} | {p['us_per_step']:.0f} | {p['launches_per_step']:.0f} | {top} |")
+    laid_out = [r for r in profiled if r.get("tensors")]
+    for r in laid_out[1:]:
+        diff = tensor_layout_differences(laid_out[0]["tensors"], r["tensors"])
+        lines += ["", f"Tensors of the same name laid out differently in {laid_out[0]['name']} and {r['name']} "
+                  f"(dtype, shape, strides, data pointer mod 16, device; {len(diff)}):", ""]
+        lines += [f"- `{name}`: {a} vs {b}" for name, a, b in diff[:40]] or ["- none"]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

@@ -615,6 +615,26 @@ def test_bench_report_shows_where_a_decode_step_goes(tmp_path):
                     "triton_poi_fused_add_rms_norm (300, 57) |"], rows
 
 
+def test_bench_report_lists_tensors_laid_out_differently(tmp_path):
+    """Profiled systems bring every model tensor's layout (vllm_run.model_tensors); the report lists
+    those of the same name that differ (lease 3's profile: one Inductor kernel 2x slower in grace_qat,
+    same graph on the CPU), and says none where none does."""
+    prof = {"steps": 2, "us_per_step": 10.0, "launches_per_step": 2.0, "kernels": {}}
+    same = {"model.norm.weight": ["bfloat16", [8], [1], 0, "cuda:0"]}
+    stock = dict(same, **{"rotary_emb.cos_sin_cache": ["bfloat16", [64, 8], [8, 1], 0, "cuda:0"],
+                          "layers.0.qweight": ["int32", [4, 8], [8, 1], 0, "cuda:0"]})
+    plugin = dict(same, **{"rotary_emb.cos_sin_cache": ["float32", [64, 8], [8, 1], 0, "cuda:0"],
+                           "layers.0.weight_packed": ["int32", [8, 4], [4, 1], 0, "cuda:0"]})
+    res = [_result("gptq-humming", [1], profile=prof, tensors=stock), _result("grace-a", [1], profile=prof, tensors=plugin)]
+    vllm_bench.write_report(res, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    text = (tmp_path / "results.md").read_text()
+    assert "differently in gptq-humming and grace-a (dtype, shape, strides, data pointer mod 16, device; 1):" in text
+    assert "- `rotary_emb.cos_sin_cache`: ['bfloat16', [64, 8], [8, 1], 0, 'cuda:0'] vs ['float32', [64, 8], [8, 1], 0, 'cuda:0']" in text
+    res[1]["tensors"] = stock
+    vllm_bench.write_report(res, {"model": "qwen3vl", "size": "2b"}, str(tmp_path))
+    assert "(dtype, shape, strides, data pointer mod 16, device; 0):\n\n- none" in (tmp_path / "results.md").read_text()
+
+
 def test_bench_peer_is_the_stock_system_on_the_plugins_kernel(tmp_path):
     """Where grace_qat ran another kernel than stock's default (a table's engine default), its tokens
     are held to the one-flag stock system that ran that kernel, not to the default's."""
