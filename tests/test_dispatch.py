@@ -198,8 +198,9 @@ def _shipped() -> list[dict]:
 
 def test_shipped_tables_name_their_device_engine_version_and_cover_both_backbones(dispatch):
     """Every quantized layer shape of Qwen3-VL-2B (W4, W8) and LLaVA-1.5-7B (W4), TP 1 and 2, has an
-    entry in each shipped table of second kernels, next to the kernel that vLLM version chose there,
-    with a token count. A table of an engine default alone (one copy everywhere) says what measured it."""
+    entry in each shipped vLLM table of second kernels, next to the kernel that vLLM version chose
+    there, with a token count. A table with an engine default (one copy where it lists no second
+    kernel; every SGLang table) says what measured it."""
     from kernel_crossover import layer_shapes
     shipped = _shipped()
     keys = {(t["device"], t["engine"], t["engine_version"]) for t in shipped}
@@ -207,7 +208,7 @@ def test_shipped_tables_name_their_device_engine_version_and_cover_both_backbone
             ("NVIDIA H100 80GB HBM3", "vllm", "0.34.0")} <= keys
     assert len(keys) == len(shipped), "two shipped tables for one device and engine version"
     for t in shipped:
-        if not t["shapes"]:
+        if not t["shapes"] or t["engine"] != "vllm":
             pick = t.get("engine_default") or {}
             assert pick.get("instead_of") and pick.get("use") and pick.get("measured"), t["path"]
             continue
@@ -220,6 +221,23 @@ def test_shipped_tables_name_their_device_engine_version_and_cover_both_backbone
                         e = t["shapes"][key]
                         assert e["large"].endswith("Kernel") and 0 <= e["max_m"] <= 512, key
                         assert (e["small"] is None) == (e["max_m"] == 0), key
+
+
+def test_shipped_sglang_tables_pair_the_engine_default_with_grace_qats_own_kernels():
+    """An SGLang table's second kernels stand beside the kernel its engine default names, are kernels
+    grace_sglang can keep as a second copy (grace_qat's own: lease 6's crossover named SGLang's Marlin
+    for one shape, which the plugin refuses) and were measured >= MIN_GAIN faster; shapes it does not
+    list keep the engine's kernel alone (SGLang has no per-shape requirement: TP 2 and W8 unmeasured)."""
+    from grace_qat.kernels import table
+    from grace_qat.kernels.own import OWN_KERNELS
+    tables = [t for t in _shipped() if t["engine"] == "sglang" and t["shapes"]]
+    assert tables, "no shipped SGLang table with second kernels"
+    for t in tables:
+        for key, e in t["shapes"].items():
+            assert e["large"] == t["engine_default"]["use"], (t["path"], key)
+            assert (e["small"] is None) == (e["max_m"] == 0), (t["path"], key)
+            if e["small"] is not None:
+                assert e["small"] in OWN_KERNELS and e["gain"] >= table.MIN_GAIN and 0 < e["max_m"] <= 512, key
 
 
 def test_the_vllm_026_tables_are_the_measured_ones(dispatch):
