@@ -218,7 +218,7 @@ def _kernels(args) -> int:
     print(f"{where}: {t['measured']}")
     pick = t.get("engine_default")
     if pick:
-        print(f"  where the engine picks {pick['instead_of']} by its own ranking: {pick['use']}, one copy "
+        print(f"  where the engine picks {pick['instead_of']} by its own ranking: {pick['use']} instead "
               f"({pick.get('measured', 'measured')})")
     for key, e in sorted(t["shapes"].items()):
         second = (f"{e['small']} for M <= {e['max_m']}" + (f" (>= {e['gain']}x)" if e.get("gain") else "")

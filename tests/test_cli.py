@@ -222,7 +222,7 @@ def test_kernels_prints_the_table_for_a_device_and_engine_version(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "Test GPU, vllm 9.9.1: by this test",
-        "  where the engine picks MacheteLinearKernel by its own ranking: HummingLinearKernel, one copy (m)",
+        "  where the engine picks MacheteLinearKernel by its own ranking: HummingLinearKernel instead (m)",
         "  w4g128 n4096 k2048       next to HummingLinearKernel: MarlinLinearKernel for M <= 8 (>= 1.2x)"]
     r = run("kernels", "--device", "Test GPU", "--engine-version", "9.9.2", "--table", str(table))
     assert r.returncode == 0 and "no kernel table measured: every layer keeps one packed copy" in r.stdout
