@@ -643,10 +643,10 @@ def main() -> None:
         meta.pop("copy_bandwidth_gbs", None)      # each result carries its own run's bandwidth
         write_report(merged, meta, args.out)
         sys.exit(report_failures(merged))
-    if args.prepare_only:
+    if args.prepare_only:      # one "[prepared] SYSTEM DIR" line each: the stages serve what these name
         for name in args.systems.split(","):
             fmt, bits, convert_to, quant = SYSTEMS[name]
-            prepare(args.model, args.size, fmt, bits, convert_to, args.work)
+            print(f"[prepared] {name} {prepare(args.model, args.size, fmt, bits, convert_to, args.work)}", flush=True)
         return
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)

@@ -331,14 +331,22 @@ def test_sglang_vision_attention_is_a_server_argument_this_sglang_accepts(monkey
     assert sglang_serve_check.sglang_vision_attention() == {}
 
 
-def _serve_fixture(engine: str, fmt: str) -> list[str]:
-    """run.sh's serve_fixture function, run by bash: MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTEM DIR GPTQ-DIR."""
+def _run_sh_function(name: str, call: str, **env) -> list[str]:
+    """One of run.sh's functions, run by bash in the repository root with this Python as python3: its
+    output's words."""
     text = RUN_SH.read_text()
-    start = text.index("serve_fixture() {")
+    start = text.index(f"{name}() {{")
     body = text[start:text.index("\n}\n", start) + 3]
-    r = subprocess.run(["bash", "-c", body + f"serve_fixture {engine} {fmt}"], capture_output=True, text=True)
-    assert r.returncode == 0, (engine, fmt, r.stderr)
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    r = subprocess.run(["bash", "-c", body + call], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PATH=path, **env))
+    assert r.returncode == 0, (call, r.stdout, r.stderr)
     return r.stdout.split()
+
+
+def _serve_fixture(engine: str, fmt: str) -> list[str]:
+    """run.sh's serve_fixture: MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTEM."""
+    return _run_sh_function("serve_fixture", f"serve_fixture {engine} {fmt}")
 
 
 SERVE_FORMATS = {"qwen-w4a": ("qat-sidecar", 4), "qwen-w4b": ("awq", 4), "qwen-w8a": ("qat-sidecar", 8),
@@ -347,24 +355,23 @@ SERVE_FORMATS = {"qwen-w4a": ("qat-sidecar", 4), "qwen-w4b": ("awq", 4), "qwen-w
 
 def test_serve_stages_serve_the_directories_the_benchmark_prepares(tmp_path):
     """run.sh's serve-FORMAT stages (both engines) name a source and a GPTQ-export system of
-    vllm_bench.SYSTEMS and the directories vllm_bench.prepare writes for them (a typo would serve a
-    missing directory; the export's name is checked on the tiny size, which CI can write)."""
+    vllm_bench.SYSTEMS, and serve the directories ``vllm_bench.py --prepare-only`` says it wrote for
+    them, in that order (run.sh names no directory itself; checked on the tiny size, which CI can
+    write)."""
     text = RUN_SH.read_text()
     stages = set(re.findall(r"\b((?:sglang-)?serve-[a-z0-9-]+)\b", text))
     assert {f"{p}serve-{f}" for f in SERVE_FORMATS for p in ("", "sglang-")} <= stages
-    prepared = {}
     for engine in ("vllm", "sglang"):
         for fmt_name, expected in SERVE_FORMATS.items():
-            model, size, src_sys, ref_sys, directory, ref_dir = _serve_fixture(engine, fmt_name)
+            model, size, src_sys, ref_sys = _serve_fixture(engine, fmt_name)
             fmt, bits, convert_to, quant = vllm_bench.SYSTEMS[src_sys]
             assert (fmt, bits) == expected and convert_to is None and quant == "grace_qat"
             ref = vllm_bench.SYSTEMS[ref_sys]
             assert ref[:2] == (fmt, bits) and ref[2].split(":")[0] == "gptq" and ref[3] is None
-            assert directory == f"{model}-{size}-{fmt}-w{bits}"
-            if (model, ref_sys) not in prepared:
-                prepared[model, ref_sys] = os.path.basename(
-                    vllm_bench.prepare(model, "tiny", *vllm_bench.SYSTEMS[ref_sys][:3], str(tmp_path)))
-            assert prepared[model, ref_sys] == ref_dir.replace(f"-{size}-", "-tiny-"), (engine, fmt_name)
+    dirs = _run_sh_function("prepared", "prepared qwen3vl tiny grace-a gptq", WORK=str(tmp_path))
+    assert dirs == [vllm_bench.prepare("qwen3vl", "tiny", *vllm_bench.SYSTEMS[s][:3], str(tmp_path))
+                    for s in ("grace-a", "gptq")]
+    assert all(os.path.exists(os.path.join(d, "config.json")) for d in dirs)
 
 
 def test_server_ports_are_taken_below_the_ephemeral_range():
@@ -389,13 +396,12 @@ def test_sglang_llava_serve_check_compares_with_the_export_written_for_fp16(tmp_
     lease 6, against the fp16 export: identical). vLLM's keeps the default export; the prepare-bg set
     for SGLang's converts its system, and that export holds fp16 scales."""
     text = RUN_SH.read_text()
-    ref_sys, ref_dir = _serve_fixture("sglang", "llava-w4a")[3::2]
+    ref_sys = _serve_fixture("sglang", "llava-w4a")[3]
     assert _serve_fixture("vllm", "llava-w4a")[3] == "gptq"
     fmt, bits, convert_to, quant = vllm_bench.SYSTEMS[ref_sys]
     assert (fmt, bits, quant) == ("qat-sidecar", 4, None)
     assert re.search(rf"llava-gptq-fp16\).*\n.*\n.*--systems {re.escape(ref_sys)} ", text)
     served = vllm_bench.prepare("llava", "tiny", fmt, bits, convert_to, str(tmp_path))
-    assert os.path.basename(served) == ref_dir.replace("-7b-", "-tiny-")
     from safetensors import safe_open
     shard = next(f for f in sorted(os.listdir(served)) if f.endswith(".safetensors"))
     with safe_open(os.path.join(served, shard), "pt") as f:

@@ -167,23 +167,30 @@ llava_check() {   # the original-layout LLaVA checks (vLLM 0.26 needs the Transf
   PYTHONPATH=/tmp/site-tf:$PYTHONPATH timeout "${1:-200}" python3 tests/llava_reference.py --check $OUT > $OUT/llava.log 2>&1
   local rc=$?; echo "llava rc=$rc"; tail -12 $OUT/llava.log; return $rc
 }
-sglang_llava_inputs() {   # sglang_llava_inputs DIR SIZE: what SGLang needs beside an original-layout LLaVA
-  # a tokenizer with <image> (LLaVA's own has none) in $WORK/DIR-proc; and, since SGLang's LLaVA (stock and
+sglang_llava_inputs() {   # sglang_llava_inputs MODEL-DIR SIZE: what SGLang needs beside an original-layout LLaVA
+  # a tokenizer with <image> (LLaVA's own has none) in MODEL-DIR-proc; and, since SGLang's LLaVA (stock and
   # plugin) loads the CLIP tower by the hub id mm_vision_tower names, one of this size in the Hugging Face
   # cache, as a user who downloaded it has it
-  python3 -m grace_qat.cli llava-processor $WORK/$1 $WORK/$1-proc || return 1
+  python3 -m grace_qat.cli llava-processor $1 $1-proc || return 1
   python3 -c "import sys; sys.path.insert(0, 'tests'); import llava_fixtures; print('CLIP tower:', llava_fixtures.cache_clip('$2'))"
 }
-serve_fixture() {   # serve_fixture ENGINE FORMAT: "MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTEM DIR GPTQ-DIR" of a serve stage
+prepared() {   # prepared MODEL SIZE SYSTEM..: "DIR.." of each system, written where missing (vllm_bench names them)
+  local model=$1 size=$2 log; shift 2; log=$(mktemp)
+  python3 benchmarks/vllm_bench.py --prepare-only --model $model --size $size --work $WORK \
+    --systems "$(IFS=,; echo "$*")" --out /tmp/prep-out > $log 2>&1 || { tail -5 $log >&2; rm -f $log; return 1; }
+  for sys in "$@"; do awk -v s="$sys" '$1 == "[prepared]" && $2 == s {print $3}' $log; done | xargs
+  rm -f $log
+}
+serve_fixture() {   # serve_fixture ENGINE FORMAT: "MODEL SIZE SOURCE-SYSTEM GPTQ-SYSTEM" of a serve stage
   case "$1 $2" in
-    *" qwen-w4a")  echo "qwen3vl 2b grace-a gptq qwen3vl-2b-qat-sidecar-w4 qwen3vl-2b-qat-sidecar-w4-gptq" ;;
-    *" qwen-w4b")  echo "qwen3vl 2b grace-b gptq-from-b qwen3vl-2b-awq-w4 qwen3vl-2b-awq-w4-gptq" ;;
-    *" qwen-w8a")  echo "qwen3vl 2b grace-a-w8 gptq-w8 qwen3vl-2b-qat-sidecar-w8 qwen3vl-2b-qat-sidecar-w8-gptq" ;;
+    *" qwen-w4a")  echo "qwen3vl 2b grace-a gptq" ;;
+    *" qwen-w4b")  echo "qwen3vl 2b grace-b gptq-from-b" ;;
+    *" qwen-w8a")  echo "qwen3vl 2b grace-a-w8 gptq-w8" ;;
     # SGLang runs original-layout LLaVA-1.5 in fp16 whatever config.json says (its dtype comes from the
     # text config, which has none): the plugin rounds the fp32 steps once to fp16, so stock gets the
     # export written for fp16; the default bf16 export gives it fp16(bf16(step)) (lease 5: tokens differed)
-    "sglang llava-w4a") echo "llava 7b grace-a gptq-fp16 llava-7b-qat-sidecar-w4 llava-7b-qat-sidecar-w4-gptq-float16" ;;
-    *" llava-w4a") echo "llava 7b grace-a gptq llava-7b-qat-sidecar-w4 llava-7b-qat-sidecar-w4-gptq" ;;
+    "sglang llava-w4a") echo "llava 7b grace-a gptq-fp16" ;;
+    *" llava-w4a") echo "llava 7b grace-a gptq" ;;
     *) return 1 ;;
   esac
 }
@@ -376,15 +383,15 @@ EOF
     tail -60 $OUT/load.log; echo "pytest rc=$rc"; exit $rc ;;
   serve-qwen-w4a|serve-qwen-w4b|serve-qwen-w8a|serve-llava-w4a|sglang-serve-qwen-w4a|sglang-serve-qwen-w4b|sglang-serve-qwen-w8a|sglang-serve-llava-w4a)
     fmt=${stage#sglang-}; fmt=${fmt#serve-}
-    read -r model size src_sys ref_sys dir ref_dir <<< "$(serve_fixture "$ENGINE" "$fmt")"
+    read -r model size src_sys ref_sys <<< "$(serve_fixture "$ENGINE" "$fmt")"
     [ "$ENGINE" = sglang ] && { wait_sglang_jit || exit 1; }
     wait_prep || exit 1
-    python3 benchmarks/vllm_bench.py --prepare-only --model $model --size $size --work $WORK \
-      --systems $src_sys,$ref_sys --out /tmp/prep-out || exit 1    # a no-op where prepare-bg wrote them
+    read -r dir ref_dir <<< "$(prepared $model $size $src_sys $ref_sys)"   # prepare-bg wrote them, usually
+    [ -n "$ref_dir" ] || exit 1
     extra=()
     if [ "$ENGINE" = sglang ] && [ "$model" = llava ]; then
       sglang_llava_inputs $dir $size || exit 1
-      extra=(--tokenizer-path $WORK/$dir-proc)
+      extra=(--tokenizer-path $dir-proc)
     fi
     [ "$model" = llava ] && export PYTHONPATH=/tmp/site-tf:$PYTHONPATH
     # both servers start at once where each can have a fixed KV cache: vLLM >= 0.34
@@ -392,7 +399,7 @@ EOF
     if [ "$ENGINE" = sglang ] || python3 -c "import vllm.engine.arg_utils as a, sys; sys.exit('kv_cache_memory_bytes' not in a.EngineArgs.__dataclass_fields__)" 2>/dev/null; then
       extra+=(--side-by-side)
     fi
-    timeout 1500 python3 tests/gpu/serve_check.py --engine $ENGINE --model $WORK/$dir --reference $WORK/$ref_dir \
+    timeout 1500 python3 tests/gpu/serve_check.py --engine $ENGINE --model $dir --reference $ref_dir \
       --out "$OUT/${stage%-$fmt}-$fmt.json" --startup-timeout 600 ${extra[@]+"${extra[@]}"} "$@" ;;
   sglang-jit-bg)   # (after the SGLang bundle) build SGLang's JIT Marlin kernels in the background:
     # >5 min per dtype with nvcc; an engine killed mid-build loses it (tests/gpu/sglang_jit_warmup.py)
@@ -443,10 +450,10 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
   bench-sglang-llava)   # (SGLang bundle) the plugin vs stock SGLang GPTQ on LLaVA-1.5-7B, text prompts
     wait_sglang_jit || exit 1
     wait_prep || exit 1
-    dir=llava-7b-qat-sidecar-w4
+    dir=$(prepared llava 7b grace-a) && [ -n "$dir" ] || exit 1
     sglang_llava_inputs $dir 7b || exit 1
     python3 benchmarks/vllm_bench.py --model llava --size 7b --work $WORK --batches "$BENCH_BATCHES" \
-      --no-image --tokenizer-path $WORK/$dir-proc --timeout 600 \
+      --no-image --tokenizer-path $dir-proc --timeout 600 \
       --systems "${GRACE_BENCH_SGLANG_SYSTEMS:-sglang-gptq-humming,sglang-grace-a,sglang-gptq}" \
       --out $OUT/llava7b-sglang "$@" ;;
   suite)
