@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "gpu"))
 from vllm_run import _image_data_url, emit_result, prompt_ids, scoring_ids, short_prompts, steady_decode  # noqa: E402
 
 DISABLED_PLUGINS = "__grace_qat_disabled__"
+STOCK = ("none", "humming")     # --quantization values that run stock SGLang, the plugin switched off
 
 
 def _decode_tps(engine, batch: int, prompt_len: int, out_len: int, vocab: int) -> dict:
@@ -66,7 +67,7 @@ def engine_kwargs(args) -> dict:
                   disable_radix_cache=True, **sglang_vision_attention())
     if args.quantization not in (None, "none"):
         kwargs["quantization"] = args.quantization
-    if args.quantization in ("none", "humming"):
+    if args.quantization in STOCK:
         kwargs.update(stock_llava_overrides(args.model))
     if args.tokenizer_path:
         kwargs["tokenizer_path"] = args.tokenizer_path
@@ -93,7 +94,7 @@ def main() -> None:
                     help="tokenizer/processor directory (original-layout LLaVA: `grace-qat llava-processor`)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.quantization in ("none", "humming"):             # stock SGLang: the plugin stays out
+    if args.quantization in STOCK:             # stock SGLang: the plugin stays out
         os.environ["SGLANG_PLUGINS"] = DISABLED_PLUGINS     # inherited by SGLang's scheduler processes
     elif args.quantization == "grace_qat":
         expose_entry_point()

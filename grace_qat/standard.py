@@ -107,10 +107,11 @@ def compare(export_path: str, src_path: str, bits: int | None = None) -> str:
     src = GraceCheckpoint.open(src_path, bits=bits)
     if not src.modules:
         raise GraceFormatError(f"{src.path}: not a GRACE quantized checkpoint (nothing to compare against)")
-    if targets.declared(read_config(os.path.abspath(export_path))) is None:
+    export_config = read_config(os.path.abspath(export_path))
+    if targets.declared(export_config) is None:
         tensors = SafetensorsDir(os.path.abspath(export_path))
         name_of = _name_map(src, tensors.keys())
-        dtype = model_dtype(read_config(os.path.abspath(export_path)))   # what the export was written for
+        dtype = model_dtype(export_config)   # what the export was written for
         for q in src.iter_quantized():
             key = name_of(q.name) + ".weight"
             if key not in tensors:
