@@ -56,7 +56,7 @@ def test_split_of_an_exact_multiple_makes_no_empty_tail(tmp_path):
 
 
 def test_a_part_that_would_not_fit_one_call_with_the_working_tree_is_refused(tmp_path):
-    bundle.check_part_size(56 * MIB, 5 * MIB)              # the default: fits
+    bundle.check_part_size(bundle.PART_MIB * MIB, 8 * MIB)  # the default beside today's tree: fits
     with pytest.raises(ValueError, match="call limit"):
         bundle.check_part_size(60 * MIB, 5 * MIB)          # 65 MiB with the tree
     with pytest.raises(ValueError, match="call limit"):
@@ -66,6 +66,25 @@ def test_a_part_that_would_not_fit_one_call_with_the_working_tree_is_refused(tmp
     with pytest.raises(ValueError):
         bundle.split_file(src, tmp_path / "out", part_bytes=63 * MIB, tree_bytes=2 * MIB)
     assert not (tmp_path / "out").exists(), "nothing is written for a refused part size"
+
+
+def test_the_working_tree_is_measured_as_an_archive_holds_it(tmp_path):
+    """Many small files cost a header and padding each: the tree's size is what tar writes for them
+    (less its two end blocks and record padding), not the sum of their sizes."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    files = {f"f{i:03d}.txt": os.urandom(i * 37) for i in range(200)}
+    for n, data in files.items():
+        (repo / n).write_bytes(data)
+    (repo / ".gitignore").write_text("ignored.bin\n")
+    (repo / "ignored.bin").write_bytes(b"z" * 100_000)             # not sent: not counted
+    with tarfile.open(fileobj=io.BytesIO(), mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for n in [*files, ".gitignore"]:
+            tar.add(repo / n, arcname=n)
+        members_end = tar.offset                                   # before the end blocks and record padding
+    assert bundle.tree_bytes(repo) == members_end
+    assert bundle.tree_bytes(repo) > sum(len(d) for d in files.values()) + 200 * 512
 
 
 def test_the_call_text_carries_each_part_once_and_only_the_last_installs():
