@@ -76,6 +76,14 @@ def dequant(codes: torch.Tensor, steps: torch.Tensor, dtype=torch.bfloat16) -> t
     return (codes.float() * per_element(steps.float(), codes.shape[1])).to(dtype)
 
 
+def bf16_ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 steps lie between a and b, elementwise (bit patterns mapped to ordered ints)."""
+    def ordered(t):
+        bits = t.to(torch.bfloat16).view(torch.int16).to(torch.int64)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+    return (ordered(a) - ordered(b)).abs()
+
+
 def codes_from_grid(weight: torch.Tensor, steps: torch.Tensor, bits: int) -> torch.Tensor:
     lo, hi = code_limits(bits)
     q = torch.round(weight.float() / per_element(steps.float(), weight.shape[1]))
@@ -121,7 +129,10 @@ def module(path: str, name: str, fmt: str, bits: int = 4, files: dict | None = N
     out_f, in_f = weight.shape
     steps = torch.exp(log_scale.float()).reshape(out_f, in_f // group_of(in_f))
     codes = codes_from_grid(weight, steps, bits)
-    assert torch.equal(dequant(codes, steps), weight), f"{name}: weight is not q * exp(log_scale)"
+    # W = bf16(q * exp(log_scale)) where the trainer computed exp(): CUDA's fp32 exp differs from the
+    # CPU's by an ulp for some inputs, which can move W to the neighbouring bf16 value, never further
+    apart = bf16_ulps_apart(dequant(codes, steps), weight)
+    assert int(apart.max()) <= 1, f"{name}: weight is not q * exp(log_scale) ({int((apart > 1).sum())} values off)"
     return {"codes": codes, "steps": steps, "weight": weight}
 
 

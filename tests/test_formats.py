@@ -74,6 +74,31 @@ def test_rank_codes_equal_the_reference(tiny, fmt):
             assert torch.equal(reference.dequant(codes.long(), steps), r["weight"]), name
 
 
+def test_the_reference_reads_weights_whose_exp_was_rounded_elsewhere(tmp_path):
+    """A checkpoint written on a GPU: its steps came from CUDA's exp(), one fp32 ulp above this CPU's
+    for some groups (here: every group), which moves some weights to the neighbouring bf16 value. The
+    reference still recovers the codes; a weight two bf16 steps off the grid is refused."""
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(7)
+    out_f, in_f = 1024, 1024
+    log_scale = torch.rand(out_f * in_f // 128, generator=gen) * 2 - 6             # fp32
+    codes = torch.randint(-8, 8, (out_f, in_f), generator=gen)
+    steps_here = torch.exp(log_scale).reshape(out_f, -1)
+    weight = reference.dequant(codes, torch.nextafter(steps_here, torch.tensor(1.0)))
+    moved = int((weight != reference.dequant(codes, steps_here)).sum())
+    assert moved > 0, "no weight moved: the test plants nothing"
+    name = "model.layers.0.mlp.down_proj"
+    save_file({name + ".weight": weight, name + ".log_scale": log_scale}, str(tmp_path / "model.safetensors"))
+    r = reference.module(str(tmp_path), name, "qat-inline", 4)
+    assert torch.equal(r["codes"], codes)
+    bits = weight.view(torch.int16).clone()
+    bits[3, 5] += 2 if bits[3, 5] >= 0 else -2                        # two bf16 steps away from the grid
+    save_file({name + ".weight": bits.view(torch.bfloat16), name + ".log_scale": log_scale},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(AssertionError, match="1 values off"):
+        reference.module(str(tmp_path), name, "qat-inline", 4)
+
+
 @pytest.mark.parametrize("fmt", QUANTIZED)
 def test_rank_codes_of_row_slices_are_slices(tiny, fmt):
     """Adapters hand over any slice of output rows (chunks, one module of a fused layer)."""
