@@ -584,6 +584,27 @@ def test_poll_fails_while_the_chain_is_unfinished(tmp_path):
     assert p.returncode == 1 and "crossover rc=1" in p.stdout     # finished, the stage failed
 
 
+def test_poll_says_unfinished_even_after_a_stage_failed(tmp_path):
+    """A failed first stage must not read as the end of the chain (2026-12-07: a poll that answered
+    rc=1 while the bench was still to run was taken for the end, and the machine went back)."""
+    bg, res = tmp_path / "bg", tmp_path / "res"
+    env = dict(GRACE_GPU_BG=str(bg), GRACE_GPU_RES=str(res), GRACE_GPU_SITES=str(tmp_path),
+               GRACE_GPU_ENGINE="bundle", GRACE_GPU_BUNDLE_WAIT="20")
+    r = _run_sh("chain", "no-such-stage", "crossover", cwd=tmp_path, OUT=str(tmp_path / "o"), **env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    p = _run_sh("poll", "3", cwd=tmp_path, OUT=str(tmp_path / "o2"), **env)
+    assert "no-such-stage rc=2" in p.stdout and "has not finished" in p.stdout and p.returncode == 3, p.stdout
+
+
+def test_poll_on_a_machine_without_a_chain_answers_at_once(tmp_path):
+    """A fresh machine (the last one went back) has no chain: poll says so instead of waiting."""
+    env = dict(GRACE_GPU_BG=str(tmp_path / "bg"), GRACE_GPU_RES=str(tmp_path / "res"))
+    t0 = time.monotonic()
+    p = _run_sh("poll", "300", cwd=tmp_path, OUT=str(tmp_path / "o"), **env)
+    assert p.returncode == 4 and "no chain on this machine" in p.stdout, p.stdout + p.stderr
+    assert time.monotonic() - t0 < 30
+
+
 def test_v1_runner_variable_is_set_only_where_the_v1_runner_exists(tmp_path):
     """vLLM 0.34 refuses VLLM_USE_V2_MODEL_RUNNER=0 (its V1 runner is gone): run.sh sets it by
     feature, from the engine's files, never by version."""

@@ -292,14 +292,17 @@ EOF
     start_bg chain "$D" "bash $BG/chain.sh"
     sleep 1; echo "chain started from $D: $*" ;;
   poll)
+    # no chain here: a fresh machine (the last one went back 30 s after a call) holds nothing to wait for
+    [ -f $RES/chain.status ] || { echo "poll: no chain on this machine (a fresh one? each call must follow the last within 30 s)"; exit 4; }
     t=0; while [ ! -f $RES/chain.done ] && [ $t -lt "${1:-540}" ]; do sleep 5; t=$((t + 5)); done
     cat $RES/chain.status; grep -v "it/s" $BG/prep.log 2>/dev/null | tail -3
     last=$(tail -1 $RES/chain.status | awk '{print $2}')
     [ -n "$last" ] && grep -h -E "^\[bench\]|passed|failed|FAILED|rror|rc=" $RES/$last.log 2>/dev/null | cut -c1-300 | tail -15
     tar -czf $OUT/res.tgz -C "$(dirname $RES)" "$(basename $RES)" 2>/dev/null
     mkdir -p $OUT/bg && cp $BG/*.log $OUT/bg/ 2>/dev/null; ls -la $OUT
+    [ -f $RES/chain.done ] || { echo "poll: the chain has not finished (waited ${1:-540} s); poll again at once"; exit 3; }
     grep -E " rc=[1-9]" $RES/chain.status && exit 1
-    [ -f $RES/chain.done ] || { echo "poll: the chain has not finished (waited ${1:-540} s); poll again"; exit 3; } ;;
+    exit 0 ;;
   crossover|sglang-crossover)
     [ "$ENGINE" = sglang ] && { wait_sglang_jit || exit 1; }
     wait_gpu || exit 1
@@ -474,9 +477,9 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
   gpu-tests)
     cuda_visible || exit 1
     export PYTHONPATH=/tmp/site-test:$PYTHONPATH
-    # GRACE_GPU_TEST_FILES narrows it for a short lease (the small-M Triton kernel's 57 tests: ~2 min)
+    # GRACE_GPU_TEST_ARGS narrows it for a short lease: files and a -k expression without spaces
     timeout 900 python3 -m pytest -q -rsP -m "gpu or stock_kernels" -p no:cacheprovider \
-      ${GRACE_GPU_TEST_FILES:-tests/test_vllm_plugin.py tests/test_small_m_kernel.py} > $OUT/gpu-tests.log 2>&1; rc=$?
+      ${GRACE_GPU_TEST_ARGS:-tests/test_vllm_plugin.py tests/test_small_m_kernel.py} > $OUT/gpu-tests.log 2>&1; rc=$?
     tail -25 $OUT/gpu-tests.log; echo "pytest rc=$rc"; exit $rc ;;
   gemv)
     cuda_visible || exit 1
