@@ -309,7 +309,9 @@ def call_sequence(engine: str, label: str, rel_out: str, parts: list[dict]) -> l
 
 def format_calls(label: str, calls: list[dict], total: int) -> str:
     lines = ["%s bundle: %d parts, %.1f MiB packed. Send these device calls one right after the other "
-             "(each call carries only its own part folder; the machine stays warm 30 s between calls):" %
+             "(each call carries only its own part folder; the machine stays warm 30 s between calls, so send "
+             "each call alone as soon as the last one answers: calls written together run only once all "
+             "are written):" %
              (label, len(calls), total / MIB)]
     for i, c in enumerate(calls):
         lines.append("%d. run carry=%s command=%s" % (i + 1, json.dumps(c["carry"]), json.dumps(c["command"])))
