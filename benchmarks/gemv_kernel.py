@@ -95,6 +95,21 @@ def candidates(m: int, n: int, k: int, bits: int, sms: int, occ) -> list[cg.Conf
     return out
 
 
+def device_candidates(m: int, n: int, k: int, bits: int, dtype=torch.bfloat16) -> list[cg.Config]:
+    """``candidates`` with this GPU's SM count and the driver's occupancy per compiled instance."""
+    mod = cg.module(torch.cuda.current_device(), bits, dtype)
+    return candidates(m, n, k, bits, mod.sms, lambda mt, nt, u, w: mod.blocks_per_sm((mt, nt, u), w))
+
+
+def time_configs(x: torch.Tensor, layers, bits: int, n: int, configs) -> list[dict]:
+    """[{"config", "us"}] per launch config in ``configs``: the GEMV of ``x`` over ``layers`` [(wq,
+    st), ...] (copies of one layer in the kernel's layout, enough to keep the weights out of L2)."""
+    return [{"config": cfg.as_list(),
+             "us": _time_us([lambda wq=wq, st=st, cfg=cfg: cg.gemv(x, wq, st, bits, n, config=cfg)
+                             for wq, st in layers])}
+            for cfg in configs]
+
+
 def _engine_kernels(bits, group, n, k, weights, vllm_ok):
     """name -> [(kernel, module) per weight copy] for the engine kernels that build here, each on the
     benchmark's own codes and scales ``weights`` (their error is then against the same reference)."""
@@ -140,22 +155,17 @@ def measure_shape(bits, group, n, k, ms, copy_bps, vllm_ok, deadline, dtype=torc
         from grace_qat.kernels import triton_wna16
     except ImportError:
         triton_wna16 = None
-    dev = torch.cuda.current_device()
-    mod = cg.module(dev, bits, dtype)
-    occ = lambda mt, nt, u, w: mod.blocks_per_sm((mt, nt, u), w)      # noqa: E731
     row = {"bits": bits, "group": group, "n": n, "k": k, "weight_bytes": wbytes, "copies": copies,
            "engine_failed": failed, "m": {}, "cuda_gemv_table": []}
     frac = lambda us, nbytes=wbytes: nbytes / (us * 1e-6) / copy_bps       # noqa: E731
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         ref = x.double() @ w_ref.t()
-        r = {"kernels": {}, "cuda_gemv_configs": []}
-        tried = candidates(m, n, k, bits, mod.sms, occ)
+        tried = device_candidates(m, n, k, bits, dtype)
         if time.time() > deadline:
             tried = tried[:1]
-        for cfg in tried:
-            us = _time_us([lambda e=e: cg.gemv(x, e["wq"], e["st"], bits, n, config=cfg) for e in sets])
-            r["cuda_gemv_configs"].append({"config": cfg.as_list(), "us": us})
+        r = {"kernels": {}}
+        r["cuda_gemv_configs"] = time_configs(x, [(e["wq"], e["st"]) for e in sets], bits, n, tried)
         best = min(r["cuda_gemv_configs"], key=lambda c: c["us"])
         cfg = cg.Config.from_list(best["config"])
         y = cg.gemv(x, sets[0]["wq"], sets[0]["st"], bits, n, config=cfg)

@@ -304,7 +304,9 @@ def _time_us(fns, replays: int = 20) -> float:
 def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = "vllm",
             gemv_table: list | None = None) -> dict:
     """Microseconds per GEMM of every usable kernel at every M, checked against each other; the CUDA
-    GEMV with ``gemv_table``'s launch configs (which a second-kernel entry then carries)."""
+    GEMV with ``gemv_table``'s launch configs, or else with the fastest of gemv_kernel.py's candidate
+    configs at each M (its heuristic alone was up to 1.16x slower on an H100, enough to lose a shape to
+    the engine's kernel); a second-kernel entry for it carries them."""
     large, names, skipped = usable_kernels(bits, group, n, k, engine)
     weight_bytes = n * k * bits // 8
     copies = max(1, -(-3 * L2_BYTES // weight_bytes))
@@ -320,8 +322,14 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = 
             failed[bad] = str(e)[:300]
             names = [nm for nm in names if nm != bad]
     us = {name: {} for name in names}
+    gemv = names.index("CudaGemvKernel") if "CudaGemvKernel" in names and not gemv_table else None
+    swept = []
     for m in ladder:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        if gemv is not None and m <= kernel_class("CudaGemvKernel", engine).MAX_M:
+            swept.append([m, _fastest_gemv_config(x, [row[gemv] for row in sets], bits, n)])
+            for kern, _ in (row[gemv] for row in sets):
+                kern.table = [(mm, kern.module.Config.from_list(c)) for mm, c in swept]
         for idx, name in enumerate(names):
             if m > getattr(kernel_class(name, engine), "MAX_M", m):
                 continue                      # a kernel for small M only: its run of M ends here
@@ -339,9 +347,20 @@ def measure(bits: int, group: int, n: int, k: int, ladder=LADDER, engine: str = 
     del sets
     torch.cuda.empty_cache()
     entry = table_entry(large, us, engine)
+    gemv_table = gemv_table or swept
     if entry["small"] == "CudaGemvKernel" and gemv_table:
         entry["configs"] = gemv_table
-    return {"large": large, "us": us, "copies": copies, "skipped": skipped, "failed": failed, "entry": entry}
+    return {"large": large, "us": us, "copies": copies, "skipped": skipped, "failed": failed, "entry": entry,
+            "gemv_configs": gemv_table}
+
+
+def _fastest_gemv_config(x: torch.Tensor, kernels, bits: int, n: int) -> list:
+    """The launch config ([nt, warps, split, unroll]) of the CUDA GEMV's candidates (gemv_kernel.py's
+    neighbourhood of its heuristic) that ran ``x`` fastest over the (kernel, holder) copies ``kernels``."""
+    from gemv_kernel import device_candidates, time_configs     # (it imports this module at its top)
+    layers = [(mod.weight_packed, mod.weight_scale) for _, mod in kernels]
+    timed = time_configs(x, layers, bits, n, device_candidates(x.shape[0], n, x.shape[1], bits, x.dtype))
+    return min(timed, key=lambda c: c["us"])["config"]
 
 
 def measure_marlin_variants(bits: int, group: int, n: int, k: int, ms=(1, 4, 16, 32)) -> dict:

@@ -603,6 +603,30 @@ def test_gpu_benchmark_builds_the_engine_kernels_on_its_own_weights():
     assert g.off_reference([row]) == [], g.off_reference([row])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_crossover_without_a_sweep_times_the_gemv_with_its_own_fastest_candidates():
+    """Without --gemv-configs the crossover still times the GEMV tuned, not with its heuristic alone
+    (1.16x slower on the 7B gate_up in an H100 run, which lost that shape to Humming): one config per
+    M up to the kernel's MAX_M, each one of gemv_kernel.py's candidates for that M, and the entry
+    carries them where the GEMV is the second kernel."""
+    require("vllm")
+    g = _gemv_bench()
+    import kernel_crossover as kx
+    n, k, ladder = 4096, 2048, (1, 8, 16, 64)
+    r = kx.measure(4, 128, n, k, ladder=ladder)
+    swept = r["gemv_configs"]
+    assert [m for m, _ in swept] == [1, 8, 16], swept
+    for m, cfg in swept:
+        assert cg.Config.from_list(cfg) in g.device_candidates(m, n, k, 4), (m, cfg)
+        cg.check_config(cg.Config.from_list(cfg), m)
+    assert set(r["us"]["CudaGemvKernel"]) == {1, 8, 16}
+    if r["entry"]["small"] == "CudaGemvKernel":
+        assert r["entry"]["configs"] == swept
+    given = [[1, [1, 8, 1, 2]], [16, [1, 8, 1, 1]]]
+    assert kx.measure(4, 128, n, k, ladder=(1,), gemv_table=given)["gemv_configs"] == given
+
+
 def test_crossover_takes_the_gemv_sweeps_configs_into_the_table():
     """kernel_crossover --gemv-configs: the launch configs gemv_kernel.py's sweep chose per M on this
     GPU (its small_m.json, read as --ncu reads it) are what the crossover times the GEMV with and what

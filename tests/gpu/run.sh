@@ -21,8 +21,8 @@
 #                  the background logs as $OUT/bg/; exits 1 when a finished stage failed
 #   crossover    - every mixed-precision kernel per layer shape and M -> /tmp/xover/kernel_table.json (this
 #                  device and vLLM version; used by later stages; GRACE_CROSSOVER_ARGS narrows it to what
-#                  a lease's benches run, e.g. "--tp 1 --bits 4"; after `gemv` in a chain, the CUDA GEMV
-#                  runs, and the table carries, the launch configs that stage's sweep chose)
+#                  a lease's benches run, e.g. "--tp 1 --bits 4"; the CUDA GEMV runs, and the table carries,
+#                  the launch configs of the `gemv` stage's sweep where one ran before, else its own)
 #   sglang-crossover - (SGLang) grace_qat's kernels vs SGLang's Marlin per layer shape and M ->
 #                  /tmp/xover-sglang/kernel_table.json (this device and SGLang version; used by later SGLang stages)
 #   marlin-variants - Marlin's atomic-add / bf16-reduce options at small M, per layer shape
