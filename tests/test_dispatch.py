@@ -240,6 +240,35 @@ def test_shipped_sglang_tables_pair_the_engine_default_with_grace_qats_own_kerne
                 assert e["small"] in OWN_KERNELS and e["gain"] >= table.MIN_GAIN and 0 < e["max_m"] <= 512, key
 
 
+def test_shipped_gemv_launch_configs_are_what_the_h100_sweeps_chose():
+    """Where a shipped H100 table keeps the CUDA GEMV, it carries launch configs (without them the
+    kernel runs its heuristic's, up to 1.16x slower on an H100), each a compiled instance for its M,
+    and up to M 8 the one all committed H100 sweeps of benchmarks/gemv_kernel.py but at most one chose."""
+    import glob
+
+    from grace_qat.kernels import cuda_gemv as cg
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sweeps = [json.load(open(p)) for p in sorted(glob.glob(f"{root}/benchmarks/results/h100-2026-12-07*/gemv/small_m.json"))]
+    assert len(sweeps) >= 3
+    chosen = {}
+    for sweep in sweeps:
+        for r in sweep["shapes"]:
+            for m, per in r["m"].items():
+                chosen.setdefault((r["bits"], r["n"], r["k"], int(m)), []).append(tuple(per["kernels"]["cuda_gemv"]["config"]))
+    gemv_entries = [(t["path"], key, e) for t in _shipped() if t["device"].startswith("NVIDIA H100")
+                    for key, e in t["shapes"].items() if e["small"] == "CudaGemvKernel"]
+    assert gemv_entries
+    for path, key, e in gemv_entries:
+        bits, n, k = int(key[1]), int(key.split()[1][1:]), int(key.split()[2][1:])
+        ms = [m for m, _ in e.get("configs", ())]
+        assert ms and ms == sorted(set(ms)) and ms[0] == 1 and ms[-1] >= min(e["max_m"], 16), (path, key, ms)
+        for m, cfg in e["configs"]:
+            cg.check_config(cg.Config.from_list(cfg), m)
+            if m <= 8:
+                runs = chosen[(bits, n, k, m)]
+                assert len(runs) >= 3 and runs.count(tuple(cfg)) >= len(runs) - 1, (path, key, m, cfg, runs)
+
+
 def test_the_vllm_026_tables_are_the_measured_ones(dispatch):
     """The shipped vLLM 0.26 crossovers are those kernel_crossover.py measured (H200 and H100,
     values from that run's crossover.json), not each other's."""
