@@ -594,9 +594,8 @@ def test_gpu_benchmark_builds_the_engine_kernels_on_its_own_weights():
     """Each engine kernel of the benchmark (Marlin, Machete, Humming where vLLM has them) computes the
     same product as the float64 reference on the benchmark's weights, as the GEMV does."""
     require("vllm")
-    import time
     g = _gemv_bench()
-    row = g.measure_shape(4, 128, 4096, 2048, [1, 8], 3e12, True, time.time())
+    row = g.measure_shape(4, 128, 4096, 2048, [1, 8], 3e12, True, g.SweepClock(0))
     assert not row["engine_failed"], row["engine_failed"]
     for m, per in row["m"].items():
         assert {"marlin", "machete", "humming"} & set(per["kernels"]), f"M={m}: no engine kernel ran"
@@ -625,6 +624,20 @@ def test_crossover_without_a_sweep_times_the_gemv_with_its_own_fastest_candidate
         assert r["entry"]["configs"] == swept
     given = [[1, [1, 8, 1, 2]], [16, [1, 8, 1, 1]]]
     assert kx.measure(4, 128, n, k, ladder=(1,), gemv_table=given)["gemv_configs"] == given
+
+
+def test_the_sweep_budget_counts_the_sweeps_own_time_only():
+    """gemv_kernel.py's --sweep-seconds: time spent outside the sweep (the engine kernels' timing)
+    leaves the budget whole; the sweep's own time uses it up."""
+    import time
+    g = _gemv_bench()
+    clock = g.SweepClock(0.2)
+    time.sleep(0.3)                                    # e.g. building and timing Marlin, Humming
+    assert not clock.spent()
+    assert clock.run(lambda: time.sleep(0.1) or "timed") == "timed" and not clock.spent()
+    clock.run(lambda: time.sleep(0.15))
+    assert clock.spent()
+    assert g.SweepClock(0).spent()
 
 
 def test_crossover_takes_the_gemv_sweeps_configs_into_the_table():

@@ -489,7 +489,7 @@ llava_hf.write_processor('/tmp/sg-llava', '/tmp/sg-llava-proc')" || exit 1
     timeout 170 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_cuda_gemv.py > $OUT/gemv-tests.log 2>&1 \
       || rc=1
     tail -15 $OUT/gemv-tests.log
-    timeout 200 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --bits 4 --ms 1,2,4,8,16 --sweep-seconds 75 \
+    timeout 300 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --bits 4 --ms 1,2,4,8,16 --sweep-seconds 75 \
       ${GRACE_GEMV_BENCH_ARGS:-} > $OUT/gemv-bench.log 2>&1 || { rc=1; echo "benchmark failed"; }
     grep -v "^ *$" $OUT/gemv-bench.log | tail -40
     timeout 170 python3 benchmarks/gemv_kernel.py --out $OUT/gemv --ncu --ncu-m 1 --ncu-timeout 160 \
