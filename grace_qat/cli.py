@@ -221,7 +221,9 @@ def _kernels(args) -> int:
         print(f"  where the engine picks {pick['instead_of']} by its own ranking: {pick['use']} instead "
               f"({pick.get('measured', 'measured')})")
     for key, e in sorted(t["shapes"].items()):
+        configs = "/".join(str(m) for m, _ in e.get("configs", ()))
         second = (f"{e['small']} for M <= {e['max_m']}" + (f" (>= {e['gain']}x)" if e.get("gain") else "")
+                  + (f", measured launch configs for M {configs}" if configs else "")
                   if e.get("small") and e.get("max_m") else "one copy")
         print(f"  {key:24s} next to {e['large']}: {second}")
     return 0

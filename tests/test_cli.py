@@ -217,12 +217,16 @@ def test_kernels_prints_the_table_for_a_device_and_engine_version(tmp_path):
         "device": "Test GPU", "engine": "vllm", "engine_version": "9.9.1", "measured": "by this test",
         "engine_default": {"instead_of": "MacheteLinearKernel", "use": "HummingLinearKernel", "measured": "m"},
         "shapes": {"w4g128 n4096 k2048": {"large": "HummingLinearKernel", "small": "MarlinLinearKernel",
-                                          "max_m": 8, "gain": 1.2}}}))
+                                          "max_m": 8, "gain": 1.2},
+                   "w4g128 n4096 k4096": {"large": "HummingLinearKernel", "small": "CudaGemvKernel", "max_m": 16,
+                                          "gain": 1.1, "configs": [[1, [1, 8, 1, 2]], [16, [2, 8, 1, 2]]]}}}))
     r = run("kernels", "--device", "Test GPU", "--engine-version", "9.9.1", "--table", str(table))
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "Test GPU, vllm 9.9.1: by this test",
         "  where the engine picks MacheteLinearKernel by its own ranking: HummingLinearKernel instead (m)",
-        "  w4g128 n4096 k2048       next to HummingLinearKernel: MarlinLinearKernel for M <= 8 (>= 1.2x)"]
+        "  w4g128 n4096 k2048       next to HummingLinearKernel: MarlinLinearKernel for M <= 8 (>= 1.2x)",
+        "  w4g128 n4096 k4096       next to HummingLinearKernel: CudaGemvKernel for M <= 16 (>= 1.1x), "
+        "measured launch configs for M 1/16"]
     r = run("kernels", "--device", "Test GPU", "--engine-version", "9.9.2", "--table", str(table))
     assert r.returncode == 0 and "no kernel table measured: every layer keeps one packed copy" in r.stdout

@@ -53,12 +53,18 @@ def test_an_entry_applies_only_on_its_device_engine_version_and_engine_kernel(di
     key = dispatch.shape_key(4, 128, 4096, 2048)
     monkeypatch.setenv(dispatch.ENV_TABLE, _write_table(tmp_path / "t.json", "Test GPU", "9.9.1", {
         key: {"large": MACHETE, "small": HUMMING, "max_m": 16, "gain": 1.3},
+        dispatch.shape_key(4, 128, 4096, 4096): {"large": MACHETE, "small": "CudaGemvKernel", "max_m": 8,
+                                                 "gain": 1.2, "configs": [[8, [1, 8, 1, 2]]]},
         dispatch.shape_key(4, 128, 2048, 2048): {"large": MACHETE, "small": MARLIN, "max_m": 8, "gain": 1.02},
         dispatch.shape_key(4, 128, 512, 512): {"large": MACHETE, "small": None, "max_m": 0, "gain": None}}))
     monkeypatch.setattr(dispatch.kernel_table, "device_name", lambda: "Test GPU")
     monkeypatch.setattr(dispatch, "engine_version", lambda: "9.9.1")
     p = dispatch.plan(MACHETE, 4, 128, 4096, 2048)
     assert (p.small, p.max_m) == (HUMMING, 16) and "Test GPU, vllm 9.9.1" in p.reason
+    assert p.configs == () and "launch configs" not in p.reason
+    p = dispatch.plan(MACHETE, 4, 128, 4096, 4096)                             # the log says what runs
+    assert p.configs == ((8, [1, 8, 1, 2]),)
+    assert p.reason.endswith(">= 1.20x, with its measured launch configs"), p.reason
     # the engine chose another kernel (--linear-backend, VLLM_DISABLED_KERNELS): nothing measured next to it
     assert dispatch.plan(HUMMING, 4, 128, 4096, 2048).small is None
     assert dispatch.plan(MACHETE, 8, 128, 4096, 2048).small is None            # bits are part of the key

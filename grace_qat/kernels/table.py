@@ -127,7 +127,8 @@ def plan(device: str, engine: str, version: str, large: str, bits: int, group: i
     gain = e.get("gain")
     if gain is not None and gain < MIN_GAIN:
         return Plan(None, 0, f"{e['small']} only {gain:.2f}x {large} on {where}: {large} alone")
-    why = f"measured on {where}" + (f", >= {gain:.2f}x" if gain is not None else "")
+    why = (f"measured on {where}" + (f", >= {gain:.2f}x" if gain is not None else "")
+           + (", with its measured launch configs" if e.get("configs") else ""))
     return Plan(e["small"], int(e["max_m"]), why, tuple(tuple(c) for c in e.get("configs", ())))
 
 
