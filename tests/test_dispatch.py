@@ -252,26 +252,28 @@ def test_shipped_gemv_launch_configs_are_what_the_h100_sweeps_chose():
     and up to M 8 the one all committed H100 sweeps of benchmarks/gemv_kernel.py but at most one chose."""
     import glob
 
+    from gemv_kernel import swept_configs
+
     from grace_qat.kernels import cuda_gemv as cg
+    from grace_qat.kernels.table import shape_key
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sweeps = [json.load(open(p)) for p in sorted(glob.glob(f"{root}/benchmarks/results/h100-2026-12-07*/gemv/small_m.json"))]
+    sweeps = sorted(glob.glob(f"{root}/benchmarks/results/h100-2026-12-07*/gemv/small_m.json"))   # group 128
     assert len(sweeps) >= 3
     chosen = {}
-    for sweep in sweeps:
-        for r in sweep["shapes"]:
-            for m, per in r["m"].items():
-                chosen.setdefault((r["bits"], r["n"], r["k"], int(m)), []).append(tuple(per["kernels"]["cuda_gemv"]["config"]))
+    for path in sweeps:
+        for (bits, n, k), configs in swept_configs(path).items():
+            for m, cfg in configs:
+                chosen.setdefault((shape_key(bits, 128, n, k), m), []).append(tuple(cfg))
     gemv_entries = [(t["path"], key, e) for t in _shipped() if t["device"].startswith("NVIDIA H100")
                     for key, e in t["shapes"].items() if e["small"] == "CudaGemvKernel"]
     assert gemv_entries
     for path, key, e in gemv_entries:
-        bits, n, k = int(key[1]), int(key.split()[1][1:]), int(key.split()[2][1:])
         ms = [m for m, _ in e.get("configs", ())]
         assert ms and ms == sorted(set(ms)) and ms[0] == 1 and ms[-1] >= min(e["max_m"], 16), (path, key, ms)
         for m, cfg in e["configs"]:
             cg.check_config(cg.Config.from_list(cfg), m)
             if m <= 8:
-                runs = chosen[(bits, n, k, m)]
+                runs = chosen[(key, m)]
                 assert len(runs) >= 3 and runs.count(tuple(cfg)) >= len(runs) - 1, (path, key, m, cfg, runs)
 
 
